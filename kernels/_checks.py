@@ -1,0 +1,42 @@
+"""Input validation shared by the public functions: errors that name the bad value."""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+
+def tensor(name: str, t, *, optional: bool = False) -> None:
+    """``t`` is a floating-point tensor (or None when ``optional``)."""
+    if t is None and optional:
+        return
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+
+
+def same_device_and_dtype(**tensors) -> None:
+    """All the given (non-None) tensors share one device and one dtype."""
+    named = [(name, t) for name, t in tensors.items() if t is not None]
+    first_name, first = named[0]
+    for name, t in named[1:]:
+        if t.device != first.device:
+            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}")
+        if t.dtype != first.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but {first_name} has dtype {first.dtype}")
+
+
+def shape(name: str, t, expected: tuple) -> None:
+    """``t`` (if not None) has exactly the shape ``expected``."""
+    if t is not None and tuple(t.shape) != tuple(expected):
+        raise ValueError(f"{name} must have shape {tuple(expected)}, got {tuple(t.shape)}")
+
+
+def finite_nonnegative(name: str, value) -> None:
+    """``value`` is a real, finite number >= 0."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be finite and >= 0, got {value}")

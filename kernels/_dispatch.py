@@ -1,0 +1,110 @@
+"""The one place that decides, per call, between a Triton kernel and its PyTorch reference.
+
+Policy (``FASTGPT_BACKEND`` at import, or :func:`set_backend` / :func:`use_backend` later):
+
+``auto``   the kernel when Triton is importable, the tensors are on a CUDA device (or Triton's
+           interpreter is on and they are CPU tensors) and the op's ``supports(...)`` holds;
+           otherwise the reference, with one warning per op and reason when CUDA tensors fall back.
+``triton`` the kernel, or :class:`KernelUnavailableError` saying why it cannot run. A benchmark
+           that asks for the kernel never times the fallback by accident.
+``torch``  always the reference.
+
+Without Triton installed, every op runs through the references.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import warnings
+
+import torch
+
+BACKENDS = ("auto", "triton", "torch")
+
+# Ops with a Triton implementation in kernels/<op>.py.
+OPS = ("layer_norm",)
+
+
+class KernelUnavailableError(RuntimeError):
+    """The ``triton`` backend was requested but the kernel cannot run on these inputs."""
+
+
+def _check_backend(name) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}: expected one of {', '.join(BACKENDS)}")
+    return name
+
+
+def _import_kernel_modules():
+    """Import Triton and the op modules; ``(modules, interpreted, why_not)``."""
+    try:
+        import triton
+    except ImportError as exc:
+        return {}, False, f"triton is not importable ({exc})"
+    modules = {op: importlib.import_module(f"kernels.{op}") for op in OPS}
+    # @triton.jit reads this when it decorates, so it is fixed for the life of the modules.
+    return modules, bool(triton.knobs.runtime.interpret), None
+
+
+_backend = _check_backend(os.environ.get("FASTGPT_BACKEND", "auto") or "auto")
+_modules, INTERPRETED, _no_triton_reason = _import_kernel_modules()
+_warned: set[tuple[str, str]] = set()
+
+
+def get_backend() -> str:
+    """The current policy: ``"auto"``, ``"triton"`` or ``"torch"``."""
+    return _backend
+
+
+def set_backend(name: str) -> None:
+    """Set the policy for every later call (``"auto"``, ``"triton"`` or ``"torch"``)."""
+    global _backend
+    _backend = _check_backend(name)
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Context manager: run the block under policy ``name``, then restore the previous one."""
+    global _backend
+    previous, _backend = _backend, _check_backend(name)
+    try:
+        yield
+    finally:
+        _backend = previous
+
+
+def kernel_module(op: str):
+    """The module ``kernels.<op>`` holding the op's Triton kernels (raises if Triton is missing)."""
+    if _no_triton_reason is not None:
+        raise KernelUnavailableError(_no_triton_reason)
+    return _modules[op]
+
+
+def _why_not(op: str, tensors) -> str | None:
+    if _no_triton_reason is not None:
+        return _no_triton_reason
+    devices = {t.device.type for t in tensors if t is not None}
+    if devices != {"cuda"} and not (INTERPRETED and devices == {"cpu"}):
+        return (f"the tensors are on {', '.join(sorted(devices))}; the Triton kernels need CUDA tensors "
+                f"(or CPU tensors with Triton's interpreter on: TRITON_INTERPRET=1 before import)")
+    return _modules[op].why_unsupported(*tensors)
+
+
+def use_kernel(op: str, *tensors: torch.Tensor | None) -> bool:
+    """Whether ``op`` runs its Triton kernel on these tensors under the current policy.
+
+    ``tensors`` are the op's tensor arguments (``None`` for absent optional ones). Raises
+    :class:`KernelUnavailableError` under the ``triton`` policy when the kernel cannot run.
+    """
+    if _backend == "torch":
+        return False
+    reason = _why_not(op, tensors)
+    if reason is None:
+        return True
+    if _backend == "triton":
+        raise KernelUnavailableError(f"kernels.{op}: the Triton kernel cannot run: {reason}")
+    if any(t is not None and t.is_cuda for t in tensors) and (op, reason) not in _warned:
+        _warned.add((op, reason))
+        warnings.warn(f"kernels.{op}: using the PyTorch reference: {reason}", RuntimeWarning, stacklevel=3)
+    return False

@@ -1,0 +1,294 @@
+"""LayerNorm over the last dimension: Triton forward and backward.
+
+Forward, one program per row. A row of up to ``MAX_ONE_BLOCK_N`` elements is held in registers:
+one read of x, statistics in fp32 (mean, then the variance of the centred values), one write of y.
+Wider rows (any width) are streamed in chunks of ``LOOP_BLOCK_N``: a first pass merges per-chunk
+(count, mean, M2) with Chan et al.'s parallel-variance update (no E[x^2] - E[x]^2 cancellation), a
+second pass normalises. The mean and 1/std of every row are kept for the backward.
+
+Backward. With xhat = (x - mean) * rstd, y = xhat * w + b and g = dy * w (g = dy without weight),
+
+    dx = rstd * (g - xhat * c1 - c2),  c1 = sum(g * xhat) / N,  c2 = sum(g) / N
+    dw = sum over rows of dy * xhat,     db = sum over rows of dy.
+
+Each program of the first backward kernel takes a contiguous group of rows, writes their dx, and
+accumulates its own fp32 partial sums of dw and db; a second kernel adds the partial sums of all
+programs in a fixed order. No atomics or locks: the result is deterministic run to run.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_ONE_BLOCK_N = 8192  # widest row held in registers; wider rows use the chunked kernels
+MIN_BLOCK_N = 128
+LOOP_BLOCK_N = 2048
+LOOP_NUM_WARPS = 8
+MAX_ROWS_PER_PROGRAM = 16  # rows whose dweight/dbias one backward program sums sequentially
+REDUCE_BLOCK_G, REDUCE_BLOCK_N, REDUCE_NUM_WARPS = 32, 128, 4
+
+
+@triton.jit
+def _layer_norm_fwd_kernel(
+    X_ptr, Y_ptr, W_ptr, B_ptr, Mean_ptr, Rstd_ptr,
+    stride_x_row, stride_y_row, N, eps,
+    BLOCK_N: tl.constexpr, ONE_BLOCK: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    X_ptr += row * stride_x_row
+    Y_ptr += row * stride_y_row
+    cols = tl.arange(0, BLOCK_N)
+    if ONE_BLOCK:
+        mask = cols < N
+        x = tl.load(X_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.sum(x, axis=0) / N
+        xc = tl.where(mask, x - mean, 0.0)
+        rstd = tl.rsqrt(tl.sum(xc * xc, axis=0) / N + eps)
+        y = xc * rstd
+        if HAS_WEIGHT:
+            y = y * tl.load(W_ptr + cols, mask=mask).to(tl.float32)
+        if HAS_BIAS:
+            y = y + tl.load(B_ptr + cols, mask=mask).to(tl.float32)
+        tl.store(Y_ptr + cols, y.to(Y_ptr.dtype.element_ty), mask=mask)
+    else:
+        # Chan et al.: merge each chunk's (count, mean, M2) into the running statistics.
+        count = 0.0
+        mean = 0.0
+        m2 = 0.0
+        for start in range(0, N, BLOCK_N):
+            mask = start + cols < N
+            x = tl.load(X_ptr + start + cols, mask=mask, other=0.0).to(tl.float32)
+            n_chunk = tl.minimum(N - start, BLOCK_N).to(tl.float32)
+            mean_chunk = tl.sum(x, axis=0) / n_chunk
+            d = tl.where(mask, x - mean_chunk, 0.0)
+            total = count + n_chunk
+            delta = mean_chunk - mean
+            mean = mean + delta * (n_chunk / total)
+            m2 = m2 + tl.sum(d * d, axis=0) + delta * delta * (count * n_chunk / total)
+            count = total
+        rstd = tl.rsqrt(m2 / N + eps)
+        for start in range(0, N, BLOCK_N):
+            mask = start + cols < N
+            x = tl.load(X_ptr + start + cols, mask=mask, other=0.0).to(tl.float32)
+            y = (x - mean) * rstd
+            if HAS_WEIGHT:
+                y = y * tl.load(W_ptr + start + cols, mask=mask).to(tl.float32)
+            if HAS_BIAS:
+                y = y + tl.load(B_ptr + start + cols, mask=mask).to(tl.float32)
+            tl.store(Y_ptr + start + cols, y.to(Y_ptr.dtype.element_ty), mask=mask)
+    tl.store(Mean_ptr + row, mean)
+    tl.store(Rstd_ptr + row, rstd)
+
+
+@triton.jit
+def _layer_norm_bwd_dx_kernel(
+    X_ptr, DY_ptr, DX_ptr, W_ptr, Mean_ptr, Rstd_ptr, DW_partial_ptr, DB_partial_ptr,
+    stride_x_row, stride_dy_row, stride_dx_row, M, N, rows_per_program,
+    BLOCK_N: tl.constexpr, ONE_BLOCK: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    row_start = pid * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, M)
+    cols = tl.arange(0, BLOCK_N)
+    # This program's own row of the (programs, N) partial-sum buffers.
+    partial_row = pid.to(tl.int64) * N
+    if ONE_BLOCK:
+        mask = cols < N
+        if HAS_WEIGHT:
+            w = tl.load(W_ptr + cols, mask=mask).to(tl.float32)
+        dw_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        db_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for row in range(row_start, row_end):
+            row64 = tl.cast(row, tl.int64)
+            x = tl.load(X_ptr + row64 * stride_x_row + cols, mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(DY_ptr + row64 * stride_dy_row + cols, mask=mask, other=0.0).to(tl.float32)
+            mean = tl.load(Mean_ptr + row64)
+            rstd = tl.load(Rstd_ptr + row64)
+            xhat = tl.where(mask, (x - mean) * rstd, 0.0)
+            g = dy * w if HAS_WEIGHT else dy
+            c1 = tl.sum(xhat * g, axis=0) / N
+            c2 = tl.sum(g, axis=0) / N
+            dx = (g - (xhat * c1 + c2)) * rstd
+            tl.store(DX_ptr + row64 * stride_dx_row + cols, dx.to(DX_ptr.dtype.element_ty), mask=mask)
+            if HAS_WEIGHT:
+                dw_acc += dy * xhat
+            if HAS_BIAS:
+                db_acc += dy
+        if HAS_WEIGHT:
+            tl.store(DW_partial_ptr + partial_row + cols, dw_acc, mask=mask)
+        if HAS_BIAS:
+            tl.store(DB_partial_ptr + partial_row + cols, db_acc, mask=mask)
+    else:
+        # Wide rows: the partial sums live in this program's (zero-initialised) buffer rows.
+        for row in range(row_start, row_end):
+            row64 = tl.cast(row, tl.int64)
+            mean = tl.load(Mean_ptr + row64)
+            rstd = tl.load(Rstd_ptr + row64)
+            c1 = 0.0
+            c2 = 0.0
+            for start in range(0, N, BLOCK_N):
+                mask = start + cols < N
+                x = tl.load(X_ptr + row64 * stride_x_row + start + cols, mask=mask, other=0.0).to(tl.float32)
+                dy = tl.load(DY_ptr + row64 * stride_dy_row + start + cols, mask=mask, other=0.0).to(tl.float32)
+                xhat = tl.where(mask, (x - mean) * rstd, 0.0)
+                if HAS_WEIGHT:
+                    dy = dy * tl.load(W_ptr + start + cols, mask=mask, other=0.0).to(tl.float32)
+                c1 += tl.sum(xhat * dy, axis=0)
+                c2 += tl.sum(dy, axis=0)
+            c1 = c1 / N
+            c2 = c2 / N
+            for start in range(0, N, BLOCK_N):
+                mask = start + cols < N
+                x = tl.load(X_ptr + row64 * stride_x_row + start + cols, mask=mask, other=0.0).to(tl.float32)
+                dy = tl.load(DY_ptr + row64 * stride_dy_row + start + cols, mask=mask, other=0.0).to(tl.float32)
+                xhat = tl.where(mask, (x - mean) * rstd, 0.0)
+                g = dy * tl.load(W_ptr + start + cols, mask=mask, other=0.0).to(tl.float32) if HAS_WEIGHT else dy
+                dx = (g - (xhat * c1 + c2)) * rstd
+                tl.store(DX_ptr + row64 * stride_dx_row + start + cols, dx.to(DX_ptr.dtype.element_ty), mask=mask)
+                if HAS_WEIGHT:
+                    dw_ptrs = DW_partial_ptr + partial_row + start + cols
+                    tl.store(dw_ptrs, tl.load(dw_ptrs, mask=mask) + dy * xhat, mask=mask)
+                if HAS_BIAS:
+                    db_ptrs = DB_partial_ptr + partial_row + start + cols
+                    tl.store(db_ptrs, tl.load(db_ptrs, mask=mask) + dy, mask=mask)
+
+
+@triton.jit
+def _layer_norm_bwd_dwdb_kernel(
+    DW_partial_ptr, DB_partial_ptr, DW_ptr, DB_ptr, G, N,
+    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+):
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    dw = tl.zeros([BLOCK_G, BLOCK_N], dtype=tl.float32)
+    db = tl.zeros([BLOCK_G, BLOCK_N], dtype=tl.float32)
+    for start in range(0, G, BLOCK_G):
+        rows = start + tl.arange(0, BLOCK_G)
+        offsets = rows[:, None].to(tl.int64) * N + cols[None, :]
+        mask = (rows[:, None] < G) & col_mask[None, :]
+        if HAS_WEIGHT:
+            dw += tl.load(DW_partial_ptr + offsets, mask=mask, other=0.0)
+        if HAS_BIAS:
+            db += tl.load(DB_partial_ptr + offsets, mask=mask, other=0.0)
+    if HAS_WEIGHT:
+        tl.store(DW_ptr + cols, tl.sum(dw, axis=0).to(DW_ptr.dtype.element_ty), mask=col_mask)
+    if HAS_BIAS:
+        tl.store(DB_ptr + cols, tl.sum(db, axis=0).to(DB_ptr.dtype.element_ty), mask=col_mask)
+
+
+def why_unsupported(x, weight=None, bias=None) -> str | None:
+    """Why the kernels cannot take these (already validated) inputs, or None when they can."""
+    for name, t in (("x", x), ("weight", weight), ("bias", bias)):
+        if t is not None and t.dtype not in SUPPORTED_DTYPES:
+            return f"{name} has dtype {t.dtype}; the LayerNorm kernels handle float16, bfloat16 and float32"
+    return None
+
+
+def supports(x, weight=None, bias=None) -> bool:
+    """Whether the Triton kernels handle these inputs (see :func:`why_unsupported`)."""
+    return why_unsupported(x, weight, bias) is None
+
+
+def block_config(n: int) -> tuple[int, int, bool]:
+    """``(BLOCK_N, num_warps, ONE_BLOCK)`` for rows of ``n`` elements: the one launch heuristic."""
+    if n <= MAX_ONE_BLOCK_N:
+        block = max(MIN_BLOCK_N, triton.next_power_of_2(n))
+        return block, min(max(block // 256, 1), 16), True
+    return LOOP_BLOCK_N, LOOP_NUM_WARPS, False
+
+
+def launch_configs() -> list[tuple[int, int, bool]]:
+    """Every ``(BLOCK_N, num_warps, ONE_BLOCK)`` that :func:`block_config` can return."""
+    one_block = [block_config(1 << k) for k in range(MIN_BLOCK_N.bit_length() - 1, MAX_ONE_BLOCK_N.bit_length())]
+    return one_block + [block_config(MAX_ONE_BLOCK_N + 1)]
+
+
+def _as_rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as (rows, last dim) with unit column stride; a view when the layout allows."""
+    rows = t.reshape(-1, t.shape[-1])
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
+def _backward_programs(m: int, n: int, device: torch.device) -> int:
+    """How many programs share the rows in the backward (each keeps an N-wide partial sum).
+
+    Enough to fill the GPU, and enough that no program adds up more than ``MAX_ROWS_PER_PROGRAM``
+    rows one after another: the fp32 partial sums then stay as accurate as PyTorch's own.
+    """
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        target = sms * (4 if n <= MAX_ONE_BLOCK_N else 1)
+    else:  # Triton's interpreter runs programs one by one: fewer, longer programs are faster.
+        target = 1
+    return max(1, min(m, max(target, triton.cdiv(m, MAX_ROWS_PER_PROGRAM))))
+
+
+def layer_norm_fwd(x, weight, bias, eps):
+    """Launch the forward on ``x`` (rows, N) with unit column stride; returns ``(y, mean, rstd)``."""
+    m, n = x.shape
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    mean = torch.empty(m, dtype=torch.float32, device=x.device)
+    rstd = torch.empty(m, dtype=torch.float32, device=x.device)
+    if m == 0:
+        return y, mean, rstd
+    block, num_warps, one_block = block_config(n)
+    _layer_norm_fwd_kernel[(m,)](
+        x, y, weight, bias, mean, rstd, x.stride(0), y.stride(0), n, eps,
+        BLOCK_N=block, ONE_BLOCK=one_block, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        num_warps=num_warps,
+    )
+    return y, mean, rstd
+
+
+def layer_norm_bwd(dy, x, weight, has_bias, mean, rstd):
+    """Launch the backward; returns ``(dx, dweight or None, dbias or None)``."""
+    m, n = x.shape
+    dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+    has_weight = weight is not None
+    if m == 0:
+        zeros = torch.zeros(n, dtype=x.dtype, device=x.device)
+        return dx, zeros if has_weight else None, zeros.clone() if has_bias else None
+    block, num_warps, one_block = block_config(n)
+    programs = _backward_programs(m, n, x.device)
+    rows_per_program = triton.cdiv(m, programs)
+    programs = triton.cdiv(m, rows_per_program)
+    # The chunked kernel accumulates into its buffer rows, so they start at zero.
+    alloc = torch.empty if one_block else torch.zeros
+    dw_partial = alloc((programs, n), dtype=torch.float32, device=x.device) if has_weight else None
+    db_partial = alloc((programs, n), dtype=torch.float32, device=x.device) if has_bias else None
+    _layer_norm_bwd_dx_kernel[(programs,)](
+        x, dy, dx, weight, mean, rstd, dw_partial, db_partial,
+        x.stride(0), dy.stride(0), dx.stride(0), m, n, rows_per_program,
+        BLOCK_N=block, ONE_BLOCK=one_block, HAS_WEIGHT=has_weight, HAS_BIAS=has_bias,
+        num_warps=num_warps,
+    )
+    dweight = torch.empty_like(weight) if has_weight else None
+    dbias = torch.empty(n, dtype=x.dtype, device=x.device) if has_bias else None
+    if has_weight or has_bias:
+        _layer_norm_bwd_dwdb_kernel[(triton.cdiv(n, REDUCE_BLOCK_N),)](
+            dw_partial, db_partial, dweight, dbias, programs, n,
+            BLOCK_G=REDUCE_BLOCK_G, BLOCK_N=REDUCE_BLOCK_N, HAS_WEIGHT=has_weight, HAS_BIAS=has_bias,
+            num_warps=REDUCE_NUM_WARPS,
+        )
+    return dx, dweight, dbias
+
+
+class LayerNormFunction(torch.autograd.Function):
+    """Autograd wrapper: ``apply(x, weight, bias, eps)`` with ``weight``/``bias`` possibly None."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        shape = x.shape
+        rows = _as_rows(x)
+        y, mean, rstd = layer_norm_fwd(rows, weight, bias, eps)
+        ctx.save_for_backward(rows, weight, mean, rstd)
+        ctx.has_bias = bias is not None
+        return y.view(shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        rows, weight, mean, rstd = ctx.saved_tensors
+        dx, dweight, dbias = layer_norm_bwd(_as_rows(dy), rows, weight, ctx.has_bias, mean, rstd)
+        return dx.view(dy.shape), dweight, dbias, None

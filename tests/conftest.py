@@ -1,0 +1,46 @@
+"""Root test configuration.
+
+Without a CUDA device the kernel tests run the real Triton kernels in Triton's interpreter on CPU
+tensors. ``@triton.jit`` reads TRITON_INTERPRET when it decorates a kernel, so it is set here,
+before any project module is imported.
+"""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+from kernels import _dispatch  # noqa: E402  (imported after TRITON_INTERPRET is set)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _bf16_unavailable_reason():
+    if DEVICE == "cuda" or not _dispatch.INTERPRETED:
+        return None
+    from kernels import _interpreter
+
+    try:
+        _interpreter.install_bf16_shim()
+    except RuntimeError as exc:
+        return str(exc)
+    return None
+
+
+BF16_SKIP_REASON = _bf16_unavailable_reason()
+
+
+@pytest.fixture
+def device():
+    return DEVICE
+
+
+def dtype_param(dtype):
+    """A pytest param for ``dtype``, skipped for bfloat16 when the interpreter cannot do it."""
+    marks = [pytest.mark.skip(reason=BF16_SKIP_REASON)] if dtype is torch.bfloat16 and BF16_SKIP_REASON else []
+    return pytest.param(dtype, marks=marks, id=str(dtype).removeprefix("torch."))
+
+
+ALL_DTYPES = [dtype_param(d) for d in (torch.float32, torch.float16, torch.bfloat16)]

@@ -1,0 +1,119 @@
+"""The backend switch in kernels._dispatch: policies, environment variable, fallbacks, errors."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import kernels
+from conftest import DEVICE
+from kernels import _dispatch
+
+
+def run_python(code: str, **env) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter with the environment changed by ``env`` (None removes)."""
+    new_env = {k: v for k, v in os.environ.items() if k not in env}
+    new_env.update({k: v for k, v in env.items() if v is not None})
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=new_env,
+                          capture_output=True, text=True, timeout=120)
+
+
+CPU_CHECK = """
+    import torch, kernels
+    from kernels import _dispatch
+    x = torch.randn(2, 8)
+    assert not _dispatch.INTERPRETED
+    assert not _dispatch.use_kernel("layer_norm", x, None, None)     # auto: the reference
+    torch.testing.assert_close(kernels.layer_norm(x, None), torch.nn.functional.layer_norm(x, (8,)))
+    kernels.set_backend("triton")
+    try:
+        kernels.layer_norm(x, None)
+    except kernels.KernelUnavailableError as exc:
+        print(exc)
+    else:
+        raise SystemExit("explicit triton ran on a CPU tensor without the interpreter")
+"""
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="checks CPU tensors without the interpreter")
+def test_cpu_without_interpreter_uses_reference_and_explicit_triton_says_why():
+    result = run_python(CPU_CHECK, TRITON_INTERPRET=None, FASTGPT_BACKEND=None)
+    assert result.returncode == 0, result.stderr
+    assert "the tensors are on cpu; the Triton kernels need CUDA tensors" in result.stdout
+    assert "TRITON_INTERPRET=1" in result.stdout
+
+
+def test_without_triton_everything_runs_through_the_references():
+    code = """
+        import sys
+        sys.modules["triton"] = None          # makes `import triton` fail
+        import torch, kernels
+        from kernels import _dispatch
+        x = torch.randn(2, 8)
+        torch.testing.assert_close(kernels.layer_norm(x, None), torch.nn.functional.layer_norm(x, (8,)))
+        kernels.set_backend("triton")
+        try:
+            kernels.layer_norm(x, None)
+        except kernels.KernelUnavailableError as exc:
+            print(exc)
+    """
+    result = run_python(code, FASTGPT_BACKEND=None)
+    assert result.returncode == 0, result.stderr
+    assert "triton is not importable" in result.stdout
+
+
+@pytest.mark.parametrize("value", ["torch", "triton", "auto"])
+def test_environment_variable_sets_the_policy(value):
+    result = run_python("import kernels; print(kernels.get_backend())", FASTGPT_BACKEND=value)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == value
+
+
+def test_unknown_environment_value_is_refused_by_name():
+    result = run_python("import kernels", FASTGPT_BACKEND="cuda")
+    assert result.returncode != 0
+    assert "unknown backend 'cuda': expected one of auto, triton, torch" in result.stderr
+
+
+def test_set_backend_and_context_manager():
+    assert kernels.get_backend() == "auto"
+    with kernels.use_backend("torch"):
+        assert kernels.get_backend() == "torch"
+        with kernels.use_backend("triton"):
+            assert kernels.get_backend() == "triton"
+        assert kernels.get_backend() == "torch"
+    assert kernels.get_backend() == "auto"
+    kernels.set_backend("torch")
+    try:
+        assert kernels.get_backend() == "torch"
+    finally:
+        kernels.set_backend("auto")
+
+
+def test_context_manager_restores_after_an_error():
+    with pytest.raises(ZeroDivisionError):
+        with kernels.use_backend("torch"):
+            1 / 0
+    assert kernels.get_backend() == "auto"
+
+
+def test_unknown_backend_name():
+    with pytest.raises(ValueError, match="unknown backend 'gpu'"):
+        kernels.set_backend("gpu")
+    with pytest.raises(ValueError, match="unknown backend 'gpu'"):
+        with kernels.use_backend("gpu"):
+            pass
+
+
+def test_policy_decides_which_implementation_runs(monkeypatch):
+    calls = []
+    fn = _dispatch.kernel_module("layer_norm").LayerNormFunction
+    monkeypatch.setattr(fn, "apply", lambda *a: calls.append("kernel") or a[0])
+    monkeypatch.setattr(kernels.reference, "layer_norm", lambda *a: calls.append("reference") or a[0])
+    x = torch.randn(2, 8, device=DEVICE)
+    for backend in ("auto", "triton", "torch"):
+        with kernels.use_backend(backend):
+            kernels.layer_norm(x, None)
+    assert calls == ["kernel", "kernel", "reference"]

@@ -1,0 +1,140 @@
+"""kernels.layer_norm: the Triton kernels against float64, by the 2x-PyTorch rule (see kernels.verify)."""
+import importlib
+import math
+
+import pytest
+import torch
+
+import kernels
+from conftest import ALL_DTYPES, DEVICE
+from kernels.verify import assert_pass, layer_norm_checks
+
+ln = importlib.import_module("kernels.layer_norm")
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("width", [1, 7, 1023, 4097])
+@pytest.mark.parametrize("rows", [1, 3, 257])
+def test_forward_and_gradients(rows, width, dtype):
+    assert_pass(layer_norm_checks(rows, width, dtype, device=DEVICE))
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("affine", [(False, False), (True, False), (False, True)], ids=["none", "weight", "bias"])
+@pytest.mark.parametrize("width", [1, 7, 1023, 4097])
+def test_without_weight_or_bias(width, affine, dtype):
+    checks = layer_norm_checks(3, width, dtype, affine, device=DEVICE)
+    assert {c.tensor for c in checks} == {"out", "dx"} | {n for n, on in zip(("dweight", "dbias"), affine) if on}
+    assert_pass(checks)
+
+
+# One width per launch configuration block_config() can choose, so every BLOCK_N/num_warps
+# specialisation runs; 8193 and 65536 take the chunked kernels (8193 ends in a 1-element chunk).
+CONFIG_WIDTHS = [1, 129, 257, 1023, 1500, 4000, 4097, 8193, 65536]
+
+
+def test_config_widths_cover_every_launch_config():
+    configs = {ln.block_config(n) for n in CONFIG_WIDTHS}
+    assert configs == set(ln.launch_configs())
+
+
+@pytest.mark.parametrize("width", CONFIG_WIDTHS)
+def test_every_launch_config(width):
+    assert_pass(layer_norm_checks(2, width, torch.float32, device=DEVICE))
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+def test_chunked_kernels_in_low_precision(dtype):
+    assert_pass(layer_norm_checks(3, 8193, dtype, device=DEVICE))
+
+
+@pytest.mark.parametrize("view", ["padded", "strided"])
+def test_non_contiguous_input(view):
+    assert_pass(layer_norm_checks(5, 100, torch.float32, device=DEVICE, view=view))
+
+
+def test_leading_dimensions_and_transposed_input():
+    base = torch.randn(5, 2, 33, device=DEVICE, dtype=torch.float32)
+    x = base.transpose(0, 1)  # (2, 5, 33): rows are not evenly strided
+    weight, bias = torch.randn(33, device=DEVICE), torch.randn(33, device=DEVICE)
+    with kernels.use_backend("triton"):
+        got = kernels.layer_norm(x, weight, bias)
+    expected = torch.nn.functional.layer_norm(x.double(), (33,), weight.double(), bias.double())
+    assert got.shape == x.shape
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_large_mean_is_numerically_stable():
+    # A one-pass E[x^2] - E[x]^2 variance loses everything here; the kernels must not.
+    x = 1e4 + torch.randn(2, 8193, device=DEVICE, dtype=torch.float32)
+    for width in (1023, 8193):
+        with kernels.use_backend("triton"):
+            got = kernels.layer_norm(x[:, :width], None)
+        expected = torch.nn.functional.layer_norm(x[:, :width].double(), (width,))
+        assert (got.double() - expected).abs().max() < 2e-2
+
+
+def test_backward_is_deterministic():
+    x = torch.randn(64, 300, device=DEVICE, requires_grad=True)
+    weight = torch.randn(300, device=DEVICE, requires_grad=True)
+    bias = torch.randn(300, device=DEVICE, requires_grad=True)
+    dy = torch.randn(64, 300, device=DEVICE)
+    with kernels.use_backend("triton"):
+        first = torch.autograd.grad(kernels.layer_norm(x, weight, bias), (x, weight, bias), dy)
+        second = torch.autograd.grad(kernels.layer_norm(x, weight, bias), (x, weight, bias), dy)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_empty_batch():
+    x = torch.randn(0, 16, device=DEVICE, requires_grad=True)
+    weight = torch.randn(16, device=DEVICE, requires_grad=True)
+    with kernels.use_backend("triton"):
+        y = kernels.layer_norm(x, weight)
+        y.sum().backward()
+    assert y.shape == (0, 16)
+    assert torch.equal(weight.grad, torch.zeros(16, device=DEVICE))
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+class TestBadInput:
+    def test_weight_shape(self, backend):
+        with kernels.use_backend(backend), pytest.raises(ValueError, match=r"weight must have shape \(8,\), got \(7,\)"):
+            kernels.layer_norm(torch.randn(2, 8), torch.randn(7))
+
+    def test_bias_shape(self, backend):
+        with kernels.use_backend(backend), pytest.raises(ValueError, match=r"bias must have shape \(8,\)"):
+            kernels.layer_norm(torch.randn(2, 8), None, torch.randn(2, 8))
+
+    def test_integer_dtype(self, backend):
+        with kernels.use_backend(backend), pytest.raises(TypeError, match="x must be a floating-point tensor, got dtype torch.int64"):
+            kernels.layer_norm(torch.ones(2, 8, dtype=torch.long), None)
+
+    def test_not_a_tensor(self, backend):
+        with kernels.use_backend(backend), pytest.raises(TypeError, match="weight must be a torch.Tensor, got list"):
+            kernels.layer_norm(torch.randn(2, 8), [1.0] * 8)
+
+    def test_dtype_mismatch(self, backend):
+        with kernels.use_backend(backend), pytest.raises(TypeError, match="weight has dtype torch.float16 but x has dtype torch.float32"):
+            kernels.layer_norm(torch.randn(2, 8), torch.randn(8, dtype=torch.float16))
+
+    def test_different_devices(self, backend):
+        with kernels.use_backend(backend), pytest.raises(ValueError, match="weight is on meta but x is on cpu"):
+            kernels.layer_norm(torch.randn(2, 8), torch.randn(8, device="meta"))
+
+    @pytest.mark.parametrize("eps", [math.nan, math.inf, -1e-5])
+    def test_bad_eps(self, backend, eps):
+        with kernels.use_backend(backend), pytest.raises(ValueError, match=f"eps must be finite and >= 0, got {eps}"):
+            kernels.layer_norm(torch.randn(2, 8), None, eps=eps)
+
+    def test_empty_last_dimension(self, backend):
+        with kernels.use_backend(backend), pytest.raises(ValueError, match=r"non-empty last dimension.*\(3, 0\)"):
+            kernels.layer_norm(torch.randn(3, 0), None)
+
+
+def test_float64_falls_back_under_auto_and_is_refused_under_triton():
+    x = torch.randn(3, 8, dtype=torch.float64, device=DEVICE)
+    with kernels.use_backend("auto"):
+        torch.testing.assert_close(kernels.layer_norm(x, None), torch.nn.functional.layer_norm(x, (8,)))
+    with kernels.use_backend("triton"), pytest.raises(kernels.KernelUnavailableError, match="x has dtype torch.float64"):
+        kernels.layer_norm(x, None)
