@@ -82,6 +82,8 @@ def kernel_module(op: str):
 
 
 def _why_not(op: str, tensors) -> str | None:
+    if op not in OPS:
+        return "this op has no Triton kernel yet"
     if _no_triton_reason is not None:
         return _no_triton_reason
     devices = {t.device.type for t in tensors if t is not None}

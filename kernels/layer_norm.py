@@ -225,54 +225,92 @@ def _backward_programs(m: int, n: int, device: torch.device) -> int:
     return max(1, min(m, max(target, triton.cdiv(m, MAX_ROWS_PER_PROGRAM))))
 
 
-def layer_norm_fwd(x, weight, bias, eps):
-    """Launch the forward on ``x`` (rows, N) with unit column stride; returns ``(y, mean, rstd)``."""
+def _forward_plan(x, weight, bias, eps):
+    """Outputs ``(y, mean, rstd)`` for ``x`` (rows, N) and the launches that fill them.
+
+    A launch is ``(kernel, grid, args, meta)``; :func:`compile_specs` compiles the same launches.
+    """
     m, n = x.shape
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
     mean = torch.empty(m, dtype=torch.float32, device=x.device)
     rstd = torch.empty(m, dtype=torch.float32, device=x.device)
-    if m == 0:
-        return y, mean, rstd
     block, num_warps, one_block = block_config(n)
-    _layer_norm_fwd_kernel[(m,)](
-        x, y, weight, bias, mean, rstd, x.stride(0), y.stride(0), n, eps,
-        BLOCK_N=block, ONE_BLOCK=one_block, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        num_warps=num_warps,
-    )
-    return y, mean, rstd
+    meta = dict(BLOCK_N=block, ONE_BLOCK=one_block, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+                num_warps=num_warps)
+    args = (x, y, weight, bias, mean, rstd, x.stride(0), y.stride(0), n, eps)
+    launches = [(_layer_norm_fwd_kernel, (m,), args, meta)] if m else []
+    return (y, mean, rstd), launches
 
 
-def layer_norm_bwd(dy, x, weight, has_bias, mean, rstd):
-    """Launch the backward; returns ``(dx, dweight or None, dbias or None)``."""
+def _backward_plan(dy, x, weight, has_bias, mean, rstd):
+    """Outputs ``(dx, dweight or None, dbias or None)`` and the launches that fill them."""
     m, n = x.shape
-    dx = torch.empty_like(x, memory_format=torch.contiguous_format)
     has_weight = weight is not None
+    dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+    alloc = torch.zeros if m == 0 else torch.empty  # no rows: the sums are zero, nothing to launch
+    dweight = alloc(n, dtype=x.dtype, device=x.device) if has_weight else None
+    dbias = alloc(n, dtype=x.dtype, device=x.device) if has_bias else None
     if m == 0:
-        zeros = torch.zeros(n, dtype=x.dtype, device=x.device)
-        return dx, zeros if has_weight else None, zeros.clone() if has_bias else None
+        return (dx, dweight, dbias), []
     block, num_warps, one_block = block_config(n)
-    programs = _backward_programs(m, n, x.device)
-    rows_per_program = triton.cdiv(m, programs)
+    rows_per_program = triton.cdiv(m, _backward_programs(m, n, x.device))
     programs = triton.cdiv(m, rows_per_program)
     # The chunked kernel accumulates into its buffer rows, so they start at zero.
-    alloc = torch.empty if one_block else torch.zeros
-    dw_partial = alloc((programs, n), dtype=torch.float32, device=x.device) if has_weight else None
-    db_partial = alloc((programs, n), dtype=torch.float32, device=x.device) if has_bias else None
-    _layer_norm_bwd_dx_kernel[(programs,)](
-        x, dy, dx, weight, mean, rstd, dw_partial, db_partial,
-        x.stride(0), dy.stride(0), dx.stride(0), m, n, rows_per_program,
-        BLOCK_N=block, ONE_BLOCK=one_block, HAS_WEIGHT=has_weight, HAS_BIAS=has_bias,
-        num_warps=num_warps,
-    )
-    dweight = torch.empty_like(weight) if has_weight else None
-    dbias = torch.empty(n, dtype=x.dtype, device=x.device) if has_bias else None
+    partial_alloc = torch.empty if one_block else torch.zeros
+    dw_partial = partial_alloc((programs, n), dtype=torch.float32, device=x.device) if has_weight else None
+    db_partial = partial_alloc((programs, n), dtype=torch.float32, device=x.device) if has_bias else None
+    flags = dict(HAS_WEIGHT=has_weight, HAS_BIAS=has_bias)
+    launches = [(
+        _layer_norm_bwd_dx_kernel, (programs,),
+        (x, dy, dx, weight, mean, rstd, dw_partial, db_partial,
+         x.stride(0), dy.stride(0), dx.stride(0), m, n, rows_per_program),
+        dict(BLOCK_N=block, ONE_BLOCK=one_block, num_warps=num_warps, **flags),
+    )]
     if has_weight or has_bias:
-        _layer_norm_bwd_dwdb_kernel[(triton.cdiv(n, REDUCE_BLOCK_N),)](
-            dw_partial, db_partial, dweight, dbias, programs, n,
-            BLOCK_G=REDUCE_BLOCK_G, BLOCK_N=REDUCE_BLOCK_N, HAS_WEIGHT=has_weight, HAS_BIAS=has_bias,
-            num_warps=REDUCE_NUM_WARPS,
-        )
-    return dx, dweight, dbias
+        launches.append((
+            _layer_norm_bwd_dwdb_kernel, (triton.cdiv(n, REDUCE_BLOCK_N),),
+            (dw_partial, db_partial, dweight, dbias, programs, n),
+            dict(BLOCK_G=REDUCE_BLOCK_G, BLOCK_N=REDUCE_BLOCK_N, num_warps=REDUCE_NUM_WARPS, **flags),
+        ))
+    return (dx, dweight, dbias), launches
+
+
+def _run(plan):
+    outputs, launches = plan
+    for kernel, grid, args, meta in launches:
+        kernel[grid](*args, **meta)
+    return outputs
+
+
+def compile_specs():
+    """Every kernel in every launch configuration, for ``python -m kernels.compile_report``.
+
+    Each launch configuration of :func:`block_config` in each dtype, with weight and bias; every
+    weight/bias combination for one one-block and the chunked configuration; and the two
+    specialisations the JIT makes for unusual widths (N=1, N not a multiple of 16).
+    """
+    from kernels.compile_report import CompileSpec
+
+    def specs(n, dtype, has_weight=True, has_bias=True):
+        x = torch.empty(4, n, dtype=dtype)
+        weight = torch.empty(n, dtype=dtype) if has_weight else None
+        bias = torch.empty(n, dtype=dtype) if has_bias else None
+        (y, mean, rstd), forward = _forward_plan(x, weight, bias, 1e-5)
+        _, backward = _backward_plan(torch.empty_like(y), x, weight, has_bias, mean, rstd)
+        for kernel, _, args, meta in forward + backward:
+            label = " ".join(f"{k}={v}" for k, v in meta.items()) + f" N={n} {str(dtype).removeprefix('torch.')}"
+            yield CompileSpec(kernel, label, args, meta)
+
+    chunked_n = MAX_ONE_BLOCK_N + LOOP_BLOCK_N
+    widths = [block if one_block else chunked_n for block, _, one_block in launch_configs()]
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for n in widths:
+            yield from specs(n, dtype)
+    for n in (1024, chunked_n):
+        for affine in ((False, False), (True, False), (False, True)):
+            yield from specs(n, torch.float16, *affine)
+    for n in (1, 1023):
+        yield from specs(n, torch.bfloat16)
 
 
 class LayerNormFunction(torch.autograd.Function):
@@ -282,7 +320,7 @@ class LayerNormFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, eps):
         shape = x.shape
         rows = _as_rows(x)
-        y, mean, rstd = layer_norm_fwd(rows, weight, bias, eps)
+        y, mean, rstd = _run(_forward_plan(rows, weight, bias, eps))
         ctx.save_for_backward(rows, weight, mean, rstd)
         ctx.has_bias = bias is not None
         return y.view(shape)
@@ -290,5 +328,5 @@ class LayerNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         rows, weight, mean, rstd = ctx.saved_tensors
-        dx, dweight, dbias = layer_norm_bwd(_as_rows(dy), rows, weight, ctx.has_bias, mean, rstd)
+        dx, dweight, dbias = _run(_backward_plan(_as_rows(dy), rows, weight, ctx.has_bias, mean, rstd))
         return dx.view(dy.shape), dweight, dbias, None
