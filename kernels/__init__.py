@@ -12,7 +12,7 @@ import torch
 from . import _checks, _dispatch, reference
 from ._dispatch import KernelUnavailableError, get_backend, set_backend, use_backend
 
-__all__ = ["layer_norm", "get_backend", "set_backend", "use_backend", "KernelUnavailableError"]
+__all__ = ["layer_norm", "attention", "gelu_mlp", "get_backend", "set_backend", "use_backend", "KernelUnavailableError"]
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None = None,
@@ -40,3 +40,72 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor 
     if _dispatch.use_kernel("layer_norm", x, weight, bias):
         return _dispatch.kernel_module("layer_norm").LayerNormFunction.apply(x, weight, bias, float(eps))
     return reference.layer_norm(x, weight, bias, eps)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, dropout_p: float = 0.0,
+              softmax_scale: float | None = None) -> torch.Tensor:
+    """Scaled dot-product attention: ``softmax(q @ k^T * softmax_scale [+ causal mask]) @ v``, per head.
+
+    Args:
+        q, k, v: (B, H, T, D) floating tensors of one dtype and device, all of exactly the same
+            shape (queries and keys/values of different lengths are not supported); any strides.
+        causal: if True (default), position t attends only to positions <= t.
+        dropout_p: probability of dropping an attention weight, in [0, 1) (default 0.0). Dropout is
+            applied whenever ``dropout_p > 0``: pass 0.0 at evaluation time.
+        softmax_scale: multiplier of the scores, finite and > 0; None (default) means 1 / sqrt(D).
+
+    Returns:
+        (B, H, T, D) tensor of q's dtype.
+    """
+    _checks.tensor("q", q)
+    _checks.tensor("k", k)
+    _checks.tensor("v", v)
+    if q.dim() != 4:
+        raise ValueError(f"q must be 4-D (B, H, T, D), got shape {tuple(q.shape)}")
+    if q.shape[-1] == 0:
+        raise ValueError(f"q must have a non-empty head dimension D, got shape {tuple(q.shape)}")
+    _checks.shape("k", k, q.shape)
+    _checks.shape("v", v, q.shape)
+    _checks.same_device_and_dtype(q=q, k=k, v=v)
+    _checks.probability("dropout_p", dropout_p)
+    if softmax_scale is not None:
+        _checks.finite_positive("softmax_scale", softmax_scale)
+    # Policy only (raises under "triton"); the Triton kernel plugs in here.
+    _dispatch.use_kernel("attention", q, k, v)
+    return reference.attention(q, k, v, bool(causal), float(dropout_p), softmax_scale)
+
+
+def gelu_mlp(x: torch.Tensor, fc_weight: torch.Tensor, fc_bias: torch.Tensor | None, proj_weight: torch.Tensor,
+             proj_bias: torch.Tensor | None) -> torch.Tensor:
+    """The transformer MLP ``proj(gelu_tanh(fc(x)))``, weights in ``nn.Linear`` layout.
+
+    Args:
+        x: (..., C) floating tensor; any leading dimensions.
+        fc_weight: (Hd, C), the expansion to the hidden width Hd (4 * C in GPT-2).
+        fc_bias: (Hd,) or None.
+        proj_weight: (C, Hd), the projection back to C.
+        proj_bias: (C,) or None.
+        All tensors share x's dtype and device.
+
+    Returns:
+        (..., C) tensor of x's dtype. GELU is the tanh approximation, as in GPT-2.
+    """
+    _checks.tensor("x", x)
+    _checks.tensor("fc_weight", fc_weight)
+    _checks.tensor("fc_bias", fc_bias, optional=True)
+    _checks.tensor("proj_weight", proj_weight)
+    _checks.tensor("proj_bias", proj_bias, optional=True)
+    if x.dim() == 0:
+        raise ValueError("x must have at least one dimension (..., C), got a 0-d tensor")
+    if fc_weight.dim() != 2 or fc_weight.shape[1] != x.shape[-1]:
+        raise ValueError(f"fc_weight must have shape (hidden, C) with C = x.shape[-1] = {x.shape[-1]}, "
+                         f"got {tuple(fc_weight.shape)}")
+    hidden, width = fc_weight.shape
+    _checks.shape("fc_bias", fc_bias, (hidden,))
+    _checks.shape("proj_weight", proj_weight, (width, hidden))
+    _checks.shape("proj_bias", proj_bias, (width,))
+    _checks.same_device_and_dtype(x=x, fc_weight=fc_weight, fc_bias=fc_bias, proj_weight=proj_weight,
+                                  proj_bias=proj_bias)
+    # Policy only (raises under "triton"); the Triton kernel plugs in here.
+    _dispatch.use_kernel("gelu_mlp", x, fc_weight, fc_bias, proj_weight, proj_bias)
+    return reference.gelu_mlp(x, fc_weight, fc_bias, proj_weight, proj_bias)

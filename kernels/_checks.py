@@ -36,7 +36,25 @@ def shape(name: str, t, expected: tuple) -> None:
 
 def finite_nonnegative(name: str, value) -> None:
     """``value`` is a real, finite number >= 0."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    _real(name, value)
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"{name} must be finite and >= 0, got {value}")
+
+
+def finite_positive(name: str, value) -> None:
+    """``value`` is a real, finite number > 0."""
+    _real(name, value)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be finite and > 0, got {value}")
+
+
+def probability(name: str, value) -> None:
+    """``value`` is a real number in [0, 1), a usable dropout probability."""
+    _real(name, value)
+    if not 0 <= value < 1:  # NaN fails both comparisons
+        raise ValueError(f"{name} must be in [0, 1), got {value}")
+
+
+def _real(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")

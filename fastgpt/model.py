@@ -1,0 +1,285 @@
+"""The GPT-2 model: configuration, modules in the order data flows through them, sampling.
+
+The architecture and parameter names follow GPT-2 (and nanoGPT), so checkpoints convert by name:
+token and position embeddings, ``n_layer`` pre-LayerNorm blocks (causal self-attention, then a GELU
+MLP, each added to the residual stream), a final LayerNorm and a language-model head tied to the
+token embedding. The hot paths call :mod:`kernels` only; which implementation runs (Triton kernel
+or PyTorch reference) is decided there, never here.
+
+Shape names: B batch, T sequence length, C = n_embd, nh = n_head, hs = C // nh, V = vocab_size.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kernels
+
+
+@dataclass
+class GPTConfig:
+    """Model hyper-parameters; the defaults are GPT-2 small (124M).
+
+    ``vocab_size`` defaults to 50304, GPT-2's 50257 padded up to a multiple of 64 for faster matmuls.
+    ``dropout`` applies to the embeddings, the attention weights and both residual branches (training
+    mode only). ``bias`` adds biases to the Linear layers and LayerNorms.
+    """
+
+    vocab_size: int = 50304
+    block_size: int = 1024
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True
+
+    def __post_init__(self):
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
+            if value <= 0:
+                raise ValueError(f"{name} must be positive, got {value}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, numbers.Real):
+            raise TypeError(f"dropout must be a real number, got {type(self.dropout).__name__}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm over the last dimension with a weight and an optional bias (eps 1e-5, as GPT-2)."""
+
+    def __init__(self, ndim: int, bias: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+
+    def forward(self, x):
+        return kernels.layer_norm(x, self.weight, self.bias, 1e-5)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention with one fused query/key/value projection."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.dropout = config.dropout
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # 3 x (B, T, C), views
+        # Views, not copies: the heads are strided slices of c_attn's output.
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        y = kernels.attention(q, k, v, causal=True, dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    """The position-wise feed-forward network: C -> 4C -> GELU (tanh) -> C."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        x = kernels.gelu_mlp(x, self.c_fc.weight, self.c_fc.bias, self.c_proj.weight, self.c_proj.bias)  # (B, T, C)
+        return self.dropout(x)
+
+
+class Block(nn.Module):
+    """One transformer block, pre-LayerNorm: ``x + attn(ln_1(x))``, then ``x + mlp(ln_2(x))``."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class GPT(nn.Module):
+    """GPT-2: ``logits, loss = model(idx, targets)``; :meth:`generate` samples continuations."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # Weight tying: the output projection is the token embedding (one tensor, two names).
+        self.transformer.wte.weight = self.lm_head.weight
+        self.apply(self._init_weights)
+        # GPT-2 scales the projections that write into the residual stream by 1/sqrt(number of
+        # residual additions, 2 per block), so the stream's variance does not grow with depth.
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        """Logits for the next token, and the mean cross-entropy loss when ``targets`` are given.
+
+        Args:
+            idx: (B, T) int64 token ids in [0, vocab_size), 1 <= T <= block_size.
+            targets: (B, T) int64 next-token ids, or None (default). Positions whose target is -1 are
+                left out of the loss (if every target is -1 the loss is NaN).
+
+        Returns:
+            ``(logits, loss)``: with targets, logits (B, T, V) and a scalar loss; without, logits for
+            the last position only, (B, 1, V), and None (all that sampling needs).
+        """
+        B, T = _check_tokens("idx", idx, self.config.block_size)
+        if targets is not None:
+            _check_tokens("targets", targets, None)
+            if targets.shape != idx.shape:
+                raise ValueError(f"targets must have idx's shape {tuple(idx.shape)}, got {tuple(targets.shape)}")
+        pos = torch.arange(T, dtype=torch.long, device=idx.device)  # (T,)
+        tok_emb = self.transformer.wte(idx)  # (B, T, C)
+        pos_emb = self.transformer.wpe(pos)  # (T, C)
+        x = self.transformer.drop(tok_emb + pos_emb)  # (B, T, C)
+        for block in self.transformer.h:
+            x = block(x)  # (B, T, C)
+        x = self.transformer.ln_f(x)  # (B, T, C)
+        if targets is None:
+            return self.lm_head(x[:, [-1], :]), None  # (B, 1, V)
+        logits = self.lm_head(x)  # (B, T, V)
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None) -> torch.Tensor:
+        """Append ``max_new_tokens`` sampled tokens to every row of ``idx``.
+
+        Each step feeds the model at most the last ``block_size`` tokens, divides the last position's
+        logits by ``temperature`` (finite, > 0; default 1.0; lower is more conservative), keeps
+        only the ``top_k`` most likely tokens if given (a positive int, capped at vocab_size; 1 is
+        greedy decoding) and samples from the softmax with torch's global RNG. Call ``eval()``
+        first unless you want dropout while sampling.
+
+        Args:
+            idx: (B, T0) int64 token ids, T0 >= 1 (may exceed block_size).
+            max_new_tokens: number of tokens to append, >= 0.
+
+        Returns:
+            (B, T0 + max_new_tokens) int64 tensor that starts with ``idx``.
+        """
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral):
+            raise TypeError(f"max_new_tokens must be an integer, got {type(max_new_tokens).__name__}")
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+            raise TypeError(f"temperature must be a real number, got {type(temperature).__name__}")
+        if not (math.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+        if top_k is not None:
+            if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral):
+                raise TypeError(f"top_k must be None or an integer, got {type(top_k).__name__}")
+            if top_k <= 0:
+                raise ValueError(f"top_k must be None or positive, got {top_k}")
+            top_k = min(int(top_k), self.config.vocab_size)
+        _check_tokens("idx", idx, None)
+        for _ in range(max_new_tokens):
+            idx_cond = idx[:, -self.config.block_size:]  # (B, <= block_size)
+            logits, _ = self(idx_cond)  # (B, 1, V)
+            logits = logits[:, -1, :] / temperature  # (B, V)
+            if top_k is not None:
+                kth_largest = torch.topk(logits, top_k).values[:, [-1]]  # (B, 1)
+                logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+            probs = F.softmax(logits, dim=-1)  # (B, V)
+            idx_next = torch.multinomial(probs, num_samples=1)  # (B, 1)
+            idx = torch.cat((idx, idx_next), dim=1)  # (B, T + 1)
+        return idx
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Number of parameters (tied weights counted once).
+
+        With ``non_embedding`` (default) the position embedding is left out. The token embedding
+        stays in: it is also the lm_head, a real matmul.
+        """
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def configure_optimizers(self, weight_decay: float, learning_rate: float, betas: tuple[float, float],
+                             device_type: str) -> torch.optim.AdamW:
+        """AdamW with weight decay on matrices and embeddings (dim >= 2) only, not on biases or LayerNorm.
+
+        ``device_type`` is ``"cuda"``, ``"cpu"``, ...; on ``"cuda"`` the fused AdamW implementation is used.
+        """
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        fused = {"fused": True} if device_type == "cuda" else {}
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **fused)
+
+    def estimate_flops_per_token(self, seq_len: int | None = None) -> int:
+        """Floating-point operations to train on one token (forward and backward), for MFU.
+
+        ``6 * N + 12 * L * H * Q * T`` (PaLM paper, appendix B), where N = :meth:`num_params` (non-embedding),
+        L = n_layer, H = n_head, Q = head size, T = ``seq_len`` (default block_size):
+
+        - every parameter takes part in one multiply-add per token forward (2 FLOPs) and two backward
+          (the input and the weight gradient, 4 FLOPs): 6 N;
+        - attention's two matmuls per layer, q @ k^T and weights @ v, each cost 2 * T * H * Q FLOPs
+          per token forward and twice that backward: 3 * 2 * 2 * T * H * Q = 12 H Q T per layer.
+
+        The full T x T score matrix is counted, not the causal half, as is customary. MFU is then
+        ``flops_per_token * tokens_per_second / peak_flops``.
+        """
+        cfg = self.config
+        T = cfg.block_size if seq_len is None else seq_len
+        head_size = cfg.n_embd // cfg.n_head
+        return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_head * head_size * T
+
+
+def _check_tokens(name: str, tokens, block_size: int | None) -> tuple[int, int]:
+    """``tokens`` is a (B, T) int64 tensor with 1 <= T (<= block_size if given); returns (B, T)."""
+    if not isinstance(tokens, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tokens).__name__}")
+    if tokens.dtype != torch.long:
+        raise TypeError(f"{name} must be an int64 tensor of token ids, got dtype {tokens.dtype}")
+    if tokens.dim() != 2 or tokens.shape[1] == 0:
+        raise ValueError(f"{name} must have shape (B, T) with T >= 1, got {tuple(tokens.shape)}")
+    B, T = tokens.shape
+    if block_size is not None and T > block_size:
+        raise ValueError(f"sequence length T={T} exceeds block_size={block_size}")
+    return B, T

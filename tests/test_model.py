@@ -1,0 +1,282 @@
+"""fastgpt.model: GPT-2 names, init and tying, the forward against a hand-written one, sampling,
+training, and agreement between the kernel and reference backends."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kernels
+from conftest import DEVICE
+from fastgpt.model import GPT, GPTConfig
+from kernels import _dispatch, reference
+
+TINY = dict(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32)
+
+
+def tiny_model(seed=0, **overrides) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(**{**TINY, **overrides}))
+
+
+def tokens(B, T, vocab=TINY["vocab_size"], seed=1):
+    return torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # These shapes are far too small to split across threads; on a busy machine the threads'
+    # synchronisation alone costs milliseconds per matmul.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(autouse=True)
+def reference_backend():
+    # The PyTorch path keeps these tests fast; the backend-agreement test switches explicitly.
+    with kernels.use_backend("torch"):
+        yield
+
+
+def gpt2_names(n_layer, bias=True):
+    names = ["transformer.wte.weight", "transformer.wpe.weight", "transformer.ln_f.weight", "lm_head.weight"]
+    per_block = ["ln_1", "attn.c_attn", "attn.c_proj", "ln_2", "mlp.c_fc", "mlp.c_proj"]
+    for i in range(n_layer):
+        names += [f"transformer.h.{i}.{m}.weight" for m in per_block]
+        if bias:
+            names += [f"transformer.h.{i}.{m}.bias" for m in per_block]
+    return set(names) | ({"transformer.ln_f.bias"} if bias else set())
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_parameter_names_are_gpt2s(bias):
+    model = tiny_model(bias=bias)
+    assert set(model.state_dict()) == gpt2_names(2, bias)
+    # lm_head.weight is the same tensor as wte.weight, so parameters() lists it once.
+    assert {n for n, _ in model.named_parameters()} == gpt2_names(2, bias) - {"lm_head.weight"}
+
+
+def test_shapes_of_a_block():
+    sd = tiny_model().state_dict()
+    assert sd["transformer.wte.weight"].shape == (50, 32)
+    assert sd["transformer.wpe.weight"].shape == (16, 32)
+    assert sd["transformer.h.0.attn.c_attn.weight"].shape == (96, 32)
+    assert sd["transformer.h.0.mlp.c_fc.weight"].shape == (128, 32)
+    assert sd["transformer.h.0.mlp.c_proj.weight"].shape == (32, 128)
+
+
+def test_weights_are_tied():
+    model = tiny_model()
+    assert model.lm_head.weight is model.transformer.wte.weight
+    idx = tokens(2, 8)
+    _, loss = model(idx, idx)
+    loss.backward()
+    assert model.transformer.wte.weight.grad is model.lm_head.weight.grad
+
+
+def test_gpt2_initialisation():
+    model = tiny_model(n_embd=64, n_layer=3)
+    residual_std = 0.02 / math.sqrt(2 * 3)
+    for name, p in model.named_parameters():
+        if name.endswith("c_proj.weight"):
+            assert p.std().item() == pytest.approx(residual_std, rel=0.1), name
+        elif name.endswith(("c_attn.weight", "c_fc.weight", "wte.weight", "wpe.weight")):
+            assert p.std().item() == pytest.approx(0.02, rel=0.1), name
+            assert abs(p.mean().item()) < 0.002, name
+        elif name.endswith("ln_1.weight") or name.endswith("ln_2.weight") or name.endswith("ln_f.weight"):
+            assert torch.equal(p, torch.ones_like(p)), name
+        else:
+            assert name.endswith(".bias") and torch.equal(p, torch.zeros_like(p)), name
+
+
+def manual_forward(sd, cfg, idx, targets):
+    """The GPT-2 forward written out from a state_dict with kernels.reference ops."""
+    B, T = idx.shape
+    C, nh = cfg.n_embd, cfg.n_head
+    x = sd["transformer.wte.weight"][idx] + sd["transformer.wpe.weight"][:T]
+    for i in range(cfg.n_layer):
+        p = {k.removeprefix(f"transformer.h.{i}."): v for k, v in sd.items() if k.startswith(f"transformer.h.{i}.")}
+        h = reference.layer_norm(x, p["ln_1.weight"], p["ln_1.bias"])
+        qkv = h @ p["attn.c_attn.weight"].T + p["attn.c_attn.bias"]
+        q, k, v = (t.reshape(B, T, nh, C // nh).permute(0, 2, 1, 3) for t in qkv.chunk(3, dim=-1))
+        y = reference.attention_math(q, k, v, causal=True).permute(0, 2, 1, 3).reshape(B, T, C)
+        x = x + y @ p["attn.c_proj.weight"].T + p["attn.c_proj.bias"]
+        h = reference.layer_norm(x, p["ln_2.weight"], p["ln_2.bias"])
+        x = x + reference.gelu_mlp(h, p["mlp.c_fc.weight"], p["mlp.c_fc.bias"], p["mlp.c_proj.weight"],
+                                   p["mlp.c_proj.bias"])
+    x = reference.layer_norm(x, sd["transformer.ln_f.weight"], sd["transformer.ln_f.bias"])
+    logits = x @ sd["lm_head.weight"].T
+    return logits, F.cross_entropy(logits.reshape(B * T, -1), targets.reshape(-1))
+
+
+def test_forward_equals_a_hand_written_composition_of_reference_ops():
+    model = tiny_model()
+    idx, targets = tokens(3, 16, seed=1), tokens(3, 16, seed=2)
+    logits, loss = model(idx, targets)
+    expected_logits, expected_loss = manual_forward(model.state_dict(), model.config, idx, targets)
+    assert logits.shape == (3, 16, 50)
+    torch.testing.assert_close(logits, expected_logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-5, atol=1e-5)
+
+
+def test_without_targets_only_the_last_position_is_returned():
+    model = tiny_model()
+    idx = tokens(2, 11)
+    logits, loss = model(idx)
+    assert loss is None and logits.shape == (2, 1, 50)
+    full, _ = model(idx, idx)
+    torch.testing.assert_close(logits, full[:, -1:])
+
+
+def test_targets_of_minus_one_are_ignored():
+    model = tiny_model()
+    idx, targets = tokens(2, 16, seed=3), tokens(2, 16, seed=4)
+    targets[0, :5] = -1
+    targets[1, 9] = -1
+    logits, loss = model(idx, targets)
+    keep = targets != -1
+    expected = F.cross_entropy(logits[keep], targets[keep])
+    torch.testing.assert_close(loss, expected)
+
+
+def test_generate_crops_the_context_and_is_reproducible():
+    model = tiny_model(block_size=8).eval()
+    seen = []
+    model.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[1]))
+    idx = tokens(2, 3)
+    torch.manual_seed(7)
+    first = model.generate(idx, 20)
+    torch.manual_seed(7)
+    second = model.generate(idx, 20)
+    assert first.shape == (2, 23) and first.dtype == torch.long
+    assert torch.equal(first[:, :3], idx)
+    assert torch.equal(first, second)
+    assert max(seen) == 8 and seen[:6] == [3, 4, 5, 6, 7, 8] and len(seen) == 40
+
+
+def test_top_k_one_is_greedy():
+    model = tiny_model().eval()
+    idx = tokens(2, 4)
+    out = model.generate(idx, 5, temperature=0.7, top_k=1)
+    expected = idx
+    for _ in range(5):
+        logits, _ = model(expected)
+        expected = torch.cat((expected, logits[:, -1].argmax(-1, keepdim=True)), dim=1)
+    assert torch.equal(out, expected)
+
+
+def test_top_k_larger_than_the_vocabulary_is_clamped():
+    model = tiny_model().eval()
+    assert model.generate(tokens(1, 4), 3, top_k=10_000).shape == (1, 7)
+
+
+def test_num_params_and_flops_per_token():
+    model = tiny_model()
+    total = sum(p.numel() for p in model.parameters())
+    assert model.num_params(non_embedding=False) == total
+    assert model.num_params() == total - 16 * 32
+    # 6 N + 12 L H Q T with L = 2, H = 2, Q = 16, T = block_size 16 (or the given seq_len).
+    assert model.estimate_flops_per_token() == 6 * model.num_params() + 12 * 2 * 2 * 16 * 16
+    assert model.estimate_flops_per_token(seq_len=4) == 6 * model.num_params() + 12 * 2 * 2 * 16 * 4
+
+
+def test_configure_optimizers_decays_only_matrices():
+    model = tiny_model()
+    opt = model.configure_optimizers(weight_decay=0.1, learning_rate=1e-3, betas=(0.9, 0.95), device_type="cpu")
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    assert decay["lr"] == 1e-3 and decay["betas"] == (0.9, 0.95)
+    assert not opt.defaults["fused"]
+
+
+def test_overfits_a_fixed_batch():
+    model = tiny_model()
+    opt = model.configure_optimizers(weight_decay=0.0, learning_rate=3e-3, betas=(0.9, 0.95), device_type="cpu")
+    idx, targets = tokens(4, 16, seed=5), tokens(4, 16, seed=6)
+    losses = []
+    for _ in range(100):
+        _, loss = model(idx, targets)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[0] == pytest.approx(math.log(50), rel=0.05)  # ~uniform predictions at init
+    assert losses[-1] < 0.3 * losses[0], losses[::10]
+
+
+class TestBadInput:
+    def test_n_embd_not_divisible_by_n_head(self):
+        with pytest.raises(ValueError, match=r"n_embd \(30\) must be divisible by n_head \(4\)"):
+            GPTConfig(n_embd=30, n_head=4)
+
+    @pytest.mark.parametrize("field", ["vocab_size", "block_size", "n_layer", "n_head", "n_embd"])
+    def test_sizes_must_be_positive(self, field):
+        with pytest.raises(ValueError, match=f"{field} must be positive, got 0"):
+            GPTConfig(**{field: 0})
+
+    def test_sizes_must_be_integers(self):
+        with pytest.raises(TypeError, match="n_layer must be an integer, got float"):
+            GPTConfig(n_layer=2.0)
+
+    @pytest.mark.parametrize("dropout", [-0.1, 1.0, math.nan])
+    def test_dropout_range(self, dropout):
+        with pytest.raises(ValueError, match=rf"dropout must be in \[0, 1\), got {dropout}"):
+            GPTConfig(dropout=dropout)
+
+    def test_sequence_longer_than_block_size(self):
+        with pytest.raises(ValueError, match="sequence length T=17 exceeds block_size=16"):
+            tiny_model()(tokens(1, 17))
+
+    def test_idx_dtype_and_shape(self):
+        model = tiny_model()
+        with pytest.raises(TypeError, match="idx must be an int64 tensor of token ids, got dtype torch.float32"):
+            model(torch.zeros(1, 4))
+        with pytest.raises(ValueError, match=r"idx must have shape \(B, T\) with T >= 1, got \(4,\)"):
+            model(tokens(1, 4)[0])
+        with pytest.raises(ValueError, match=r"targets must have idx's shape \(1, 4\), got \(1, 3\)"):
+            model(tokens(1, 4), tokens(1, 3))
+
+    @pytest.mark.parametrize("temperature", [0, -1.0, math.inf])
+    def test_temperature(self, temperature):
+        with pytest.raises(ValueError, match=f"temperature must be finite and > 0, got {temperature}"):
+            tiny_model().generate(tokens(1, 2), 1, temperature=temperature)
+
+    @pytest.mark.parametrize("top_k, error", [(0, ValueError), (-3, ValueError), (2.5, TypeError)])
+    def test_top_k(self, top_k, error):
+        with pytest.raises(error, match=f"top_k must be None or .*{top_k if error is ValueError else 'float'}"):
+            tiny_model().generate(tokens(1, 2), 1, top_k=top_k)
+
+    def test_max_new_tokens(self):
+        with pytest.raises(ValueError, match="max_new_tokens must be >= 0, got -1"):
+            tiny_model().generate(tokens(1, 2), -1)
+
+
+def test_kernel_and_reference_backends_agree_on_a_tiny_model():
+    """Logits, loss, every gradient and three AdamW steps: "auto" (Triton LayerNorm) vs "torch"."""
+    with kernels.use_backend("auto"):
+        assert _dispatch.use_kernel("layer_norm", torch.randn(2, 32, device=DEVICE), None, None), \
+            "the LayerNorm kernel must run under auto for this test to compare anything"
+    models = {backend: tiny_model().to(DEVICE) for backend in ("auto", "torch")}
+    opts = {b: m.configure_optimizers(0.1, 1e-3, (0.9, 0.95), DEVICE) for b, m in models.items()}
+    for step in range(3):
+        idx, targets = tokens(2, 16, seed=10 + step).to(DEVICE), tokens(2, 16, seed=20 + step).to(DEVICE)
+        results = {}
+        for backend, model in models.items():
+            with kernels.use_backend(backend):
+                logits, loss = model(idx, targets)
+                opts[backend].zero_grad(set_to_none=True)
+                loss.backward()
+            results[backend] = logits, loss, {n: p.grad.clone() for n, p in model.named_parameters()}
+            opts[backend].step()
+        (logits_k, loss_k, grads_k), (logits_r, loss_r, grads_r) = results["auto"], results["torch"]
+        torch.testing.assert_close(logits_k, logits_r, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(loss_k, loss_r, rtol=1e-5, atol=1e-5)
+        for name in grads_r:
+            torch.testing.assert_close(grads_k[name], grads_r[name], rtol=1e-5, atol=1e-5, msg=f"step {step} d{name}")
+    params_r = dict(models["torch"].named_parameters())
+    for name, p in models["auto"].named_parameters():
+        torch.testing.assert_close(p, params_r[name], rtol=1e-5, atol=1e-5, msg=f"{name} after 3 AdamW steps")
