@@ -215,7 +215,8 @@ def _backward_programs(m: int, n: int, device: torch.device) -> int:
     """How many programs share the rows in the backward (each keeps an N-wide partial sum).
 
     Enough to fill the GPU, and enough that no program adds up more than ``MAX_ROWS_PER_PROGRAM``
-    rows one after another: the fp32 partial sums then stay as accurate as PyTorch's own.
+    rows one after another, which bounds the rounding error of each sequential fp32 accumulation.
+    The partial-sum buffers then hold at most 1/16 as many floats as x has elements.
     """
     if device.type == "cuda":
         sms = torch.cuda.get_device_properties(device).multi_processor_count
