@@ -48,7 +48,8 @@ def _import_kernel_modules():
 
 
 _backend = _check_backend(os.environ.get("FASTGPT_BACKEND", "auto") or "auto")
-_modules, INTERPRETED, _no_triton_reason = _import_kernel_modules()
+# INTERPRETED: the kernels run in Triton's interpreter; NO_TRITON_REASON: why Triton is unusable, or None.
+_modules, INTERPRETED, NO_TRITON_REASON = _import_kernel_modules()
 _warned: set[tuple[str, str]] = set()
 
 
@@ -76,16 +77,16 @@ def use_backend(name: str):
 
 def kernel_module(op: str):
     """The module ``kernels.<op>`` holding the op's Triton kernels (raises if Triton is missing)."""
-    if _no_triton_reason is not None:
-        raise KernelUnavailableError(_no_triton_reason)
+    if NO_TRITON_REASON is not None:
+        raise KernelUnavailableError(NO_TRITON_REASON)
     return _modules[op]
 
 
 def _why_not(op: str, tensors) -> str | None:
     if op not in OPS:
         return "this op has no Triton kernel yet"
-    if _no_triton_reason is not None:
-        return _no_triton_reason
+    if NO_TRITON_REASON is not None:
+        return NO_TRITON_REASON
     devices = {t.device.type for t in tensors if t is not None}
     if devices != {"cuda"} and not (INTERPRETED and devices == {"cpu"}):
         return (f"the tensors are on {', '.join(sorted(devices))}; the Triton kernels need CUDA tensors "

@@ -196,21 +196,24 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", action="append", choices=sorted(DTYPES),
                         help="check only this dtype (repeatable; default: all)")
     args = parser.parse_args(argv)
-    if _dispatch.get_backend() == "torch":
-        print("FASTGPT_BACKEND=torch: nothing to verify (the kernels are switched off)", file=sys.stderr)
+    if _dispatch.NO_TRITON_REASON:
+        print(f"cannot verify the Triton kernels: {_dispatch.NO_TRITON_REASON}", file=sys.stderr)
         return 2
     if torch.cuda.is_available():
         device = "cuda"
         where = f"GPU {torch.cuda.get_device_name()}"
-    elif not _dispatch.INTERPRETED:
+    elif not _dispatch.INTERPRETED and os.environ.get("TRITON_INTERPRET") != "1":
         # @triton.jit reads TRITON_INTERPRET at import time: start again with it on.
         print("no CUDA device: running the Triton kernels in Triton's interpreter on CPU tensors",
               file=sys.stderr)
         env = {**os.environ, "TRITON_INTERPRET": "1"}
         os.execve(sys.executable, [sys.executable, "-m", "kernels.verify", *(argv or sys.argv[1:])], env)
-    else:
+    elif _dispatch.INTERPRETED:
         device = "cpu"
         where = "CPU, Triton interpreter"
+    else:
+        print("TRITON_INTERPRET=1 is set but this triton did not switch its interpreter on", file=sys.stderr)
+        return 2
     dtypes = [DTYPES[d] for d in (args.dtype or DTYPES)]
     skipped = []
     if device == "cpu" and torch.bfloat16 in dtypes and (why := _interpreter_bf16_ready()):
