@@ -38,7 +38,7 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor 
     _checks.same_device_and_dtype(x=x, weight=weight, bias=bias)
     _checks.finite_nonnegative("eps", eps)
     if _dispatch.use_kernel("layer_norm", x, weight, bias):
-        return _dispatch.kernel_module("layer_norm").LayerNormFunction.apply(x, weight, bias, float(eps))
+        return _dispatch.kernel_module("layer_norm").layer_norm(x, weight, bias, float(eps))
     return reference.layer_norm(x, weight, bias, eps)
 
 

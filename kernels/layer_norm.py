@@ -314,20 +314,55 @@ def compile_specs():
         yield from specs(n, torch.bfloat16)
 
 
-class LayerNormFunction(torch.autograd.Function):
-    """Autograd wrapper: ``apply(x, weight, bias, eps)`` with ``weight``/``bias`` possibly None."""
+# Registered as custom ops so torch.compile treats the kernels as opaque calls instead of breaking
+# the graph on them; autograd is attached to the forward op.
+@torch.library.custom_op("fastgpt::layer_norm", mutates_args=())
+def layer_norm_op(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                  eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward on ``x`` (..., N): ``(y, mean, rstd)``, the statistics per row in float32."""
+    y, mean, rstd = _run(_forward_plan(_as_rows(x), weight, bias, eps))
+    return y.view(x.shape), mean, rstd
 
-    @staticmethod
-    def forward(ctx, x, weight, bias, eps):
-        shape = x.shape
-        rows = _as_rows(x)
-        y, mean, rstd = _run(_forward_plan(rows, weight, bias, eps))
-        ctx.save_for_backward(rows, weight, mean, rstd)
-        ctx.has_bias = bias is not None
-        return y.view(shape)
 
-    @staticmethod
-    def backward(ctx, dy):
-        rows, weight, mean, rstd = ctx.saved_tensors
-        dx, dweight, dbias = _run(_backward_plan(_as_rows(dy), rows, weight, ctx.has_bias, mean, rstd))
-        return dx.view(dy.shape), dweight, dbias, None
+@layer_norm_op.register_fake
+def _(x, weight, bias, eps):
+    rows = x.numel() // x.shape[-1]
+    stats = x.new_empty(rows, dtype=torch.float32)
+    return torch.empty_like(x, memory_format=torch.contiguous_format), stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("fastgpt::layer_norm_backward", mutates_args=())
+def layer_norm_backward_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, mean: torch.Tensor,
+                           rstd: torch.Tensor, has_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dx, dweight, dbias)``; an absent weight or bias gets an empty gradient."""
+    dx, dweight, dbias = _run(_backward_plan(_as_rows(dy), _as_rows(x), weight, has_bias, mean, rstd))
+    absent = x.new_empty(0)
+    return dx.view(x.shape), absent if dweight is None else dweight, absent.clone() if dbias is None else dbias
+
+
+@layer_norm_backward_op.register_fake
+def _(dy, x, weight, mean, rstd, has_bias):
+    n = x.shape[-1]
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            x.new_empty(0 if weight is None else n), x.new_empty(n if has_bias else 0))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, _ = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, weight, mean, rstd)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, dy, _dmean, _drstd):
+    x, weight, mean, rstd = ctx.saved_tensors
+    dx, dweight, dbias = layer_norm_backward_op(dy, x, weight, mean, rstd, ctx.has_bias)
+    return dx, None if weight is None else dweight, dbias if ctx.has_bias else None, None
+
+
+layer_norm_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def layer_norm(x, weight, bias, eps):
+    """The kernels' LayerNorm with autograd (inputs validated by :func:`kernels.layer_norm`)."""
+    return layer_norm_op(x, weight, bias, eps)[0]

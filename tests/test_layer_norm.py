@@ -138,3 +138,25 @@ def test_float64_falls_back_under_auto_and_is_refused_under_triton():
         torch.testing.assert_close(kernels.layer_norm(x, None), torch.nn.functional.layer_norm(x, (8,)))
     with kernels.use_backend("triton"), pytest.raises(kernels.KernelUnavailableError, match="x has dtype torch.float64"):
         kernels.layer_norm(x, None)
+
+
+def test_torch_compile_keeps_the_kernel_in_one_graph():
+    weight = torch.randn(64, device=DEVICE, requires_grad=True)
+    bias = torch.randn(64, device=DEVICE, requires_grad=True)
+
+    def block(x):
+        return torch.relu(kernels.layer_norm(x * 2, weight, bias)) + 1
+
+    compiled = torch.compile(block, fullgraph=True)  # fails on any graph break
+    x = torch.randn(4, 64, device=DEVICE, requires_grad=True)
+    with kernels.use_backend("triton"):
+        got = compiled(x)
+        got.sum().backward()
+    grads = (x.grad, weight.grad, bias.grad)
+    x.grad = weight.grad = bias.grad = None
+    with kernels.use_backend("torch"):
+        expected = block(x)
+        expected.sum().backward()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    for g, e in zip(grads, (x.grad, weight.grad, bias.grad)):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
