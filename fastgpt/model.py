@@ -10,6 +10,7 @@ Shape names: B batch, T sequence length, C = n_embd, nh = n_head, hs = C // nh, 
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from dataclasses import dataclass
@@ -225,6 +226,13 @@ class GPT(nn.Module):
             idx_next = torch.multinomial(probs, num_samples=1)  # (B, 1)
             idx = torch.cat((idx, idx_next), dim=1)  # (B, T + 1)
         return idx
+
+    def crop_block_size(self, block_size: int) -> None:
+        """Shrink the context to ``block_size`` (<= the current one) by keeping the first positions."""
+        if not 1 <= block_size <= self.config.block_size:
+            raise ValueError(f"block_size must be in [1, {self.config.block_size}] to crop, got {block_size}")
+        self.config = dataclasses.replace(self.config, block_size=block_size)
+        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size].detach().clone())
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Number of parameters (tied weights counted once).

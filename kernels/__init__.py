@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from . import _checks, _dispatch, reference
-from ._dispatch import KernelUnavailableError, get_backend, set_backend, use_backend
+from ._dispatch import BACKENDS, KernelUnavailableError, get_backend, set_backend, use_backend
 
 __all__ = ["layer_norm", "attention", "gelu_mlp", "get_backend", "set_backend", "use_backend", "KernelUnavailableError"]
 

@@ -1,0 +1,545 @@
+"""The training loop: ``python train.py [options]`` (``--help`` lists them).
+
+Reads top to bottom: configuration, device and precision, data, model, optimizer, then the loop
+with gradient accumulation, clipping, periodic evaluation, logging and checkpoints. Multi-GPU and
+multi-node through ``torchrun`` (DistributedDataParallel: nccl on CUDA, gloo on CPU); only rank 0
+logs and saves.
+
+A run is reproducible and resumable: batches come from a ``torch.Generator`` whose state, with the
+global RNG states, the model, optimizer and scaler, is saved in every checkpoint, so ``--resume``
+computes the same losses an uninterrupted run would. Evaluation uses its own generator and does not
+disturb the training stream.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import kernels
+from fastgpt import checkpoint
+from fastgpt.data import DATASET_NAMES, load_dataset, tokenizer_from_dict
+from fastgpt.model import GPT, GPTConfig
+
+
+@dataclass
+class TrainConfig:
+    """Everything about a run except the model's shape (see :class:`fastgpt.model.GPTConfig`)."""
+
+    # data
+    dataset: str = "default"        # "default" (Python's own stdlib source), "addition", "sort", or a text file
+    tokenizer: str = "char"         # "char" or "gpt2" (text datasets)
+    data_dir: str = "data_cache"    # where prepared token files are cached
+    # output
+    out_dir: str = "out"            # checkpoints (last.pt, best.pt) and metrics.jsonl
+    resume: bool = False            # continue the run in out_dir from its last.pt
+    init_from: str | None = None    # start a new run from this checkpoint's weights (finetuning)
+    eval_interval: int = 250
+    eval_iters: int = 20
+    log_interval: int = 10
+    eval_only: bool = False
+    sample_tokens: int = 200        # tokens sampled at the end of training (0: none)
+    # optimisation
+    batch_size: int = 12            # sequences per micro-step (per process)
+    gradient_accumulation_steps: int = 1
+    max_iters: int = 2000
+    learning_rate: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_iters: int = 100
+    lr_decay_iters: int | None = None   # default: max_iters
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0          # 0: no clipping
+    # system
+    device: str = "auto"            # "auto" (CUDA if present), "cpu", "cuda", "cuda:1", ...
+    dtype: str = "auto"             # "auto", "float32", "bfloat16", "float16"
+    compile: bool = False           # run the model under torch.compile
+    backend: str = "auto"           # kernels backend: "auto", "triton", "torch"
+    seed: int = 1337
+
+    def __post_init__(self):
+        for name in ("eval_interval", "eval_iters", "log_interval", "batch_size", "gradient_accumulation_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_iters", "warmup_iters", "sample_tokens"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not (self.learning_rate > 0 and 0 <= self.min_lr <= self.learning_rate):
+            raise ValueError(f"need learning_rate > 0 and 0 <= min_lr <= learning_rate, got "
+                             f"learning_rate={self.learning_rate}, min_lr={self.min_lr}")
+        if self.grad_clip < 0 or self.weight_decay < 0:
+            raise ValueError(f"grad_clip and weight_decay must be >= 0, got {self.grad_clip}, {self.weight_decay}")
+        if self.backend not in kernels.BACKENDS:
+            raise ValueError(f"unknown kernels backend {self.backend!r}: expected auto, triton or torch")
+
+
+# Defaults when no preset is named: a small model that trains in a few minutes on a CPU.
+SMALL = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0)
+PRESETS = {
+    "small": dict(SMALL),
+    # The "Let's build GPT" lecture's model.
+    "lecture": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2, batch_size=64,
+                    learning_rate=3e-4, min_lr=3e-5, max_iters=5000, eval_interval=500, eval_iters=200),
+    # GPT-2 small (124M) on the GPT-2 tokenizer.
+    "gpt2-124m": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, dropout=0.0, tokenizer="gpt2",
+                      batch_size=12, gradient_accumulation_steps=40, learning_rate=6e-4, min_lr=6e-5,
+                      max_iters=600000, warmup_iters=2000, weight_decay=0.1, beta2=0.95,
+                      eval_interval=1000, eval_iters=200),
+}
+MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias")
+
+# Dense bf16/fp16 tensor-core peaks (FLOP/s) by device name, for MFU.
+GPU_PEAK_FLOPS = {
+    "H100 SXM": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 756e12, "H200": 989e12,
+    "A100": 312e12, "A10G": 70e12, "A10": 125e12, "L40S": 362e12, "L4": 121e12, "A6000": 155e12,
+    "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12,
+}
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (a non-finite loss); the last good checkpoint is kept."""
+
+
+# ------------------------------------------------------------------------------------------------
+# device, precision, peak FLOP/s
+# ------------------------------------------------------------------------------------------------
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"``: the current CUDA device if there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but no CUDA device is available")
+    return device
+
+
+def _time(fn, repeats: int = 3) -> float:
+    fn()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - start) / repeats
+
+
+def _cpu_bf16_speedup() -> float:
+    """How much faster a bf16-autocast matmul runs than fp32 on this CPU (measured, < 1 s)."""
+    a, b = torch.randn(512, 512), torch.randn(512, 512)
+
+    def bf16():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            a @ b
+
+    return _time(lambda: a @ b) / _time(bf16)
+
+
+def resolve_dtype(name: str, device: torch.device) -> str:
+    """The precision to train in. ``"auto"``: bf16 on GPUs that support it, else fp16 (with a
+    GradScaler); on a CPU bf16 when it measures at least 1.3x faster than fp32 here, else fp32."""
+    if name not in ("auto", "float32", "bfloat16", "float16"):
+        raise ValueError(f"unknown dtype {name!r}: expected auto, float32, bfloat16 or float16")
+    if device.type == "cpu" and name == "float16":
+        raise ValueError("float16 autocast is not supported on the CPU: use --dtype bfloat16 or float32")
+    if name != "auto":
+        return name
+    if device.type == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return "bfloat16" if _cpu_bf16_speedup() >= 1.3 else "float32"
+
+
+def peak_flops(device: torch.device, dtype: str) -> float:
+    """Peak FLOP/s for MFU: a table of NVIDIA GPUs; on a CPU, measured once with a large matmul."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key in sorted(GPU_PEAK_FLOPS, key=len, reverse=True):
+            if key in name:
+                return GPU_PEAK_FLOPS[key] / (1 if dtype != "float32" else 16)  # fp32 without TF32
+        return float("nan")
+    n = 2048
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bfloat16" else contextlib.nullcontext()
+
+    def matmul():
+        with ctx:
+            a @ b
+
+    return 2 * n**3 / _time(matmul)
+
+
+def autocast_context(device: torch.device, dtype: str):
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=getattr(torch, dtype))
+
+
+# ------------------------------------------------------------------------------------------------
+# schedule, evaluation, progress
+# ------------------------------------------------------------------------------------------------
+
+def learning_rate(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to ``learning_rate``, then cosine decay to ``min_lr`` at ``lr_decay_iters``."""
+    decay_iters = cfg.lr_decay_iters or cfg.max_iters
+    if step < cfg.warmup_iters:
+        return cfg.learning_rate * (step + 1) / (cfg.warmup_iters + 1)
+    if step >= decay_iters:
+        return cfg.min_lr
+    ratio = (step - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
+
+
+@torch.no_grad()
+def evaluate(model, dataset, cfg: TrainConfig, block_size: int, device, amp) -> dict:
+    """Mean loss over ``eval_iters`` batches of each split (and task accuracy), on fixed batches."""
+    model.eval()
+    out = {}
+    for split in ("train", "val"):
+        gen = torch.Generator().manual_seed(cfg.seed + 1)  # the same batches at every evaluation
+        losses = []
+        for _ in range(cfg.eval_iters):
+            x, y = dataset.get_batch(split, cfg.batch_size, block_size, gen, device)
+            with amp:
+                losses.append(model(x, y)[1].item())
+        out[f"{split}_loss"] = sum(losses) / len(losses)
+    if dataset.is_task:
+        raw = model.module if isinstance(model, DDP) else model
+        out["val_accuracy"] = dataset.evaluate(getattr(raw, "_orig_mod", raw), n=500, device=device)
+    model.train()
+    return out
+
+
+class Progress:
+    """One status line (step, loss, lr, tokens/s): redrawn in place on a terminal, else printed
+    every ``log_interval`` steps."""
+
+    def __init__(self, total: int, stream=sys.stderr):
+        self.total, self.stream = total, stream
+        self.live = stream.isatty()
+
+    def update(self, step: int, loss: float, lr: float, tokens_per_s: float, mfu: float, final: bool = False):
+        width = 24
+        done = int(width * step / max(1, self.total))
+        line = (f"step {step:>6}/{self.total} [{'#' * done}{'.' * (width - done)}] loss {loss:.4f} "
+                f"lr {lr:.2e} {tokens_per_s:,.0f} tok/s mfu {mfu * 100:.1f}%")
+        if self.live:
+            print("\r" + line, end="\n" if final else "", file=self.stream, flush=True)
+        else:
+            print(line, file=self.stream, flush=True)
+
+    def message(self, text: str):
+        print(("\n" if self.live else "") + text, file=self.stream, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# the run
+# ------------------------------------------------------------------------------------------------
+
+@dataclass
+class _Distributed:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+
+def _setup_distributed(device_name: str) -> tuple[_Distributed, torch.device]:
+    if "RANK" not in os.environ:
+        return _Distributed(), resolve_device(device_name)
+    ddp = _Distributed(int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]))
+    use_cuda = torch.cuda.is_available() and device_name in ("auto", "cuda")
+    device = torch.device(f"cuda:{ddp.local_rank}") if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return ddp, device
+
+
+def _rng_state(batch_gen: torch.Generator) -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "batches": batch_gen.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _restore_rng(state: dict, batch_gen: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    batch_gen.set_state(state["batches"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _model_config(model_args: dict, vocab_size: int) -> GPTConfig:
+    return GPTConfig(vocab_size=vocab_size, **{k: model_args[k] for k in MODEL_FIELDS if k in model_args})
+
+
+def train(cfg: TrainConfig, model_args: dict, explicit: frozenset = frozenset()) -> dict:
+    """Run training; returns the final metrics. ``model_args`` holds GPTConfig fields (no vocab);
+    ``explicit`` names the options the user set (to refuse changing a resumed model's shape)."""
+    ddp, device = _setup_distributed(cfg.device)
+    try:
+        return _train(cfg, model_args, explicit, ddp, device)
+    finally:
+        if ddp.world_size > 1:
+            dist.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, model_args: dict, explicit: frozenset, ddp: _Distributed, device) -> dict:
+    kernels.set_backend(cfg.backend)
+    dtype = resolve_dtype(cfg.dtype, device)
+    amp = autocast_context(device, dtype)
+    out_dir = Path(cfg.out_dir)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    progress = Progress(cfg.max_iters)
+    say = progress.message if ddp.master else (lambda text: None)
+
+    # --- checkpoint to start from, and the model's shape ------------------------------------
+    start = None
+    if cfg.resume and cfg.init_from:
+        raise ValueError("--resume continues the run in out_dir; --init-from starts a new one: choose one")
+    if cfg.resume:
+        start = checkpoint.load(out_dir / "last.pt")
+    elif cfg.init_from:
+        start = checkpoint.load(cfg.init_from)
+    if start is not None:
+        saved = start["model_config"]
+        for name in MODEL_FIELDS:
+            if name in explicit and name != "block_size" and model_args[name] != saved[name]:
+                raise ValueError(f"--{name} {model_args[name]} differs from the checkpoint's {saved[name]}: "
+                                 "a checkpoint's model keeps its shape")
+        block_size = model_args["block_size"] if "block_size" in explicit else saved["block_size"]
+        if block_size > saved["block_size"]:
+            raise ValueError(f"block_size {block_size} is larger than the checkpoint model's "
+                             f"{saved['block_size']}")
+        model_args = {**{k: saved[k] for k in MODEL_FIELDS}, "block_size": block_size,
+                      "dropout": model_args["dropout"] if "dropout" in explicit else saved["dropout"]}
+
+    # --- data ---------------------------------------------------------------------------------
+    tokenizer = tokenizer_from_dict(start["tokenizer"]) if start is not None else None
+    dataset = load_dataset(cfg.dataset, cfg.tokenizer if tokenizer is None else start["tokenizer"]["kind"],
+                           cfg.data_dir, tokenizer=tokenizer)
+    if dataset.is_task and model_args["block_size"] < dataset.block_size:
+        model_args = {**model_args, "block_size": dataset.block_size}
+    block_size = dataset.block_size if dataset.is_task else model_args["block_size"]
+    say(f"data: {dataset!r}")
+
+    # --- model and optimizer ------------------------------------------------------------------
+    vocab_size = dataset.vocab_size if start is None else start["model_config"]["vocab_size"]
+    if start is not None:
+        model = GPT(_model_config({**start["model_config"], "dropout": model_args["dropout"]}, vocab_size))
+        model.load_state_dict(start["model"])
+        model.crop_block_size(model_args["block_size"])
+    else:
+        model = GPT(_model_config(model_args, vocab_size))
+    model.to(device)
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device.type)
+    scaler = torch.amp.GradScaler(device.type, enabled=(dtype == "float16"))
+    batch_gen = torch.Generator().manual_seed(cfg.seed)
+    step, best_val = 0, float("inf")
+    if cfg.resume:
+        optimizer.load_state_dict(start["optimizer"])
+        scaler.load_state_dict(start["scaler"])
+        step, best_val = start["step"], start["best_val_loss"]
+        _restore_rng(start["rng"], batch_gen)
+        say(f"resumed from {out_dir / 'last.pt'} at step {step}")
+    elif cfg.init_from:
+        say(f"initialised from {cfg.init_from} (step {start['step']} of its run)")
+    raw_model = model
+    flops_per_token = raw_model.estimate_flops_per_token(block_size)
+    if cfg.compile:
+        model = torch.compile(model)
+    if ddp.world_size > 1:
+        model = DDP(model, device_ids=[ddp.local_rank] if device.type == "cuda" else None)
+    say(f"model: {raw_model.num_params() / 1e6:.2f}M parameters, {raw_model.config}; device {device}, "
+        f"precision {dtype}, kernels backend {cfg.backend}")
+
+    def save(name: str) -> None:
+        if not ddp.master:
+            return
+        checkpoint.save(out_dir / name, {
+            "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+            "model_config": dataclasses.asdict(raw_model.config), "train_config": dataclasses.asdict(cfg),
+            "tokenizer": dataset.tokenizer.to_dict(), "step": step, "best_val_loss": best_val,
+            "rng": _rng_state(batch_gen),
+        })
+
+    metrics_file = None
+    if ddp.master:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        metrics_file = open(out_dir / "metrics.jsonl", "a" if cfg.resume else "w")
+
+    def log(record: dict) -> None:
+        if metrics_file is not None:
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
+
+    def run_eval() -> dict:
+        nonlocal best_val
+        result = evaluate(model, dataset, cfg, block_size, device, amp)
+        log({"step": step, **result})
+        say(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
+        if result["val_loss"] < best_val:
+            best_val = result["val_loss"]
+            save("best.pt")
+        return result
+
+    # Ctrl-C: finish the current step, save, stop. A second Ctrl-C interrupts at once.
+    interrupted = False
+
+    def on_sigint(signum, frame):
+        nonlocal interrupted
+        if interrupted:
+            raise KeyboardInterrupt
+        interrupted = True
+
+    previous_handler = signal.signal(signal.SIGINT, on_sigint) if ddp.master else None
+    tokens_per_step = cfg.batch_size * block_size * cfg.gradient_accumulation_steps * ddp.world_size
+    peak = peak_flops(device, dtype)
+    result: dict = {}
+    try:
+        if cfg.eval_only:
+            return run_eval()
+        model.train()
+        interval_time, interval_steps = 0.0, 0  # training time only: evaluation is not counted
+        while step < cfg.max_iters and not interrupted:
+            if step % cfg.eval_interval == 0:
+                result = run_eval()
+            t0 = time.perf_counter()
+            lr = learning_rate(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = 0.0
+            for micro in range(cfg.gradient_accumulation_steps):
+                # Every process draws the same global batch and keeps its slice of it, so N
+                # processes see exactly what one process with N times the batch would.
+                x, y = dataset.get_batch("train", cfg.batch_size * ddp.world_size, block_size, batch_gen, device)
+                x = x[ddp.rank * cfg.batch_size:(ddp.rank + 1) * cfg.batch_size]
+                y = y[ddp.rank * cfg.batch_size:(ddp.rank + 1) * cfg.batch_size]
+                sync = ddp.world_size == 1 or micro == cfg.gradient_accumulation_steps - 1
+                with (contextlib.nullcontext() if sync else model.no_sync()), amp:
+                    _, loss = model(x, y)
+                    loss = loss / cfg.gradient_accumulation_steps
+                scaler.scale(loss).backward()
+                loss_sum += loss.item()
+            if not math.isfinite(loss_sum):
+                raise TrainingError(f"the loss became {loss_sum} at step {step}: stopping; the last good "
+                                    f"checkpoint ({out_dir / 'last.pt'}) is kept. Try a lower --learning_rate "
+                                    "or --dtype float32.")
+            if cfg.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            interval_time += time.perf_counter() - t0
+            interval_steps += 1
+            if step % cfg.log_interval == 0 or step == cfg.max_iters:
+                tokens_per_s = tokens_per_step * interval_steps / interval_time
+                interval_time, interval_steps = 0.0, 0
+                mfu = flops_per_token * tokens_per_s / peak
+                if ddp.master:
+                    progress.update(step, loss_sum, lr, tokens_per_s, mfu, final=step == cfg.max_iters)
+                log({"step": step, "loss": loss_sum, "lr": lr, "tokens_per_s": tokens_per_s, "mfu": mfu})
+            if step % cfg.eval_interval == 0:
+                save("last.pt")
+        if interrupted:
+            say(f"interrupted at step {step}: saving {out_dir / 'last.pt'}")
+            save("last.pt")
+            return result
+        result = run_eval()
+        save("last.pt")
+        if cfg.sample_tokens and ddp.master:
+            say("sample:\n" + sample_text(raw_model, dataset.tokenizer, cfg.sample_tokens, device))
+        return result
+    finally:
+        if previous_handler is not None:
+            signal.signal(signal.SIGINT, previous_handler)
+        if metrics_file is not None:
+            metrics_file.close()
+
+
+@torch.no_grad()
+def sample_text(model: GPT, tokenizer, max_new_tokens: int, device, prompt_ids=None, temperature: float = 0.8,
+                top_k: int | None = 200) -> str:
+    """Decode ``max_new_tokens`` sampled after ``prompt_ids`` (default: the first token id)."""
+    was_training = model.training
+    model.eval()
+    idx = torch.tensor([prompt_ids or [0]], dtype=torch.long, device=device)
+    out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k)
+    model.train(was_training)
+    return tokenizer.decode(out[0].tolist())
+
+
+# ------------------------------------------------------------------------------------------------
+# command line
+# ------------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    """Every TrainConfig and GPTConfig field as ``--name`` (``--name_with_underscores`` works too)."""
+    parser = argparse.ArgumentParser(prog="train.py", description="Train a GPT (GPT-2 architecture) with fastgpt's kernels.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="small",
+                        help="model and optimisation defaults; options given explicitly override them")
+    model = parser.add_argument_group("model (GPTConfig)")
+    defaults = GPTConfig()
+    for name in MODEL_FIELDS:
+        default = SMALL.get(name, getattr(defaults, name))
+        _add_option(model, name, type(getattr(defaults, name)), default)
+    run = parser.add_argument_group("run (TrainConfig)")
+    for f in dataclasses.fields(TrainConfig):
+        kind = {"int | None": int, "str | None": str}.get(f.type, {"int": int, "float": float, "str": str,
+                                                                      "bool": bool}.get(f.type))
+        _add_option(run, f.name, kind, f.default, help_extra="one of " + ", ".join(DATASET_NAMES) +
+                    " or a text file's path" if f.name == "dataset" else "")
+    return parser
+
+
+def _add_option(group, name: str, kind, default, help_extra: str = "") -> None:
+    flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+    if kind is bool:
+        group.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                           help=f"(default: {default})")
+    else:
+        group.add_argument(*flags, dest=name, type=kind, default=argparse.SUPPRESS,
+                           help=f"{help_extra} (default: {default})".strip())
+
+
+def parse_args(argv=None) -> tuple[TrainConfig, dict, frozenset]:
+    """``(TrainConfig, GPTConfig fields, names set explicitly)`` from the command line and preset."""
+    args = vars(build_parser().parse_args(argv))
+    preset = {**SMALL, **PRESETS[args.pop("preset")]}
+    explicit = frozenset(args)
+    values = {**preset, **args}
+    model_defaults = dataclasses.asdict(GPTConfig())
+    model_args = {k: values.get(k, model_defaults[k]) for k in MODEL_FIELDS}
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    cfg = TrainConfig(**{k: v for k, v in values.items() if k in train_fields})
+    return cfg, model_args, explicit
+
+
+def main(argv=None) -> int:
+    """Entry point of ``python train.py``: returns the exit status."""
+    try:
+        train(*parse_args(argv))
+    except (ValueError, FileNotFoundError, TrainingError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
