@@ -136,9 +136,15 @@ def _time(fn, repeats: int = 3) -> float:
     return (time.perf_counter() - start) / repeats
 
 
+def _random_matrices(n: int):
+    """Two n x n matrices from a private generator: measuring must not move the global RNG."""
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(n, n, generator=gen), torch.randn(n, n, generator=gen)
+
+
 def _cpu_bf16_speedup() -> float:
     """How much faster a bf16-autocast matmul runs than fp32 on this CPU (measured, < 1 s)."""
-    a, b = torch.randn(512, 512), torch.randn(512, 512)
+    a, b = _random_matrices(512)
 
     def bf16():
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -170,7 +176,7 @@ def peak_flops(device: torch.device, dtype: str) -> float:
                 return GPU_PEAK_FLOPS[key] / (1 if dtype != "float32" else 16)  # fp32 without TF32
         return float("nan")
     n = 2048
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    a, b = _random_matrices(n)
     ctx = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bfloat16" else contextlib.nullcontext()
 
     def matmul():
@@ -225,9 +231,9 @@ class Progress:
     """One status line (step, loss, lr, tokens/s): redrawn in place on a terminal, else printed
     every ``log_interval`` steps."""
 
-    def __init__(self, total: int, stream=sys.stderr):
-        self.total, self.stream = total, stream
-        self.live = stream.isatty()
+    def __init__(self, total: int, stream=None):
+        self.total, self.stream = total, stream or sys.stderr
+        self.live = self.stream.isatty()
 
     def update(self, step: int, loss: float, lr: float, tokens_per_s: float, mfu: float, final: bool = False):
         width = 24
@@ -294,14 +300,14 @@ def train(cfg: TrainConfig, model_args: dict, explicit: frozenset = frozenset())
     ``explicit`` names the options the user set (to refuse changing a resumed model's shape)."""
     ddp, device = _setup_distributed(cfg.device)
     try:
-        return _train(cfg, model_args, explicit, ddp, device)
+        with kernels.use_backend(cfg.backend):
+            return _train(cfg, model_args, explicit, ddp, device)
     finally:
         if ddp.world_size > 1:
             dist.destroy_process_group()
 
 
 def _train(cfg: TrainConfig, model_args: dict, explicit: frozenset, ddp: _Distributed, device) -> dict:
-    kernels.set_backend(cfg.backend)
     dtype = resolve_dtype(cfg.dtype, device)
     amp = autocast_context(device, dtype)
     out_dir = Path(cfg.out_dir)
@@ -463,7 +469,7 @@ def _train(cfg: TrainConfig, model_args: dict, explicit: frozenset, ddp: _Distri
         if interrupted:
             say(f"interrupted at step {step}: saving {out_dir / 'last.pt'}")
             save("last.pt")
-            return result
+            return {**result, "interrupted": True}
         result = run_eval()
         save("last.pt")
         if cfg.sample_tokens and ddp.master:
@@ -538,8 +544,8 @@ def parse_args(argv=None) -> tuple[TrainConfig, dict, frozenset]:
 def main(argv=None) -> int:
     """Entry point of ``python train.py``: returns the exit status."""
     try:
-        train(*parse_args(argv))
+        result = train(*parse_args(argv))
     except (ValueError, FileNotFoundError, TrainingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    return 0
+    return 130 if result.get("interrupted") else 0

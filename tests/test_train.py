@@ -1,0 +1,232 @@
+"""fastgpt.train and fastgpt.sample end to end: training, checkpoints, exact resume, DDP, errors.
+
+Most runs use the PyTorch reference backend to stay fast; tests/test_model.py checks that the
+Triton kernels and the references agree on the same model.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastgpt import checkpoint, sample
+from fastgpt import train as training
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "16", "--batch_size", "4",
+        "--eval_iters", "2", "--log_interval", "1", "--sample_tokens", "0", "--backend", "torch",
+        "--dtype", "float32", "--warmup_iters", "2"]
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text("the quick brown fox jumps over the lazy dog.\n" * 60)
+    return path
+
+
+def run_train(tmp_path, corpus, *extra, out="run"):
+    args = ["--dataset", str(corpus), "--data_dir", str(tmp_path / "cache"), "--out_dir", str(tmp_path / out),
+            *TINY, *extra]
+    return training.main(args)
+
+
+def metrics(tmp_path, out="run"):
+    return [json.loads(line) for line in (tmp_path / out / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(records):
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def test_trains_logs_checkpoints_and_lowers_the_loss(tmp_path, corpus, capsys):
+    assert run_train(tmp_path, corpus, "--max_iters", "60", "--eval_interval", "30", "--sample_tokens", "20") == 0
+    records = metrics(tmp_path)
+    evals = [r for r in records if "val_loss" in r]
+    assert [r["step"] for r in evals] == [0, 30, 60]
+    assert evals[-1]["val_loss"] < 0.8 * evals[0]["val_loss"]
+    assert sorted(losses(records)) == list(range(1, 61))
+    assert all(r["tokens_per_s"] > 0 and r["mfu"] > 0 for r in records if "loss" in r)
+    state = checkpoint.load(tmp_path / "run" / "last.pt")
+    assert state["step"] == 60 and state["model_config"]["n_embd"] == 32 and state["tokenizer"]["kind"] == "char"
+    assert (tmp_path / "run" / "best.pt").is_file()
+    err = capsys.readouterr().err
+    assert "step     60/60" in err and "sample:" in err
+
+
+def test_resume_computes_the_same_losses_as_an_uninterrupted_run(tmp_path, corpus):
+    common = ["--max_iters", "12", "--eval_interval", "6", "--lr_decay_iters", "12", "--dropout", "0.1"]
+    assert run_train(tmp_path, corpus, *common, out="straight") == 0
+    assert run_train(tmp_path, corpus, *common[:-4], "--max_iters", "6", "--lr_decay_iters", "12",
+                     "--dropout", "0.1", out="resumed") == 0
+    assert run_train(tmp_path, corpus, *common, "--resume", out="resumed") == 0
+    straight, resumed = losses(metrics(tmp_path, "straight")), losses(metrics(tmp_path, "resumed"))
+    assert sorted(resumed) == list(range(1, 13))
+    assert resumed == straight  # bit for bit: same batches, dropout masks and optimizer state
+
+
+def test_sample_command(tmp_path, corpus, capsys, monkeypatch):
+    assert run_train(tmp_path, corpus, "--max_iters", "40", "--eval_interval", "40") == 0
+    capsys.readouterr()
+    assert sample.main([str(tmp_path / "run"), "--prompt", "the ", "--max_new_tokens", "12", "--num_samples", "2",
+                        "--backend", "torch"]) == 0
+    samples = capsys.readouterr().out[:-1].split("\n" + "-" * 40 + "\n")
+    assert len(samples) == 2 and all(s.startswith("the ") and len(s) == 16 for s in samples), samples
+    monkeypatch.setattr(sys, "stdin", __import__("io").StringIO("the\nfox\n"))
+    assert sample.main([str(tmp_path / "run" / "last.pt"), "--interactive", "--max_new_tokens", "5",
+                        "--backend", "torch"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 2
+    assert sample.main([str(tmp_path / "run"), "--prompt", "QXZ", "--backend", "torch"]) == 2
+    assert "'Q'" in capsys.readouterr().err
+
+
+def test_finetune_from_a_checkpoint_keeps_its_tokenizer(tmp_path, corpus, capsys):
+    assert run_train(tmp_path, corpus, "--max_iters", "10", "--eval_interval", "10", out="pre") == 0
+    small = tmp_path / "small.txt"
+    small.write_text("the lazy dog. " * 40)
+    args = ["--init_from", str(tmp_path / "pre" / "last.pt"), "--learning_rate", "3e-4", "--min_lr", "3e-5",
+            "--max_iters", "5", "--eval_interval", "5"]
+    assert run_train(tmp_path, small, *args, out="fine") == 0
+    pre, fine = checkpoint.load(tmp_path / "pre" / "last.pt"), checkpoint.load(tmp_path / "fine" / "last.pt")
+    assert fine["tokenizer"] == pre["tokenizer"] and fine["step"] == 5
+    outside = tmp_path / "outside.txt"
+    outside.write_text("Zzz zzz " * 40)
+    capsys.readouterr()
+    assert run_train(tmp_path, outside, *args, out="bad") == 2
+    assert "'Z'" in capsys.readouterr().err
+
+
+def test_compiled_model_trains(tmp_path, corpus):
+    assert run_train(tmp_path, corpus, "--max_iters", "3", "--eval_interval", "3", "--compile") == 0
+    assert losses(metrics(tmp_path))[3] < 5
+
+
+def test_sort_task_is_learned(tmp_path):
+    args = ["--dataset", "sort", "--out_dir", str(tmp_path / "sort"), *TINY, "--n_embd", "64", "--block_size", "13",
+            "--batch_size", "64", "--learning_rate", "3e-3", "--min_lr", "3e-4", "--warmup_iters", "20",
+            "--max_iters", "200", "--eval_interval", "200", "--log_interval", "50"]
+    assert training.main(args) == 0
+    assert [r for r in metrics(tmp_path, "sort") if "val_accuracy" in r][-1]["val_accuracy"] >= 0.99
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, corpus, capsys, monkeypatch):
+    assert run_train(tmp_path, corpus, "--max_iters", "4", "--eval_interval", "2") == 0
+    good = checkpoint.load(tmp_path / "run" / "last.pt")
+    real_forward = training.GPT.forward
+
+    def forward(self, idx, targets=None):
+        logits, loss = real_forward(self, idx, targets)
+        return logits, loss * float("nan") if self.training else loss
+
+    monkeypatch.setattr(training.GPT, "forward", forward)
+    assert run_train(tmp_path, corpus, "--max_iters", "8", "--eval_interval", "2", "--resume") == 2
+    assert "the loss became nan at step 4" in capsys.readouterr().err
+    assert checkpoint.load(tmp_path / "run" / "last.pt")["step"] == good["step"] == 4
+
+
+def _env():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    return env
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits(tmp_path, corpus):
+    cmd = [sys.executable, str(ROOT / "train.py"), "--dataset", str(corpus), "--data_dir", str(tmp_path / "cache"),
+           "--out_dir", str(tmp_path / "run"), *TINY, "--max_iters", "100000", "--eval_interval", "100000"]
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (tmp_path / "run" / "metrics.jsonl").exists() or len(metrics(tmp_path)) < 3:
+        assert time.time() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted at step" in err
+    assert 0 < checkpoint.load(tmp_path / "run" / "last.pt")["step"] < 100000
+
+
+def test_two_process_ddp_equals_one_process_with_the_global_batch(tmp_path, corpus):
+    base = [str(ROOT / "train.py"), "--dataset", str(corpus), "--data_dir", str(tmp_path / "cache"), *TINY,
+            "--max_iters", "4", "--eval_interval", "4"]
+    single = subprocess.run([sys.executable, *base, "--out_dir", str(tmp_path / "one"), "--batch_size", "8"],
+                            env=_env(), capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          *base, "--out_dir", str(tmp_path / "two"), "--batch_size", "4"],
+                         env={**_env(), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    one = checkpoint.load(tmp_path / "one" / "last.pt")["model"]
+    two = checkpoint.load(tmp_path / "two" / "last.pt")["model"]
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert not (tmp_path / "two" / "metrics.jsonl").read_text().count('"step": 4, "loss"') > 1  # rank 0 logs
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--n_embd", "30", "--n_head", "4"], "n_embd (30) must be divisible by n_head (4)"),
+    (["--dtype", "float16"], "float16 autocast is not supported on the CPU"),
+    (["--dataset", "missing.txt"], "unknown dataset 'missing.txt'"),
+    (["--block_size", "4000"], "block_size"),
+    (["--resume"], "no checkpoint at"),
+    (["--init_from", "README.md"], "README.md is not a readable fastgpt checkpoint"),
+])
+def test_bad_input_gets_a_clear_error(tmp_path, corpus, capsys, args, message):
+    argv = ["--dataset", str(corpus), "--data_dir", str(tmp_path / "cache"), "--out_dir", str(tmp_path / "run"),
+            *TINY, "--max_iters", "1", *args]
+    if args[0] == "--init_from":
+        argv[-1] = str(ROOT / "README.md")
+    assert training.main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content, message", [(b"", "empty"), (b"\x00\x01\x02\xff" * 10, "UTF-8")])
+def test_bad_data_file(tmp_path, capsys, content, message):
+    path = tmp_path / "data.bin"
+    path.write_bytes(content)
+    assert training.main(["--dataset", str(path), "--data_dir", str(tmp_path / "c"), *TINY]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_resume_refuses_a_larger_block_size(tmp_path, corpus, capsys):
+    assert run_train(tmp_path, corpus, "--max_iters", "2", "--eval_interval", "2") == 0
+    assert run_train(tmp_path, corpus, "--max_iters", "4", "--resume", "--block_size", "32") == 2
+    assert "block_size 32 is larger than the checkpoint model's 16" in capsys.readouterr().err
+
+
+def test_truncated_checkpoint_on_resume(tmp_path, corpus, capsys):
+    assert run_train(tmp_path, corpus, "--max_iters", "2", "--eval_interval", "2") == 0
+    last = tmp_path / "run" / "last.pt"
+    last.write_bytes(last.read_bytes()[:1000])
+    assert run_train(tmp_path, corpus, "--max_iters", "4", "--resume") == 2
+    assert "last.pt is not a readable fastgpt checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args", [["--no_such_option", "1"], ["--preset", "gpt5"]])
+def test_unknown_option_or_preset(args, capsys):
+    with pytest.raises(SystemExit) as exc:
+        training.main(args)
+    assert exc.value.code == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_help_lists_every_option(capsys):
+    with pytest.raises(SystemExit):
+        training.main(["--help"])
+    text = capsys.readouterr().out
+    for name in ["n_layer", "n_head", "n_embd", "block_size", "dropout", "bias", "preset"] + \
+            [f.name for f in training.dataclasses.fields(training.TrainConfig)]:
+        assert f"--{name}" in text, name
+
+
+def test_learning_rate_schedule():
+    cfg = training.TrainConfig(learning_rate=1.0, min_lr=0.1, warmup_iters=10, max_iters=110)
+    rates = [training.learning_rate(s, cfg) for s in range(120)]
+    assert rates[0] < rates[5] < rates[9] < 1.0
+    assert max(rates) <= 1.0 and abs(rates[10] - 1.0) < 1e-9
+    assert all(a >= b for a, b in zip(rates[10:], rates[11:]))
+    assert rates[110] == rates[119] == 0.1
