@@ -230,3 +230,12 @@ def test_learning_rate_schedule():
     assert max(rates) <= 1.0 and abs(rates[10] - 1.0) < 1e-9
     assert all(a >= b for a, b in zip(rates[10:], rates[11:]))
     assert rates[110] == rates[119] == 0.1
+
+
+def test_corpus_shorter_than_one_block(tmp_path, capsys):
+    path = tmp_path / "short.txt"
+    path.write_text("tiny text, far too short to hold a block of the requested length\n")
+    assert training.main(["--dataset", str(path), "--data_dir", str(tmp_path / "c"), *TINY,
+                          "--block_size", "64", "--max_iters", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "block_size" in err and "64" in err
