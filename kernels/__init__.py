@@ -46,6 +46,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
               softmax_scale: float | None = None) -> torch.Tensor:
     """Scaled dot-product attention: ``softmax(q @ k^T * softmax_scale [+ causal mask]) @ v``, per head.
 
+    The Triton kernel (fused flash attention, :mod:`kernels.attention`) takes float16 and bfloat16
+    with D a multiple of 8 up to 128, and float32 up to D = 64; other inputs use the PyTorch
+    reference under ``auto``. Its dropout masks come from torch's random generator of the tensors'
+    device.
+
     Args:
         q, k, v: (B, H, T, D) floating tensors of one dtype and device, all of exactly the same
             shape (queries and keys/values of different lengths are not supported); any strides.
@@ -70,8 +75,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     _checks.probability("dropout_p", dropout_p)
     if softmax_scale is not None:
         _checks.finite_positive("softmax_scale", softmax_scale)
-    # Policy only (raises under "triton"); the Triton kernel plugs in here.
-    _dispatch.use_kernel("attention", q, k, v)
+    if _dispatch.use_kernel("attention", q, k, v):
+        return _dispatch.kernel_module("attention").attention(q, k, v, bool(causal), float(dropout_p), softmax_scale)
     return reference.attention(q, k, v, bool(causal), float(dropout_p), softmax_scale)
 
 
@@ -79,8 +84,11 @@ def gelu_mlp(x: torch.Tensor, fc_weight: torch.Tensor, fc_bias: torch.Tensor | N
              proj_bias: torch.Tensor | None) -> torch.Tensor:
     """The transformer MLP ``proj(gelu_tanh(fc(x)))``, weights in ``nn.Linear`` layout.
 
+    The Triton kernels (:mod:`kernels.gelu_mlp`) fuse the biases and GELU into the matrix
+    multiplies and take float16, bfloat16 and float32 (TF32 dots) of any sizes.
+
     Args:
-        x: (..., C) floating tensor; any leading dimensions.
+        x: (..., C) floating tensor; any leading dimensions, any strides.
         fc_weight: (Hd, C), the expansion to the hidden width Hd (4 * C in GPT-2).
         fc_bias: (Hd,) or None.
         proj_weight: (C, Hd), the projection back to C.
@@ -106,6 +114,6 @@ def gelu_mlp(x: torch.Tensor, fc_weight: torch.Tensor, fc_bias: torch.Tensor | N
     _checks.shape("proj_bias", proj_bias, (width,))
     _checks.same_device_and_dtype(x=x, fc_weight=fc_weight, fc_bias=fc_bias, proj_weight=proj_weight,
                                   proj_bias=proj_bias)
-    # Policy only (raises under "triton"); the Triton kernel plugs in here.
-    _dispatch.use_kernel("gelu_mlp", x, fc_weight, fc_bias, proj_weight, proj_bias)
+    if _dispatch.use_kernel("gelu_mlp", x, fc_weight, fc_bias, proj_weight, proj_bias):
+        return _dispatch.kernel_module("gelu_mlp").gelu_mlp(x, fc_weight, fc_bias, proj_weight, proj_bias)
     return reference.gelu_mlp(x, fc_weight, fc_bias, proj_weight, proj_bias)

@@ -23,7 +23,7 @@ import torch
 BACKENDS = ("auto", "triton", "torch")
 
 # Ops with a Triton implementation in kernels/<op>.py.
-OPS = ("layer_norm",)
+OPS = ("layer_norm", "attention", "gelu_mlp")
 
 
 class KernelUnavailableError(RuntimeError):

@@ -7,9 +7,9 @@ PyTorch reference in the same dtype, and by the PyTorch reference in float64. A 
     max|kernel - float64| <= 2 * max|pytorch - float64| + atol,   atol = eps(dtype) * scale
 
 that is, the kernel is at most about twice as far from the exact answer as PyTorch's own op in the
-same precision. ``scale`` is max|float64| for most tensors; for a gradient that sums over rows
-(LayerNorm's dweight, dbias) it is the largest sum of |terms|, the magnitude an fp32 accumulation
-of those terms is rounded at (PyTorch's CPU reductions are more accurate than fp32 accumulation). Outputs are allocated poisoned (NaN), so an element the kernel never writes fails.
+same precision. ``scale`` is max|float64| for most tensors; for a sum over many terms (LayerNorm's
+dweight, dbias; attention's output and gradients) it is the largest sum of |terms|, the magnitude
+an fp32 accumulation of those terms is rounded at (PyTorch's CPU reductions are more accurate than fp32 accumulation). Outputs are allocated poisoned (NaN), so an element the kernel never writes fails.
 The command prints one row per tensor and exits non-zero on any failure.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ import sys
 import torch
 
 import kernels
-from kernels import _dispatch
+from kernels import _dispatch, reference
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -166,6 +166,129 @@ def layer_norm_checks(rows, width, dtype, affine=(True, True), *, device="cpu", 
     return check_op("layer_norm", label, kernels.layer_norm, inputs, seed, scales)
 
 
+def gelu_mlp_checks(rows, width, hidden, dtype, biases=(True, True), *, device="cpu", view=None,
+                    seed=0) -> list[Check]:
+    """GELU MLP forward and the gradients of x, both weights and both biases.
+
+    x is (rows, width), the hidden width is ``hidden``; ``biases`` says which of (fc_bias,
+    proj_bias) are present. ``view`` passes non-contiguous inputs:
+    ``"strided"`` (x is every other column of a wider buffer) or ``"transposed"`` (both weights are
+    transposes of contiguous tensors, i.e. stored column-major).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, width * (2 if view == "strided" else 1), generator=gen)[:, ::2 if view == "strided" else 1]
+    params = {
+        "fc_weight": torch.randn(hidden, width, generator=gen) / width**0.5,
+        "fc_bias": torch.randn(hidden, generator=gen) if biases[0] else None,
+        "proj_weight": torch.randn(width, hidden, generator=gen) / hidden**0.5,
+        "proj_bias": torch.randn(width, generator=gen) if biases[1] else None,
+    }
+    if view == "transposed":
+        params = {k: (v.t().contiguous().t() if v is not None and v.dim() == 2 else v) for k, v in params.items()}
+    inputs = {"x": x.to(device=device, dtype=dtype).requires_grad_(),
+              **{k: None if v is None else v.to(device=device, dtype=dtype).requires_grad_() for k, v in params.items()}}
+    label = f"({rows}, {width}) H={hidden}" + ("" if all(biases) else f" biases={biases}") + (f" {view}" if view else "")
+    # The weight and bias gradients sum over rows: their atol scale is the largest sum of |terms|.
+    x64, w1, b1, w2, b2 = (None if t is None else t.detach().cpu().double() for t in inputs.values())
+    pre = (x64 @ w1.T + (0 if b1 is None else b1)).requires_grad_()
+    act = torch.nn.functional.gelu(pre, approximate="tanh")
+    dout = grad_out((rows, width), dtype, seed).double()
+    dact = dout @ w2
+    dpre = torch.autograd.grad(act, pre, dact)[0]
+    act = act.detach()
+    magnitude = {"dfc_weight": dpre.abs().T @ x64.abs(), "dfc_bias": dpre.abs().sum(0),
+                 "dproj_weight": dout.abs().T @ act.abs(), "dproj_bias": dout.abs().sum(0)}
+    if dtype == torch.float32 and torch.device(device).type == "cuda":
+        # TF32 dots round their operands to 10 mantissa bits: every GEMM's error is about
+        # TF32_EPS x its sum of |terms|, and flows on into the GEMMs after it (|gelu'| < 1.2, |gelu''| < 0.8).
+        terms = x64.abs() @ w1.abs().T + (0 if b1 is None else b1.abs())
+        act_err = act.abs() + 1.2 * terms
+        dpre_err = dpre.abs() + 1.2 * (dout.abs() @ w2.abs()) + 0.8 * dact.abs() * terms
+        magnitude = {"out": act_err @ w2.abs().T + (0 if b2 is None else b2.abs()), "dx": dpre_err @ w1.abs(),
+                     "dfc_weight": dpre_err.T @ x64.abs(), "dfc_bias": dpre_err.sum(0),
+                     "dproj_weight": dout.abs().T @ act_err, "dproj_bias": dout.abs().sum(0)}
+        magnitude = {k: v * (TF32_EPS / torch.finfo(torch.float32).eps) if k != "dproj_bias" else v
+                     for k, v in magnitude.items()}
+    scales = {k: v.max().item() if v.numel() else 0.0 for k, v in magnitude.items()}
+    return check_op("gelu_mlp", label, kernels.gelu_mlp, inputs, seed, scales)
+
+
+# float32 dots of the attention kernels run in TF32 on a GPU (10-bit mantissa): its atol uses TF32's eps.
+TF32_EPS = 2.0**-10
+
+
+def attention_scales(q, k, v, dout, causal, softmax_scale=None, keep=None, dropout_p=0.0) -> dict:
+    """atol scales for attention's out, dq, dk and dv: the largest sums of |terms| (in float64).
+
+    With P the attention weights, W = P * keep / (1 - p), dP = (dO V^T) * keep / (1 - p) and delta
+    the row sums of P * dP, the kernels sum W |V| for out, W^T |dO| for dv, and P (|dP| + |delta|)
+    times |K| (for dq) or |Q| (for dk): the subtraction dP - delta cancels at the size of its terms
+    (exactly, when one key holds all the weight). One (T, T) matrix per head at a time.
+    """
+    B, H, T, D = q.shape
+    scale = D**-0.5 if softmax_scale is None else softmax_scale
+    found = dict.fromkeys(("out", "dq", "dk", "dv"), 0.0)
+    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+    for b in range(B):
+        for h in range(H):
+            qh, kh, vh, doh = (t[b, h].detach().double() for t in (q, k, v, dout))
+            scores = scale * qh @ kh.T
+            p = torch.softmax(scores.masked_fill(future, float("-inf")) if causal else scores, -1)
+            dp = doh @ vh.T
+            w = p
+            if keep is not None:
+                w = p * keep[b, h] / (1 - dropout_p)
+                dp = dp * keep[b, h] / (1 - dropout_p)
+            terms = p * (dp.abs() + (p * dp).sum(-1, keepdim=True).abs())
+            for name, value in (("out", w @ vh.abs()), ("dv", w.T @ doh.abs()), ("dq", scale * terms @ kh.abs()),
+                                ("dk", scale * terms.T @ qh.abs())):
+                found[name] = max(found[name], value.max().item() if value.numel() else 0.0)
+    return found
+
+
+def attention_checks(B, H, T, D, dtype, causal=True, *, dropout_p=0.0, softmax_scale=None, layout=None,
+                     device="cpu", seed=0) -> list[Check]:
+    """Attention forward and dq, dk, dv for (B, H, T, D) inputs, atol scales from :func:`attention_scales`.
+
+    ``layout="qkv"`` passes q, k and v as the three strided slices of one fused (B, T, 3, H, D)
+    tensor, as the GPT model does, and checks the fused gradient ``dqkv``. With ``dropout_p > 0``
+    the PyTorch runs apply the kernel's own keep-mask (drawn from the same seed and materialised by
+    ``kernels.attention.dropout_mask``) through :func:`kernels.reference.attention_math`.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    fused = torch.randn(B, T, 3, H, D, generator=gen).to(device=device, dtype=dtype)
+    if layout == "qkv":
+        inputs = {"qkv": fused.requires_grad_()}
+    else:
+        inputs = {name: fused[:, :, i].transpose(1, 2).contiguous().requires_grad_() for i, name in enumerate("qkv")}
+    keep = None
+    if dropout_p:
+        kernel = _dispatch.kernel_module("attention")
+        with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
+            torch.manual_seed(seed)
+            keep = kernel.dropout_mask(kernel.draw_rng_state(device), (B, H, T, D), dropout_p)
+
+    def attention(**tensors):
+        q, k, v = ([tensors["qkv"][:, :, i].transpose(1, 2) for i in range(3)] if layout == "qkv"
+                   else (tensors["q"], tensors["k"], tensors["v"]))
+        if dropout_p and kernels.get_backend() != "triton":
+            return reference.attention_math(q, k, v, causal, softmax_scale, keep, dropout_p)
+        with torch.random.fork_rng(devices=[q.device] if q.is_cuda else []):
+            torch.manual_seed(seed)  # with dropout, the kernel draws the seed that made ``keep``
+            return kernels.attention(q, k, v, causal, dropout_p, softmax_scale)
+
+    q, k, v = (fused[:, :, i].transpose(1, 2) for i in range(3))
+    scales = attention_scales(q, k, v, grad_out((B, H, T, D), dtype, seed).to(device), causal, softmax_scale,
+                              keep, dropout_p)
+    if layout == "qkv":
+        scales["dqkv"] = max(scales["dq"], scales["dk"], scales["dv"])
+    if dtype == torch.float32 and torch.device(device).type == "cuda":
+        scales = {name: value * TF32_EPS / torch.finfo(dtype).eps for name, value in scales.items()}
+    label = (f"({B},{H},{T},{D}){' causal' if causal else ''}{f' p={dropout_p}' if dropout_p else ''}"
+             f"{f' scale={softmax_scale}' if softmax_scale else ''}{f' {layout}' if layout else ''}")
+    return check_op("attention", label, attention, inputs, seed, scales)
+
+
 def cases(device: str, dtypes):
     """The verification grid: ``(description, thunk returning checks)`` pairs."""
     big = device == "cuda"
@@ -178,6 +301,30 @@ def cases(device: str, dtypes):
         yield lambda d=dtype: layer_norm_checks(4, 768, d, (False, False), device=device)
         yield lambda d=dtype: layer_norm_checks(4, 100, d, (True, False), device=device, view="strided")
         yield lambda d=dtype: layer_norm_checks(4, 100, d, (False, True), device=device, view="padded")
+    # (rows, C, H): H = 4C, H not a multiple of 16 (200), odd C (100), one row and many.
+    mlp_shapes = [(1, 16, 64), (7, 48, 192), (100, 100, 400), (257, 128, 200)]
+    if big:
+        mlp_shapes += [(8192, 768, 3072), (2048, 1600, 6400)]
+    for dtype in dtypes:
+        for rows, width, hidden in mlp_shapes:
+            yield lambda r=rows, c=width, h=hidden, d=dtype: gelu_mlp_checks(r, c, h, d, device=device)
+        yield lambda d=dtype: gelu_mlp_checks(33, 48, 192, d, (False, False), device=device)
+        yield lambda d=dtype: gelu_mlp_checks(17, 64, 256, d, device=device, view="strided")
+        yield lambda d=dtype: gelu_mlp_checks(17, 64, 256, d, device=device, view="transposed")
+    for dtype in dtypes:
+        # Every length and head dimension in float16; a few of each in the other dtypes.
+        lengths, widths = ((1, 17, 100, 257), (16, 48, 128)) if dtype == torch.float16 else ((17, 100), (48,))
+        for T in lengths:
+            yield lambda t=T, d=dtype: attention_checks(1, 2, t, 64, d, device=device)
+        for D in widths:
+            yield lambda w=D, d=dtype: attention_checks(1, 2, 100, w, d, causal=False, device=device)
+        yield lambda d=dtype: attention_checks(1, 2, 64, 64, d, causal=False, softmax_scale=0.3, layout="qkv",
+                                               device=device)
+        for causal in (True, False):
+            yield lambda c=causal, d=dtype: attention_checks(2, 2, 64, 32, d, c, dropout_p=0.1, device=device)
+        if big:
+            yield lambda d=dtype: attention_checks(4, 12, 1024, 64, d, layout="qkv", device=device)
+            yield lambda d=dtype: attention_checks(2, 16, 2048, 128, d, dropout_p=0.1, device=device)
 
 
 def _interpreter_bf16_ready() -> str | None:
@@ -206,7 +353,8 @@ def main(argv=None) -> int:
         # @triton.jit reads TRITON_INTERPRET at import time: start again with it on.
         print("no CUDA device: running the Triton kernels in Triton's interpreter on CPU tensors",
               file=sys.stderr)
-        env = {**os.environ, "TRITON_INTERPRET": "1"}
+        # One BLAS thread: the interpreter's tl.dot is a NumPy matmul of one small tile at a time.
+        env = {"OPENBLAS_NUM_THREADS": "1", **os.environ, "TRITON_INTERPRET": "1"}
         os.execve(sys.executable, [sys.executable, "-m", "kernels.verify", *(argv or sys.argv[1:])], env)
     elif _dispatch.INTERPRETED:
         device = "cpu"

@@ -6,8 +6,12 @@ before any project module is imported.
 """
 import os
 
-import pytest
-import torch
+# The interpreter runs tl.dot as a NumPy matmul on one small tile at a time; OpenBLAS's worker
+# threads make that hundreds of times slower on a loaded 2-core machine. Read when NumPy loads.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"

@@ -175,3 +175,39 @@ def test_every_layer_norm_config_compiles_fits_and_does_not_spill(tmp_path):
     for kernel in ("_layer_norm_fwd_kernel", "_layer_norm_bwd_dx_kernel", "_layer_norm_bwd_dwdb_kernel"):
         for arch in ("sm_80", "sm_90a"):
             assert re.search(rf"^{kernel}\s.*\s{arch}\s", proc.stdout, re.M), (kernel, arch)
+
+
+def test_every_attention_config_compiles_fits_and_uses_tensor_cores(tmp_path):
+    attn = importlib.import_module("kernels.attention")
+    specs = list(attn.compile_specs())
+    proc = subprocess.run([sys.executable, "-m", "kernels.compile_report", "--op", "attention", "--jobs", "2"],
+                          cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-3000:]
+    assert f"\n{2 * len(specs)} compiled, 0 problems" in proc.stdout
+    lines = proc.stdout.splitlines()
+    for kind in attn.KINDS:
+        for config, _, _ in attn._CONFIGS[kind]:
+            label = (f"{kind} {config.kwargs['BLOCK_M']}x{config.kwargs['BLOCK_N']} warps={config.num_warps} "
+                     f"stages={config.num_stages} ")
+            for arch, tensor_cores in (("sm_80", "HMMA"), ("sm_90a", "HGMMA")):
+                rows = [line for line in lines if label in line and f" {arch} " in line]
+                assert len(rows) >= 6, (label, arch)
+                assert all(re.search(rf"\s[1-9]\d* {tensor_cores}\s", row) for row in rows), rows
+
+
+def test_every_gelu_mlp_config_compiles_fits_and_uses_tensor_cores(tmp_path):
+    gm = importlib.import_module("kernels.gelu_mlp")
+    specs = list(gm.compile_specs())
+    proc = subprocess.run([sys.executable, "-m", "kernels.compile_report", "--op", "gelu_mlp", "--jobs", "2"],
+                          cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-3000:]
+    assert f"\n{2 * len(specs)} compiled, 0 problems" in proc.stdout
+    lines = proc.stdout.splitlines()
+    for config in gm.CONFIGS:
+        for role in ("fc", "proj", "dpre", "dproj_weight", "dx"):
+            for dtype in ("float16", "float32"):
+                label = re.escape(f"{role} {gm.config_label(config)} {dtype}")
+                for arch, tensor_cores in (("sm_80", "HMMA"), ("sm_90a", "HGMMA")):
+                    row = [line for line in lines if re.search(rf"\s{label}\s+{arch}\s", line)]
+                    assert len(row) == 1, (label, arch)
+                    assert re.search(rf"\s[1-9]\d* {tensor_cores}\s.*\sok$", row[0]), row[0]

@@ -256,10 +256,15 @@ class TestBadInput:
 
 
 def test_kernel_and_reference_backends_agree_on_a_tiny_model():
-    """Logits, loss, every gradient and three AdamW steps: "auto" (Triton LayerNorm) vs "torch"."""
+    """Logits, loss, every gradient and three AdamW steps: "auto" (the Triton kernels) vs "torch"."""
     with kernels.use_backend("auto"):
         assert _dispatch.use_kernel("layer_norm", torch.randn(2, 32, device=DEVICE), None, None), \
             "the LayerNorm kernel must run under auto for this test to compare anything"
+        mlp = tiny_model().transformer.h[0].mlp
+        assert _dispatch.use_kernel("gelu_mlp", torch.randn(2, 32, device=DEVICE), mlp.c_fc.weight, mlp.c_fc.bias,
+                                    mlp.c_proj.weight, mlp.c_proj.bias), "the GELU MLP kernels must run under auto"
+        q = torch.randn(2, TINY["n_head"], 16, TINY["n_embd"] // TINY["n_head"], device=DEVICE)
+        assert _dispatch.use_kernel("attention", q, q, q), "the attention kernels must run under auto"
     models = {backend: tiny_model().to(DEVICE) for backend in ("auto", "torch")}
     opts = {b: m.configure_optimizers(0.1, 1e-3, (0.9, 0.95), DEVICE) for b, m in models.items()}
     for step in range(3):

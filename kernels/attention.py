@@ -1,0 +1,750 @@
+"""Fused scaled dot-product attention (FlashAttention-2): Triton forward and backward, causal or not,
+with dropout on the attention weights.
+
+Forward (Dao, "FlashAttention-2", 2023, algorithm 1). One program per (query tile, head, batch) keeps
+its BLOCK_M query rows in registers and streams the keys and values in tiles of BLOCK_N. With the
+scores pre-multiplied by ``softmax_scale * log2(e)`` so that exp2 can be used, it keeps per row a
+running maximum m and a running sum l of exp2(s - m), rescales the fp32 output accumulator whenever
+m grows, and divides by l once at the end. Per row it saves ``lse = m + log2(l)`` (the log-sum-exp
+in base 2 of the scaled scores) for the backward. No (T, T) matrix is ever stored.
+
+Causal masking costs only where it matters: key tiles entirely above the diagonal of a query tile
+are never visited, tiles entirely below it run without any mask, and only the tiles that cross the
+diagonal (or the ragged end of the sequence) are masked.
+
+Dropout keeps each attention weight with probability 1 - p and scales kept weights by 1 / (1 - p).
+Whether weight (i, j) of head (b, h) is kept is a pure function of (seed, offset, b * H + h, i, j):
+the first output of Philox-4x32-10 keyed by the 64-bit seed on the counter (j, i, b * H + h, offset),
+whose top 24 bits, read as a fraction of 2^24, are compared with p. The backward regenerates the
+same mask, whatever its tile sizes; nothing of size (T, T) is stored. Every call draws a new
+(seed, offset) from torch's generator of the tensors' device (:func:`draw_rng_state`), so a run is
+reproducible under ``torch.manual_seed``.
+
+Limits: q, k and v of one shape (B, H, T, D) (self-attention lengths), D a multiple of 8 up to 128
+(padded inside the kernels to the next power of two, at least 16), float16 or bfloat16, or float32
+with D up to 64 (float32 dots run in TF32 on the GPU); any strides.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 128
+MAX_HEAD_DIM_FP32 = 64  # float32 dK/dV tiles at D = 128 spill on sm_90a
+HEAD_DIM_MULTIPLE = 8
+MAX_GRID_DIM = 65535  # CUDA's limit on the second and third grid dimensions (heads, batch)
+LOG2_E = 1.4426950408889634
+PREPROCESS_BLOCK_M = 64
+
+_INTERPRETED = bool(triton.knobs.runtime.interpret)
+
+
+# --------------------------------------------------------------------------- shared device helpers
+
+
+@triton.jit
+def _load_tile(ptrs, rows, T, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASK_ROWS: tl.constexpr):
+    """A (rows, BLOCK_D) tile; rows >= T (when MASK_ROWS) and padded head-dim columns read as 0."""
+    if MASK_ROWS:
+        if BLOCK_D == HEAD_DIM:
+            tile = tl.load(ptrs, mask=rows[:, None] < T, other=0.0)
+        else:
+            tile = tl.load(ptrs, mask=(rows[:, None] < T) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    else:
+        if BLOCK_D == HEAD_DIM:
+            tile = tl.load(ptrs)
+        else:
+            tile = tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+    return tile
+
+
+@triton.jit
+def _store_tile(ptrs, value, rows, T, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Store the rows < T and real head-dim columns of a (rows, BLOCK_D) tile."""
+    value = value.to(ptrs.dtype.element_ty)
+    if BLOCK_D == HEAD_DIM:
+        tl.store(ptrs, value, mask=rows[:, None] < T)
+    else:
+        tl.store(ptrs, value, mask=(rows[:, None] < T) & (offs_d[None, :] < HEAD_DIM))
+
+
+@triton.jit
+def _dropout_keep(seed, offset, bh, rows, start_n, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keep-mask (BLOCK_M, BLOCK_N) of head ``bh`` for query ``rows`` and keys start_n .. start_n + BLOCK_N - 1.
+
+    One Philox-4x32-10 call, keyed by ``seed``, on the counter (key // 4, query, head, offset) gives
+    the random words of four neighbouring keys: word j % 4 belongs to key j. The top 24 bits of a
+    word are a uniform fraction in [0, 1); the weight is kept when it is >= ``dropout_p``.
+    ``start_n`` must be a multiple of 4.
+    """
+    groups = start_n // 4 + tl.arange(0, BLOCK_N // 4)
+    c0 = groups[None, :] + rows[:, None] * 0
+    c1 = rows[:, None] + groups[None, :] * 0
+    c2 = c0 * 0 + bh
+    c3 = (c0 * 0).to(tl.uint32) + offset.to(tl.uint32)
+    r0, r1, r2, r3 = tl.philox(seed, c0, c1, c2, c3)
+    # k * 2^-24 >= p  <=>  k >= p * 2^24 (exact in float32 for 24-bit k)
+    threshold = dropout_p * 16777216.0
+    k0 = (r0 >> 8).to(tl.float32) >= threshold
+    k1 = (r1 >> 8).to(tl.float32) >= threshold
+    k2 = (r2 >> 8).to(tl.float32) >= threshold
+    k3 = (r3 >> 8).to(tl.float32) >= threshold
+    # (BLOCK_M, BLOCK_N // 4, 2, 2) with [m, g, a, b] = k_(2a + b), i.e. key 4g + 2a + b, row-major.
+    return tl.reshape(tl.join(tl.join(k0, k2), tl.join(k1, k3)), [BLOCK_M, BLOCK_N])
+
+
+# --------------------------------------------------------------------------- forward
+
+
+@triton.jit
+def _fwd_tiles(acc, l_i, m_i, q, K_ptr, V_ptr, stride_k_t, stride_k_d, stride_v_t, stride_v_d,
+               offs_m, offs_d, start, end, T, qk_scale, seed, offset, bh, dropout_p,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               MASKED: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr):
+    """Fold the key tiles [start, end) into the running (acc, l, m); MASKED tiles apply the masks."""
+    offs_n = tl.arange(0, BLOCK_N)
+    for start_n in range(start, end, BLOCK_N):
+        cols = start_n + offs_n
+        k = _load_tile(K_ptr + cols[:, None] * stride_k_t + offs_d[None, :] * stride_k_d, cols, T, offs_d,
+                       HEAD_DIM, BLOCK_D, MASKED)
+        s = tl.dot(q, tl.trans(k)) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
+        if MASKED:
+            valid = cols[None, :] < T
+            if CAUSAL:
+                valid = valid & (cols[None, :] <= offs_m[:, None])
+            s = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:
+            p = tl.where(_dropout_keep(seed, offset, bh, offs_m, start_n, dropout_p, BLOCK_M, BLOCK_N), p, 0.0)
+        v = _load_tile(V_ptr + cols[:, None] * stride_v_t + offs_d[None, :] * stride_v_d, cols, T, offs_d,
+                       HEAD_DIM, BLOCK_D, MASKED)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attention_fwd_kernel(
+    Q_ptr, K_ptr, V_ptr, O_ptr, Lse_ptr, Rng_ptr,
+    stride_q_b, stride_q_h, stride_q_t, stride_q_d,
+    stride_k_b, stride_k_h, stride_k_t, stride_k_d,
+    stride_v_b, stride_v_h, stride_v_t, stride_v_d,
+    stride_o_b, stride_o_h, stride_o_t, stride_o_d,
+    H, T, T_BUCKET, qk_scale, dropout_p,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # T_BUCKET only keys the autotuner (sequence lengths bucketed to powers of two).
+    start_m = tl.program_id(0)
+    off_h = tl.program_id(1)
+    off_b = tl.program_id(2)
+    bh = off_b * H + off_h
+    Q_ptr += off_b.to(tl.int64) * stride_q_b + off_h.to(tl.int64) * stride_q_h
+    K_ptr += off_b.to(tl.int64) * stride_k_b + off_h.to(tl.int64) * stride_k_h
+    V_ptr += off_b.to(tl.int64) * stride_v_b + off_h.to(tl.int64) * stride_v_h
+    O_ptr += off_b.to(tl.int64) * stride_o_b + off_h.to(tl.int64) * stride_o_h
+    Lse_ptr += bh.to(tl.int64) * T
+
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_tile(Q_ptr + offs_m[:, None] * stride_q_t + offs_d[None, :] * stride_q_d, offs_m, T, offs_d,
+                   HEAD_DIM, BLOCK_D, True)
+    if DROPOUT:
+        seed = tl.load(Rng_ptr)
+        offset = tl.load(Rng_ptr + 1)
+    else:
+        seed = 0
+        offset = 0
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if CAUSAL:
+        # Key tiles before the query tile's first row need no mask; the rest up to its last row cross the diagonal.
+        full_end = (start_m * BLOCK_M) // BLOCK_N * BLOCK_N
+        masked_end = tl.minimum((start_m + 1) * BLOCK_M, T)
+    else:
+        full_end = (T // BLOCK_N) * BLOCK_N
+        masked_end = T
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K_ptr, V_ptr, stride_k_t, stride_k_d, stride_v_t, stride_v_d,
+                               offs_m, offs_d, 0, full_end, T, qk_scale, seed, offset, bh, dropout_p,
+                               HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, False, CAUSAL, DROPOUT)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K_ptr, V_ptr, stride_k_t, stride_k_d, stride_v_t, stride_v_d,
+                               offs_m, offs_d, full_end, masked_end, T, qk_scale, seed, offset, bh, dropout_p,
+                               HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True, CAUSAL, DROPOUT)
+    l_recip = 1.0 / l_i
+    if DROPOUT:
+        l_recip = l_recip / (1.0 - dropout_p)
+    _store_tile(O_ptr + offs_m[:, None] * stride_o_t + offs_d[None, :] * stride_o_d, acc * l_recip[:, None],
+                offs_m, T, offs_d, HEAD_DIM, BLOCK_D)
+    tl.store(Lse_ptr + offs_m, m_i + tl.log2(l_i), mask=offs_m < T)
+
+
+# --------------------------------------------------------------------------- backward
+#
+# With S = softmax_scale * Q K^T, P = softmax(S) row-wise, Z the keep-mask and r = 1 / (1 - p),
+# the forward computes O = (P * Z * r) V. Given dO:
+#
+#     dV = (P * Z * r)^T dO
+#     dP = (dO V^T) * Z * r
+#     dS = P * (dP - delta),   delta_i = sum_j P_ij dP_ij = sum_d dO_id O_id
+#     dQ = softmax_scale * dS K,   dK = softmax_scale * dS^T Q
+#
+# (delta is a row sum of dO * O because O_i = sum_j P_ij Z_ij r V_j.) P is recomputed from Q, K and
+# the saved log-sum-exp: P_ij = exp2(S_ij log2(e) - lse_i). A preprocessing kernel computes delta;
+# then one kernel owns a key tile and accumulates its dK and dV over the query tiles, and another owns
+# a query tile and accumulates its dQ over the key tiles. Every gradient element is written by exactly
+# one program, in a fixed order: no atomics, deterministic results.
+
+
+@triton.jit
+def _attention_bwd_preprocess_kernel(
+    O_ptr, DO_ptr, Delta_ptr,
+    stride_o_b, stride_o_h, stride_o_t, stride_o_d,
+    stride_do_b, stride_do_h, stride_do_t, stride_do_d,
+    H, T,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    start_m = tl.program_id(0)
+    off_h = tl.program_id(1)
+    off_b = tl.program_id(2)
+    O_ptr += off_b.to(tl.int64) * stride_o_b + off_h.to(tl.int64) * stride_o_h
+    DO_ptr += off_b.to(tl.int64) * stride_do_b + off_h.to(tl.int64) * stride_do_h
+    Delta_ptr += (off_b * H + off_h).to(tl.int64) * T
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    o = _load_tile(O_ptr + offs_m[:, None] * stride_o_t + offs_d[None, :] * stride_o_d, offs_m, T, offs_d,
+                   HEAD_DIM, BLOCK_D, True).to(tl.float32)
+    do = _load_tile(DO_ptr + offs_m[:, None] * stride_do_t + offs_d[None, :] * stride_do_d, offs_m, T, offs_d,
+                    HEAD_DIM, BLOCK_D, True).to(tl.float32)
+    tl.store(Delta_ptr + offs_m, tl.sum(o * do, 1), mask=offs_m < T)
+
+
+@triton.jit
+def _dkdv_tiles(dk, dv, k, v, Q_ptr, DO_ptr, Lse_ptr, Delta_ptr, stride_q_t, stride_q_d, stride_do_t, stride_do_d,
+                n0, offs_d, start, end, T, qk_scale, seed, offset, bh, dropout_p,
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                MASKED: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr):
+    """Add the query tiles [start, end) to the (dK, dV) of the key tile at ``n0``; tiles are (keys, queries)."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    for start_m in range(start, end, BLOCK_M):
+        rows = start_m + offs_m
+        q = _load_tile(Q_ptr + rows[:, None] * stride_q_t + offs_d[None, :] * stride_q_d, rows, T, offs_d,
+                       HEAD_DIM, BLOCK_D, MASKED)
+        do = _load_tile(DO_ptr + rows[:, None] * stride_do_t + offs_d[None, :] * stride_do_d, rows, T, offs_d,
+                        HEAD_DIM, BLOCK_D, MASKED)
+        if MASKED:
+            lse = tl.load(Lse_ptr + rows, mask=rows < T, other=0.0)
+            delta = tl.load(Delta_ptr + rows, mask=rows < T, other=0.0)
+        else:
+            lse = tl.load(Lse_ptr + rows)
+            delta = tl.load(Delta_ptr + rows)
+        p_t = tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])  # (BLOCK_N, BLOCK_M)
+        if MASKED:
+            valid = rows[None, :] < T
+            if CAUSAL:
+                valid = valid & (rows[None, :] >= offs_n[:, None])
+            p_t = tl.where(valid, p_t, 0.0)
+        dp_t = tl.dot(v, tl.trans(do))
+        if DROPOUT:
+            keep = tl.trans(_dropout_keep(seed, offset, bh, rows, n0, dropout_p, BLOCK_M, BLOCK_N))
+            dv = tl.dot(tl.where(keep, p_t, 0.0).to(do.dtype), do, dv)
+            dp_t = tl.where(keep, dp_t / (1.0 - dropout_p), 0.0)
+        else:
+            dv = tl.dot(p_t.to(do.dtype), do, dv)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk)
+    return dk, dv
+
+
+@triton.jit
+def _attention_bwd_dkdv_kernel(
+    Q_ptr, K_ptr, V_ptr, DO_ptr, DK_ptr, DV_ptr, Lse_ptr, Delta_ptr, Rng_ptr,
+    stride_q_b, stride_q_h, stride_q_t, stride_q_d,
+    stride_k_b, stride_k_h, stride_k_t, stride_k_d,
+    stride_v_b, stride_v_h, stride_v_t, stride_v_d,
+    stride_do_b, stride_do_h, stride_do_t, stride_do_d,
+    stride_dk_b, stride_dk_h, stride_dk_t, stride_dk_d,
+    stride_dv_b, stride_dv_h, stride_dv_t, stride_dv_d,
+    H, T, T_BUCKET, qk_scale, softmax_scale, dropout_p,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    start_n = tl.program_id(0)
+    off_h = tl.program_id(1)
+    off_b = tl.program_id(2)
+    bh = off_b * H + off_h
+    Q_ptr += off_b.to(tl.int64) * stride_q_b + off_h.to(tl.int64) * stride_q_h
+    K_ptr += off_b.to(tl.int64) * stride_k_b + off_h.to(tl.int64) * stride_k_h
+    V_ptr += off_b.to(tl.int64) * stride_v_b + off_h.to(tl.int64) * stride_v_h
+    DO_ptr += off_b.to(tl.int64) * stride_do_b + off_h.to(tl.int64) * stride_do_h
+    DK_ptr += off_b.to(tl.int64) * stride_dk_b + off_h.to(tl.int64) * stride_dk_h
+    DV_ptr += off_b.to(tl.int64) * stride_dv_b + off_h.to(tl.int64) * stride_dv_h
+    Lse_ptr += bh.to(tl.int64) * T
+    Delta_ptr += bh.to(tl.int64) * T
+
+    n0 = start_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    k = _load_tile(K_ptr + offs_n[:, None] * stride_k_t + offs_d[None, :] * stride_k_d, offs_n, T, offs_d,
+                   HEAD_DIM, BLOCK_D, True)
+    v = _load_tile(V_ptr + offs_n[:, None] * stride_v_t + offs_d[None, :] * stride_v_d, offs_n, T, offs_d,
+                   HEAD_DIM, BLOCK_D, True)
+    if DROPOUT:
+        seed = tl.load(Rng_ptr)
+        offset = tl.load(Rng_ptr + 1)
+    else:
+        seed = 0
+        offset = 0
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    full_end = (T // BLOCK_M) * BLOCK_M
+    if CAUSAL:
+        # Query tiles before the key tile see none of it; those up to its last key cross the diagonal.
+        diag_start = (n0 // BLOCK_M) * BLOCK_M
+        diag_end = tl.minimum(tl.cdiv(n0 + BLOCK_N - 1, BLOCK_M) * BLOCK_M, T)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, Q_ptr, DO_ptr, Lse_ptr, Delta_ptr, stride_q_t, stride_q_d,
+                             stride_do_t, stride_do_d, n0, offs_d, diag_start, diag_end, T, qk_scale,
+                             seed, offset, bh, dropout_p, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True, CAUSAL, DROPOUT)
+    else:
+        diag_end = 0
+    tail_start = tl.maximum(diag_end, full_end)
+    dk, dv = _dkdv_tiles(dk, dv, k, v, Q_ptr, DO_ptr, Lse_ptr, Delta_ptr, stride_q_t, stride_q_d,
+                         stride_do_t, stride_do_d, n0, offs_d, diag_end, full_end, T, qk_scale,
+                         seed, offset, bh, dropout_p, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, False, CAUSAL, DROPOUT)
+    dk, dv = _dkdv_tiles(dk, dv, k, v, Q_ptr, DO_ptr, Lse_ptr, Delta_ptr, stride_q_t, stride_q_d,
+                         stride_do_t, stride_do_d, n0, offs_d, tail_start, T, T, qk_scale,
+                         seed, offset, bh, dropout_p, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True, CAUSAL, DROPOUT)
+    if DROPOUT:
+        dv = dv / (1.0 - dropout_p)
+    _store_tile(DK_ptr + offs_n[:, None] * stride_dk_t + offs_d[None, :] * stride_dk_d, dk * softmax_scale,
+                offs_n, T, offs_d, HEAD_DIM, BLOCK_D)
+    _store_tile(DV_ptr + offs_n[:, None] * stride_dv_t + offs_d[None, :] * stride_dv_d, dv,
+                offs_n, T, offs_d, HEAD_DIM, BLOCK_D)
+
+
+@triton.jit
+def _dq_tiles(dq, q, do, lse, delta, K_ptr, V_ptr, stride_k_t, stride_k_d, stride_v_t, stride_v_d,
+              offs_m, offs_d, start, end, T, qk_scale, seed, offset, bh, dropout_p,
+              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              MASKED: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr):
+    """Add the key tiles [start, end) to the query tile's dQ."""
+    offs_n = tl.arange(0, BLOCK_N)
+    for start_n in range(start, end, BLOCK_N):
+        cols = start_n + offs_n
+        k = _load_tile(K_ptr + cols[:, None] * stride_k_t + offs_d[None, :] * stride_k_d, cols, T, offs_d,
+                       HEAD_DIM, BLOCK_D, MASKED)
+        v = _load_tile(V_ptr + cols[:, None] * stride_v_t + offs_d[None, :] * stride_v_d, cols, T, offs_d,
+                       HEAD_DIM, BLOCK_D, MASKED)
+        p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])  # (BLOCK_M, BLOCK_N)
+        if MASKED:
+            valid = cols[None, :] < T
+            if CAUSAL:
+                valid = valid & (cols[None, :] <= offs_m[:, None])
+            p = tl.where(valid, p, 0.0)
+        dp = tl.dot(do, tl.trans(v))
+        if DROPOUT:
+            keep = _dropout_keep(seed, offset, bh, offs_m, start_n, dropout_p, BLOCK_M, BLOCK_N)
+            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq)
+    return dq
+
+
+@triton.jit
+def _attention_bwd_dq_kernel(
+    Q_ptr, K_ptr, V_ptr, DO_ptr, DQ_ptr, Lse_ptr, Delta_ptr, Rng_ptr,
+    stride_q_b, stride_q_h, stride_q_t, stride_q_d,
+    stride_k_b, stride_k_h, stride_k_t, stride_k_d,
+    stride_v_b, stride_v_h, stride_v_t, stride_v_d,
+    stride_do_b, stride_do_h, stride_do_t, stride_do_d,
+    stride_dq_b, stride_dq_h, stride_dq_t, stride_dq_d,
+    H, T, T_BUCKET, qk_scale, softmax_scale, dropout_p,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    start_m = tl.program_id(0)
+    off_h = tl.program_id(1)
+    off_b = tl.program_id(2)
+    bh = off_b * H + off_h
+    Q_ptr += off_b.to(tl.int64) * stride_q_b + off_h.to(tl.int64) * stride_q_h
+    K_ptr += off_b.to(tl.int64) * stride_k_b + off_h.to(tl.int64) * stride_k_h
+    V_ptr += off_b.to(tl.int64) * stride_v_b + off_h.to(tl.int64) * stride_v_h
+    DO_ptr += off_b.to(tl.int64) * stride_do_b + off_h.to(tl.int64) * stride_do_h
+    DQ_ptr += off_b.to(tl.int64) * stride_dq_b + off_h.to(tl.int64) * stride_dq_h
+    Lse_ptr += bh.to(tl.int64) * T
+    Delta_ptr += bh.to(tl.int64) * T
+
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_tile(Q_ptr + offs_m[:, None] * stride_q_t + offs_d[None, :] * stride_q_d, offs_m, T, offs_d,
+                   HEAD_DIM, BLOCK_D, True)
+    do = _load_tile(DO_ptr + offs_m[:, None] * stride_do_t + offs_d[None, :] * stride_do_d, offs_m, T, offs_d,
+                    HEAD_DIM, BLOCK_D, True)
+    lse = tl.load(Lse_ptr + offs_m, mask=offs_m < T, other=0.0)
+    delta = tl.load(Delta_ptr + offs_m, mask=offs_m < T, other=0.0)
+    if DROPOUT:
+        seed = tl.load(Rng_ptr)
+        offset = tl.load(Rng_ptr + 1)
+    else:
+        seed = 0
+        offset = 0
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if CAUSAL:
+        full_end = (start_m * BLOCK_M) // BLOCK_N * BLOCK_N
+        masked_end = tl.minimum((start_m + 1) * BLOCK_M, T)
+    else:
+        full_end = (T // BLOCK_N) * BLOCK_N
+        masked_end = T
+    dq = _dq_tiles(dq, q, do, lse, delta, K_ptr, V_ptr, stride_k_t, stride_k_d, stride_v_t, stride_v_d,
+                   offs_m, offs_d, 0, full_end, T, qk_scale, seed, offset, bh, dropout_p,
+                   HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, False, CAUSAL, DROPOUT)
+    dq = _dq_tiles(dq, q, do, lse, delta, K_ptr, V_ptr, stride_k_t, stride_k_d, stride_v_t, stride_v_d,
+                   offs_m, offs_d, full_end, masked_end, T, qk_scale, seed, offset, bh, dropout_p,
+                   HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True, CAUSAL, DROPOUT)
+    _store_tile(DQ_ptr + offs_m[:, None] * stride_dq_t + offs_d[None, :] * stride_dq_d, dq * softmax_scale,
+                offs_m, T, offs_d, HEAD_DIM, BLOCK_D)
+
+
+@triton.jit
+def _attention_dropout_mask_kernel(Keep_ptr, Rng_ptr, H, T, dropout_p, BLOCK: tl.constexpr):
+    """Write the (B, H, T, T) keep-mask the attention kernels apply (int8), for tests and verification."""
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    bh = tl.program_id(2)
+    keep = _dropout_keep(tl.load(Rng_ptr), tl.load(Rng_ptr + 1), bh, rows, tl.program_id(1) * BLOCK, dropout_p,
+                         BLOCK, BLOCK)
+    ptrs = Keep_ptr + bh.to(tl.int64) * T * T + rows[:, None] * T + cols[None, :]
+    tl.store(ptrs, keep.to(tl.int8), mask=(rows[:, None] < T) & (cols[None, :] < T))
+
+
+# --------------------------------------------------------------------------- launch configurations
+
+# Each entry: (config, largest BLOCK_D for 16-bit inputs, largest BLOCK_D for float32 inputs). The
+# limits keep every config within registers (no spills, dropout included) and shared memory on sm_80
+# and sm_90a, as checked by ``python -m kernels.compile_report --op attention``. On sm_90a a tl.dot
+# uses wgmma only when its M (the first tile dimension) is at least 64 rows per warpgroup, so every
+# program's own tile has at least 64 rows.
+_CONFIGS = {
+    # BLOCK_M query rows per program, BLOCK_N keys per inner step.
+    "fwd": [
+        (triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3), 128, 64),
+        (triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2), 64, 64),
+    ],
+    # BLOCK_N keys per program, BLOCK_M query rows per inner step. Larger tiles (BLOCK_M x BLOCK_N =
+    # 64 x 128 with 8 warps, or 64 x 64 with 4) spill at D >= 64 on sm_80.
+    "dkdv": [
+        (triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=8, num_stages=2), 128, 32),
+        (triton.Config({"BLOCK_M": 32, "BLOCK_N": 128}, num_warps=8, num_stages=2), 64, 32),
+        (triton.Config({"BLOCK_M": 16, "BLOCK_N": 64}, num_warps=8, num_stages=2), 64, 64),
+    ],
+    # BLOCK_M query rows per program, BLOCK_N keys per inner step.
+    # 128 x 64 in float32 with dropout spills on sm_80 from D = 32 on.
+    "dq": [
+        (triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2), 128, 64),
+        (triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2), 64, 16),
+    ],
+}
+KINDS = tuple(_CONFIGS)
+MIN_TILE = 64  # tiles up to this size are always allowed; larger ones only when T reaches them
+
+_forced: dict[str, triton.Config] = {}
+
+
+def block_d(head_dim: int) -> int:
+    """The head dimension the kernels compute with: the next power of two, at least 16 (tl.dot's minimum K)."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def configs(kind: str, head_dim: int, dtype: torch.dtype, seq_len: int) -> list[triton.Config]:
+    """The configs of kernel ``kind`` ("fwd", "dkdv" or "dq") that may run on these inputs.
+
+    Configs whose tiles do not fit the padded head dimension are pruned, as are tiles larger than
+    the sequence needs (beyond ``MIN_TILE``). Never empty: at worst the smallest fitting config.
+    """
+    width = block_d(head_dim)
+    fitting = [c for c, max_16, max_32 in _CONFIGS[kind] if width <= (max_16 if dtype.itemsize <= 2 else max_32)]
+    longest = max(MIN_TILE, triton.next_power_of_2(max(seq_len, 1)))
+    short = [c for c in fitting if max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) <= longest]
+    return short or fitting[:1]
+
+
+def _pruner(kind: str):
+    def prune(all_configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        return configs(kind, args["HEAD_DIM"], args["Q_ptr"].dtype, args["T"])
+    return prune
+
+
+def _autotuned(kind: str, kernel):
+    return triton.autotune(configs=[c for c, _, _ in _CONFIGS[kind]], key=["T_BUCKET", "HEAD_DIM", "CAUSAL", "DROPOUT"],
+                           prune_configs_by={"early_config_prune": _pruner(kind)})(kernel)
+
+
+_attention_fwd = _autotuned("fwd", _attention_fwd_kernel)
+_attention_bwd_dkdv = _autotuned("dkdv", _attention_bwd_dkdv_kernel)
+_attention_bwd_dq = _autotuned("dq", _attention_bwd_dq_kernel)
+
+
+@contextlib.contextmanager
+def use_configs(**forced: triton.Config):
+    """Run the block with the given config per kernel kind (``fwd=``, ``dkdv=``, ``dq=``), no autotuning.
+
+    Triton's interpreter cannot autotune, so tests use this to run every config; a config that
+    :func:`configs` prunes for the inputs raises ValueError at launch.
+    """
+    unknown = set(forced) - set(KINDS)
+    if unknown:
+        raise ValueError(f"unknown kernel kind(s) {', '.join(sorted(unknown))}; kinds: {', '.join(KINDS)}")
+    previous = dict(_forced)
+    _forced.update(forced)
+    try:
+        yield
+    finally:
+        _forced.clear()
+        _forced.update(previous)
+
+
+def _pick_config(kind: str, head_dim: int, dtype: torch.dtype, seq_len: int) -> triton.Config | None:
+    """The config to launch with, or None to let the autotuner choose (on a GPU)."""
+    allowed = configs(kind, head_dim, dtype, seq_len)
+    if kind in _forced:
+        config = _forced[kind]
+        if config not in allowed:
+            raise ValueError(f"forced {kind} config {config} does not fit D={head_dim} {dtype} T={seq_len}")
+        return config
+    if _INTERPRETED:  # no autotuning in the interpreter: the largest tiles, the fewest programs
+        return max(allowed, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])
+    return None
+
+
+def _launch(kind, tuned, grid_of, args, meta, head_dim, dtype, seq_len, config=None):
+    """``(kernel, grid, args, meta)`` for one launch of an autotuned kernel, or of one fixed config."""
+    config = config or _pick_config(kind, head_dim, dtype, seq_len)
+    if config is None:
+        return tuned, lambda launch_meta: grid_of(launch_meta), args, meta
+    return tuned.fn, grid_of(config.kwargs), args, {**meta, **config.all_kwargs()}
+
+
+# --------------------------------------------------------------------------- host side
+
+
+def why_unsupported(q, k, v) -> str | None:
+    """Why the kernels cannot take these (already validated, same-shape 4-D) inputs, or None."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dtype not in SUPPORTED_DTYPES:
+            return f"{name} has dtype {t.dtype}; the attention kernels handle float16, bfloat16 and float32"
+    B, H, T, D = q.shape
+    if D > MAX_HEAD_DIM or D % HEAD_DIM_MULTIPLE:
+        return (f"head dimension D={D} is not supported; the attention kernels handle multiples of "
+                f"{HEAD_DIM_MULTIPLE} up to {MAX_HEAD_DIM}")
+    if q.dtype == torch.float32 and D > MAX_HEAD_DIM_FP32:
+        return (f"head dimension D={D} in float32 is not supported; the attention kernels take float32 "
+                f"up to D={MAX_HEAD_DIM_FP32} (float16 and bfloat16 up to {MAX_HEAD_DIM})")
+    if B > MAX_GRID_DIM or H > MAX_GRID_DIM:
+        return f"batch {B} or heads {H} exceed the kernels' grid limit of {MAX_GRID_DIM}"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if max(T - 1, 0) * t.stride(2) + (D - 1) * t.stride(3) >= 2**31:
+            return f"{name} spans 2^31 or more elements within one head; the kernels index a head with int32"
+    return None
+
+
+def supports(q, k, v) -> bool:
+    """Whether the Triton kernels handle these inputs (see :func:`why_unsupported`)."""
+    return why_unsupported(q, k, v) is None
+
+
+def draw_rng_state(device) -> torch.Tensor:
+    """A fresh dropout ``(seed, offset)``, int64 on ``device``, from torch's generator of that device.
+
+    The seed keys Philox (64 bits); the low 32 bits of the offset are the last counter word.
+    """
+    return torch.randint(0, 2**62, (2,), dtype=torch.int64, device=device)
+
+
+def dropout_mask(rng: torch.Tensor, shape, dropout_p: float) -> torch.Tensor:
+    """The boolean keep-mask (B, H, T, T) that the kernels apply for ``rng`` (see :func:`draw_rng_state`).
+
+    ``shape`` is q's (B, H, T, D). For tests and verification: it materialises the (T, T) mask the
+    kernels never store.
+    """
+    B, H, T = shape[:3]
+    keep = torch.empty((B, H, T, T), dtype=torch.int8, device=rng.device)
+    if keep.numel():
+        block = 64
+        _attention_dropout_mask_kernel[(triton.cdiv(T, block), triton.cdiv(T, block), B * H)](
+            keep, rng, H, T, float(dropout_p), BLOCK=block)
+    return keep.bool()
+
+
+def _t_bucket(seq_len: int) -> int:
+    return triton.next_power_of_2(max(seq_len, 1))
+
+
+def _forward_plan(q, k, v, rng, causal, dropout_p, softmax_scale, config=None):
+    """Outputs ``(o, lse)`` and the launch ``(kernel, grid, args, meta)`` that fills them."""
+    B, H, T, D = q.shape
+    o = torch.empty_like(q)  # q's dimension order: a (B, T, H, D) layout stays one
+    lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
+    args = (q, k, v, o, lse, rng, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+            H, T, _t_bucket(T), softmax_scale * LOG2_E, dropout_p)
+    meta = dict(HEAD_DIM=D, BLOCK_D=block_d(D), CAUSAL=causal, DROPOUT=dropout_p > 0)
+    launch = _launch("fwd", _attention_fwd, lambda c: (triton.cdiv(T, c["BLOCK_M"]), H, B), args, meta,
+                     D, q.dtype, T, config)
+    return (o, lse), [launch] if o.numel() else []
+
+
+def _preprocess_launch(o, do, delta):
+    """The launch that fills ``delta`` (B, H, T) with the row sums of ``do * o``."""
+    B, H, T, D = o.shape
+    return (_attention_bwd_preprocess_kernel, (triton.cdiv(T, PREPROCESS_BLOCK_M), H, B),
+            (o, do, delta, *o.stride(), *do.stride(), H, T),
+            dict(HEAD_DIM=D, BLOCK_D=block_d(D), BLOCK_M=PREPROCESS_BLOCK_M, num_warps=4))
+
+
+def _backward_plan(do, q, k, v, o, lse, rng, causal, dropout_p, softmax_scale, dkdv_config=None, dq_config=None):
+    """Outputs ``(dq, dk, dv)`` and the launches that fill them: delta, then dK/dV, then dQ."""
+    B, H, T, D = q.shape
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if not q.numel():
+        return (dq, dk, dv), []
+    delta = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
+    meta = dict(HEAD_DIM=D, BLOCK_D=block_d(D), CAUSAL=causal, DROPOUT=dropout_p > 0)
+    scales = (softmax_scale * LOG2_E, softmax_scale, dropout_p)
+    preprocess = _preprocess_launch(o, do, delta)
+    dkdv = _launch(
+        "dkdv", _attention_bwd_dkdv, lambda c: (triton.cdiv(T, c["BLOCK_N"]), H, B),
+        (q, k, v, do, dk, dv, lse, delta, rng, *q.stride(), *k.stride(), *v.stride(), *do.stride(),
+         *dk.stride(), *dv.stride(), H, T, _t_bucket(T), *scales),
+        meta, D, q.dtype, T, dkdv_config)
+    dq_launch = _launch(
+        "dq", _attention_bwd_dq, lambda c: (triton.cdiv(T, c["BLOCK_M"]), H, B),
+        (q, k, v, do, dq, lse, delta, rng, *q.stride(), *k.stride(), *v.stride(), *do.stride(),
+         *dq.stride(), H, T, _t_bucket(T), *scales),
+        meta, D, q.dtype, T, dq_config)
+    return (dq, dk, dv), [preprocess, dkdv, dq_launch]
+
+
+def _run(plan):
+    outputs, launches = plan
+    for kernel, grid, args, meta in launches:
+        kernel[grid](*args, **meta)
+    return outputs
+
+
+_SPEC_SHAPE = (2, 4, 1024)  # (B, H, T) of the example inputs the compile specs are specialised on
+
+
+def _spec_inputs(head_dim, dtype):
+    """q, k, v: the three (B, H, T, D) slices of a fused qkv projection, as the GPT model passes them."""
+    B, H, T = _SPEC_SHAPE
+    fused = torch.empty(B, T, 3, H, head_dim, dtype=dtype)
+    return [fused[:, :, i].transpose(1, 2) for i in range(3)]
+
+
+def compile_spec(kind, config, head_dim, dtype, causal=True, dropout_p=0.0):
+    """The :class:`~kernels.compile_report.CompileSpec` of kernel ``kind`` launched with ``config``."""
+    from kernels.compile_report import CompileSpec
+
+    q, k, v = _spec_inputs(head_dim, dtype)
+    rng = draw_rng_state("cpu") if dropout_p else None
+    (o, lse), [launch] = _forward_plan(q, k, v, rng, causal, dropout_p, 0.125, config)
+    if kind != "fwd":
+        _, (_, dkdv, dq) = _backward_plan(torch.empty_like(o), q, k, v, o, lse, rng, causal, dropout_p, 0.125,
+                                          config, config)
+        launch = dkdv if kind == "dkdv" else dq
+    kernel, _, args, meta = launch
+    label = (f"{kind} {config.kwargs['BLOCK_M']}x{config.kwargs['BLOCK_N']} warps={config.num_warps} "
+             f"stages={config.num_stages} D={head_dim} {str(dtype).removeprefix('torch.')}"
+             f"{' causal' if causal else ''}{' dropout' if dropout_p else ''}")
+    return CompileSpec(kernel, label, args, meta, uses_dot=True)
+
+
+def compile_specs():
+    """Every attention kernel in every config, for ``python -m kernels.compile_report``.
+
+    Each config at the smallest and largest padded head dimension it allows, causal, in float16; at
+    the largest also bfloat16, float32 (at float32's own largest, with and without dropout), and
+    float16 with dropout, causal and not (registers peak there); the delta preprocessing kernel; and
+    the tests' dropout-mask kernel. Inputs are slices of a fused qkv tensor (see :func:`_spec_inputs`).
+    """
+    from kernels.compile_report import CompileSpec
+
+    for kind in KINDS:
+        for config, max_16, max_32 in _CONFIGS[kind]:
+            yield compile_spec(kind, config, 16, torch.float16)
+            yield compile_spec(kind, config, max_16, torch.float16)
+            yield compile_spec(kind, config, max_16, torch.bfloat16)
+            yield compile_spec(kind, config, max_32, torch.float32)
+            yield compile_spec(kind, config, max_32, torch.float32, causal=True, dropout_p=0.1)
+            yield compile_spec(kind, config, max_16, torch.float16, causal=True, dropout_p=0.1)
+            yield compile_spec(kind, config, max_16, torch.float16, causal=False, dropout_p=0.1)
+    B, H, T = _SPEC_SHAPE
+    for width in (16, 128):
+        o = torch.empty(B, H, T, width, dtype=torch.float16)
+        kernel, _, args, meta = _preprocess_launch(o, torch.empty_like(o), torch.empty(B, H, T))
+        yield CompileSpec(kernel, f"BLOCK_M={PREPROCESS_BLOCK_M} warps=4 D={width} float16", args, meta)
+    keep, rng = torch.empty(1, 4, T, T, dtype=torch.int8), draw_rng_state("cpu")
+    yield CompileSpec(_attention_dropout_mask_kernel, "BLOCK=64 warps=4", (keep, rng, 4, T, 0.1),
+                      dict(BLOCK=64, num_warps=4))
+
+
+# --------------------------------------------------------------------------- autograd and torch.compile
+
+# Registered as custom ops so torch.compile treats the kernels as opaque calls instead of breaking
+# the graph on them; autograd is attached to the forward op.
+@torch.library.custom_op("fastgpt::attention", mutates_args=())
+def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rng: torch.Tensor | None, causal: bool,
+                 dropout_p: float, softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward: ``(o, lse)``, lse the per-row log-sum-exp (base 2, of the scaled scores) in float32."""
+    return _run(_forward_plan(q, k, v, rng, causal, dropout_p, softmax_scale))
+
+
+@attention_op.register_fake
+def _(q, k, v, rng, causal, dropout_p, softmax_scale):
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("fastgpt::attention_backward", mutates_args=())
+def attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                          lse: torch.Tensor, rng: torch.Tensor | None, causal: bool, dropout_p: float,
+                          softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv)`` from the output gradient and the forward's saved tensors."""
+    return _run(_backward_plan(do, q, k, v, o, lse, rng, causal, dropout_p, softmax_scale))
+
+
+@attention_backward_op.register_fake
+def _(do, q, k, v, o, lse, rng, causal, dropout_p, softmax_scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, rng, causal, dropout_p, softmax_scale = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, rng)
+    ctx.causal, ctx.dropout_p, ctx.softmax_scale = causal, dropout_p, softmax_scale
+
+
+def _backward(ctx, do, _dlse):
+    q, k, v, o, lse, rng = ctx.saved_tensors
+    dq, dk, dv = attention_backward_op(do, q, k, v, o, lse, rng, ctx.causal, ctx.dropout_p, ctx.softmax_scale)
+    return dq, dk, dv, None, None, None, None
+
+
+attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def attention(q, k, v, causal: bool, dropout_p: float, softmax_scale: float | None):
+    """The kernels' attention with autograd (inputs validated by :func:`kernels.attention`)."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    rng = draw_rng_state(q.device) if dropout_p > 0 else None
+    return attention_op(q, k, v, rng, bool(causal), float(dropout_p), scale)[0]

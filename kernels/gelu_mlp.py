@@ -1,0 +1,463 @@
+"""The transformer MLP ``proj(gelu_tanh(fc(x)))`` as Triton GEMMs with fused epilogues, forward and backward.
+
+Every GEMM is a tiled matrix multiply in the style of Triton's matmul tutorial: one program per
+(BLOCK_M, BLOCK_N) output tile, programs ordered in groups of GROUP_M tile rows so that the tiles
+running together share their operand panels in L2, fp32 accumulation (TF32 dots for float32
+inputs), explicit strides for every operand (a transpose is a stride swap, never a copy), masks
+on all ragged edges, and autotuned block sizes. Epilogues run on the fp32 accumulator before it
+is stored.
+
+With x (M, C), fc_weight W1 (H, C), proj_weight W2 (C, H), biases b1 (H,), b2 (C,):
+
+    forward                                        kernel
+    pre = x @ W1^T + b1,  act = gelu(pre)          _gelu_mlp_fwd_kernel (GELU): writes act (and pre)
+    out = act @ W2^T + b2                          _gelu_mlp_fwd_kernel
+
+GELU is the tanh approximation: gelu(z) = z * (1 + tanh(u)) / 2 with u = sqrt(2/pi) * (z + 0.044715 z^3).
+Triton's interpreter has no libdevice tanh, and 1 + tanh(u) cancels for u << 0 anyway, so with
+t = exp(-2|u|) in (0, 1] (it never overflows):
+
+    s = (1 + tanh(u)) / 2 = sigmoid(2u) = 1 / (1 + t)  if u >= 0,  t / (1 + t)  otherwise
+    s (1 - s) = t / (1 + t)^2                            (no 1 - s cancellation for u >> 0)
+    gelu(z) = z * s,   gelu'(z) = s + z * 2 s (1 - s) * du/dz,   du/dz = sqrt(2/pi) * (1 + 3 * 0.044715 z^2).
+
+Backward, with dout (M, C) the gradient of out:
+
+    dpre  = (dout @ W2) * gelu'(pre)               _gelu_mlp_bwd_dpre_kernel (also re-writes act = gelu(pre))
+    dW2   = dout^T @ act,   db2 = sum_rows(dout)   _gelu_mlp_bwd_dweight_kernel
+    dW1   = dpre^T @ x,     db1 = sum_rows(dpre)   _gelu_mlp_bwd_dweight_kernel
+    dx    = dpre @ W1                              _gelu_mlp_fwd_kernel (no epilogue)
+
+The weight-gradient GEMMs reduce over the M tokens, so a bias gradient is the row sum of their
+first operand over the same reduction: the programs of the first tile column add up the tiles
+they load anyway. No extra pass over dout or dpre, no atomics, deterministic.
+
+What the forward keeps for the backward, and why. The backward needs gelu'(pre) for dpre and act
+for dW2, both (M, H), 4x the size of x. PyTorch's unfused MLP keeps both (linear saves act, gelu
+saves pre): 2 M*H elements per layer, the largest activation memory of a GPT block. Choices:
+
+* keep pre and act: 2 M*H elements kept; no extra work.
+* keep only pre (chosen): M*H elements kept. act = gelu(pre) is recomputed in the epilogue of the
+  dpre GEMM, which loads pre and evaluates s for gelu'(pre) anyway: a few FLOPs per
+  element and one extra M*H write (read back by the dW2 GEMM), against a backward that performs
+  four GEMMs of 2*M*C*H FLOPs each. The recomputed act is only alive during this layer's backward.
+* keep neither and recompute pre = x @ W1^T + b1 in the backward: no M*H kept, but one more GEMM,
+  7 instead of 6 per training step (+17% MLP FLOPs). That is activation checkpointing, a
+  model-level decision, not the kernel's.
+
+The forward stores pre rounded to x's dtype and computes act = gelu(rounded pre) (the same values
+PyTorch's unfused ops produce), so the recomputed act is exactly the forward's. When no gradient is
+needed the forward does not write pre at all.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+GROUP_M = 8  # tile rows per program group (L2 reuse of the B panel)
+
+# The autotuned configs, shared by every kernel: large tiles for many tokens, a narrower one, and
+# small tiles (with a deeper K step) for few tokens, where more programs are needed to fill the
+# GPU. Each fits shared memory on sm_80 and sm_90 in float32 (TF32) too.
+CONFIGS = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
+]
+# Autotuning is keyed on M rounded up to a power of two (not the exact token count, which would
+# re-tune for every prompt length while sampling), N and K.
+_TUNE_KEY = ["M_BUCKET", "N", "K"]
+
+_SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
+_GELU_CUBIC = tl.constexpr(0.044715)
+
+
+@triton.jit
+def _tile_start(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """``(row0, col0)``, the first row and column of this program's output tile.
+
+    Tiles run in groups of GROUP_M tile rows, column by column within a group, so the programs
+    running at the same time share the panels of B they read.
+    """
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    per_group = GROUP_M * tl.cdiv(N, BLOCK_N)
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+    return pid_m * BLOCK_M, pid_n * BLOCK_N
+
+
+@triton.jit
+def _tile_offsets(m_left, n_left, stride_m, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Offsets (unit column stride) and mask of a (BLOCK_M, BLOCK_N) tile with m_left rows, n_left columns inside."""
+    rm = tl.arange(0, BLOCK_M)[:, None]
+    rn = tl.arange(0, BLOCK_N)[None, :]
+    return rm * stride_m + rn, (rm < m_left) & (rn < n_left)
+
+
+@triton.jit
+def _tile_matmul(A_ptr, B_ptr, m_left, n_left, K, stride_am, stride_ak, stride_bk, stride_bn,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROW_SUMS: tl.constexpr):
+    """``(A @ B, A summed over k)`` for one tile, in fp32 (the sums are zero unless ROW_SUMS).
+
+    A_ptr and B_ptr point at the tile's first row of A and first column of B; m_left and n_left
+    rows and columns remain from there. Offsets inside the tile are int32 (the int64 part of the
+    address is in the pointers), which keeps the address registers of the loads small.
+    """
+    rm = tl.arange(0, BLOCK_M)
+    rn = tl.arange(0, BLOCK_N)
+    a_k = tl.arange(0, BLOCK_K)[None, :]
+    b_k = tl.arange(0, BLOCK_K)[:, None]
+    row_ok = rm[:, None] < m_left
+    col_ok = rn[None, :] < n_left
+    a_ptrs = A_ptr + rm[:, None] * stride_am + a_k * stride_ak
+    b_ptrs = B_ptr + b_k * stride_bk + rn[None, :] * stride_bn
+    a_step = BLOCK_K * stride_ak
+    b_step = BLOCK_K * stride_bk
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    row_sums = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        k_left = K - k
+        a = tl.load(a_ptrs, mask=row_ok & (a_k < k_left), other=0.0)
+        b = tl.load(b_ptrs, mask=(b_k < k_left) & col_ok, other=0.0)
+        acc = tl.dot(a, b, acc, input_precision="tf32")
+        if ROW_SUMS:
+            row_sums += tl.sum(a.to(tl.float32), axis=1)
+        a_ptrs += a_step
+        b_ptrs += b_step
+    return acc, row_sums
+
+
+@triton.jit
+def _gelu_tanh(z):
+    """``(gelu(z), s, s (1 - s))`` with s = (1 + tanh(u)) / 2 (see the module docstring)."""
+    # The tensor leads each product: the interpreter cannot multiply a constexpr by a tensor.
+    u = z * (z * z * _GELU_CUBIC + 1.0) * _SQRT_2_OVER_PI
+    t = tl.exp(tl.abs(u) * -2.0)
+    r = 1.0 / (1.0 + t)
+    s = tl.where(u >= 0, r, t * r)
+    return z * s, s, t * r * r
+
+
+@triton.jit(do_not_specialize=["M_BUCKET"])
+def _gelu_mlp_fwd_kernel(
+    A_ptr, B_ptr, Bias_ptr, Out_ptr, Pre_ptr, M, N, K, M_BUCKET,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_om,
+    HAS_BIAS: tl.constexpr, GELU: tl.constexpr, STORE_PRE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """Out = A @ B (+ bias); with GELU, Out = gelu(pre) and (STORE_PRE) Pre = pre. Out, Pre: unit column stride."""
+    row0, col0 = _tile_start(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    acc, _ = _tile_matmul(A_ptr + row0.to(tl.int64) * stride_am, B_ptr + col0.to(tl.int64) * stride_bn,
+                          M - row0, N - col0, K, stride_am, stride_ak, stride_bk, stride_bn,
+                          BLOCK_M, BLOCK_N, BLOCK_K, False)
+    if HAS_BIAS:
+        rn = tl.arange(0, BLOCK_N)
+        acc += tl.load(Bias_ptr + col0 + rn, mask=rn < N - col0, other=0.0).to(tl.float32)[None, :]
+    tile = row0.to(tl.int64) * stride_om + col0
+    offsets, mask = _tile_offsets(M - row0, N - col0, stride_om, BLOCK_M, BLOCK_N)
+    if GELU:
+        pre = acc.to(Out_ptr.dtype.element_ty)
+        if STORE_PRE:
+            tl.store(Pre_ptr + tile + offsets, pre, mask=mask)
+        acc, _, _ = _gelu_tanh(pre.to(tl.float32))
+    tl.store(Out_ptr + tile + offsets, acc.to(Out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["M_BUCKET"])
+def _gelu_mlp_bwd_dpre_kernel(
+    DOut_ptr, W_ptr, Pre_ptr, DPre_ptr, Act_ptr, M, N, K, M_BUCKET,
+    stride_dom, stride_dok, stride_wk, stride_wn, stride_pm,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """DPre = (DOut @ W) * gelu'(Pre) and Act = gelu(Pre); Pre, DPre, Act share one layout (unit column stride)."""
+    row0, col0 = _tile_start(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    dact, _ = _tile_matmul(DOut_ptr + row0.to(tl.int64) * stride_dom, W_ptr + col0.to(tl.int64) * stride_wn,
+                           M - row0, N - col0, K, stride_dom, stride_dok, stride_wk, stride_wn,
+                           BLOCK_M, BLOCK_N, BLOCK_K, False)
+    tile = row0.to(tl.int64) * stride_pm + col0
+    # The epilogue in two column halves keeps fewer (BLOCK_M, BLOCK_N) fp32 tensors live at once.
+    left, right = tl.split(tl.permute(tl.reshape(dact, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+    _dpre_epilogue(left, Pre_ptr + tile, DPre_ptr + tile, Act_ptr + tile, M - row0, N - col0, stride_pm,
+                   BLOCK_M, BLOCK_N // 2)
+    _dpre_epilogue(right, Pre_ptr + tile + BLOCK_N // 2, DPre_ptr + tile + BLOCK_N // 2, Act_ptr + tile + BLOCK_N // 2,
+                   M - row0, N - col0 - BLOCK_N // 2, stride_pm, BLOCK_M, BLOCK_N // 2)
+
+
+@triton.jit
+def _dpre_epilogue(dact, Pre_ptr, DPre_ptr, Act_ptr, m_left, n_left, stride_pm,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    offsets, mask = _tile_offsets(m_left, n_left, stride_pm, BLOCK_M, BLOCK_N)
+    z = tl.load(Pre_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    act, s, s_1ms = _gelu_tanh(z)
+    du_dz = (z * z * (3.0 * _GELU_CUBIC) + 1.0) * _SQRT_2_OVER_PI
+    dgelu = s + z * (2.0 * s_1ms) * du_dz
+    tl.store(DPre_ptr + offsets, (dact * dgelu).to(DPre_ptr.dtype.element_ty), mask=mask)
+    tl.store(Act_ptr + offsets, act.to(Act_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["M_BUCKET"])
+def _gelu_mlp_bwd_dweight_kernel(
+    A_ptr, B_ptr, DW_ptr, DBias_ptr, M, N, K, M_BUCKET,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_dwm,
+    BIAS_GRAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """DW = A @ B, K being the tokens; with BIAS_GRAD, DBias = A summed over K (by the first tile column)."""
+    row0, col0 = _tile_start(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    a_tile = A_ptr + row0.to(tl.int64) * stride_am
+    b_tile = B_ptr + col0.to(tl.int64) * stride_bn
+    if BIAS_GRAD and col0 == 0:
+        acc, row_sums = _tile_matmul(a_tile, b_tile, M - row0, N - col0, K, stride_am, stride_ak, stride_bk,
+                                     stride_bn, BLOCK_M, BLOCK_N, BLOCK_K, True)
+        rm = tl.arange(0, BLOCK_M)
+        tl.store(DBias_ptr + row0 + rm, row_sums.to(DBias_ptr.dtype.element_ty), mask=rm < M - row0)
+    else:
+        acc, _ = _tile_matmul(a_tile, b_tile, M - row0, N - col0, K, stride_am, stride_ak, stride_bk,
+                              stride_bn, BLOCK_M, BLOCK_N, BLOCK_K, False)
+    offsets, mask = _tile_offsets(M - row0, N - col0, stride_dwm, BLOCK_M, BLOCK_N)
+    tl.store(DW_ptr + row0.to(tl.int64) * stride_dwm + col0 + offsets, acc.to(DW_ptr.dtype.element_ty), mask=mask)
+
+
+_fwd = triton.autotune(CONFIGS, key=_TUNE_KEY)(_gelu_mlp_fwd_kernel)
+_bwd_dpre = triton.autotune(CONFIGS, key=_TUNE_KEY)(_gelu_mlp_bwd_dpre_kernel)
+_bwd_dweight = triton.autotune(CONFIGS, key=_TUNE_KEY)(_gelu_mlp_bwd_dweight_kernel)
+
+
+def why_unsupported(x, fc_weight, fc_bias=None, proj_weight=None, proj_bias=None) -> str | None:
+    """Why the kernels cannot take these (already validated) inputs, or None when they can."""
+    named = (("x", x), ("fc_weight", fc_weight), ("fc_bias", fc_bias), ("proj_weight", proj_weight),
+             ("proj_bias", proj_bias))
+    for name, t in named:
+        if t is not None and t.dtype not in SUPPORTED_DTYPES:
+            return f"{name} has dtype {t.dtype}; the GELU MLP kernels handle float16, bfloat16 and float32"
+    # A bias gradient is summed by the programs of its weight gradient, which an empty weight has none of.
+    if 0 in fc_weight.shape:
+        return f"fc_weight has shape {tuple(fc_weight.shape)}; the kernels need C >= 1 and a hidden width >= 1"
+    return None
+
+
+def supports(x, fc_weight, fc_bias=None, proj_weight=None, proj_bias=None) -> bool:
+    """Whether the Triton kernels handle these inputs (see :func:`why_unsupported`)."""
+    return why_unsupported(x, fc_weight, fc_bias, proj_weight, proj_bias) is None
+
+
+_pinned: triton.Config | None = None
+
+
+@contextlib.contextmanager
+def pinned_config(config: triton.Config):
+    """Run every GEMM launched in this block with ``config`` (one of :data:`CONFIGS`) instead of autotuning.
+
+    For tests (Triton's interpreter cannot autotune, so each config must be run explicitly) and
+    for benchmarks that compare configs.
+    """
+    global _pinned
+    if config not in CONFIGS:
+        raise ValueError(f"config must be one of gelu_mlp.CONFIGS, got {config}")
+    previous, _pinned = _pinned, config
+    try:
+        yield
+    finally:
+        _pinned = previous
+
+
+def _gemm(kernel, m, n, k, operands, strides, meta):
+    """A launch ``(kernel, grid, args, meta)`` of an (m, n, k) GEMM kernel; grid from the block sizes."""
+    def grid(cfg):
+        return (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+
+    m_bucket = triton.next_power_of_2(max(m, 1))
+    return kernel, grid, (*operands, m, n, k, m_bucket, *strides), dict(meta, GROUP_M=GROUP_M)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (..., C) as (rows, C): a view when the layout allows (any strides are fine for the kernels)."""
+    return t.reshape(-1, t.shape[-1])
+
+
+def _forward_plan(x, fc_weight, fc_bias, proj_weight, proj_bias, keep_pre: bool):
+    """Outputs ``(out, pre)`` for ``x`` (M, C) and the two launches that fill them.
+
+    ``pre`` (M, H) is empty unless ``keep_pre``. A launch is ``(kernel, grid, args, meta)``, the
+    kernel an autotuner; :func:`compile_specs` compiles the same launches.
+    """
+    m, c = x.shape
+    h = fc_weight.shape[0]
+    act = torch.empty((m, h), dtype=x.dtype, device=x.device)
+    pre = torch.empty((m, h) if keep_pre else (0,), dtype=x.dtype, device=x.device)
+    out = torch.empty((m, c), dtype=x.dtype, device=x.device)
+    fc = _gemm(_fwd, m, h, c, (x, fc_weight, fc_bias, act, pre if keep_pre else None),
+               (x.stride(0), x.stride(1), fc_weight.stride(1), fc_weight.stride(0), act.stride(0)),
+               dict(HAS_BIAS=fc_bias is not None, GELU=True, STORE_PRE=keep_pre))
+    proj = _gemm(_fwd, m, c, h, (act, proj_weight, proj_bias, out, None),
+                 (act.stride(0), act.stride(1), proj_weight.stride(1), proj_weight.stride(0), out.stride(0)),
+                 dict(HAS_BIAS=proj_bias is not None, GELU=False, STORE_PRE=False))
+    return (out, pre), [fc, proj]
+
+
+def _backward_plan(dout, x, fc_weight, proj_weight, pre, has_fc_bias: bool, has_proj_bias: bool):
+    """Outputs ``(dx, dfc_weight, dfc_bias, dproj_weight, dproj_bias)`` (absent biases: None) and launches."""
+    m, c = x.shape
+    h = fc_weight.shape[0]
+    new = dict(dtype=x.dtype, device=x.device)
+    dpre = torch.empty((m, h), **new)
+    act = torch.empty((m, h), **new)
+    dx = torch.empty((m, c), **new)
+    dfc_weight = torch.empty((h, c), **new)
+    dproj_weight = torch.empty((c, h), **new)
+    dfc_bias = torch.empty(h, **new) if has_fc_bias else None
+    dproj_bias = torch.empty(c, **new) if has_proj_bias else None
+    launches = [
+        # dpre = (dout @ W2) * gelu'(pre); act = gelu(pre)
+        _gemm(_bwd_dpre, m, h, c, (dout, proj_weight, pre, dpre, act),
+              (dout.stride(0), dout.stride(1), proj_weight.stride(0), proj_weight.stride(1), pre.stride(0)), {}),
+        # dW2 = dout^T @ act, db2 = sum_rows(dout)
+        _gemm(_bwd_dweight, c, h, m, (dout, act, dproj_weight, dproj_bias),
+              (dout.stride(1), dout.stride(0), act.stride(0), act.stride(1), dproj_weight.stride(0)),
+              dict(BIAS_GRAD=has_proj_bias)),
+        # dW1 = dpre^T @ x, db1 = sum_rows(dpre)
+        _gemm(_bwd_dweight, h, c, m, (dpre, x, dfc_weight, dfc_bias),
+              (dpre.stride(1), dpre.stride(0), x.stride(0), x.stride(1), dfc_weight.stride(0)),
+              dict(BIAS_GRAD=has_fc_bias)),
+        # dx = dpre @ W1
+        _gemm(_fwd, m, c, h, (dpre, fc_weight, None, dx, None),
+              (dpre.stride(0), dpre.stride(1), fc_weight.stride(0), fc_weight.stride(1), dx.stride(0)),
+              dict(HAS_BIAS=False, GELU=False, STORE_PRE=False)),
+    ]
+    return (dx, dfc_weight, dfc_bias, dproj_weight, dproj_bias), launches
+
+
+def _run(plan):
+    outputs, launches = plan
+    for kernel, grid, args, meta in launches:
+        if not grid(CONFIGS[0].kwargs)[0]:
+            continue  # no rows: nothing to write (K == 0 still launches: it writes the bias, or zeros)
+        config = _pinned
+        if config is None and not args[0].is_cuda:
+            config = CONFIGS[0]  # Triton's interpreter cannot autotune; the largest tiles run fastest there
+        if config is None:
+            kernel[grid](*args, **meta)
+        else:
+            kernel.fn[grid](*args, **meta, **config.all_kwargs())
+    return outputs
+
+
+# Registered as custom ops so torch.compile treats the kernels as opaque calls instead of breaking
+# the graph on them; autograd is attached to the forward op.
+@torch.library.custom_op("fastgpt::gelu_mlp", mutates_args=())
+def gelu_mlp_op(x: torch.Tensor, fc_weight: torch.Tensor, fc_bias: torch.Tensor | None, proj_weight: torch.Tensor,
+                proj_bias: torch.Tensor | None, keep_pre: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward on ``x`` (..., C): ``(out, pre)``, pre (rows, H) kept for the backward (empty unless keep_pre)."""
+    out, pre = _run(_forward_plan(_rows(x), fc_weight, fc_bias, proj_weight, proj_bias, keep_pre))
+    return out.view(x.shape), pre
+
+
+@gelu_mlp_op.register_fake
+def _(x, fc_weight, fc_bias, proj_weight, proj_bias, keep_pre):
+    pre = x.new_empty((x.shape[:-1].numel(), fc_weight.shape[0]) if keep_pre else (0,))
+    return torch.empty_like(x, memory_format=torch.contiguous_format), pre
+
+
+@torch.library.custom_op("fastgpt::gelu_mlp_backward", mutates_args=())
+def gelu_mlp_backward_op(dout: torch.Tensor, x: torch.Tensor, fc_weight: torch.Tensor, proj_weight: torch.Tensor,
+                         pre: torch.Tensor, has_fc_bias: bool, has_proj_bias: bool
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dx, dfc_weight, dfc_bias, dproj_weight, dproj_bias)``; an absent bias gets an empty gradient."""
+    dx, dfc_weight, dfc_bias, dproj_weight, dproj_bias = _run(
+        _backward_plan(_rows(dout), _rows(x), fc_weight, proj_weight, pre, has_fc_bias, has_proj_bias))
+    absent = x.new_empty(0)
+    return (dx.view(x.shape), dfc_weight, absent if dfc_bias is None else dfc_bias, dproj_weight,
+            absent.clone() if dproj_bias is None else dproj_bias)
+
+
+@gelu_mlp_backward_op.register_fake
+def _(dout, x, fc_weight, proj_weight, pre, has_fc_bias, has_proj_bias):
+    h, c = fc_weight.shape
+    return (torch.empty_like(x, memory_format=torch.contiguous_format), fc_weight.new_empty(h, c),
+            x.new_empty(h if has_fc_bias else 0), proj_weight.new_empty(c, h), x.new_empty(c if has_proj_bias else 0))
+
+
+def _setup_context(ctx, inputs, output):
+    x, fc_weight, fc_bias, proj_weight, proj_bias, keep_pre = inputs
+    assert keep_pre, "gelu_mlp_op ran without keep_pre, so it cannot be differentiated"
+    ctx.save_for_backward(x, fc_weight, proj_weight, output[1])
+    ctx.has_biases = fc_bias is not None, proj_bias is not None
+
+
+def _backward(ctx, dout, _dpre):
+    x, fc_weight, proj_weight, pre = ctx.saved_tensors
+    has_fc_bias, has_proj_bias = ctx.has_biases
+    dx, dfc_weight, dfc_bias, dproj_weight, dproj_bias = gelu_mlp_backward_op(
+        dout, x, fc_weight, proj_weight, pre, has_fc_bias, has_proj_bias)
+    return (dx, dfc_weight, dfc_bias if has_fc_bias else None, dproj_weight,
+            dproj_bias if has_proj_bias else None, None)
+
+
+gelu_mlp_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def gelu_mlp(x, fc_weight, fc_bias, proj_weight, proj_bias):
+    """The kernels' MLP with autograd (inputs validated by :func:`kernels.gelu_mlp`)."""
+    keep_pre = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, fc_weight, fc_bias, proj_weight, proj_bias))
+    return gelu_mlp_op(x, fc_weight, fc_bias, proj_weight, proj_bias, keep_pre)[0]
+
+
+_FORWARD_ROLES = ("fc", "proj")
+_BACKWARD_ROLES = ("dpre", "dproj_weight", "dfc_weight", "dx")
+
+
+def config_label(config: triton.Config) -> str:
+    """``"128x128x32 warps=8 stages=3"``: BLOCK_M x BLOCK_N x BLOCK_K and the launch options of ``config``."""
+    kw = config.kwargs
+    return f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']} warps={config.num_warps} stages={config.num_stages}"
+
+
+def compile_specs():
+    """Every GEMM launch of a training step in every config, for ``python -m kernels.compile_report``.
+
+    For each config in float16 and float32 (whose operands take twice the shared memory), the
+    launches of the forward (keeping pre) and backward with both biases on 16-aligned widths;
+    dfc_weight is left out because it specialises exactly like dproj_weight (same kernel, flags
+    and stride divisibility). bfloat16 generates the same code as float16 but for the MMA
+    instruction type: it is compiled for the first config. For the first config in float16
+    also the launches that change without biases and in the inference forward (pre not written),
+    and all of them for widths C=100, H=400, whose rows are not 16-byte aligned (so no 128-bit
+    loads are possible there).
+    """
+    from kernels.compile_report import CompileSpec
+
+    def specs(config, dtype, m=256, c=128, h=512, biases=True, keep_pre=True, note="", roles=None):
+        x = torch.empty(m, c, dtype=dtype)
+        fc_weight, proj_weight = torch.empty(h, c, dtype=dtype), torch.empty(c, h, dtype=dtype)
+        fc_bias = torch.empty(h, dtype=dtype) if biases else None
+        proj_bias = torch.empty(c, dtype=dtype) if biases else None
+        (out, pre), forward = _forward_plan(x, fc_weight, fc_bias, proj_weight, proj_bias, keep_pre)
+        launches = list(zip(_FORWARD_ROLES, forward))
+        if keep_pre:
+            _, backward = _backward_plan(torch.empty_like(out), x, fc_weight, proj_weight, pre, biases, biases)
+            launches += [(role, launch) for role, launch in zip(_BACKWARD_ROLES, backward) if role != "dfc_weight"]
+        for role, (kernel, _, args, meta) in launches:
+            if roles is not None and role not in roles:
+                continue
+            label = f"{role} {config_label(config)} {str(dtype).removeprefix('torch.')}{note}"
+            yield CompileSpec(kernel.fn, label, args, dict(meta, num_warps=config.num_warps,
+                                                           num_stages=config.num_stages, **config.kwargs),
+                              uses_dot=True)
+
+    first = CONFIGS[0]
+    for config in CONFIGS:
+        for dtype in (torch.float16, torch.float32):
+            yield from specs(config, dtype)
+    yield from specs(first, torch.bfloat16)
+    # Only the launches these flags change: dpre and dx never take a bias, proj never keeps pre.
+    yield from specs(first, torch.float16, biases=False, note=" no biases", roles=("fc", "proj", "dproj_weight"))
+    yield from specs(first, torch.float16, keep_pre=False, note=" inference", roles=("fc",))
+    yield from specs(first, torch.float16, c=100, h=400, note=" C=100 H=400")

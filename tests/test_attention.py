@@ -1,0 +1,382 @@
+"""kernels.attention: the Triton flash-attention kernels against float64 by the 2x-PyTorch rule
+(see kernels.verify), dropout, memory traffic, bad input and torch.compile."""
+import importlib
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import kernels
+from conftest import ALL_DTYPES, DEVICE
+from kernels import _dispatch, _interpreter, reference
+from kernels.verify import assert_pass, attention_checks
+
+attn = importlib.import_module("kernels.attention")
+
+FP16 = torch.float16
+
+
+def qkv(B=1, H=2, T=17, D=16, dtype=torch.float32, seed=0, requires_grad=False):
+    gen = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(B, H, T, D, generator=gen).to(device=DEVICE, dtype=dtype).requires_grad_(requires_grad)
+                 for _ in range(3))
+
+
+# --------------------------------------------------------------------------- numerics
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("T", [1, 17, 64, 100, 257])
+def test_every_length(T, causal):
+    assert_pass(attention_checks(1, 2, T, 64, FP16, causal, device=DEVICE))
+
+
+@pytest.mark.parametrize("D", [8, 16, 32, 48, 80, 96, 128])
+def test_every_head_dim(D):
+    assert_pass(attention_checks(1, 2, 100, D, FP16, device=DEVICE))
+
+
+@pytest.mark.parametrize("D", [16, 48, 128])
+def test_head_dims_on_a_short_sequence(D):
+    assert_pass(attention_checks(2, 1, 17, D, FP16, causal=False, device=DEVICE))
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("B, H, T, D, causal", [(1, 2, 100, 64, True), (1, 1, 257, 48, False), (3, 1, 17, 16, True)])
+def test_every_dtype(B, H, T, D, causal, dtype):
+    assert_pass(attention_checks(B, H, T, D, dtype, causal, device=DEVICE))
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("T, softmax_scale", [(17, None), (100, 0.3)])
+def test_slices_of_a_fused_qkv_tensor(T, softmax_scale, causal, dtype):
+    checks = attention_checks(2, 2, T, 32, dtype, causal, softmax_scale=softmax_scale, layout="qkv", device=DEVICE)
+    assert {c.tensor for c in checks} == {"out", "dqkv"}
+    assert_pass(checks)
+
+
+def test_softmax_scale_given_and_default():
+    q, k, v = qkv(T=33, D=16)
+    with kernels.use_backend("triton"):
+        default = kernels.attention(q, k, v)
+        explicit = kernels.attention(q, k, v, softmax_scale=0.25)
+        other = kernels.attention(q, k, v, softmax_scale=0.7)
+    assert torch.equal(default, explicit)
+    expected = reference.attention_math(q.double(), k.double(), v.double(), True, 0.7)
+    torch.testing.assert_close(other.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+ALL_CONFIGS = [pytest.param(kind, config, id=f"{kind}-{config.kwargs['BLOCK_M']}x{config.kwargs['BLOCK_N']}"
+                            f"-w{config.num_warps}")
+               for kind in attn.KINDS for config, _, _ in attn._CONFIGS[kind]]
+
+
+@pytest.mark.parametrize("kind, config", ALL_CONFIGS)
+def test_every_config(kind, config):
+    # T = 100 is ragged for every tile size; dropout exercises the mask's key groups in each tiling.
+    with attn.use_configs(**{kind: config}):
+        assert_pass(attention_checks(1, 2, 100, 64, FP16, dropout_p=0.2, device=DEVICE))
+        assert_pass(attention_checks(1, 1, 100, 32, FP16, causal=False, device=DEVICE))
+
+
+def test_configs_cover_the_autotuner_and_are_pruned_by_head_dim():
+    for kind, tuned in (("fwd", attn._attention_fwd), ("dkdv", attn._attention_bwd_dkdv), ("dq", attn._attention_bwd_dq)):
+        assert tuned.configs == [c for c, _, _ in attn._CONFIGS[kind]]
+        for D in (8, 16, 48, 64, 80, 128):
+            for dtype in (FP16, torch.bfloat16) + ((torch.float32,) if D <= 64 else ()):
+                allowed = attn.configs(kind, D, dtype, 4096)
+                assert allowed, (kind, D, dtype)
+                for config, max_16, max_32 in attn._CONFIGS[kind]:
+                    fits = attn.block_d(D) <= (max_32 if dtype == torch.float32 else max_16)
+                    assert (config in allowed) == fits, (kind, D, dtype, config)
+        # Short sequences keep only tiles of up to 64 (one config at least).
+        assert all(max(c.kwargs.values()) <= 64 for c in attn.configs(kind, 64, FP16, 17))
+
+
+def test_a_pruned_config_cannot_be_forced():
+    big = next(c for c, max_16, _ in attn._CONFIGS["dkdv"] if max_16 < 128)
+    q, k, v = qkv(T=17, D=128, dtype=FP16, requires_grad=True)
+    with attn.use_configs(dkdv=big), kernels.use_backend("triton"), pytest.raises(ValueError, match="does not fit"):
+        kernels.attention(q, k, v).sum().backward()
+
+
+def test_backward_is_deterministic():
+    q, k, v = qkv(T=100, D=32, requires_grad=True)
+    dy = torch.randn(q.shape, device=DEVICE)
+    with kernels.use_backend("triton"):
+        first = torch.autograd.grad(kernels.attention(q, k, v), (q, k, v), dy)
+        second = torch.autograd.grad(kernels.attention(q, k, v), (q, k, v), dy)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_arbitrary_strides():
+    # Heads interleaved with time, every other element of the head dimension, and a stride-0 batch.
+    base = torch.randn(1, 40, 3, 64, device=DEVICE)
+    q = base[:, :, 0, ::2].unsqueeze(1).expand(2, 2, 40, 32)
+    k = base[:, :, 1, ::2].unsqueeze(1).expand(2, 2, 40, 32)
+    v = base[:, :, 2, 1::2].unsqueeze(1).expand(2, 2, 40, 32)
+    with kernels.use_backend("triton"):
+        got = kernels.attention(q, k, v, causal=False)
+    expected = reference.attention_math(q.double(), k.double(), v.double(), False)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_qkv_slices_are_not_copied(monkeypatch):
+    B, T, H, D = 2, 24, 2, 16
+    fused = torch.randn(B, T, 3 * H * D, device=DEVICE, requires_grad=True)
+    q, k, v = (t.view(B, T, H, D).transpose(1, 2) for t in fused.split(H * D, dim=2))  # (B, H, T, D) views
+    launched = []
+    for name in ("_forward_plan", "_backward_plan"):
+        plan = getattr(attn, name)
+        monkeypatch.setattr(attn, name, lambda *a, plan=plan, **kw: launched.append(plan(*a, **kw)) or launched[-1])
+    with kernels.use_backend("triton"):
+        out = kernels.attention(q, k, v)
+        out.sum().backward()
+    assert len(launched) == 2
+    expected = [(t.data_ptr(), t.stride()) for t in (q, k, v)]
+    for _, launches in launched:
+        for kernel, _, args, _ in launches:
+            if kernel is not attn._attention_bwd_preprocess_kernel:  # the others take q, k, v first
+                assert [(t.data_ptr(), t.stride()) for t in args[:3]] == expected, kernel
+    # The output keeps q's (B, T, H, D) memory order, so merging the heads back is free.
+    assert out.transpose(1, 2).is_contiguous()
+
+
+@pytest.mark.parametrize("shape", [(0, 2, 5, 16), (1, 2, 0, 16)])
+def test_empty_inputs(shape):
+    q, k, v = (torch.randn(shape, device=DEVICE, requires_grad=True) for _ in range(3))
+    with kernels.use_backend("triton"):
+        out = kernels.attention(q, k, v)
+        out.sum().backward()
+    assert out.shape == shape and q.grad.shape == shape
+
+
+# --------------------------------------------------------------------------- dropout
+
+
+def _philox4x32_10(counters, key):
+    """Philox-4x32-10 (Salmon et al. 2011) in NumPy: ``counters`` (4, n) uint32, ``key`` (k0, k1)."""
+    c = [x.astype(np.uint64) for x in counters]
+    k0, k1 = np.uint64(key[0]), np.uint64(key[1])
+    mask = np.uint64(0xFFFFFFFF)
+    for _ in range(10):
+        p0, p1 = np.uint64(0xD2511F53) * c[0], np.uint64(0xCD9E8D57) * c[2]
+        c = [(p1 >> np.uint64(32)) ^ c[1] ^ k0, p1 & mask, (p0 >> np.uint64(32)) ^ c[3] ^ k1, p0 & mask]
+        k0, k1 = (k0 + np.uint64(0x9E3779B9)) & mask, (k1 + np.uint64(0xBB67AE85)) & mask
+    return [x.astype(np.uint32) for x in c]
+
+
+def test_numpy_philox_matches_the_published_test_vector():
+    zero = np.zeros(1, dtype=np.uint32)
+    out = _philox4x32_10([zero] * 4, (0, 0))
+    assert [int(x[0]) for x in out] == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+
+
+def test_dropout_mask_is_the_documented_philox_stream():
+    B, H, T, p = 1, 2, 37, 0.3
+    rng = torch.tensor([0x123456789ABCDEF, 0xFEDCBA987], dtype=torch.int64, device=DEVICE)
+    got = attn.dropout_mask(rng, (B, H, T, 16), p).cpu().numpy()
+    bh, i, j = np.meshgrid(np.arange(B * H), np.arange(T), np.arange(T), indexing="ij")
+    seed, offset = int(rng[0]), int(rng[1])
+    counters = [x.ravel().astype(np.uint32) for x in (j // 4, i, bh, np.full_like(j, offset & 0xFFFFFFFF))]
+    words = np.stack(_philox4x32_10(counters, (seed & 0xFFFFFFFF, seed >> 32)))  # (4, n)
+    word = words[j.ravel() % 4, np.arange(j.size)]
+    expected = (word >> 8).astype(np.float32) >= np.float32(p) * np.float32(2**24)
+    assert np.array_equal(got.reshape(-1), expected)
+
+
+def test_kept_fraction_is_within_binomial_bounds():
+    p, shape = 0.3, (2, 2, 128, 64)
+    keep = attn.dropout_mask(attn.draw_rng_state(DEVICE), shape, p)
+    n = keep.numel()
+    sigma = math.sqrt(n * p * (1 - p))
+    assert abs(keep.sum().item() - n * (1 - p)) < 5 * sigma
+    # No structure along either axis: every row and column keeps roughly 1 - p.
+    for dim in (-1, -2):
+        fractions = keep.float().mean(dim)
+        assert (fractions - (1 - p)).abs().max() < 5 * math.sqrt(p * (1 - p) / 128)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_dropout_applies_the_oracle_mask_forward_and_backward(causal):
+    q, k, v = qkv(B=2, T=70, D=32, requires_grad=True)
+    dy = torch.randn(q.shape, device=DEVICE)
+    torch.manual_seed(11)
+    with kernels.use_backend("triton"):
+        out = kernels.attention(q, k, v, causal, dropout_p=0.25)
+        grads = torch.autograd.grad(out, (q, k, v), dy)
+    torch.manual_seed(11)
+    keep = attn.dropout_mask(attn.draw_rng_state(DEVICE), q.shape, 0.25)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    expected = reference.attention_math(q64, k64, v64, causal, None, keep, 0.25)
+    expected_grads = torch.autograd.grad(expected, (q64, k64, v64), dy.double())
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    for g, e in zip(grads, expected_grads):  # the backward regenerated the forward's mask
+        torch.testing.assert_close(g.double(), e, rtol=1e-5, atol=1e-5)
+
+
+def test_seeds_advance_and_runs_reproduce_under_manual_seed():
+    q, k, v = qkv(T=40, D=16, requires_grad=True)
+    with kernels.use_backend("triton"):
+        torch.manual_seed(5)
+        first = kernels.attention(q, k, v, dropout_p=0.5)
+        second = kernels.attention(q, k, v, dropout_p=0.5)
+        torch.manual_seed(5)
+        again = kernels.attention(q, k, v, dropout_p=0.5)
+        grads = [torch.autograd.grad(o, (q, k, v), torch.ones_like(o)) for o in (first, again)]
+    assert not torch.equal(first, second)  # a new mask per call
+    assert torch.equal(first, again)
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+    masks = [attn.dropout_mask(attn.draw_rng_state(DEVICE), q.shape, 0.5) for _ in range(2)]
+    assert not torch.equal(*masks)
+
+
+def test_zero_dropout_is_no_dropout_and_draws_no_random_numbers():
+    q, k, v = qkv(T=40, D=16)
+    state = torch.get_rng_state()
+    with kernels.use_backend("triton"):
+        with_zero = kernels.attention(q, k, v, dropout_p=0.0)
+        without = kernels.attention(q, k, v)
+    assert torch.equal(with_zero, without)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+# --------------------------------------------------------------------------- memory traffic
+
+
+@pytest.mark.skipif(not _dispatch.INTERPRETED, reason="counts bytes in Triton's interpreter")
+def test_forward_memory_traffic_is_linear_in_T(capsys):
+    """Interpreter counts (a model of traffic, not a GPU measurement) at T = 512, D = 64, one head."""
+    T, D = 512, 64
+    q, k, v = qkv(T=T, D=D, H=1, dtype=FP16)
+    qkvo = 4 * T * D * 2
+    config = next(c for c, _, _ in attn._CONFIGS["fwd"] if c.kwargs["BLOCK_M"] == 128)
+    with attn.use_configs(fwd=config), kernels.use_backend("triton"), _interpreter.count_memory_traffic() as kernel:
+        out = kernels.attention(q, k, v)
+    with _interpreter.count_torch_traffic() as unfused:
+        expected = reference.attention_math(q, k, v)
+    torch.testing.assert_close(out, expected, rtol=2e-3, atol=2e-3)
+    with capsys.disabled():
+        print(f"\nattention forward T={T} D={D} float16, per (batch, head), interpreter byte counts: kernel reads "
+              f"{kernel.loaded / 1e6:.3f} MB ({kernel.distinct_loaded / 1e6:.3f} MB distinct) and writes "
+              f"{kernel.stored / 1e6:.3f} MB; unfused PyTorch math reads {unfused.loaded / 1e6:.2f} MB and writes "
+              f"{unfused.stored / 1e6:.2f} MB")
+    assert kernel.out_of_bounds == 0
+    assert kernel.distinct_loaded == 3 * T * D * 2  # q, k and v, each byte at least once
+    assert kernel.stored == T * D * 2 + T * 4  # o and the float32 log-sum-exp, each once
+    assert kernel.loaded <= 2 * qkvo  # causal: K and V re-read by 4 query tiles, ~2.5 times on average
+    assert unfused.loaded + unfused.stored > 20 * (kernel.loaded + kernel.stored)  # (T, T) scores and weights
+
+
+@pytest.mark.skipif(not _dispatch.INTERPRETED, reason="counts bytes in Triton's interpreter")
+def test_traffic_counter_flags_out_of_bounds_lanes_and_needs_its_hooks(monkeypatch):
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def copy_kernel(X_ptr, Y_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        tl.store(Y_ptr + offs, tl.load(X_ptr + offs, mask=offs < n), mask=offs < n)
+
+    x, y = torch.arange(8.0), torch.empty(16)
+    with _interpreter.count_memory_traffic() as traffic:
+        copy_kernel[(1,)](x, y, 8, BLOCK=16)
+    assert (traffic.loaded, traffic.stored, traffic.out_of_bounds) == (32, 32, 0)
+    with _interpreter.count_memory_traffic() as traffic:
+        copy_kernel[(1,)](x, y, 12, BLOCK=16)  # reads 4 elements past x
+    assert traffic.out_of_bounds == 4
+    from triton.runtime import interpreter
+
+    monkeypatch.delattr(interpreter.InterpreterBuilder, "create_masked_store")
+    with pytest.raises(RuntimeError, match="create_masked_store"):
+        with _interpreter.count_memory_traffic():
+            pass
+
+
+# --------------------------------------------------------------------------- bad input and dispatch
+
+
+@pytest.mark.parametrize("backend", ["triton", "auto"])
+class TestBadInput:
+    def test_shape_mismatch(self, backend):
+        q, k, v = qkv(T=4)
+        with kernels.use_backend(backend), pytest.raises(ValueError, match=r"k must have shape \(1, 2, 4, 16\)"):
+            kernels.attention(q, k[:, :, :3], v)
+
+    def test_three_dimensional(self, backend):
+        x = torch.randn(2, 5, 16, device=DEVICE)
+        with kernels.use_backend(backend), pytest.raises(ValueError, match=r"q must be 4-D \(B, H, T, D\)"):
+            kernels.attention(x, x, x)
+
+    def test_dtype_mismatch(self, backend):
+        q, k, v = qkv()
+        with kernels.use_backend(backend), pytest.raises(TypeError, match="v has dtype torch.float16 but q has"):
+            kernels.attention(q, k, v.half())
+
+    def test_device_mismatch(self, backend):
+        q, k, v = qkv()
+        with kernels.use_backend(backend), pytest.raises(ValueError, match="k is on meta but q is on"):
+            kernels.attention(q, k.to("meta"), v)
+
+    @pytest.mark.parametrize("p", [-0.1, 1.0, 1.5])
+    def test_dropout_out_of_range(self, backend, p):
+        with kernels.use_backend(backend), pytest.raises(ValueError, match=rf"dropout_p must be in \[0, 1\), got {p}"):
+            kernels.attention(*qkv(), dropout_p=p)
+
+
+@pytest.mark.parametrize("D, dtype, reason", [
+    (136, FP16, "head dimension D=136 is not supported"),
+    (20, FP16, "head dimension D=20 is not supported"),
+    (128, torch.float32, "D=128 in float32 is not supported"),
+    (16, torch.float64, "q has dtype torch.float64"),
+])
+def test_unsupported_inputs_fall_back_under_auto_and_raise_under_triton(D, dtype, reason):
+    q, k, v = qkv(T=5, D=D, dtype=dtype)
+    assert not attn.supports(q, k, v) and reason in attn.why_unsupported(q, k, v)
+    with kernels.use_backend("triton"), pytest.raises(kernels.KernelUnavailableError, match=reason):
+        kernels.attention(q, k, v)
+    with kernels.use_backend("auto"):
+        got = kernels.attention(q, k, v)
+    torch.testing.assert_close(got, reference.attention(q, k, v))
+
+
+def test_supported_head_dims():
+    for D in range(8, 129, 8):
+        assert attn.supports(*qkv(T=2, D=D, dtype=FP16)), D
+    assert attn.supports(*qkv(T=2, D=64, dtype=torch.float32))
+
+
+def test_auto_runs_the_kernel(monkeypatch):
+    calls = []
+    monkeypatch.setattr(attn, "attention", lambda *a: calls.append("kernel") or a[0])
+    monkeypatch.setattr(reference, "attention", lambda *a: calls.append("reference") or a[0])
+    for backend in ("auto", "triton", "torch"):
+        with kernels.use_backend(backend):
+            kernels.attention(*qkv())
+    assert calls == ["kernel", "kernel", "reference"]
+
+
+def test_torch_compile_keeps_the_kernel_in_one_graph():
+    proj = torch.randn(16, 16, device=DEVICE, requires_grad=True)
+
+    def block(q, k, v):
+        return (kernels.attention(q * 2, k, v) @ proj).relu()
+
+    compiled = torch.compile(block, fullgraph=True)  # fails on any graph break
+    q, k, v = qkv(T=24, D=16, requires_grad=True)
+    with kernels.use_backend("triton"):
+        got = compiled(q, k, v)
+        got.sum().backward()
+    grads = [t.grad for t in (q, k, v, proj)]
+    for t in (q, k, v, proj):
+        t.grad = None
+    with kernels.use_backend("torch"):
+        expected = block(q, k, v)
+        expected.sum().backward()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    for g, t in zip(grads, (q, k, v, proj)):
+        torch.testing.assert_close(g, t.grad, rtol=1e-4, atol=1e-4)

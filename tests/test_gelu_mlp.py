@@ -1,0 +1,250 @@
+"""kernels.gelu_mlp: the Triton GEMMs against float64 by the 2x-PyTorch rule (see kernels.verify), every
+autotune config, odd sizes and layouts, memory traffic in the interpreter, bad input, torch.compile."""
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kernels
+from conftest import ALL_DTYPES, DEVICE
+from kernels import _dispatch
+from kernels.verify import assert_pass, gelu_mlp_checks
+
+gm = importlib.import_module("kernels.gelu_mlp")
+
+ROWS = [1, 7, 100, 257]
+WIDTHS = [16, 48, 100, 128]
+CONFIG_IDS = [gm.config_label(c).replace(" ", "-") for c in gm.CONFIGS]
+
+
+def mlp_inputs(rows=5, width=16, hidden=64, dtype=torch.float32, biases=True, seed=0, requires_grad=True):
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {
+        "x": torch.randn(rows, width, generator=gen),
+        "fc_weight": torch.randn(hidden, width, generator=gen) / width**0.5,
+        "fc_bias": torch.randn(hidden, generator=gen) if biases else None,
+        "proj_weight": torch.randn(width, hidden, generator=gen) / hidden**0.5,
+        "proj_bias": torch.randn(width, generator=gen) if biases else None,
+    }
+    return {k: None if t is None else t.to(device=DEVICE, dtype=dtype).requires_grad_(requires_grad)
+            for k, t in tensors.items()}
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+@pytest.mark.parametrize("rows", ROWS)
+def test_every_size_in_float16(rows, width):
+    assert_pass(gelu_mlp_checks(rows, width, 4 * width, torch.float16, device=DEVICE))
+
+
+@pytest.mark.parametrize("dtype", [p for p in ALL_DTYPES if p.id != "float16"])
+@pytest.mark.parametrize("rows, width", list(zip(ROWS, WIDTHS)))
+def test_other_dtypes(rows, width, dtype):
+    assert_pass(gelu_mlp_checks(rows, width, 4 * width, dtype, device=DEVICE))
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("rows, width, hidden", [(100, 48, 200), (7, 100, 130)])
+def test_hidden_width_not_a_multiple_of_16(rows, width, hidden, dtype):
+    assert_pass(gelu_mlp_checks(rows, width, hidden, dtype, device=DEVICE))
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("biases", [(False, False), (True, False), (False, True)], ids=["none", "fc", "proj"])
+def test_without_biases(biases, dtype):
+    checks = gelu_mlp_checks(33, 48, 192, dtype, biases, device=DEVICE)
+    bias_grads = {name for name, on in zip(("dfc_bias", "dproj_bias"), biases) if on}
+    assert {c.tensor for c in checks} == {"out", "dx", "dfc_weight", "dproj_weight"} | bias_grads
+    assert_pass(checks)
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("config", gm.CONFIGS, ids=CONFIG_IDS)
+def test_every_config(config, dtype):
+    # The interpreter cannot autotune: each config runs explicitly (block sizes change every mask).
+    with gm.pinned_config(config):
+        assert_pass(gelu_mlp_checks(100, 48, 200, dtype, device=DEVICE))
+
+
+@pytest.mark.parametrize("config", gm.CONFIGS, ids=CONFIG_IDS)
+def test_every_config_with_many_tiles(config):
+    # More than GROUP_M tile rows (several program groups, the last one partial), ragged edges
+    # everywhere, and weight gradients reducing over many K steps.
+    with gm.pinned_config(config):
+        assert_pass(gelu_mlp_checks(1100, 16, 72, torch.float16, device=DEVICE))
+
+
+def test_pinned_config_must_be_one_of_the_configs():
+    import triton
+
+    with pytest.raises(ValueError, match="config must be one of gelu_mlp.CONFIGS"):
+        with gm.pinned_config(triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16})):
+            pass
+
+
+@pytest.mark.parametrize("view", ["strided", "transposed"])
+def test_non_contiguous_inputs(view):
+    assert_pass(gelu_mlp_checks(17, 64, 256, torch.float32, device=DEVICE, view=view))
+
+
+def test_leading_dimensions_and_broadcast_output_gradient():
+    w = mlp_inputs(width=16, hidden=40)
+    base = torch.randn(5, 3, 16, device=DEVICE)
+    x = base.transpose(0, 1).requires_grad_()  # (3, 5, 16): rows are not evenly strided
+    params = [w["fc_weight"], w["fc_bias"], w["proj_weight"], w["proj_bias"]]
+    with kernels.use_backend("triton"):
+        got = kernels.gelu_mlp(x, *params)
+        got.sum().backward()  # the output gradient is a broadcast scalar: stride 0 everywhere
+    grads = [t.grad for t in (x, *params)]
+    exact = [t.detach().double().requires_grad_() for t in (x, *params)]
+    expected = kernels.reference.gelu_mlp(*exact)
+    expected.sum().backward()
+    assert got.shape == x.shape
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+    for g, e in zip(grads, exact):
+        torch.testing.assert_close(g.double(), e.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_empty_batch():
+    w = mlp_inputs(rows=0)
+    with kernels.use_backend("triton"):
+        y = kernels.gelu_mlp(**w)
+        y.sum().backward()
+    assert y.shape == (0, 16)
+    for name in ("fc_weight", "fc_bias", "proj_weight", "proj_bias"):
+        assert torch.equal(w[name].grad, torch.zeros_like(w[name])), name
+
+
+def test_backward_is_deterministic():
+    w = mlp_inputs(rows=64, width=48, hidden=200)
+    dy = torch.randn(64, 48, device=DEVICE)
+    with kernels.use_backend("triton"):
+        first = torch.autograd.grad(kernels.gelu_mlp(**w), list(w.values()), dy)
+        second = torch.autograd.grad(kernels.gelu_mlp(**w), list(w.values()), dy)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_the_checks_catch_the_erf_gelu(monkeypatch):
+    # The exact (erf) GELU differs from the tanh form by at most ~5e-4: the checks must see it.
+    def erf_gelu_mlp(x, fc_weight, fc_bias, proj_weight, proj_bias):
+        return F.linear(F.gelu(F.linear(x, fc_weight, fc_bias)), proj_weight, proj_bias)
+
+    monkeypatch.setattr(gm, "gelu_mlp", erf_gelu_mlp)
+    checks = gelu_mlp_checks(7, 48, 192, torch.float32, device=DEVICE)
+    assert not next(c for c in checks if c.tensor == "out").passed
+
+
+@pytest.mark.skipif(not _dispatch.INTERPRETED, reason="bytes are counted in Triton's interpreter")
+class TestMemoryTraffic:
+    """Interpreter byte counts: a model of memory traffic, not GPU measurements."""
+
+    M, C, H = 256, 128, 512  # float16
+
+    def traffic(self, **w):
+        from kernels._interpreter import count_memory_traffic
+
+        with kernels.use_backend("triton"), count_memory_traffic() as traffic:
+            kernels.gelu_mlp(**w)
+        assert traffic.out_of_bounds == 0  # every active lane inside a tensor argument
+        return traffic
+
+    def test_fused_forward_moves_fewer_bytes_than_the_unfused_ops(self):
+        from kernels._interpreter import count_torch_traffic
+
+        w = mlp_inputs(self.M, self.C, self.H, torch.float16)
+        fused = self.traffic(**w)  # a training forward: pre is kept for the backward
+        x, w1, b1, w2, b2 = (t.detach() for t in w.values())
+        with count_torch_traffic() as unfused:  # linear, add, gelu as separate passes
+            h = x @ w1.t()
+            a = F.gelu(h + b1, approximate="tanh")
+            (a @ w2.t()) + b2
+        fused_distinct = fused.distinct_loaded + fused.distinct_stored
+        unfused_total = unfused.loaded + unfused.stored
+        print(f"\ngelu_mlp forward, M={self.M} C={self.C} H={self.H} float16, interpreter counts "
+              f"(a model, not GPU measurements; config {gm.config_label(gm.CONFIGS[0])}):\n"
+              f"  fused kernels: {fused.loaded + fused.stored} B requested by active lanes "
+              f"({fused.loaded} loaded, {fused.stored} stored), {fused_distinct} B distinct\n"
+              f"  unfused ops (each reads its inputs and writes its outputs once): {unfused_total} B "
+              f"({unfused.loaded} loaded, {unfused.stored} stored)")
+        assert fused_distinct < unfused_total
+
+    def test_forward_writes_act_and_out_plus_pre_only_for_the_backward(self):
+        w = mlp_inputs(self.M, self.C, self.H, torch.float16)
+        act_out = (self.M * self.H + self.M * self.C) * 2
+        assert self.traffic(**w).stored == act_out + self.M * self.H * 2
+        with torch.no_grad():
+            assert self.traffic(**w).stored == act_out
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+class TestBadInput:
+    def test_x_width_does_not_match_fc_weight(self, backend):
+        w = mlp_inputs(width=16)
+        w["x"] = torch.randn(3, 12, device=DEVICE)
+        with kernels.use_backend(backend), pytest.raises(ValueError, match=r"fc_weight must have shape \(hidden, C\) "
+                                                                           r"with C = x.shape\[-1\] = 12"):
+            kernels.gelu_mlp(**w)
+
+    def test_proj_weight_shape(self, backend):
+        w = {**mlp_inputs(width=16, hidden=64), "proj_weight": torch.randn(16, 63, device=DEVICE)}
+        with kernels.use_backend(backend), pytest.raises(ValueError, match=r"proj_weight must have shape \(16, 64\)"):
+            kernels.gelu_mlp(**w)
+
+    def test_bias_shape(self, backend):
+        w = {**mlp_inputs(hidden=64), "fc_bias": torch.randn(16, device=DEVICE)}
+        with kernels.use_backend(backend), pytest.raises(ValueError, match=r"fc_bias must have shape \(64,\)"):
+            kernels.gelu_mlp(**w)
+
+    def test_dtype_mismatch(self, backend):
+        w = mlp_inputs()
+        w["proj_weight"] = w["proj_weight"].detach().half()
+        with kernels.use_backend(backend), pytest.raises(
+                TypeError, match="proj_weight has dtype torch.float16 but x has dtype torch.float32"):
+            kernels.gelu_mlp(**w)
+
+    def test_device_mismatch(self, backend):
+        w = mlp_inputs()
+        w["fc_bias"] = w["fc_bias"].detach().to("meta")
+        with kernels.use_backend(backend), pytest.raises(ValueError, match=f"fc_bias is on meta but x is on {DEVICE}"):
+            kernels.gelu_mlp(**w)
+
+
+def test_float64_falls_back_under_auto_and_is_refused_under_triton():
+    w = mlp_inputs(dtype=torch.float64, requires_grad=False)
+    with kernels.use_backend("auto"):
+        torch.testing.assert_close(kernels.gelu_mlp(**w), kernels.reference.gelu_mlp(**w))
+    with kernels.use_backend("triton"), pytest.raises(kernels.KernelUnavailableError,
+                                                      match="kernels.gelu_mlp: .*x has dtype torch.float64"):
+        kernels.gelu_mlp(**w)
+
+
+def test_empty_widths_fall_back_under_auto_and_are_refused_under_triton():
+    w = mlp_inputs(width=16, hidden=0, requires_grad=False)
+    with kernels.use_backend("auto"):
+        torch.testing.assert_close(kernels.gelu_mlp(**w), w["proj_bias"].expand(5, 16))
+    with kernels.use_backend("triton"), pytest.raises(kernels.KernelUnavailableError, match=r"fc_weight has shape \(0, 16\)"):
+        kernels.gelu_mlp(**w)
+
+
+def test_torch_compile_keeps_the_kernels_in_one_graph():
+    w = mlp_inputs(width=32, hidden=128)
+    params = [w["fc_weight"], w["fc_bias"], w["proj_weight"], w["proj_bias"]]
+
+    def block(x):
+        return kernels.gelu_mlp(torch.tanh(x), *params) * 2
+
+    compiled = torch.compile(block, fullgraph=True)  # fails on any graph break
+    x = torch.randn(2, 3, 32, device=DEVICE, requires_grad=True)
+    with kernels.use_backend("triton"):
+        got = compiled(x)
+        got.sum().backward()
+    grads = [t.grad for t in (x, *params)]
+    for t in (x, *params):
+        t.grad = None
+    with kernels.use_backend("torch"):
+        expected = block(x)
+        expected.sum().backward()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    for g, t in zip(grads, (x, *params)):
+        torch.testing.assert_close(g, t.grad, rtol=1e-4, atol=1e-4)
