@@ -128,12 +128,16 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def _time(fn, repeats: int = 3) -> float:
+def _time(fn, repeats: int = 5) -> float:
+    """Seconds of the fastest of ``repeats`` calls after one warm-up: a peak is a best case, and the
+    first calls in a process (thread-pool start, kernel selection) run slower."""
     fn()
-    start = time.perf_counter()
+    best = math.inf
     for _ in range(repeats):
+        start = time.perf_counter()
         fn()
-    return (time.perf_counter() - start) / repeats
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 def _random_matrices(n: int):

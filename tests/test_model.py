@@ -190,7 +190,9 @@ def test_configure_optimizers_decays_only_matrices():
     assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
     assert decay["lr"] == 1e-3 and decay["betas"] == (0.9, 0.95)
-    assert not opt.defaults["fused"]
+    assert opt.defaults["fused"]  # one fused kernel on CUDA and CPU
+    other = model.configure_optimizers(weight_decay=0.1, learning_rate=1e-3, betas=(0.9, 0.95), device_type="mps")
+    assert not other.defaults["fused"]
 
 
 def test_overfits_a_fixed_batch():
