@@ -1,0 +1,243 @@
+"""``python -m bench``: per-op and end-to-end benchmarks against the naive lecture model, and the GPU model.
+
+Runs what this machine can run, side by side in one process: the per-op benchmarks
+(:mod:`bench.ops`), one training step of the naive lecture model against fastgpt
+(:mod:`bench.train_step`), and the byte-counting model of GPU speed (:mod:`bench.gpu_model`, in a
+child process with Triton's interpreter on). Prints tables, writes ``results.json`` (the machine and
+every figure) and PNG plots into ``--out``.
+
+Sizes: ``--quick`` (about a minute or two on a 2-core CPU), the default full run, and ``--tiny``
+(seconds; keeps the code working, its figures mean nothing).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from bench import gpu_model, measure, ops, train_step
+
+# The end-to-end targets: fastgpt's default training step against the naive model's (ratios).
+SPEEDUP_TARGETS = {256: 2.5, 1024: 3.0}
+MEMORY_TARGET = (1024, 1 / 3)  # at this context, fastgpt's peak step memory at most this fraction
+DEFAULT_ROUNDS = {"tiny": 1, "quick": 3, "full": 7}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", dest="size", action="store_const", const="quick", help="a short run")
+    size.add_argument("--tiny", dest="size", action="store_const", const="tiny",
+                      help="tiny shapes, one round: checks that the benchmarks run (figures meaningless)")
+    parser.set_defaults(size="full")
+    parser.add_argument("--out", default="out/bench", help="folder for results.json and the plots (default: %(default)s)")
+    parser.add_argument("--rounds", type=int, help="timed rounds per measurement (default: 1 tiny, 3 quick, 7 full)")
+    parser.add_argument("--dropout", type=float, default=0.0,
+                        help="dropout of both models in the training step (default: %(default)s)")
+    parser.add_argument("--profile", choices=train_step.PRECISIONS,
+                        help="also profile two training steps of each side in this precision at the first context")
+    parser.add_argument("--skip", action="append", choices=("ops", "train", "model"), default=[],
+                        help="leave out a part (repeatable)")
+    args = parser.parse_args(argv)
+    if args.rounds is not None and args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
+    if not 0 <= args.dropout < 1:
+        parser.error(f"--dropout must be in [0, 1), got {args.dropout}")
+    return args
+
+
+def run_gpu_model(size: str) -> list[dict]:
+    """:func:`bench.gpu_model.run` in a child process with Triton's interpreter on."""
+    env = {"OPENBLAS_NUM_THREADS": "1", **os.environ, "TRITON_INTERPRET": "1"}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.json"
+        proc = subprocess.run([sys.executable, "-m", "bench.gpu_model", "--size", "tiny" if size == "tiny" else "model",
+                               "--json", str(path)], env=env, stderr=subprocess.PIPE, text=True)
+        if proc.returncode:
+            raise RuntimeError(f"the GPU model failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+        return json.loads(path.read_text())
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def _mib(n) -> str:
+    return "-" if n is None else f"{n / 2**20:.1f}"
+
+
+def ops_table(rows: list[dict]) -> list[str]:
+    lines = [f"{'op':<11} {'shape':<20} {'pass':<17} {'provider':<10} {'ms':>9} {'TFLOP/s':>8} {'GB/s':>7} "
+             f"{'peak MiB':>9}  note"]
+    for r in rows:
+        head = f"{r['op']:<11} {r['shape']:<20} {r['pass']:<17} {r['provider']:<10}"
+        if r["status"] != "measured":
+            lines.append(f"{head} {'-':>9} {'-':>8} {'-':>7} {'-':>9}  {r['status']}")
+            continue
+        rate = lambda v, fmt: "-" if v is None else format(v, fmt)  # noqa: E731
+        lines.append(f"{head} {r['time_s'] * 1e3:>9.2f} {rate(r['tflops'], '.3f'):>8} {rate(r['gbps'], '.1f'):>7} "
+                     f"{_mib(r['peak_memory_bytes']):>9}")
+    return lines
+
+
+def train_table(rows: list[dict], ratio_rows: list[dict]) -> list[str]:
+    lines = [f"{'T':>5} {'B':>3} {'side':<8} {'precision':<10} {'tokens/s':>9} {'MFU':>6} {'peak MiB':>9}"]
+    for r in rows:
+        lines.append(f"{r['context']:>5} {r['batch']:>3} {r['side']:<8} "
+                     f"{r['precision'] + (' *' if r['default'] else ''):<10} {r['tokens_per_s']:>9.0f} "
+                     f"{r['mfu']:>6.1%} {_mib(r['peak_memory_bytes']):>9}")
+    lines.append("(* the side's default precision)")
+    lines.append("")
+    lines.append(f"{'T':>5} {'compared':<15} {'fastgpt':<9} {'naive':<9} {'speed-up':>8} {'(rounds)':>13} "
+                 f"{'memory':>7}")
+    for r in ratio_rows:
+        memory = "-" if r["memory_ratio"] is None else f"{r['memory_ratio']:.2f}"
+        spread = f"{r['speedup_min']:.2f}-{r['speedup_max']:.2f}x"
+        lines.append(f"{r['context']:>5} {r['compared']:<15} {r['fastgpt']:<9} {r['naive']:<9} "
+                     f"{r['speedup']:>7.2f}x {spread:>13} {memory:>7}")
+    lines.append("(speed-up: median over rounds of naive time / fastgpt time in the same round, and its range; "
+                 "memory: fastgpt's peak / naive's)")
+    return lines
+
+
+def target_lines(ratio_rows: list[dict]) -> list[str]:
+    """Each target, met or missed, from the default-against-default ratios."""
+    defaults = {r["context"]: r for r in ratio_rows if r["compared"] == "defaults"}
+    lines = []
+    for context, target in SPEEDUP_TARGETS.items():
+        if context in defaults:
+            got = defaults[context]["speedup"]
+            lines.append(f"target: speed-up >= {target}x at T={context}: {got:.2f}x, {'met' if got >= target else 'MISSED'}")
+    context, fraction = MEMORY_TARGET
+    if context in defaults and defaults[context]["memory_ratio"] is not None:
+        got = defaults[context]["memory_ratio"]
+        lines.append(f"target: peak memory <= {fraction:.2f} of naive at T={context}: {got:.2f}, "
+                     f"{'met' if got <= fraction else 'MISSED'}")
+    return lines
+
+
+def model_table(rows: list[dict]) -> list[str]:
+    gpus = list(gpu_model.GPUS)
+    # "/ triton": the provider's modelled time over the fused kernels' on the same GPU.
+    lines = [f"{'op':<11} {'shape':<20} {'pass':<9} {'provider':<10} {'MB':>8} {'GFLOP':>8} "
+             + " ".join(f"{gpu + ' us':>12}" for gpu in gpus) + " "
+             + " ".join(f"{gpu.split()[0] + ' / triton':>14}" for gpu in gpus)]
+    fused = {(r["op"], r["pass"]): r for r in rows if r["provider"] == "triton"}
+    for r in rows:
+        base = fused[r["op"], r["pass"]]
+        times = " ".join(f"{r[gpu + ' time_s'] * 1e6:>12.2f}" for gpu in gpus)
+        speedups = " ".join(f"{r[gpu + ' time_s'] / base[gpu + ' time_s']:>13.1f}x" for gpu in gpus)
+        lines.append(f"{r['op']:<11} {r['shape']:<20} {r['pass']:<9} {r['provider']:<10} {r['bytes'] / 1e6:>8.3f} "
+                     f"{r['flops'] / 1e9:>8.3f} {times} {speedups}")
+    return lines
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def plot(results: dict, out: Path) -> list[Path] | None:
+    """PNG plots of the training step and the per-op speed-ups; None without matplotlib."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def _save(fig, path: Path) -> Path:
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path
+
+    machine = results["machine"]["gpu"] or results["machine"]["cpu"]
+    paths = []
+    train = results.get("train_step") or []
+    if train:
+        fig, (speed, memory) = plt.subplots(1, 2, figsize=(11, 4))
+        for side in train_step.SIDES:
+            for precision in sorted({r["precision"] for r in train}):
+                rows = [r for r in train if r["side"] == side and r["precision"] == precision]
+                contexts = [r["context"] for r in rows]
+                speed.plot(contexts, [r["tokens_per_s"] for r in rows], marker="o", label=f"{side} {precision}")
+                if all(r["peak_memory_bytes"] is not None for r in rows):
+                    memory.plot(contexts, [r["peak_memory_bytes"] / 2**20 for r in rows], marker="o",
+                                label=f"{side} {precision}")
+        for axis, ylabel in ((speed, "tokens/s"), (memory, "peak memory of one step (MiB)")):
+            axis.set_xscale("log", base=2)
+            axis.set_xlabel("context length T")
+            axis.set_ylabel(ylabel)
+            axis.legend(fontsize=8)
+        fig.suptitle(f"training step, lecture shape, {machine}", fontsize=9)
+        paths.append(_save(fig, out / "train_step.png"))
+    measured = [r for r in results.get("ops") or [] if r["status"] == "measured"]
+    if measured:
+        naive = {(r["op"], r["pass"]): r["time_s"] for r in measured if r["provider"] == "naive"}
+        short = {"forward": "fwd", "backward": "bwd", "forward+backward": "fwd+bwd"}
+        bars = [(f"{r['op']}\n{short[r['pass']]}\n{r['provider']}", naive[r["op"], r["pass"]] / r["time_s"])
+                for r in measured if r["provider"] != "naive"]
+        fig, axis = plt.subplots(figsize=(max(6, 0.7 * len(bars)), 4))
+        axis.bar(range(len(bars)), [b[1] for b in bars])
+        axis.axhline(1.0, color="grey", linewidth=0.8)
+        axis.set_xticks(range(len(bars)), [b[0] for b in bars], fontsize=6)
+        axis.set_ylabel("speed-up over the naive ops (x)")
+        axis.set_title(f"per op, {measured[0]['dtype']}, {machine}", fontsize=9)
+        paths.append(_save(fig, out / "ops_speedup.png"))
+    return paths
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rounds = args.rounds or DEFAULT_ROUNDS[args.size]
+    op_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = {"command": "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+               "size": args.size, "rounds": rounds, "machine": measure.machine_info(device),
+               "memory_method": measure.memory_method(device)}
+    machine = results["machine"]
+    print(f"python -m bench ({args.size}) on {machine['gpu'] or machine['cpu']}, {machine['cpu_cores']} cores, "
+          f"torch {machine['torch']}, triton {machine['triton']}; {rounds} round(s) per figure", flush=True)
+    report = []
+    if "ops" not in args.skip:
+        results["ops"] = ops.run(args.size, device, op_dtype, rounds)
+        report += ["", f"Per op ({str(op_dtype).removeprefix('torch.')}, median of {rounds}):", *ops_table(results["ops"])]
+    if "train" not in args.skip:
+        results["train_step"] = train_step.run(args.size, device, rounds, args.dropout)
+        results["train_step_ratios"] = train_step.ratios(results["train_step"])
+        report += ["", f"Training step (forward, backward, AdamW), lecture shape, dropout {args.dropout}, "
+                       f"median of {rounds}:", *train_table(results["train_step"], results["train_step_ratios"])]
+        if args.size != "tiny":
+            report += target_lines(results["train_step_ratios"])
+    if args.profile:
+        context, batch = train_step.CONTEXTS[args.size][0]
+        results["profile"] = train_step.profile(args.size, device, args.profile, args.dropout)
+        for side, table in results["profile"].items():
+            report += ["", f"Profile: {side}, two training steps, {args.profile}, T={context} B={batch} "
+                           f"(top ops by self time):", table]
+    if "model" not in args.skip:
+        print("  GPU model: counting bytes in Triton's interpreter (child process)", flush=True)
+        results["gpu_model"] = run_gpu_model(args.size)
+        report += ["", "GPU model (NOT measured: interpreter byte counts and data-sheet roofs; lower bounds):",
+                   *model_table(results["gpu_model"])]
+    if results["memory_method"]:
+        report += ["", f"peak memory: {results['memory_method']}"]
+    print("\n".join(report))
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    paths = plot(results, out)
+    print(f"\nwrote {out / 'results.json'}" + "".join(f", {p}" for p in paths or [])
+          + (" (no plots: matplotlib is not installed)" if paths is None else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,230 @@
+"""Per-op benchmarks: attention, LayerNorm and the GELU MLP, forward, backward and both, per provider.
+
+Providers:
+
+``naive``      what the lecture's model does: attention one head at a time through (T, T) score
+               matrices (:func:`bench.naive.masked_head_attention`); LayerNorm and the tanh GELU
+               written out as separate elementwise ops.
+``reference``  ``kernels.<op>`` under the ``torch`` backend: the PyTorch reference (fastgpt's fallback).
+``triton``     ``kernels.<op>`` under the ``triton`` backend, only on a CUDA device; on a CPU the row
+               says so instead of timing Triton's interpreter.
+
+Work per call, to turn times into rates: attention counts ``4 B H T^2 D`` FLOPs forward (the two
+matmuls), halved because it is causal, and 2.5 times that backward; the MLP ``4 M C Hd`` forward
+and twice that backward; LayerNorm is memory-bound and counts the bytes an ideal kernel moves
+(forward reads x and writes y, backward reads x and dy and writes dx).
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import kernels
+from bench import measure
+from bench.naive import masked_head_attention
+
+OPS = ("attention", "layer_norm", "gelu_mlp")
+PROVIDERS = ("naive", "reference", "triton")
+PASSES = ("forward", "backward", "forward+backward")
+NEEDS_GPU = "needs a CUDA GPU"
+
+# One shape per op and run size; at full size the widths are the lecture model's (6 heads of 64,
+# 384 wide, MLP 4x) at context 1024, where the naive model's (T, T) matrices dominate.
+SHAPES = {
+    "tiny": {"attention": dict(B=1, H=2, T=32, D=16), "layer_norm": dict(M=64, N=32),
+             "gelu_mlp": dict(M=64, C=32, Hd=128)},
+    "quick": {"attention": dict(B=1, H=6, T=1024, D=64), "layer_norm": dict(M=1024, N=384),
+              "gelu_mlp": dict(M=1024, C=384, Hd=1536)},
+    "full": {"attention": dict(B=4, H=6, T=1024, D=64), "layer_norm": dict(M=4096, N=384),
+             "gelu_mlp": dict(M=4096, C=384, Hd=1536)},
+}
+
+
+@dataclass(frozen=True)
+class OpCase:
+    """One op at one shape and dtype (attention is always causal, as in a GPT)."""
+
+    op: str
+    dims: dict
+    dtype: torch.dtype = torch.float32
+
+    @property
+    def shape_label(self) -> str:
+        return " ".join(f"{k}={v}" for k, v in self.dims.items())
+
+    @property
+    def itemsize(self) -> int:
+        return torch.empty(0, dtype=self.dtype).element_size()
+
+
+# --------------------------------------------------------------------------- inputs and providers
+
+
+def make_inputs(case: OpCase, device, seed: int = 0) -> dict[str, torch.Tensor]:
+    """The op's tensor arguments, every one requiring grad, drawn from a private generator."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, scale=1.0):
+        t = torch.randn(*shape, generator=gen) * scale
+        return t.to(device=device, dtype=case.dtype).requires_grad_()
+
+    d = case.dims
+    if case.op == "attention":
+        return {name: randn(d["B"], d["H"], d["T"], d["D"]) for name in ("q", "k", "v")}
+    if case.op == "layer_norm":
+        return {"x": randn(d["M"], d["N"]), "weight": randn(d["N"], scale=0.1) + 1, "bias": randn(d["N"], scale=0.1)}
+    if case.op == "gelu_mlp":
+        return {"x": randn(d["M"], d["C"]), "fc_weight": randn(d["Hd"], d["C"], scale=d["C"] ** -0.5),
+                "fc_bias": randn(d["Hd"], scale=0.1), "proj_weight": randn(d["C"], d["Hd"], scale=d["Hd"] ** -0.5),
+                "proj_bias": randn(d["C"], scale=0.1)}
+    raise ValueError(f"unknown op {case.op!r}: expected one of {', '.join(OPS)}")
+
+
+@functools.lru_cache(maxsize=8)
+def _tril(T: int, device: torch.device) -> torch.Tensor:
+    """The lecture's mask buffer: made once per length and device, as a registered buffer is."""
+    return torch.tril(torch.ones(T, T, device=device))
+
+
+def naive_attention(q, k, v):
+    """(B, H, T, D) causal attention the lecture's way: each head on its own, through (T, T) scores."""
+    tril = _tril(q.shape[-2], q.device)
+    no_dropout = nn.Identity()
+    heads = [masked_head_attention(q[:, h], k[:, h], v[:, h], tril, no_dropout) for h in range(q.shape[1])]
+    return torch.stack(heads, dim=1)  # (B, H, T, D)
+
+
+def naive_layer_norm(x, weight, bias, eps: float = 1e-5):
+    """LayerNorm as separate elementwise ops: mean, biased variance, normalise, scale, shift."""
+    mean = x.mean(dim=-1, keepdim=True)
+    var = ((x - mean) ** 2).mean(dim=-1, keepdim=True)
+    return (x - mean) / torch.sqrt(var + eps) * weight + bias
+
+
+def naive_gelu_mlp(x, fc_weight, fc_bias, proj_weight, proj_bias):
+    """Linear, the tanh GELU written out as elementwise ops, Linear."""
+    h = F.linear(x, fc_weight, fc_bias)
+    h = 0.5 * h * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (h + 0.044715 * h**3)))
+    return F.linear(h, proj_weight, proj_bias)
+
+
+_NAIVE = {"attention": naive_attention, "layer_norm": naive_layer_norm, "gelu_mlp": naive_gelu_mlp}
+_BACKEND = {"reference": "torch", "triton": "triton"}
+
+
+def forward(case: OpCase, provider: str, inputs: dict):
+    """One forward call of ``case.op`` by ``provider`` (autograd records it)."""
+    if provider == "naive":
+        return _NAIVE[case.op](**inputs)
+    with kernels.use_backend(_BACKEND[provider]):
+        return getattr(kernels, case.op)(**inputs)
+
+
+class _OpNames(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def unavailable(case: OpCase, provider: str, inputs: dict, device: torch.device) -> str | None:
+    """Why ``provider`` cannot be timed here, or None. The Triton provider must really launch
+    fastgpt's kernel (its custom op shows up in the dispatched ops), never the fallback."""
+    if provider != "triton":
+        return None
+    if device.type != "cuda":
+        return NEEDS_GPU
+    try:
+        with _OpNames() as seen:
+            forward(case, provider, inputs)
+    except kernels.KernelUnavailableError as exc:
+        return str(exc)
+    if not any(name.startswith(f"fastgpt.{case.op}.") for name in seen.names):
+        return f"kernels.{case.op} did not launch a Triton kernel (not wired to its kernel yet)"
+    return None
+
+
+def pass_fns(case: OpCase, provider: str, inputs: dict) -> dict:
+    """``{pass: callable}``: forward (recording the graph, as in training); backward of one recorded
+    forward (gradients returned, not accumulated); forward then backward."""
+    wrt = list(inputs.values())
+    out = forward(case, provider, inputs)
+    grad_out = torch.randn_like(out)
+
+    def forward_only():
+        return forward(case, provider, inputs)
+
+    def backward_only():
+        return torch.autograd.grad(out, wrt, grad_out, retain_graph=True)
+
+    def both():
+        return torch.autograd.grad(forward(case, provider, inputs), wrt, grad_out)
+
+    return {"forward": forward_only, "backward": backward_only, "forward+backward": both}
+
+
+# --------------------------------------------------------------------------- work per call
+
+
+def flops(case: OpCase, pass_name: str, causal_skip: bool = True) -> float | None:
+    """FLOPs of one call (None for LayerNorm, which is rated in bytes). ``causal_skip``: attention
+    counts only the causal half of the scores (False: the full T x T, what unfused code computes)."""
+    d, scale = case.dims, {"forward": 1.0, "backward": 2.0, "forward+backward": 3.0}[pass_name]
+    if case.op == "attention":
+        fwd = 4 * d["B"] * d["H"] * d["T"] ** 2 * d["D"] * (0.5 if causal_skip else 1.0)
+        return fwd * {"forward": 1.0, "backward": 2.5, "forward+backward": 3.5}[pass_name]
+    if case.op == "gelu_mlp":
+        return 4 * d["M"] * d["C"] * d["Hd"] * scale
+    return None
+
+
+def ideal_bytes(case: OpCase, pass_name: str) -> float | None:
+    """Bytes an ideal LayerNorm moves (None for the compute-bound ops)."""
+    if case.op != "layer_norm":
+        return None
+    tensor = case.dims["M"] * case.dims["N"] * case.itemsize
+    return tensor * {"forward": 2, "backward": 3, "forward+backward": 5}[pass_name]
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def run(size: str, device: torch.device, dtype: torch.dtype, rounds: int, log=print) -> list[dict]:
+    """Time every op, pass and available provider; providers interleaved per (op, pass).
+
+    One row per (op, provider, pass): time (median of ``rounds``), TFLOP/s or GB/s, peak memory, or
+    ``status`` saying why it was not measured.
+    """
+    rows = []
+    for op in OPS:
+        case = OpCase(op, SHAPES[size][op], dtype)
+        inputs = make_inputs(case, device)
+        reasons = {p: unavailable(case, p, inputs, device) for p in PROVIDERS}
+        runnable = [p for p in PROVIDERS if reasons[p] is None]
+        fns = {p: pass_fns(case, p, inputs) for p in runnable}
+        for pass_name in PASSES:
+            log(f"  {op} {pass_name}: {', '.join(runnable)}")
+            times = measure.interleaved_times({p: fns[p][pass_name] for p in runnable}, device, rounds)
+            for provider in PROVIDERS:
+                row = {"op": op, "shape": case.shape_label, "dtype": str(dtype).removeprefix("torch."),
+                       "provider": provider, "pass": pass_name}
+                if reasons[provider] is not None:
+                    rows.append({**row, "status": reasons[provider]})
+                    continue
+                seconds = measure.median(times[provider])
+                work_flops, work_bytes = flops(case, pass_name), ideal_bytes(case, pass_name)
+                rows.append({**row, "status": "measured", "time_s": seconds, "rounds": rounds,
+                             "tflops": work_flops / seconds / 1e12 if work_flops else None,
+                             "gbps": work_bytes / seconds / 1e9 if work_bytes else None,
+                             "peak_memory_bytes": measure.peak_memory(fns[provider][pass_name], device)})
+        del fns, inputs
+    return rows

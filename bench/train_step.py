@@ -1,0 +1,169 @@
+"""End to end: one training step of the naive lecture model against fastgpt's GPT at the same shape.
+
+A step is what a training loop does per batch: forward with the loss, backward, AdamW step, zero
+the gradients. Both models have the lecture's shape (6 layers, 6 heads of 64, 384 wide, 65
+symbols) at each context length; fastgpt's runs through :mod:`kernels` with the Triton kernels on a
+GPU (the ``triton`` backend, so a fallback would raise instead of being timed) and the PyTorch
+references on a CPU (the ``torch`` backend). Dropout is off on both sides unless asked for, so
+that the two do the same arithmetic; the lecture's own runs used 0.2.
+
+Each side is timed in float32 and in bfloat16 autocast, all variants of one context length
+interleaved round by round (:func:`bench.measure.interleaved_times`). A side's *default* precision
+is what it trains in out of the box: float32 for the lecture's code, and for fastgpt what
+``--dtype auto`` picks on this machine (:func:`fastgpt.train.resolve_dtype`).
+"""
+from __future__ import annotations
+
+import torch
+
+import kernels
+from bench import measure
+from bench.naive import NaiveConfig, NaiveGPT
+from fastgpt.model import GPT, GPTConfig
+from fastgpt.train import autocast_context, peak_flops, resolve_dtype
+
+SIDES = ("naive", "fastgpt")
+PRECISIONS = ("float32", "bfloat16")
+LECTURE_SHAPE = dict(vocab_size=65, n_layer=6, n_head=6, n_embd=384)
+TINY_SHAPE = dict(vocab_size=65, n_layer=2, n_head=2, n_embd=32)
+
+# (context length, batch size) per run size: about 2048 tokens a step at every length on a CPU.
+CONTEXTS = {
+    "tiny": [(16, 2), (32, 1)],
+    "quick": [(256, 8), (1024, 2)],
+    "full": [(256, 8), (1024, 2), (2048, 1)],
+}
+
+
+def default_precisions(device: torch.device) -> dict[str, str]:
+    """Each side's out-of-the-box precision on ``device``."""
+    return {"naive": "float32", "fastgpt": resolve_dtype("auto", device)}
+
+
+def build(side: str, shape: dict, context: int, dropout: float, device: torch.device, seed: int = 0):
+    """``(model, optimizer)`` of ``side`` ("naive" or "fastgpt") with ``shape``, in training mode."""
+    torch.manual_seed(seed)
+    if side == "naive":
+        model = NaiveGPT(NaiveConfig(block_size=context, dropout=dropout, **shape)).to(device)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)  # as in the lecture
+    elif side == "fastgpt":
+        model = GPT(GPTConfig(block_size=context, dropout=dropout, bias=True, **shape)).to(device)
+        optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), device.type)
+    else:
+        raise ValueError(f"unknown side {side!r}: expected one of {', '.join(SIDES)}")
+    return model.train(), optimizer
+
+
+def fastgpt_backend(device: torch.device) -> str:
+    """The kernels' backend fastgpt is timed with: the Triton kernels on a GPU, the references on a CPU."""
+    return "triton" if device.type == "cuda" else "torch"
+
+
+def step_fn(side: str, model, optimizer, idx, targets, precision: str, device: torch.device):
+    """A callable running one training step (forward, backward, AdamW, zero_grad)."""
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "float16")
+    backend = fastgpt_backend(device) if side == "fastgpt" else "torch"
+
+    def step():
+        with kernels.use_backend(backend), autocast_context(device, precision):
+            _, loss = model(idx, targets)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def random_batch(shape: dict, context: int, batch: int, device: torch.device):
+    """``(idx, targets)``, (batch, context) token ids from a private generator (the speed does not depend on them)."""
+    gen = torch.Generator().manual_seed(context)
+    idx = torch.randint(shape["vocab_size"], (batch, context), generator=gen)
+    targets = torch.randint(shape["vocab_size"], (batch, context), generator=gen)
+    return idx.to(device), targets.to(device)
+
+
+def run(size: str, device: torch.device, rounds: int, dropout: float = 0.0, log=print) -> list[dict]:
+    """Time every (side, precision) at every context length of ``size``; one row per variant.
+
+    Rows hold tokens/s (median over ``rounds``), MFU against the machine's peak for that precision,
+    peak memory of one step, and which precision is the side's default.
+    """
+    shape = TINY_SHAPE if size == "tiny" else LECTURE_SHAPE
+    defaults = default_precisions(device)
+    precisions = list(dict.fromkeys([*PRECISIONS, *defaults.values()]))  # float16 on GPUs without bf16
+    peaks = {p: peak_flops(device, p) for p in precisions}
+    rows = []
+    for context, batch in CONTEXTS[size]:
+        idx, targets = random_batch(shape, context, batch, device)
+        steps, flops_per_token = {}, {}
+        for side in SIDES:
+            model, optimizer = build(side, shape, context, dropout, device)
+            flops_per_token[side] = model.estimate_flops_per_token(context)
+            for precision in precisions:
+                steps[side, precision] = step_fn(side, model, optimizer, idx, targets, precision, device)
+        log(f"  train step T={context} B={batch}: {len(steps)} variants, {rounds} rounds")
+        times = measure.interleaved_times(steps, device, rounds)
+        for (side, precision), step in steps.items():
+            seconds = measure.median(times[side, precision])
+            tokens_per_s = batch * context / seconds
+            rows.append({
+                "side": side, "precision": precision, "default": defaults[side] == precision,
+                "context": context, "batch": batch, "dropout": dropout, "time_s": seconds,
+                "times_s": times[side, precision],
+                "tokens_per_s": tokens_per_s, "mfu": flops_per_token[side] * tokens_per_s / peaks[precision],
+                "peak_memory_bytes": measure.peak_memory(step, device),
+                "backend": fastgpt_backend(device) if side == "fastgpt" else "torch (nn modules)",
+            })
+        del steps
+    return rows
+
+
+def ratios(rows: list[dict]) -> list[dict]:
+    """fastgpt against naive per context: speed-up and peak-memory ratio, same precision and defaults.
+
+    The speed-up is the median over rounds of the paired ratio naive time / fastgpt time, each pair
+    timed in the same round (so drifts of the machine's speed cancel), with its range over rounds.
+    """
+    by = {(r["context"], r["side"], r["precision"]): r for r in rows}
+    default = {r["side"]: r["precision"] for r in rows if r["default"]}
+    out = []
+    for context in sorted({r["context"] for r in rows}):
+        pairs = [("defaults", default["fastgpt"], default["naive"])]
+        pairs += [("same precision", p, p) for p in PRECISIONS if (context, "fastgpt", p) in by]
+        for compared, fast_precision, naive_precision in pairs:
+            fast, naive = by[context, "fastgpt", fast_precision], by[context, "naive", naive_precision]
+            memory = (fast["peak_memory_bytes"] / naive["peak_memory_bytes"]
+                      if fast["peak_memory_bytes"] and naive["peak_memory_bytes"] else None)
+            paired = [n / f for n, f in zip(naive["times_s"], fast["times_s"])]
+            out.append({"context": context, "compared": compared, "fastgpt": fast_precision,
+                        "naive": naive_precision, "speedup": measure.median(paired), "speedup_min": min(paired),
+                        "speedup_max": max(paired), "memory_ratio": memory})
+    return out
+
+
+def profile(size: str, device: torch.device, precision: str, dropout: float = 0.0, top: int = 12) -> dict[str, str]:
+    """Where a training step's time goes: torch.profiler's ``top`` ops by self time, per side.
+
+    Two steps of each side in ``precision`` at the first context length of ``size``, after one
+    warm-up step; returns the profiler's table per side.
+    """
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    shape = TINY_SHAPE if size == "tiny" else LECTURE_SHAPE
+    context, batch = CONTEXTS[size][0]
+    idx, targets = random_batch(shape, context, batch, device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    tables = {}
+    for side in SIDES:
+        model, optimizer = build(side, shape, context, dropout, device)
+        step = step_fn(side, model, optimizer, idx, targets, precision, device)
+        step()
+        with torch_profile(activities=activities) as prof:
+            step()
+            step()
+            measure.synchronize(device)
+        sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        tables[side] = prof.key_averages().table(sort_by=sort, row_limit=top)
+    return tables

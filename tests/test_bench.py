@@ -1,0 +1,136 @@
+"""The benchmarks: the naive baseline computes the same functions as the references, and
+``python -m bench`` runs end to end (tiny shapes; no timing is asserted)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import kernels
+from bench import __main__ as bench_main
+from bench import ops
+from bench.naive import MultiHeadAttention, NaiveConfig, NaiveGPT
+from kernels import reference
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_naive_attention_equals_the_reference_given_the_same_weights():
+    torch.manual_seed(0)
+    config = NaiveConfig(vocab_size=11, block_size=16, n_layer=1, n_head=4, n_embd=32, dropout=0.0)
+    mha = MultiHeadAttention(config).eval()
+    x = torch.randn(2, 13, 32)  # T=13 < block_size: the mask buffer is cropped
+    heads = mha.heads
+
+    def per_head(name):  # (B, H, T, hs) from each head's own projection weights
+        return torch.stack([x @ getattr(h, name).weight.T for h in heads], dim=1)
+
+    y = reference.attention_math(per_head("query"), per_head("key"), per_head("value"), causal=True)
+    expected = mha.proj(y.transpose(1, 2).reshape(2, 13, 32))
+    with torch.no_grad():
+        torch.testing.assert_close(mha(x), expected, rtol=1e-5, atol=1e-6)
+        with kernels.use_backend("torch"):
+            fused = kernels.attention(per_head("query"), per_head("key"), per_head("value"), causal=True)
+        torch.testing.assert_close(y, fused, rtol=1e-5, atol=1e-6)
+
+
+def test_naive_heads_each_have_their_own_projections_and_mask():
+    config = NaiveConfig(vocab_size=11, block_size=8, n_layer=1, n_head=3, n_embd=12)
+    mha = MultiHeadAttention(config)
+    assert len(mha.heads) == 3
+    for head in mha.heads:
+        assert [m.weight.shape for m in (head.key, head.query, head.value)] == [(4, 12)] * 3
+        assert head.key.bias is None
+        assert torch.equal(head.tril, torch.tril(torch.ones(8, 8)))
+
+
+def test_naive_gpt_loss_starts_near_uniform_and_backpropagates():
+    torch.manual_seed(0)
+    model = NaiveGPT(NaiveConfig(vocab_size=65, block_size=16, n_layer=2, n_head=2, n_embd=32))
+    idx = torch.randint(65, (2, 16))
+    logits, loss = model(idx, idx)
+    assert logits.shape == (2, 16, 65)
+    assert abs(loss.item() - torch.log(torch.tensor(65.0)).item()) < 0.2
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+    with pytest.raises(ValueError, match="n_embd \\(10\\) must be divisible by n_head \\(3\\)"):
+        NaiveConfig(n_embd=10, n_head=3)
+
+
+@pytest.mark.parametrize("op", ops.OPS)
+def test_naive_ops_compute_the_reference_functions(op):
+    case = ops.OpCase(op, ops.SHAPES["tiny"][op])
+    inputs = ops.make_inputs(case, "cpu")
+    naive, ref = ops.forward(case, "naive", inputs), ops.forward(case, "reference", inputs)
+    torch.testing.assert_close(naive, ref, rtol=1e-4, atol=1e-5)
+    grads = [torch.autograd.grad(out, list(inputs.values()), torch.ones_like(out)) for out in (naive, ref)]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_bad_options_are_refused(capsys):
+    for argv, message in ((["--rounds", "0"], "--rounds must be at least 1, got 0"),
+                          (["--dropout", "1.5"], "--dropout must be in [0, 1), got 1.5"),
+                          (["--quick", "--tiny"], "not allowed with argument")):
+        with pytest.raises(SystemExit) as exc:
+            bench_main.parse_args(argv)
+        assert exc.value.code == 2
+        assert message in capsys.readouterr().err
+
+
+def _env(**overrides):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return {**env, "OPENBLAS_NUM_THREADS": "1", **overrides}
+
+
+def test_python_m_bench_tiny_writes_every_figure_and_the_plots(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "bench", "--tiny", "--out", str(tmp_path)], cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "GPU model (NOT measured" in proc.stdout
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["machine"]["torch"] == torch.__version__ and results["machine"]["cpu_cores"] >= 1
+
+    op_rows = results["ops"]
+    assert {(r["op"], r["provider"], r["pass"]) for r in op_rows} == {
+        (o, p, s) for o in ops.OPS for p in ops.PROVIDERS for s in ops.PASSES}
+    for r in op_rows:
+        if r["provider"] == "triton" and not torch.cuda.is_available():
+            assert r["status"] == ops.NEEDS_GPU  # never the interpreter or the fallback timed as "triton"
+        else:
+            assert r["status"] == "measured" and r["time_s"] > 0
+
+    train = results["train_step"]
+    assert {(r["side"], r["precision"]) for r in train} >= {("naive", "float32"), ("fastgpt", "float32")}
+    assert all(r["tokens_per_s"] > 0 and r["mfu"] > 0 for r in train)
+    assert sum(r["default"] for r in train) == 2 * len({r["context"] for r in train})
+    assert {r["compared"] for r in results["train_step_ratios"]} == {"defaults", "same precision"}
+
+    model = {(r["op"], r["pass"], r["provider"]): r for r in results["gpu_model"]}
+    for op in ops.OPS:
+        for pass_name in ("forward", "backward"):
+            fused, naive = model[op, pass_name, "triton"], model[op, pass_name, "naive"]
+            assert 0 < fused["bytes"] < naive["bytes"], (op, pass_name)  # fusion saves traffic (a model)
+            assert fused["H100 SXM time_s"] < fused["A100 SXM time_s"]
+    assert (tmp_path / "train_step.png").stat().st_size > 0 and (tmp_path / "ops_speedup.png").stat().st_size > 0
+
+
+def test_gpu_model_refuses_to_run_without_the_interpreter():
+    proc = subprocess.run([sys.executable, "-m", "bench.gpu_model", "--size", "tiny"], cwd=ROOT,
+                          env=_env(TRITON_INTERPRET="0"), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "run it with TRITON_INTERPRET=1" in proc.stderr
+
+
+def test_pytest_benchmark_file_runs_every_op_provider_and_pass():
+    proc = subprocess.run([sys.executable, "-m", "pytest", "bench/test_op_benchmarks.py", "-q", "--benchmark-disable",
+                           "-p", "no:cacheprovider"], cwd=ROOT, env=_env(FASTGPT_BENCH_SIZE="tiny"),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    runs = len(ops.OPS) * len(ops.PASSES)
+    gpu = torch.cuda.is_available()
+    expected = f"{3 * runs} passed" if gpu else f"{2 * runs} passed, {runs} skipped"
+    assert expected in proc.stdout, proc.stdout[-2000:]
