@@ -15,6 +15,21 @@ from ._dispatch import BACKENDS, KernelUnavailableError, get_backend, set_backen
 __all__ = ["layer_norm", "attention", "gelu_mlp", "get_backend", "set_backend", "use_backend", "KernelUnavailableError"]
 
 
+def _autocast(dtype: torch.dtype | None, *tensors: torch.Tensor | None) -> tuple:
+    """The tensors as PyTorch's autocast would hand them to the op they stand for.
+
+    When autocast is on for the first tensor's device type, every tensor is cast to ``dtype``, or
+    to the autocast dtype when ``dtype`` is None (matmul-like ops: attention, the MLP); LayerNorm
+    passes float32, as CUDA autocast runs layer_norm in float32. Otherwise they are returned as
+    they are. The casts are differentiable, so float32 parameters get float32 gradients.
+    """
+    device_type = tensors[0].device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = dtype or torch.get_autocast_dtype(device_type)
+    return tuple(None if t is None else t.to(dtype) for t in tensors)
+
+
 def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None = None,
                eps: float = 1e-5) -> torch.Tensor:
     """LayerNorm over the last dimension: ``(x - mean) / sqrt(var + eps) * weight + bias``.
@@ -26,7 +41,7 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor 
         eps: added to the biased variance; finite and >= 0 (default 1e-5).
 
     Returns:
-        (..., N) tensor of x's dtype. Statistics are computed in float32.
+        (..., N) tensor of x's dtype (float32 under autocast). Statistics are computed in float32.
     """
     _checks.tensor("x", x)
     _checks.tensor("weight", weight, optional=True)
@@ -35,6 +50,7 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor 
         raise ValueError(f"x must have a non-empty last dimension to normalise, got shape {tuple(x.shape)}")
     _checks.shape("weight", weight, (x.shape[-1],))
     _checks.shape("bias", bias, (x.shape[-1],))
+    x, weight, bias = _autocast(torch.float32, x, weight, bias)
     _checks.same_device_and_dtype(x=x, weight=weight, bias=bias)
     _checks.finite_nonnegative("eps", eps)
     if _dispatch.use_kernel("layer_norm", x, weight, bias):
@@ -60,7 +76,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
         softmax_scale: multiplier of the scores, finite and > 0; None (default) means 1 / sqrt(D).
 
     Returns:
-        (B, H, T, D) tensor of q's dtype.
+        (B, H, T, D) tensor of q's dtype (under autocast, of the autocast dtype: inputs are cast).
     """
     _checks.tensor("q", q)
     _checks.tensor("k", k)
@@ -71,6 +87,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
         raise ValueError(f"q must have a non-empty head dimension D, got shape {tuple(q.shape)}")
     _checks.shape("k", k, q.shape)
     _checks.shape("v", v, q.shape)
+    q, k, v = _autocast(None, q, k, v)
     _checks.same_device_and_dtype(q=q, k=k, v=v)
     _checks.probability("dropout_p", dropout_p)
     if softmax_scale is not None:
@@ -96,7 +113,8 @@ def gelu_mlp(x: torch.Tensor, fc_weight: torch.Tensor, fc_bias: torch.Tensor | N
         All tensors share x's dtype and device.
 
     Returns:
-        (..., C) tensor of x's dtype. GELU is the tanh approximation, as in GPT-2.
+        (..., C) tensor of x's dtype (under autocast, of the autocast dtype: inputs are cast, as
+        ``F.linear`` casts them). GELU is the tanh approximation, as in GPT-2.
     """
     _checks.tensor("x", x)
     _checks.tensor("fc_weight", fc_weight)
@@ -112,6 +130,7 @@ def gelu_mlp(x: torch.Tensor, fc_weight: torch.Tensor, fc_bias: torch.Tensor | N
     _checks.shape("fc_bias", fc_bias, (hidden,))
     _checks.shape("proj_weight", proj_weight, (width, hidden))
     _checks.shape("proj_bias", proj_bias, (width,))
+    x, fc_weight, fc_bias, proj_weight, proj_bias = _autocast(None, x, fc_weight, fc_bias, proj_weight, proj_bias)
     _checks.same_device_and_dtype(x=x, fc_weight=fc_weight, fc_bias=fc_bias, proj_weight=proj_weight,
                                   proj_bias=proj_bias)
     if _dispatch.use_kernel("gelu_mlp", x, fc_weight, fc_bias, proj_weight, proj_bias):

@@ -105,3 +105,33 @@ def test_policy_decides_which_implementation_runs(monkeypatch):
         with kernels.use_backend(backend):
             kernels.layer_norm(x, None)
     assert calls == ["kernel", "kernel", "reference"]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_autocast_casts_the_inputs_on_both_backends(backend):
+    """Under bfloat16 autocast, float32 inputs run the MLP and attention in bfloat16 (as F.linear and
+    SDPA do) and LayerNorm in float32, whichever backend runs; float32 leaves get float32 gradients."""
+    from conftest import BF16_SKIP_REASON
+
+    if backend == "triton" and BF16_SKIP_REASON:
+        pytest.skip(BF16_SKIP_REASON)
+    gen = torch.Generator().manual_seed(0)
+
+    def leaf(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(DEVICE).requires_grad_()
+
+    x, w1, b1, w2, b2 = leaf(5, 32), leaf(128, 32, scale=0.2), leaf(128), leaf(32, 128, scale=0.1), leaf(32)
+    q, k, v = leaf(1, 2, 17, 16), leaf(1, 2, 17, 16), leaf(1, 2, 17, 16)
+    ln_w, ln_b = leaf(32), leaf(32)
+    with kernels.use_backend(backend), torch.autocast(DEVICE, dtype=torch.bfloat16):
+        mlp = kernels.gelu_mlp(x, w1, b1, w2, b2)
+        att = kernels.attention(q, k, v)
+        ln = kernels.layer_norm(x.bfloat16(), ln_w, ln_b)
+    assert (mlp.dtype, att.dtype, ln.dtype) == (torch.bfloat16, torch.bfloat16, torch.float32)
+    with kernels.use_backend("torch"):
+        bf16 = [t.detach().bfloat16() for t in (x, w1, b1, w2, b2, q, k, v)]
+        torch.testing.assert_close(mlp, kernels.gelu_mlp(*bf16[:5]), rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(att, kernels.attention(*bf16[5:]), rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(ln, kernels.layer_norm(x.detach().bfloat16().float(), ln_w.detach(), ln_b.detach()))
+    (mlp.float().sum() + att.float().sum() + ln.sum()).backward()
+    assert all(t.grad is not None and t.grad.dtype == torch.float32 for t in (x, w1, b1, w2, b2, q, k, v, ln_w, ln_b))
