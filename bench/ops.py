@@ -136,20 +136,26 @@ class _OpNames(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def launches_kernel(case: OpCase, inputs: dict) -> bool:
+    """Whether ``kernels.<op>`` under the ``triton`` backend dispatches fastgpt's custom op, i.e.
+    launches the Triton kernel rather than anything else (raises KernelUnavailableError if it cannot)."""
+    with _OpNames() as seen:
+        forward(case, "triton", inputs)
+    return any(name.startswith(f"fastgpt.{case.op}.") for name in seen.names)
+
+
 def unavailable(case: OpCase, provider: str, inputs: dict, device: torch.device) -> str | None:
-    """Why ``provider`` cannot be timed here, or None. The Triton provider must really launch
-    fastgpt's kernel (its custom op shows up in the dispatched ops), never the fallback."""
+    """Why ``provider`` cannot be timed here, or None. The Triton provider is timed only on a CUDA
+    device, and only when it really launches fastgpt's kernel, never the fallback."""
     if provider != "triton":
         return None
     if device.type != "cuda":
         return NEEDS_GPU
     try:
-        with _OpNames() as seen:
-            forward(case, provider, inputs)
+        if not launches_kernel(case, inputs):
+            return f"kernels.{case.op} did not launch its Triton kernel"
     except kernels.KernelUnavailableError as exc:
         return str(exc)
-    if not any(name.startswith(f"fastgpt.{case.op}.") for name in seen.names):
-        return f"kernels.{case.op} did not launch a Triton kernel (not wired to its kernel yet)"
     return None
 
 
@@ -198,11 +204,12 @@ def ideal_bytes(case: OpCase, pass_name: str) -> float | None:
 # --------------------------------------------------------------------------- the run
 
 
-def run(size: str, device: torch.device, dtype: torch.dtype, rounds: int, log=print) -> list[dict]:
+def run(size: str, device: torch.device, dtype: torch.dtype, rounds: int, peak_jobs: list, log=print) -> list[dict]:
     """Time every op, pass and available provider; providers interleaved per (op, pass).
 
-    One row per (op, provider, pass): time (median of ``rounds``), TFLOP/s or GB/s, peak memory, or
-    ``status`` saying why it was not measured.
+    One row per (op, provider, pass): time (median of ``rounds``), TFLOP/s or GB/s, or ``status``
+    saying why it was not measured. Each measured row's peak memory is left to ``peak_jobs``
+    (``(row, fn)`` pairs for :func:`bench.measure.fill_peak_memory`).
     """
     rows = []
     for op in OPS:
@@ -225,6 +232,6 @@ def run(size: str, device: torch.device, dtype: torch.dtype, rounds: int, log=pr
                 rows.append({**row, "status": "measured", "time_s": seconds, "rounds": rounds,
                              "tflops": work_flops / seconds / 1e12 if work_flops else None,
                              "gbps": work_bytes / seconds / 1e9 if work_bytes else None,
-                             "peak_memory_bytes": measure.peak_memory(fns[provider][pass_name], device)})
-        del fns, inputs
+                             "peak_memory_bytes": None})
+                peak_jobs.append((rows[-1], fns[provider][pass_name]))
     return rows

@@ -83,11 +83,12 @@ def random_batch(shape: dict, context: int, batch: int, device: torch.device):
     return idx.to(device), targets.to(device)
 
 
-def run(size: str, device: torch.device, rounds: int, dropout: float = 0.0, log=print) -> list[dict]:
+def run(size: str, device: torch.device, rounds: int, peak_jobs: list, dropout: float = 0.0, log=print) -> list[dict]:
     """Time every (side, precision) at every context length of ``size``; one row per variant.
 
     Rows hold tokens/s (median over ``rounds``), MFU against the machine's peak for that precision,
-    peak memory of one step, and which precision is the side's default.
+    and which precision is the side's default. The peak memory of one step is left to
+    ``peak_jobs`` (``(row, step)`` pairs for :func:`bench.measure.fill_peak_memory`).
     """
     shape = TINY_SHAPE if size == "tiny" else LECTURE_SHAPE
     defaults = default_precisions(device)
@@ -112,10 +113,10 @@ def run(size: str, device: torch.device, rounds: int, dropout: float = 0.0, log=
                 "context": context, "batch": batch, "dropout": dropout, "time_s": seconds,
                 "times_s": times[side, precision],
                 "tokens_per_s": tokens_per_s, "mfu": flops_per_token[side] * tokens_per_s / peaks[precision],
-                "peak_memory_bytes": measure.peak_memory(step, device),
+                "peak_memory_bytes": None,
                 "backend": fastgpt_backend(device) if side == "fastgpt" else "torch (nn modules)",
             })
-        del steps
+            peak_jobs.append((rows[-1], step))
     return rows
 
 

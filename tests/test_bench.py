@@ -13,7 +13,8 @@ import kernels
 from bench import __main__ as bench_main
 from bench import ops
 from bench.naive import MultiHeadAttention, NaiveConfig, NaiveGPT
-from kernels import reference
+from conftest import DEVICE
+from kernels import _dispatch, reference
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -134,3 +135,13 @@ def test_pytest_benchmark_file_runs_every_op_provider_and_pass():
     gpu = torch.cuda.is_available()
     expected = f"{3 * runs} passed" if gpu else f"{2 * runs} passed, {runs} skipped"
     assert expected in proc.stdout, proc.stdout[-2000:]
+
+
+@pytest.mark.skipif(not _dispatch.INTERPRETED and not torch.cuda.is_available(), reason="needs the kernels to run")
+@pytest.mark.parametrize("op", ops.OPS)
+def test_the_triton_provider_is_recognised_only_when_the_kernel_launches(op, monkeypatch):
+    case = ops.OpCase(op, ops.SHAPES["tiny"][op])
+    inputs = ops.make_inputs(case, DEVICE)
+    assert ops.launches_kernel(case, inputs)
+    monkeypatch.setattr(_dispatch, "use_kernel", lambda *args: False)  # a silent fallback
+    assert not ops.launches_kernel(case, inputs)
