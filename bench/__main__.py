@@ -207,29 +207,20 @@ def main(argv=None) -> int:
     machine = results["machine"]
     print(f"python -m bench ({args.size}) on {machine['gpu'] or machine['cpu']}, {machine['cpu_cores']} cores, "
           f"torch {machine['torch']}, triton {machine['triton']}; {rounds} round(s) per figure", flush=True)
-    # Every timing first (the profile included), then the peaks: see bench.measure.
-    peak_jobs = []
-    if "ops" not in args.skip:
-        results["ops"] = ops.run(args.size, device, op_dtype, rounds, peak_jobs)
-    if "train" not in args.skip:
-        results["train_step"] = train_step.run(args.size, device, rounds, peak_jobs, args.dropout)
-    if args.profile:
-        results["profile"] = train_step.profile(args.size, device, args.profile, args.dropout)
-    print(f"  peak memory of {len(peak_jobs)} calls", flush=True)
-    measure.fill_peak_memory(peak_jobs, device)
-    del peak_jobs
-
     report = []
-    if "ops" in results:
+    if "ops" not in args.skip:
+        results["ops"] = ops.run(args.size, device, op_dtype, rounds)
         report += ["", f"Per op ({str(op_dtype).removeprefix('torch.')}, median of {rounds}):", *ops_table(results["ops"])]
-    if "train_step" in results:
+    if "train" not in args.skip:
+        results["train_step"] = train_step.run(args.size, device, rounds, args.dropout)
         results["train_step_ratios"] = train_step.ratios(results["train_step"])
         report += ["", f"Training step (forward, backward, AdamW), lecture shape, dropout {args.dropout}, "
                        f"median of {rounds}:", *train_table(results["train_step"], results["train_step_ratios"])]
         if args.size != "tiny":
             report += target_lines(results["train_step_ratios"])
-    if "profile" in results:
+    if args.profile:
         context, batch = train_step.CONTEXTS[args.size][0]
+        results["profile"] = train_step.profile(args.size, device, args.profile, args.dropout)
         for side, table in results["profile"].items():
             report += ["", f"Profile: {side}, two training steps, {args.profile}, T={context} B={batch} "
                            f"(top ops by self time):", table]

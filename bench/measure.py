@@ -5,37 +5,29 @@ being compared are timed in rounds, each round running every one of them once, i
 alternates from round to round; the figure is the median over the rounds. On a CUDA device each
 call is timed with CUDA events; on a CPU with ``time.perf_counter``.
 
-Peak memory. On a CUDA device: ``torch.cuda.max_memory_allocated`` during the call, minus what was
-allocated before it. On a Linux CPU, where torch keeps no memory statistics: the growth of the
-process's peak resident set size (``VmHWM``) during the call, after freed heap memory has been
-handed back to the system (``malloc_trim``) and the peak reset to the current resident size
-(``/proc/self/clear_refs``), with glibc's mmap threshold fixed at 128 KiB, so that every large
-block is mapped on allocation and unmapped on release and the resident size follows the live
-memory. (With glibc's default, adaptive threshold, freed blocks stay in the heap and the same
-step measured 570 MiB or 1200 MiB depending on what ran before it.) That is the memory the call
-needs beyond what is already resident: activations, gradients and temporaries, not the
-parameters or the optimizer's state. Fixing the threshold changes the allocator for the rest of
-the process (every large allocation then pays page faults), so peaks are measured after all
-timings: :func:`fill_peak_memory`. Elsewhere peak memory is not measured (None).
+Peak memory. The most memory PyTorch's allocator holds for tensors during the call, minus what it
+held before: activations, gradients, optimizer state and temporaries created by the call, not what
+was allocated before it. On a CUDA device from ``torch.cuda.max_memory_allocated``; on a CPU, where
+torch keeps no such counter, from the allocation events torch's profiler records with
+``profile_memory=True`` (each carries the CPU allocator's running total). The process's resident
+size is not used: glibc keeps freed blocks, so the same step measured 570 or 1200 MiB depending on
+what had run before it, while the allocator's total is the same on every repeat.
 """
 from __future__ import annotations
 
-import ctypes
-import functools
 import gc
+import json
 import os
 import platform
 import re
 import statistics
+import tempfile
 import time
 
 import torch
 
-CPU_MEMORY_METHOD = ("peak RSS growth during the call (Linux VmHWM after malloc_trim and a clear_refs reset "
-                     "of the peak, glibc mmap threshold fixed at 128 KiB): memory needed beyond what was "
-                     "resident before the call")
-_M_MMAP_THRESHOLD = -3  # mallopt parameter number (glibc malloc.h)
-_MMAP_THRESHOLD = 128 * 1024
+CPU_MEMORY_METHOD = ("peak of the CPU allocator's running total during the call (torch.profiler memory "
+                     "events) minus the total before it")
 CUDA_MEMORY_METHOD = "torch.cuda.max_memory_allocated during the call minus the memory allocated before it"
 
 
@@ -83,17 +75,13 @@ def median(samples: list[float]) -> float:
 # --------------------------------------------------------------------------- peak memory
 
 
-def memory_method(device: torch.device) -> str | None:
-    """How :func:`peak_memory` measures on ``device``, or None when it cannot."""
-    if device.type == "cuda":
-        return CUDA_MEMORY_METHOD
-    if _linux_peak_rss_available():
-        return CPU_MEMORY_METHOD
-    return None
+def memory_method(device: torch.device) -> str:
+    """How :func:`peak_memory` measures on ``device``."""
+    return CUDA_MEMORY_METHOD if device.type == "cuda" else CPU_MEMORY_METHOD
 
 
-def peak_memory(fn, device: torch.device) -> int | None:
-    """Bytes of memory a call of ``fn()`` needs beyond what is allocated before it (see module doc)."""
+def peak_memory(fn, device: torch.device) -> int:
+    """Bytes of tensor memory a call of ``fn()`` needs beyond what is allocated before it (see module doc)."""
     gc.collect()
     if device.type == "cuda":
         synchronize(device)
@@ -102,50 +90,19 @@ def peak_memory(fn, device: torch.device) -> int | None:
         fn()
         synchronize(device)
         return torch.cuda.max_memory_allocated(device) - before
-    if not _linux_peak_rss_available():
-        return None
-    _libc().mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
-    _libc().malloc_trim(0)
-    _reset_peak_rss()
-    before = _status_bytes("VmRSS")
-    fn()
-    return _status_bytes("VmHWM") - before
-
-
-def fill_peak_memory(jobs: list, device: torch.device) -> None:
-    """Set ``row["peak_memory_bytes"] = peak_memory(fn)`` for every ``(row, fn)`` in ``jobs``: run it
-    after every timing of the process (see the module doc)."""
-    for row, fn in jobs:
-        row["peak_memory_bytes"] = peak_memory(fn, device)
-
-
-def _libc():
-    return ctypes.CDLL(None)
-
-
-def _status_bytes(key: str) -> int:
-    with open("/proc/self/status") as f:
-        match = re.search(rf"^{key}:\s+(\d+) kB", f.read(), re.MULTILINE)
-    return int(match.group(1)) * 1024
-
-
-def _reset_peak_rss() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
-@functools.lru_cache(maxsize=None)
-def _linux_peak_rss_available() -> bool:
-    if platform.system() != "Linux":
-        return False
-    try:
-        _libc().malloc_trim
-        _libc().mallopt
-        _reset_peak_rss()
-        _status_bytes("VmHWM")
-    except (OSError, AttributeError):
-        return False
-    return True
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
+    # One "[memory]" event per allocation (+bytes) or release (-bytes), with the total after it.
+    memory = [e["args"] for e in events if e.get("name") == "[memory]" and e["args"].get("Device Type", 0) == 0]
+    if not memory:
+        return 0
+    before = memory[0]["Total Allocated"] - memory[0]["Bytes"]
+    return max(m["Total Allocated"] for m in memory) - before
 
 
 # --------------------------------------------------------------------------- the machine

@@ -155,8 +155,3 @@ class NaiveGPT(nn.Module):
         """Parameters that take part in matmuls: all but the two embedding tables (lookups)."""
         embeddings = self.token_embedding_table.weight.numel() + self.position_embedding_table.weight.numel()
         return sum(p.numel() for p in self.parameters()) - embeddings
-
-    def estimate_flops_per_token(self, seq_len: int) -> int:
-        """Training FLOPs per token with the formula fastgpt uses (``6 N + 12 L H Q T``), for MFU."""
-        cfg = self.config
-        return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_embd * seq_len

@@ -204,12 +204,11 @@ def ideal_bytes(case: OpCase, pass_name: str) -> float | None:
 # --------------------------------------------------------------------------- the run
 
 
-def run(size: str, device: torch.device, dtype: torch.dtype, rounds: int, peak_jobs: list, log=print) -> list[dict]:
+def run(size: str, device: torch.device, dtype: torch.dtype, rounds: int, log=print) -> list[dict]:
     """Time every op, pass and available provider; providers interleaved per (op, pass).
 
-    One row per (op, provider, pass): time (median of ``rounds``), TFLOP/s or GB/s, or ``status``
-    saying why it was not measured. Each measured row's peak memory is left to ``peak_jobs``
-    (``(row, fn)`` pairs for :func:`bench.measure.fill_peak_memory`).
+    One row per (op, provider, pass): time (median of ``rounds``), TFLOP/s or GB/s, peak memory, or
+    ``status`` saying why it was not measured.
     """
     rows = []
     for op in OPS:
@@ -232,6 +231,6 @@ def run(size: str, device: torch.device, dtype: torch.dtype, rounds: int, peak_j
                 rows.append({**row, "status": "measured", "time_s": seconds, "rounds": rounds,
                              "tflops": work_flops / seconds / 1e12 if work_flops else None,
                              "gbps": work_bytes / seconds / 1e9 if work_bytes else None,
-                             "peak_memory_bytes": None})
-                peak_jobs.append((rows[-1], fns[provider][pass_name]))
+                             "peak_memory_bytes": measure.peak_memory(fns[provider][pass_name], device)})
+        del fns, inputs
     return rows

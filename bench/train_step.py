@@ -54,6 +54,18 @@ def build(side: str, shape: dict, context: int, dropout: float, device: torch.de
     return model.train(), optimizer
 
 
+def needed_flops_per_token(model, context: int) -> int:
+    """Training FLOPs a causal model of this shape needs per token, for MFU: 6 per weight that takes
+    part in a matmul, plus per layer 6 C T for the causal half of the two attention matmuls.
+
+    fastgpt's own MFU (:meth:`fastgpt.model.GPT.estimate_flops_per_token`) counts the full T x T
+    scores, as the PaLM paper does; with kernels that skip the masked half that can exceed 100%.
+    Both sides are rated with this one formula, whatever they execute.
+    """
+    cfg = model.config
+    return 6 * model.num_params() + 6 * cfg.n_layer * cfg.n_embd * context
+
+
 def fastgpt_backend(device: torch.device) -> str:
     """The kernels' backend fastgpt is timed with: the Triton kernels on a GPU, the references on a CPU."""
     return "triton" if device.type == "cuda" else "torch"
@@ -83,12 +95,12 @@ def random_batch(shape: dict, context: int, batch: int, device: torch.device):
     return idx.to(device), targets.to(device)
 
 
-def run(size: str, device: torch.device, rounds: int, peak_jobs: list, dropout: float = 0.0, log=print) -> list[dict]:
+def run(size: str, device: torch.device, rounds: int, dropout: float = 0.0, log=print) -> list[dict]:
     """Time every (side, precision) at every context length of ``size``; one row per variant.
 
-    Rows hold tokens/s (median over ``rounds``), MFU against the machine's peak for that precision,
-    and which precision is the side's default. The peak memory of one step is left to
-    ``peak_jobs`` (``(row, step)`` pairs for :func:`bench.measure.fill_peak_memory`).
+    Rows hold tokens/s (median over ``rounds``), MFU (:func:`needed_flops_per_token`) against the
+    machine's peak for that precision, peak memory of one step, and which precision is the side's
+    default.
     """
     shape = TINY_SHAPE if size == "tiny" else LECTURE_SHAPE
     defaults = default_precisions(device)
@@ -100,7 +112,7 @@ def run(size: str, device: torch.device, rounds: int, peak_jobs: list, dropout: 
         steps, flops_per_token = {}, {}
         for side in SIDES:
             model, optimizer = build(side, shape, context, dropout, device)
-            flops_per_token[side] = model.estimate_flops_per_token(context)
+            flops_per_token[side] = needed_flops_per_token(model, context)
             for precision in precisions:
                 steps[side, precision] = step_fn(side, model, optimizer, idx, targets, precision, device)
         log(f"  train step T={context} B={batch}: {len(steps)} variants, {rounds} rounds")
@@ -113,10 +125,10 @@ def run(size: str, device: torch.device, rounds: int, peak_jobs: list, dropout: 
                 "context": context, "batch": batch, "dropout": dropout, "time_s": seconds,
                 "times_s": times[side, precision],
                 "tokens_per_s": tokens_per_s, "mfu": flops_per_token[side] * tokens_per_s / peaks[precision],
-                "peak_memory_bytes": None,
+                "peak_memory_bytes": measure.peak_memory(step, device),
                 "backend": fastgpt_backend(device) if side == "fastgpt" else "torch (nn modules)",
             })
-            peak_jobs.append((rows[-1], step))
+        del steps
     return rows
 
 

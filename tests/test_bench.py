@@ -11,7 +11,7 @@ import torch
 
 import kernels
 from bench import __main__ as bench_main
-from bench import ops
+from bench import measure, ops
 from bench.naive import MultiHeadAttention, NaiveConfig, NaiveGPT
 from conftest import DEVICE
 from kernels import _dispatch, reference
@@ -145,3 +145,22 @@ def test_the_triton_provider_is_recognised_only_when_the_kernel_launches(op, mon
     assert ops.launches_kernel(case, inputs)
     monkeypatch.setattr(_dispatch, "use_kernel", lambda *args: False)  # a silent fallback
     assert not ops.launches_kernel(case, inputs)
+
+
+def test_peak_memory_counts_the_tensors_alive_at_once():
+    cpu = torch.device("cpu")
+
+    def two_alive():
+        x = torch.ones(250_000)  # 1 MB
+        y = x * 2  # 1 MB more while x lives
+        return float(y[0])
+
+    def one_at_a_time():
+        return [float(torch.ones(250_000)[0]) for _ in range(3)]
+
+    before = torch.ones(1_000_000)  # allocated before the call: not counted
+    # Exact but for a few bytes of scalar temporaries.
+    assert 2_000_000 <= measure.peak_memory(two_alive, cpu) < 2_000_100
+    assert 1_000_000 <= measure.peak_memory(one_at_a_time, cpu) < 1_000_100
+    assert measure.peak_memory(lambda: None, cpu) == 0
+    del before
