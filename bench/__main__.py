@@ -112,11 +112,11 @@ def target_lines(ratio_rows: list[dict]) -> list[str]:
     for context, target in SPEEDUP_TARGETS.items():
         if context in defaults:
             got = defaults[context]["speedup"]
-            lines.append(f"target: speed-up >= {target}x at T={context}: {got:.2f}x, {'met' if got >= target else 'MISSED'}")
+            lines.append(f"target: speed-up >= {target}x at T={context}: {got:.3f}x, {'met' if got >= target else 'MISSED'}")
     context, fraction = MEMORY_TARGET
     if context in defaults and defaults[context]["memory_ratio"] is not None:
         got = defaults[context]["memory_ratio"]
-        lines.append(f"target: peak memory <= {fraction:.2f} of naive at T={context}: {got:.2f}, "
+        lines.append(f"target: peak memory <= {fraction:.3f} of naive at T={context}: {got:.3f}, "
                      f"{'met' if got <= fraction else 'MISSED'}")
     return lines
 
