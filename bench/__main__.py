@@ -67,8 +67,8 @@ def run_gpu_model(size: str) -> list[dict]:
 # --------------------------------------------------------------------------- tables
 
 
-def _mib(n) -> str:
-    return "-" if n is None else f"{n / 2**20:.1f}"
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f}"
 
 
 def ops_table(rows: list[dict]) -> list[str]:
@@ -165,9 +165,8 @@ def plot(results: dict, out: Path) -> list[Path] | None:
                 rows = [r for r in train if r["side"] == side and r["precision"] == precision]
                 contexts = [r["context"] for r in rows]
                 speed.plot(contexts, [r["tokens_per_s"] for r in rows], marker="o", label=f"{side} {precision}")
-                if all(r["peak_memory_bytes"] is not None for r in rows):
-                    memory.plot(contexts, [r["peak_memory_bytes"] / 2**20 for r in rows], marker="o",
-                                label=f"{side} {precision}")
+                memory.plot(contexts, [r["peak_memory_bytes"] / 2**20 for r in rows], marker="o",
+                            label=f"{side} {precision}")
         for axis, ylabel in ((speed, "tokens/s"), (memory, "peak memory of one step (MiB)")):
             axis.set_xscale("log", base=2)
             axis.set_xlabel("context length T")
@@ -197,6 +196,10 @@ def plot(results: dict, out: Path) -> list[Path] | None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.profile and args.profile not in train_step.precisions(device):
+        print(f"python -m bench: --profile {args.profile} is not available on this device; "
+              f"choose one of {', '.join(train_step.precisions(device))}", file=sys.stderr)
+        return 2
     rounds = args.rounds or DEFAULT_ROUNDS[args.size]
     op_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     out = Path(args.out)
@@ -229,8 +232,7 @@ def main(argv=None) -> int:
         results["gpu_model"] = run_gpu_model(args.size)
         report += ["", "GPU model (NOT measured: interpreter byte counts and data-sheet roofs; lower bounds):",
                    *model_table(results["gpu_model"])]
-    if results["memory_method"]:
-        report += ["", f"peak memory: {results['memory_method']}"]
+    report += ["", f"peak memory: {results['memory_method']}"]
     print("\n".join(report))
     (out / "results.json").write_text(json.dumps(results, indent=1))
     paths = plot(results, out)

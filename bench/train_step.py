@@ -23,7 +23,7 @@ from fastgpt.model import GPT, GPTConfig
 from fastgpt.train import autocast_context, peak_flops, resolve_dtype
 
 SIDES = ("naive", "fastgpt")
-PRECISIONS = ("float32", "bfloat16")
+PRECISIONS = ("float32", "bfloat16", "float16")
 LECTURE_SHAPE = dict(vocab_size=65, n_layer=6, n_head=6, n_embd=384)
 TINY_SHAPE = dict(vocab_size=65, n_layer=2, n_head=2, n_embd=32)
 
@@ -33,6 +33,14 @@ CONTEXTS = {
     "quick": [(256, 8), (1024, 2)],
     "full": [(256, 8), (1024, 2), (2048, 1)],
 }
+
+
+def precisions(device: torch.device) -> list[str]:
+    """The precisions timed on ``device``: float32, and bfloat16 autocast where the device has it
+    (CPUs, and GPUs from Ampere on), else float16 autocast."""
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return ["float32", "float16"]
+    return ["float32", "bfloat16"]
 
 
 def default_precisions(device: torch.device) -> dict[str, str]:
@@ -104,8 +112,8 @@ def run(size: str, device: torch.device, rounds: int, dropout: float = 0.0, log=
     """
     shape = TINY_SHAPE if size == "tiny" else LECTURE_SHAPE
     defaults = default_precisions(device)
-    precisions = list(dict.fromkeys([*PRECISIONS, *defaults.values()]))  # float16 on GPUs without bf16
-    peaks = {p: peak_flops(device, p) for p in precisions}
+    timed = precisions(device)
+    peaks = {p: peak_flops(device, p) for p in timed}
     rows = []
     for context, batch in CONTEXTS[size]:
         idx, targets = random_batch(shape, context, batch, device)
@@ -113,7 +121,7 @@ def run(size: str, device: torch.device, rounds: int, dropout: float = 0.0, log=
         for side in SIDES:
             model, optimizer = build(side, shape, context, dropout, device)
             flops_per_token[side] = needed_flops_per_token(model, context)
-            for precision in precisions:
+            for precision in timed:
                 steps[side, precision] = step_fn(side, model, optimizer, idx, targets, precision, device)
         log(f"  train step T={context} B={batch}: {len(steps)} variants, {rounds} rounds")
         times = measure.interleaved_times(steps, device, rounds)

@@ -164,3 +164,9 @@ def test_peak_memory_counts_the_tensors_alive_at_once():
     assert 1_000_000 <= measure.peak_memory(one_at_a_time, cpu) < 1_000_100
     assert measure.peak_memory(lambda: None, cpu) == 0
     del before
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the answer depends on its bfloat16 support")
+def test_a_precision_the_device_does_not_time_cannot_be_profiled(tmp_path, capsys):
+    assert bench_main.main(["--tiny", "--profile", "float16", "--out", str(tmp_path)]) == 2
+    assert "--profile float16 is not available on this device" in capsys.readouterr().err
