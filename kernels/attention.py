@@ -48,8 +48,28 @@ _INTERPRETED = bool(triton.knobs.runtime.interpret)
 
 
 @triton.jit
-def _load_tile(ptrs, rows, T, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASK_ROWS: tl.constexpr):
-    """A (rows, BLOCK_D) tile; rows >= T (when MASK_ROWS) and padded head-dim columns read as 0."""
+def _head(ptr, off_b, off_h, stride_b, stride_h):
+    """``ptr`` moved to head ``(off_b, off_h)``, in int64: B * H * T * D elements may exceed 2^31."""
+    return ptr + off_b.to(tl.int64) * stride_b + off_h.to(tl.int64) * stride_h
+
+
+@triton.jit
+def _dropout_rng(Rng_ptr, DROPOUT: tl.constexpr):
+    """The call's dropout ``(seed, offset)``; zeros, never used, without dropout."""
+    if DROPOUT:
+        seed = tl.load(Rng_ptr)
+        offset = tl.load(Rng_ptr + 1)
+    else:
+        seed = 0
+        offset = 0
+    return seed, offset
+
+
+@triton.jit
+def _load_tile(X_ptr, rows, offs_d, stride_t, stride_d, T, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+               MASK_ROWS: tl.constexpr):
+    """The (rows, BLOCK_D) tile of one head's X; rows >= T (when MASK_ROWS) and padded head-dim columns read as 0."""
+    ptrs = X_ptr + rows[:, None] * stride_t + offs_d[None, :] * stride_d
     if MASK_ROWS:
         if BLOCK_D == HEAD_DIM:
             tile = tl.load(ptrs, mask=rows[:, None] < T, other=0.0)
@@ -64,8 +84,9 @@ def _load_tile(ptrs, rows, T, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.conste
 
 
 @triton.jit
-def _store_tile(ptrs, value, rows, T, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Store the rows < T and real head-dim columns of a (rows, BLOCK_D) tile."""
+def _store_tile(X_ptr, value, rows, offs_d, stride_t, stride_d, T, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Store the rows < T and real head-dim columns of a (rows, BLOCK_D) tile of one head's X."""
+    ptrs = X_ptr + rows[:, None] * stride_t + offs_d[None, :] * stride_d
     value = value.to(ptrs.dtype.element_ty)
     if BLOCK_D == HEAD_DIM:
         tl.store(ptrs, value, mask=rows[:, None] < T)
@@ -110,8 +131,7 @@ def _fwd_tiles(acc, l_i, m_i, q, K_ptr, V_ptr, stride_k_t, stride_k_d, stride_v_
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + offs_n
-        k = _load_tile(K_ptr + cols[:, None] * stride_k_t + offs_d[None, :] * stride_k_d, cols, T, offs_d,
-                       HEAD_DIM, BLOCK_D, MASKED)
+        k = _load_tile(K_ptr, cols, offs_d, stride_k_t, stride_k_d, T, HEAD_DIM, BLOCK_D, MASKED)
         s = tl.dot(q, tl.trans(k)) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
         if MASKED:
             valid = cols[None, :] < T
@@ -124,8 +144,7 @@ def _fwd_tiles(acc, l_i, m_i, q, K_ptr, V_ptr, stride_k_t, stride_k_d, stride_v_
         l_i = l_i * alpha + tl.sum(p, 1)
         if DROPOUT:
             p = tl.where(_dropout_keep(seed, offset, bh, offs_m, start_n, dropout_p, BLOCK_M, BLOCK_N), p, 0.0)
-        v = _load_tile(V_ptr + cols[:, None] * stride_v_t + offs_d[None, :] * stride_v_d, cols, T, offs_d,
-                       HEAD_DIM, BLOCK_D, MASKED)
+        v = _load_tile(V_ptr, cols, offs_d, stride_v_t, stride_v_d, T, HEAD_DIM, BLOCK_D, MASKED)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
         m_i = m_new
     return acc, l_i, m_i
@@ -147,22 +166,16 @@ def _attention_fwd_kernel(
     off_h = tl.program_id(1)
     off_b = tl.program_id(2)
     bh = off_b * H + off_h
-    Q_ptr += off_b.to(tl.int64) * stride_q_b + off_h.to(tl.int64) * stride_q_h
-    K_ptr += off_b.to(tl.int64) * stride_k_b + off_h.to(tl.int64) * stride_k_h
-    V_ptr += off_b.to(tl.int64) * stride_v_b + off_h.to(tl.int64) * stride_v_h
-    O_ptr += off_b.to(tl.int64) * stride_o_b + off_h.to(tl.int64) * stride_o_h
+    Q_ptr = _head(Q_ptr, off_b, off_h, stride_q_b, stride_q_h)
+    K_ptr = _head(K_ptr, off_b, off_h, stride_k_b, stride_k_h)
+    V_ptr = _head(V_ptr, off_b, off_h, stride_v_b, stride_v_h)
+    O_ptr = _head(O_ptr, off_b, off_h, stride_o_b, stride_o_h)
     Lse_ptr += bh.to(tl.int64) * T
 
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    q = _load_tile(Q_ptr + offs_m[:, None] * stride_q_t + offs_d[None, :] * stride_q_d, offs_m, T, offs_d,
-                   HEAD_DIM, BLOCK_D, True)
-    if DROPOUT:
-        seed = tl.load(Rng_ptr)
-        offset = tl.load(Rng_ptr + 1)
-    else:
-        seed = 0
-        offset = 0
+    q = _load_tile(Q_ptr, offs_m, offs_d, stride_q_t, stride_q_d, T, HEAD_DIM, BLOCK_D, True)
+    seed, offset = _dropout_rng(Rng_ptr, DROPOUT)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -183,8 +196,7 @@ def _attention_fwd_kernel(
     l_recip = 1.0 / l_i
     if DROPOUT:
         l_recip = l_recip / (1.0 - dropout_p)
-    _store_tile(O_ptr + offs_m[:, None] * stride_o_t + offs_d[None, :] * stride_o_d, acc * l_recip[:, None],
-                offs_m, T, offs_d, HEAD_DIM, BLOCK_D)
+    _store_tile(O_ptr, acc * l_recip[:, None], offs_m, offs_d, stride_o_t, stride_o_d, T, HEAD_DIM, BLOCK_D)
     tl.store(Lse_ptr + offs_m, m_i + tl.log2(l_i), mask=offs_m < T)
 
 
@@ -216,14 +228,14 @@ def _attention_bwd_preprocess_kernel(
     start_m = tl.program_id(0)
     off_h = tl.program_id(1)
     off_b = tl.program_id(2)
-    O_ptr += off_b.to(tl.int64) * stride_o_b + off_h.to(tl.int64) * stride_o_h
-    DO_ptr += off_b.to(tl.int64) * stride_do_b + off_h.to(tl.int64) * stride_do_h
+    O_ptr = _head(O_ptr, off_b, off_h, stride_o_b, stride_o_h)
+    DO_ptr = _head(DO_ptr, off_b, off_h, stride_do_b, stride_do_h)
     Delta_ptr += (off_b * H + off_h).to(tl.int64) * T
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    o = _load_tile(O_ptr + offs_m[:, None] * stride_o_t + offs_d[None, :] * stride_o_d, offs_m, T, offs_d,
+    o = _load_tile(O_ptr, offs_m, offs_d, stride_o_t, stride_o_d, T,
                    HEAD_DIM, BLOCK_D, True).to(tl.float32)
-    do = _load_tile(DO_ptr + offs_m[:, None] * stride_do_t + offs_d[None, :] * stride_do_d, offs_m, T, offs_d,
+    do = _load_tile(DO_ptr, offs_m, offs_d, stride_do_t, stride_do_d, T,
                     HEAD_DIM, BLOCK_D, True).to(tl.float32)
     tl.store(Delta_ptr + offs_m, tl.sum(o * do, 1), mask=offs_m < T)
 
@@ -238,10 +250,8 @@ def _dkdv_tiles(dk, dv, k, v, Q_ptr, DO_ptr, Lse_ptr, Delta_ptr, stride_q_t, str
     offs_m = tl.arange(0, BLOCK_M)
     for start_m in range(start, end, BLOCK_M):
         rows = start_m + offs_m
-        q = _load_tile(Q_ptr + rows[:, None] * stride_q_t + offs_d[None, :] * stride_q_d, rows, T, offs_d,
-                       HEAD_DIM, BLOCK_D, MASKED)
-        do = _load_tile(DO_ptr + rows[:, None] * stride_do_t + offs_d[None, :] * stride_do_d, rows, T, offs_d,
-                        HEAD_DIM, BLOCK_D, MASKED)
+        q = _load_tile(Q_ptr, rows, offs_d, stride_q_t, stride_q_d, T, HEAD_DIM, BLOCK_D, MASKED)
+        do = _load_tile(DO_ptr, rows, offs_d, stride_do_t, stride_do_d, T, HEAD_DIM, BLOCK_D, MASKED)
         if MASKED:
             lse = tl.load(Lse_ptr + rows, mask=rows < T, other=0.0)
             delta = tl.load(Delta_ptr + rows, mask=rows < T, other=0.0)
@@ -283,28 +293,21 @@ def _attention_bwd_dkdv_kernel(
     off_h = tl.program_id(1)
     off_b = tl.program_id(2)
     bh = off_b * H + off_h
-    Q_ptr += off_b.to(tl.int64) * stride_q_b + off_h.to(tl.int64) * stride_q_h
-    K_ptr += off_b.to(tl.int64) * stride_k_b + off_h.to(tl.int64) * stride_k_h
-    V_ptr += off_b.to(tl.int64) * stride_v_b + off_h.to(tl.int64) * stride_v_h
-    DO_ptr += off_b.to(tl.int64) * stride_do_b + off_h.to(tl.int64) * stride_do_h
-    DK_ptr += off_b.to(tl.int64) * stride_dk_b + off_h.to(tl.int64) * stride_dk_h
-    DV_ptr += off_b.to(tl.int64) * stride_dv_b + off_h.to(tl.int64) * stride_dv_h
+    Q_ptr = _head(Q_ptr, off_b, off_h, stride_q_b, stride_q_h)
+    K_ptr = _head(K_ptr, off_b, off_h, stride_k_b, stride_k_h)
+    V_ptr = _head(V_ptr, off_b, off_h, stride_v_b, stride_v_h)
+    DO_ptr = _head(DO_ptr, off_b, off_h, stride_do_b, stride_do_h)
+    DK_ptr = _head(DK_ptr, off_b, off_h, stride_dk_b, stride_dk_h)
+    DV_ptr = _head(DV_ptr, off_b, off_h, stride_dv_b, stride_dv_h)
     Lse_ptr += bh.to(tl.int64) * T
     Delta_ptr += bh.to(tl.int64) * T
 
     n0 = start_n * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    k = _load_tile(K_ptr + offs_n[:, None] * stride_k_t + offs_d[None, :] * stride_k_d, offs_n, T, offs_d,
-                   HEAD_DIM, BLOCK_D, True)
-    v = _load_tile(V_ptr + offs_n[:, None] * stride_v_t + offs_d[None, :] * stride_v_d, offs_n, T, offs_d,
-                   HEAD_DIM, BLOCK_D, True)
-    if DROPOUT:
-        seed = tl.load(Rng_ptr)
-        offset = tl.load(Rng_ptr + 1)
-    else:
-        seed = 0
-        offset = 0
+    k = _load_tile(K_ptr, offs_n, offs_d, stride_k_t, stride_k_d, T, HEAD_DIM, BLOCK_D, True)
+    v = _load_tile(V_ptr, offs_n, offs_d, stride_v_t, stride_v_d, T, HEAD_DIM, BLOCK_D, True)
+    seed, offset = _dropout_rng(Rng_ptr, DROPOUT)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     full_end = (T // BLOCK_M) * BLOCK_M
@@ -326,10 +329,8 @@ def _attention_bwd_dkdv_kernel(
                          seed, offset, bh, dropout_p, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True, CAUSAL, DROPOUT)
     if DROPOUT:
         dv = dv / (1.0 - dropout_p)
-    _store_tile(DK_ptr + offs_n[:, None] * stride_dk_t + offs_d[None, :] * stride_dk_d, dk * softmax_scale,
-                offs_n, T, offs_d, HEAD_DIM, BLOCK_D)
-    _store_tile(DV_ptr + offs_n[:, None] * stride_dv_t + offs_d[None, :] * stride_dv_d, dv,
-                offs_n, T, offs_d, HEAD_DIM, BLOCK_D)
+    _store_tile(DK_ptr, dk * softmax_scale, offs_n, offs_d, stride_dk_t, stride_dk_d, T, HEAD_DIM, BLOCK_D)
+    _store_tile(DV_ptr, dv, offs_n, offs_d, stride_dv_t, stride_dv_d, T, HEAD_DIM, BLOCK_D)
 
 
 @triton.jit
@@ -341,10 +342,8 @@ def _dq_tiles(dq, q, do, lse, delta, K_ptr, V_ptr, stride_k_t, stride_k_d, strid
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + offs_n
-        k = _load_tile(K_ptr + cols[:, None] * stride_k_t + offs_d[None, :] * stride_k_d, cols, T, offs_d,
-                       HEAD_DIM, BLOCK_D, MASKED)
-        v = _load_tile(V_ptr + cols[:, None] * stride_v_t + offs_d[None, :] * stride_v_d, cols, T, offs_d,
-                       HEAD_DIM, BLOCK_D, MASKED)
+        k = _load_tile(K_ptr, cols, offs_d, stride_k_t, stride_k_d, T, HEAD_DIM, BLOCK_D, MASKED)
+        v = _load_tile(V_ptr, cols, offs_d, stride_v_t, stride_v_d, T, HEAD_DIM, BLOCK_D, MASKED)
         p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])  # (BLOCK_M, BLOCK_N)
         if MASKED:
             valid = cols[None, :] < T
@@ -376,28 +375,21 @@ def _attention_bwd_dq_kernel(
     off_h = tl.program_id(1)
     off_b = tl.program_id(2)
     bh = off_b * H + off_h
-    Q_ptr += off_b.to(tl.int64) * stride_q_b + off_h.to(tl.int64) * stride_q_h
-    K_ptr += off_b.to(tl.int64) * stride_k_b + off_h.to(tl.int64) * stride_k_h
-    V_ptr += off_b.to(tl.int64) * stride_v_b + off_h.to(tl.int64) * stride_v_h
-    DO_ptr += off_b.to(tl.int64) * stride_do_b + off_h.to(tl.int64) * stride_do_h
-    DQ_ptr += off_b.to(tl.int64) * stride_dq_b + off_h.to(tl.int64) * stride_dq_h
+    Q_ptr = _head(Q_ptr, off_b, off_h, stride_q_b, stride_q_h)
+    K_ptr = _head(K_ptr, off_b, off_h, stride_k_b, stride_k_h)
+    V_ptr = _head(V_ptr, off_b, off_h, stride_v_b, stride_v_h)
+    DO_ptr = _head(DO_ptr, off_b, off_h, stride_do_b, stride_do_h)
+    DQ_ptr = _head(DQ_ptr, off_b, off_h, stride_dq_b, stride_dq_h)
     Lse_ptr += bh.to(tl.int64) * T
     Delta_ptr += bh.to(tl.int64) * T
 
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    q = _load_tile(Q_ptr + offs_m[:, None] * stride_q_t + offs_d[None, :] * stride_q_d, offs_m, T, offs_d,
-                   HEAD_DIM, BLOCK_D, True)
-    do = _load_tile(DO_ptr + offs_m[:, None] * stride_do_t + offs_d[None, :] * stride_do_d, offs_m, T, offs_d,
-                    HEAD_DIM, BLOCK_D, True)
+    q = _load_tile(Q_ptr, offs_m, offs_d, stride_q_t, stride_q_d, T, HEAD_DIM, BLOCK_D, True)
+    do = _load_tile(DO_ptr, offs_m, offs_d, stride_do_t, stride_do_d, T, HEAD_DIM, BLOCK_D, True)
     lse = tl.load(Lse_ptr + offs_m, mask=offs_m < T, other=0.0)
     delta = tl.load(Delta_ptr + offs_m, mask=offs_m < T, other=0.0)
-    if DROPOUT:
-        seed = tl.load(Rng_ptr)
-        offset = tl.load(Rng_ptr + 1)
-    else:
-        seed = 0
-        offset = 0
+    seed, offset = _dropout_rng(Rng_ptr, DROPOUT)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     if CAUSAL:
         full_end = (start_m * BLOCK_M) // BLOCK_N * BLOCK_N
@@ -411,8 +403,7 @@ def _attention_bwd_dq_kernel(
     dq = _dq_tiles(dq, q, do, lse, delta, K_ptr, V_ptr, stride_k_t, stride_k_d, stride_v_t, stride_v_d,
                    offs_m, offs_d, full_end, masked_end, T, qk_scale, seed, offset, bh, dropout_p,
                    HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True, CAUSAL, DROPOUT)
-    _store_tile(DQ_ptr + offs_m[:, None] * stride_dq_t + offs_d[None, :] * stride_dq_d, dq * softmax_scale,
-                offs_m, T, offs_d, HEAD_DIM, BLOCK_D)
+    _store_tile(DQ_ptr, dq * softmax_scale, offs_m, offs_d, stride_dq_t, stride_dq_d, T, HEAD_DIM, BLOCK_D)
 
 
 @triton.jit
@@ -421,8 +412,8 @@ def _attention_dropout_mask_kernel(Keep_ptr, Rng_ptr, H, T, dropout_p, BLOCK: tl
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     bh = tl.program_id(2)
-    keep = _dropout_keep(tl.load(Rng_ptr), tl.load(Rng_ptr + 1), bh, rows, tl.program_id(1) * BLOCK, dropout_p,
-                         BLOCK, BLOCK)
+    seed, offset = _dropout_rng(Rng_ptr, True)
+    keep = _dropout_keep(seed, offset, bh, rows, tl.program_id(1) * BLOCK, dropout_p, BLOCK, BLOCK)
     ptrs = Keep_ptr + bh.to(tl.int64) * T * T + rows[:, None] * T + cols[None, :]
     tl.store(ptrs, keep.to(tl.int8), mask=(rows[:, None] < T) & (cols[None, :] < T))
 
