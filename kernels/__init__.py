@@ -21,13 +21,14 @@ def _autocast(dtype: torch.dtype | None, *tensors: torch.Tensor | None) -> tuple
     When autocast is on for the first tensor's device type, every tensor is cast to ``dtype``, or
     to the autocast dtype when ``dtype`` is None (matmul-like ops: attention, the MLP); LayerNorm
     passes float32, as CUDA autocast runs layer_norm in float32. Otherwise they are returned as
-    they are. The casts are differentiable, so float32 parameters get float32 gradients.
+    they are. As in autocast, float64 tensors are left alone. The casts are differentiable, so
+    float32 parameters get float32 gradients.
     """
     device_type = tensors[0].device.type
     if not torch.is_autocast_enabled(device_type):
         return tensors
     dtype = dtype or torch.get_autocast_dtype(device_type)
-    return tuple(None if t is None else t.to(dtype) for t in tensors)
+    return tuple(t.to(dtype) if t is not None and t.dtype != torch.float64 else t for t in tensors)
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None = None,

@@ -133,5 +133,7 @@ def test_autocast_casts_the_inputs_on_both_backends(backend):
         torch.testing.assert_close(mlp, kernels.gelu_mlp(*bf16[:5]), rtol=2e-2, atol=2e-2)
         torch.testing.assert_close(att, kernels.attention(*bf16[5:]), rtol=2e-2, atol=2e-2)
         torch.testing.assert_close(ln, kernels.layer_norm(x.detach().bfloat16().float(), ln_w.detach(), ln_b.detach()))
+    with kernels.use_backend("torch"), torch.autocast(DEVICE, dtype=torch.bfloat16):  # float64 is left alone
+        assert kernels.layer_norm(x.detach().double(), None).dtype == torch.float64
     (mlp.float().sum() + att.float().sum() + ln.sum()).backward()
     assert all(t.grad is not None and t.grad.dtype == torch.float32 for t in (x, w1, b1, w2, b2, q, k, v, ln_w, ln_b))
