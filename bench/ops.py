@@ -181,12 +181,12 @@ def pass_fns(case: OpCase, provider: str, inputs: dict) -> dict:
 # --------------------------------------------------------------------------- work per call
 
 
-def flops(case: OpCase, pass_name: str, causal_skip: bool = True) -> float | None:
-    """FLOPs of one call (None for LayerNorm, which is rated in bytes). ``causal_skip``: attention
-    counts only the causal half of the scores (False: the full T x T, what unfused code computes)."""
+def flops(case: OpCase, pass_name: str) -> float | None:
+    """FLOPs of one call (None for LayerNorm, which is rated in bytes); attention counts the causal
+    half of the scores."""
     d, scale = case.dims, {"forward": 1.0, "backward": 2.0, "forward+backward": 3.0}[pass_name]
     if case.op == "attention":
-        fwd = 4 * d["B"] * d["H"] * d["T"] ** 2 * d["D"] * (0.5 if causal_skip else 1.0)
+        fwd = 2 * d["B"] * d["H"] * d["T"] ** 2 * d["D"]
         return fwd * {"forward": 1.0, "backward": 2.5, "forward+backward": 3.5}[pass_name]
     if case.op == "gelu_mlp":
         return 4 * d["M"] * d["C"] * d["Hd"] * scale

@@ -166,6 +166,10 @@ def layer_norm_checks(rows, width, dtype, affine=(True, True), *, device="cpu", 
     return check_op("layer_norm", label, kernels.layer_norm, inputs, seed, scales)
 
 
+# float32 dots run in TF32 on a GPU (10-bit mantissa): their atol uses TF32's eps.
+TF32_EPS = 2.0**-10
+
+
 def gelu_mlp_checks(rows, width, hidden, dtype, biases=(True, True), *, device="cpu", view=None,
                     seed=0) -> list[Check]:
     """GELU MLP forward and the gradients of x, both weights and both biases.
@@ -211,10 +215,6 @@ def gelu_mlp_checks(rows, width, hidden, dtype, biases=(True, True), *, device="
                      for k, v in magnitude.items()}
     scales = {k: v.max().item() if v.numel() else 0.0 for k, v in magnitude.items()}
     return check_op("gelu_mlp", label, kernels.gelu_mlp, inputs, seed, scales)
-
-
-# float32 dots of the attention kernels run in TF32 on a GPU (10-bit mantissa): its atol uses TF32's eps.
-TF32_EPS = 2.0**-10
 
 
 def attention_scales(q, k, v, dout, causal, softmax_scale=None, keep=None, dropout_p=0.0) -> dict:
