@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from conftest import ALL_DTYPES, DEVICE
+from conftest import ALL_DTYPES, DEVICE, assert_backward_deterministic
 from kernels import _dispatch
 from kernels.verify import assert_pass, gelu_mlp_checks
 
@@ -117,12 +117,7 @@ def test_empty_batch():
 
 def test_backward_is_deterministic():
     w = mlp_inputs(rows=64, width=48, hidden=200)
-    dy = torch.randn(64, 48, device=DEVICE)
-    with kernels.use_backend("triton"):
-        first = torch.autograd.grad(kernels.gelu_mlp(**w), list(w.values()), dy)
-        second = torch.autograd.grad(kernels.gelu_mlp(**w), list(w.values()), dy)
-    for a, b in zip(first, second):
-        assert torch.equal(a, b)
+    assert_backward_deterministic(kernels.gelu_mlp, list(w.values()), torch.randn(64, 48, device=DEVICE))
 
 
 def test_the_checks_catch_the_erf_gelu(monkeypatch):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import kernels
-from conftest import ALL_DTYPES, DEVICE
+from conftest import ALL_DTYPES, DEVICE, assert_backward_deterministic
 from kernels.verify import assert_pass, layer_norm_checks
 
 ln = importlib.import_module("kernels.layer_norm")
@@ -78,12 +78,7 @@ def test_backward_is_deterministic():
     x = torch.randn(64, 300, device=DEVICE, requires_grad=True)
     weight = torch.randn(300, device=DEVICE, requires_grad=True)
     bias = torch.randn(300, device=DEVICE, requires_grad=True)
-    dy = torch.randn(64, 300, device=DEVICE)
-    with kernels.use_backend("triton"):
-        first = torch.autograd.grad(kernels.layer_norm(x, weight, bias), (x, weight, bias), dy)
-        second = torch.autograd.grad(kernels.layer_norm(x, weight, bias), (x, weight, bias), dy)
-    for a, b in zip(first, second):
-        assert torch.equal(a, b)
+    assert_backward_deterministic(kernels.layer_norm, (x, weight, bias), torch.randn(64, 300, device=DEVICE))
 
 
 def test_empty_batch():
