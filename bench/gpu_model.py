@@ -3,11 +3,11 @@
 For each fused op (attention, LayerNorm, GELU MLP), forward and backward, three byte counts:
 
 ``triton``     fastgpt's kernels run in Triton's interpreter with every masked load and store counted
-               (:func:`kernels._interpreter.count_memory_traffic`); the figure used is the distinct
+               (:func:`kernels.tools.traffic.count_memory_traffic`); the figure used is the distinct
                bytes read plus the distinct bytes written: the compulsory traffic with a perfect L2.
 ``naive``      the unfused ops of :mod:`bench.ops` (per-head attention through (T, T) matrices,
                LayerNorm and GELU as separate elementwise ops), counted as every aten op reading its
-               inputs once and writing its outputs once (:func:`kernels._interpreter.count_torch_traffic`).
+               inputs once and writing its outputs once (:func:`kernels.tools.traffic.count_torch_traffic`).
 ``reference``  the PyTorch reference ops (fastgpt's fallback), counted the same way. PyTorch's
                attention and LayerNorm are single fused ops, so this row shows what those already save.
 
@@ -59,7 +59,7 @@ def model_flops(case: ops.OpCase, provider: str, pass_name: str) -> float:
 
 def count_bytes(case: ops.OpCase, provider: str, pass_name: str) -> dict:
     """Bytes moved by one ``pass_name`` ("forward" or "backward") of ``provider``: see the module doc."""
-    from kernels._interpreter import count_memory_traffic, count_torch_traffic
+    from kernels.tools.traffic import count_memory_traffic, count_torch_traffic
 
     inputs = ops.make_inputs(case, "cpu")
     counter = count_memory_traffic if provider == "triton" else count_torch_traffic

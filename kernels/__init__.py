@@ -1,9 +1,10 @@
 """fastgpt's fused ops: one short function per op.
 
 Each function validates its inputs, asks :mod:`kernels._dispatch` whether the Triton kernel runs
-on them, and calls either the kernel's autograd Function or the PyTorch version in
+on them, and calls either the kernel (:mod:`kernels.ops`) or the PyTorch version in
 :mod:`kernels.reference`. Choose the policy with ``FASTGPT_BACKEND=auto|triton|torch``,
-:func:`set_backend` or :func:`use_backend`.
+:func:`set_backend` or :func:`use_backend`; pin the launch configuration of an autotuned kernel with
+:func:`use_configs`. The tools that check the kernels (:mod:`kernels.tools`) are not imported here.
 """
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ import torch
 
 from . import _checks, _dispatch, reference
 from ._dispatch import BACKENDS, KernelUnavailableError, get_backend, set_backend, use_backend
+from ._tuning import use_configs
 
-__all__ = ["layer_norm", "attention", "gelu_mlp", "get_backend", "set_backend", "use_backend", "KernelUnavailableError"]
+__all__ = ["layer_norm", "attention", "gelu_mlp", "BACKENDS", "get_backend", "set_backend", "use_backend",
+           "use_configs", "KernelUnavailableError"]
 
 
 def _autocast(dtype: torch.dtype | None, *tensors: torch.Tensor | None) -> tuple:
@@ -63,7 +66,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
               softmax_scale: float | None = None) -> torch.Tensor:
     """Scaled dot-product attention: ``softmax(q @ k^T * softmax_scale [+ causal mask]) @ v``, per head.
 
-    The Triton kernel (fused flash attention, :mod:`kernels.attention`) takes float16 and bfloat16
+    The Triton kernel (fused flash attention, :mod:`kernels.ops.attention`) takes float16 and bfloat16
     with D a multiple of 8 up to 128, and float32 up to D = 64; other inputs use the PyTorch
     reference under ``auto``. Its dropout masks come from torch's random generator of the tensors'
     device.
@@ -102,8 +105,9 @@ def gelu_mlp(x: torch.Tensor, fc_weight: torch.Tensor, fc_bias: torch.Tensor | N
              proj_bias: torch.Tensor | None) -> torch.Tensor:
     """The transformer MLP ``proj(gelu_tanh(fc(x)))``, weights in ``nn.Linear`` layout.
 
-    The Triton kernels (:mod:`kernels.gelu_mlp`) fuse the biases and GELU into the matrix
-    multiplies and take float16, bfloat16 and float32 (TF32 dots) of any sizes.
+    The Triton kernels (:mod:`kernels.ops.gelu_mlp`) fuse the biases and GELU into the matrix
+    multiplies and take float16, bfloat16 and float32 of any sizes (float32 dots in TF32 exactly
+    when PyTorch's float32 matmuls use it: ``torch.backends.cuda.matmul.fp32_precision``).
 
     Args:
         x: (..., C) floating tensor; any leading dimensions, any strides.

@@ -9,21 +9,25 @@ Policy (``FASTGPT_BACKEND`` at import, or :func:`set_backend` / :func:`use_backe
            that asks for the kernel never times the fallback by accident.
 ``torch``  always the reference.
 
-Without Triton installed, every op runs through the references.
+Without Triton, or with a Triton older than ``TRITON_FLOOR``, every op runs through the references
+and ``NO_TRITON_REASON`` says why.
 """
 from __future__ import annotations
 
 import contextlib
 import importlib
 import os
+import re
 import warnings
 
 import torch
 
 BACKENDS = ("auto", "triton", "torch")
 
-# Ops with a Triton implementation in kernels/<op>.py.
+# Ops with a Triton implementation in kernels/ops/<op>.py.
 OPS = ("layer_norm", "attention", "gelu_mlp")
+# The oldest triton the kernels are compiled and checked with (pyproject.toml declares the same).
+TRITON_FLOOR = (3, 5)
 
 
 class KernelUnavailableError(RuntimeError):
@@ -36,15 +40,42 @@ def _check_backend(name) -> str:
     return name
 
 
+def _version(text: str) -> tuple[int, ...]:
+    """``"3.6.0+git1a2b"`` -> ``(3, 6, 0)``: the leading numeric release of a version string."""
+    return tuple(int(part) for part in re.findall(r"\d+", text.split("+")[0])[:3])
+
+
+def triton_problem(triton_version: str, interpreted: bool, numpy_version: str) -> str | None:
+    """Why this triton cannot run the kernels, or None when it can.
+
+    The kernels need triton >= TRITON_FLOOR. Triton's interpreter before 3.7.1 fails on every
+    kernel with numpy >= 2.4 (a ``range()`` bound that is a runtime scalar: "only 0-dimensional
+    arrays can be converted to Python scalars").
+    """
+    floor = ".".join(map(str, TRITON_FLOOR))
+    if _version(triton_version) < TRITON_FLOOR:
+        return (f"triton {triton_version} is older than {floor}, the oldest the kernels support "
+                f"(pip install 'triton>={floor}', or a torch whose CUDA build brings it: torch >= 2.9)")
+    if interpreted and _version(triton_version) < (3, 7, 1) and _version(numpy_version) >= (2, 4):
+        return (f"Triton {triton_version}'s interpreter cannot run the kernels with numpy {numpy_version} "
+                f"(fixed in triton 3.7.1): install numpy < 2.4 or triton >= 3.7.1")
+    return None
+
+
 def _import_kernel_modules():
     """Import Triton and the op modules; ``(modules, interpreted, why_not)``."""
     try:
         import triton
     except ImportError as exc:
         return {}, False, f"triton is not importable ({exc})"
-    modules = {op: importlib.import_module(f"kernels.{op}") for op in OPS}
+    knobs = getattr(triton, "knobs", None)  # triton >= 3.4; older ones are refused below anyway
     # @triton.jit reads this when it decorates, so it is fixed for the life of the modules.
-    return modules, bool(triton.knobs.runtime.interpret), None
+    interpreted = bool(knobs and knobs.runtime.interpret)
+    import numpy
+    reason = triton_problem(getattr(triton, "__version__", "0"), interpreted, numpy.__version__)
+    if reason is not None:
+        return {}, interpreted, reason
+    return {op: importlib.import_module(f"kernels.ops.{op}") for op in OPS}, interpreted, None
 
 
 _backend = _check_backend(os.environ.get("FASTGPT_BACKEND", "auto") or "auto")
@@ -76,7 +107,7 @@ def use_backend(name: str):
 
 
 def kernel_module(op: str):
-    """The module ``kernels.<op>`` holding the op's Triton kernels (raises if Triton is missing)."""
+    """The module ``kernels.ops.<op>`` holding the op's Triton kernels (raises if Triton cannot run them)."""
     if NO_TRITON_REASON is not None:
         raise KernelUnavailableError(NO_TRITON_REASON)
     return _modules[op]

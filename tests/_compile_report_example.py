@@ -3,7 +3,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.compile_report import CompileSpec
+from kernels.tools.compile_report import CompileSpec
 
 
 @triton.jit
@@ -32,7 +32,7 @@ def matmul_kernel(A, B, C, M, N, K, stride_am, stride_bk, stride_cm,
 def _matmul_spec(config, block_m, block_n, block_k, **launch):
     a = torch.empty(512, 512, dtype=torch.float16)
     return CompileSpec(matmul_kernel, config, (a, a, a, 512, 512, 512, 512, 512, 512),
-                       dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **launch), uses_dot=True)
+                       dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **launch), uses_tensor_cores=True)
 
 
 def compile_specs():

@@ -24,10 +24,10 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 def _bf16_unavailable_reason():
     if DEVICE == "cuda" or not _dispatch.INTERPRETED:
         return None
-    from kernels import _interpreter
+    from kernels.tools import bf16_shim
 
     try:
-        _interpreter.install_bf16_shim()
+        bf16_shim.install_bf16_shim()
     except RuntimeError as exc:
         return str(exc)
     return None

@@ -1,6 +1,5 @@
 """kernels.attention: the Triton flash-attention kernels against float64 by the 2x-PyTorch rule
-(see kernels.verify), dropout, memory traffic, bad input and torch.compile."""
-import importlib
+(see kernels.tools.verify), dropout, memory traffic, bad input and torch.compile."""
 import math
 
 import numpy as np
@@ -9,10 +8,11 @@ import torch
 
 import kernels
 from conftest import ALL_DTYPES, DEVICE, assert_backward_deterministic
-from kernels import _dispatch, _interpreter, reference
-from kernels.verify import assert_pass, attention_checks
-
-attn = importlib.import_module("kernels.attention")
+from kernels import _dispatch, reference
+from kernels.ops import attention as attn
+from kernels.tools import traffic
+from kernels.tools.dropout import dropout_mask
+from kernels.tools.verify import assert_pass, attention_checks
 
 FP16 = torch.float16
 
@@ -76,14 +76,14 @@ ALL_CONFIGS = [pytest.param(kind, config, id=f"{kind}-{config.kwargs['BLOCK_M']}
 @pytest.mark.parametrize("kind, config", ALL_CONFIGS)
 def test_every_config(kind, config):
     # T = 100 is ragged for every tile size; dropout exercises the mask's key groups in each tiling.
-    with attn.use_configs(**{kind: config}):
+    with kernels.use_configs({f"attention.{kind}": config}):
         assert_pass(attention_checks(1, 2, 100, 64, FP16, dropout_p=0.2, device=DEVICE))
         assert_pass(attention_checks(1, 1, 100, 32, FP16, causal=False, device=DEVICE))
 
 
 def test_configs_cover_the_autotuner_and_are_pruned_by_head_dim():
     for kind, tuned in (("fwd", attn._attention_fwd), ("dkdv", attn._attention_bwd_dkdv), ("dq", attn._attention_bwd_dq)):
-        assert tuned.configs == [c for c, _, _ in attn._CONFIGS[kind]]
+        assert list(tuned.configs) == [c for c, _, _ in attn._CONFIGS[kind]] == tuned.tuner.configs
         for D in (8, 16, 48, 64, 80, 128):
             for dtype in (FP16, torch.bfloat16) + ((torch.float32,) if D <= 64 else ()):
                 allowed = attn.configs(kind, D, dtype, 4096)
@@ -98,7 +98,8 @@ def test_configs_cover_the_autotuner_and_are_pruned_by_head_dim():
 def test_a_pruned_config_cannot_be_forced():
     big = next(c for c, max_16, _ in attn._CONFIGS["dkdv"] if max_16 < 128)
     q, k, v = qkv(T=17, D=128, dtype=FP16, requires_grad=True)
-    with attn.use_configs(dkdv=big), kernels.use_backend("triton"), pytest.raises(ValueError, match="does not fit"):
+    with kernels.use_configs({"attention.dkdv": big}), kernels.use_backend("triton"), \
+            pytest.raises(ValueError, match="does not fit"):
         kernels.attention(q, k, v).sum().backward()
 
 
@@ -124,7 +125,7 @@ def test_fused_qkv_slices_are_not_copied(monkeypatch):
     fused = torch.randn(B, T, 3 * H * D, device=DEVICE, requires_grad=True)
     q, k, v = (t.view(B, T, H, D).transpose(1, 2) for t in fused.split(H * D, dim=2))  # (B, H, T, D) views
     launched = []
-    for name in ("_forward_plan", "_backward_plan"):
+    for name in ("forward_plan", "backward_plan"):
         plan = getattr(attn, name)
         monkeypatch.setattr(attn, name, lambda *a, plan=plan, **kw: launched.append(plan(*a, **kw)) or launched[-1])
     with kernels.use_backend("triton"):
@@ -173,7 +174,7 @@ def test_numpy_philox_matches_the_published_test_vector():
 def test_dropout_mask_is_the_documented_philox_stream():
     B, H, T, p = 1, 2, 37, 0.3
     rng = torch.tensor([0x123456789ABCDEF, 0xFEDCBA987], dtype=torch.int64, device=DEVICE)
-    got = attn.dropout_mask(rng, (B, H, T, 16), p).cpu().numpy()
+    got = dropout_mask(rng, (B, H, T, 16), p).cpu().numpy()
     bh, i, j = np.meshgrid(np.arange(B * H), np.arange(T), np.arange(T), indexing="ij")
     seed, offset = int(rng[0]), int(rng[1])
     counters = [x.ravel().astype(np.uint32) for x in (j // 4, i, bh, np.full_like(j, offset & 0xFFFFFFFF))]
@@ -185,7 +186,7 @@ def test_dropout_mask_is_the_documented_philox_stream():
 
 def test_kept_fraction_is_within_binomial_bounds():
     p, shape = 0.3, (2, 2, 128, 64)
-    keep = attn.dropout_mask(attn.draw_rng_state(DEVICE), shape, p)
+    keep = dropout_mask(attn.draw_rng_state(DEVICE), shape, p)
     n = keep.numel()
     sigma = math.sqrt(n * p * (1 - p))
     assert abs(keep.sum().item() - n * (1 - p)) < 5 * sigma
@@ -204,7 +205,7 @@ def test_dropout_applies_the_oracle_mask_forward_and_backward(causal):
         out = kernels.attention(q, k, v, causal, dropout_p=0.25)
         grads = torch.autograd.grad(out, (q, k, v), dy)
     torch.manual_seed(11)
-    keep = attn.dropout_mask(attn.draw_rng_state(DEVICE), q.shape, 0.25)
+    keep = dropout_mask(attn.draw_rng_state(DEVICE), q.shape, 0.25)
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
     expected = reference.attention_math(q64, k64, v64, causal, None, keep, 0.25)
     expected_grads = torch.autograd.grad(expected, (q64, k64, v64), dy.double())
@@ -226,7 +227,7 @@ def test_seeds_advance_and_runs_reproduce_under_manual_seed():
     assert torch.equal(first, again)
     for a, b in zip(*grads):
         assert torch.equal(a, b)
-    masks = [attn.dropout_mask(attn.draw_rng_state(DEVICE), q.shape, 0.5) for _ in range(2)]
+    masks = [dropout_mask(attn.draw_rng_state(DEVICE), q.shape, 0.5) for _ in range(2)]
     assert not torch.equal(*masks)
 
 
@@ -250,9 +251,10 @@ def test_forward_memory_traffic_is_linear_in_T(capsys):
     q, k, v = qkv(T=T, D=D, H=1, dtype=FP16)
     qkvo = 4 * T * D * 2
     config = next(c for c, _, _ in attn._CONFIGS["fwd"] if c.kwargs["BLOCK_M"] == 128)
-    with attn.use_configs(fwd=config), kernels.use_backend("triton"), _interpreter.count_memory_traffic() as kernel:
+    with kernels.use_configs({"attention.fwd": config}), kernels.use_backend("triton"), \
+            traffic.count_memory_traffic() as kernel:
         out = kernels.attention(q, k, v)
-    with _interpreter.count_torch_traffic() as unfused:
+    with traffic.count_torch_traffic() as unfused:
         expected = reference.attention_math(q, k, v)
     torch.testing.assert_close(out, expected, rtol=2e-3, atol=2e-3)
     with capsys.disabled():

@@ -1,4 +1,4 @@
-"""kernels.compile_report: offline sm_80/sm_90a compiles of the kernels in tests/_compile_report_example.py.
+"""kernels.tools.compile_report: offline sm_80/sm_90a compiles of the kernels in tests/_compile_report_example.py.
 
 Compiling needs Triton's interpreter off, and this test session runs with it on, so the compiles
 happen in a subprocess. compile_report is loaded there by file path, so these tests do not depend
@@ -21,15 +21,15 @@ pytest.importorskip("triton")
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = ROOT / "tests"
-MODULE_PATH = ROOT / "kernels" / "compile_report.py"
+MODULE_PATH = ROOT / "kernels" / "tools" / "compile_report.py"
 
-# Loads compile_report by path (as kernels.compile_report, which the example module imports), dumps
+# Loads compile_report by path (as kernels.tools.compile_report, which the example module imports), dumps
 # run()'s results as JSON to argv[1], then exits with main()'s status on the same specs.
 HARNESS = f"""
 import dataclasses, importlib.util, json, sys
-spec = importlib.util.spec_from_file_location("kernels.compile_report", {str(MODULE_PATH)!r})
+spec = importlib.util.spec_from_file_location("kernels.tools.compile_report", {str(MODULE_PATH)!r})
 cr = importlib.util.module_from_spec(spec)
-sys.modules["kernels.compile_report"] = cr
+sys.modules["kernels.tools.compile_report"] = cr
 spec.loader.exec_module(cr)
 import _compile_report_example as example
 results = cr.run(example.compile_specs(), archs=(80, 90), jobs=2, progress=None)
@@ -123,7 +123,7 @@ def test_main_prints_the_table_and_fails_on_problems(report):
 
 def _load_in_process():
     try:
-        return importlib.import_module("kernels.compile_report")
+        return importlib.import_module("kernels.tools.compile_report")
     except Exception:  # the rest of the package may be mid-edit
         name = "_compile_report_under_test"
         spec = importlib.util.spec_from_file_location(name, MODULE_PATH)
@@ -166,10 +166,12 @@ def test_main_reruns_itself_without_the_interpreter(tmp_path):
 
 
 def report_of_every_config(op: str, tmp_path) -> list[str]:
-    """The output lines of ``python -m kernels.compile_report --op op``, once it has compiled every spec
-    of the op for both architectures with no problem."""
-    specs = list(importlib.import_module(f"kernels.{op}").compile_specs())
-    proc = subprocess.run([sys.executable, "-m", "kernels.compile_report", "--op", op, "--jobs", "2"],
+    """The output lines of ``python -m kernels.tools.compile_report --op op``, once it has compiled every
+    spec of the op for both architectures with no problem."""
+    from kernels.tools import specs as op_specs
+
+    specs = op_specs.SPECS[op]()
+    proc = subprocess.run([sys.executable, "-m", "kernels.tools.compile_report", "--op", op, "--jobs", "2"],
                           cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-3000:]
     assert f"\n{2 * len(specs)} compiled, 0 problems" in proc.stdout
@@ -184,25 +186,29 @@ def test_every_layer_norm_config_compiles_fits_and_does_not_spill(tmp_path):
 
 
 def test_every_attention_config_compiles_fits_and_uses_tensor_cores(tmp_path):
-    attn = importlib.import_module("kernels.attention")
+    from kernels import _tuning
+    from kernels.ops import attention as attn
+
     lines = report_of_every_config("attention", tmp_path)
     for kind in attn.KINDS:
         for config, _, _ in attn._CONFIGS[kind]:
-            label = (f"{kind} {config.kwargs['BLOCK_M']}x{config.kwargs['BLOCK_N']} warps={config.num_warps} "
-                     f"stages={config.num_stages} ")
+            label = f"{kind} {_tuning.describe(config)} "
             for arch, tensor_cores in (("sm_80", "HMMA"), ("sm_90a", "HGMMA")):
                 rows = [line for line in lines if label in line and f" {arch} " in line]
-                assert len(rows) >= 6, (label, arch)
-                assert all(re.search(rf"\s[1-9]\d* {tensor_cores}\s", row) for row in rows), rows
+                full_float32 = [row for row in rows if " ieee" in row]  # float32 dots without TF32: FMA units
+                assert len(rows) >= 9 and len(full_float32) == 2, (label, arch)
+                assert all(re.search(rf"\s[1-9]\d* {tensor_cores}\s", row) for row in rows if row not in full_float32)
 
 
 def test_every_gelu_mlp_config_compiles_fits_and_uses_tensor_cores(tmp_path):
-    gm = importlib.import_module("kernels.gelu_mlp")
+    from kernels import _tuning
+    from kernels.ops import gelu_mlp as gm
+
     lines = report_of_every_config("gelu_mlp", tmp_path)
     for config in gm.CONFIGS:
         for role in ("fc", "proj", "dpre", "dproj_weight", "dx"):
             for dtype in ("float16", "float32"):
-                label = re.escape(f"{role} {gm.config_label(config)} {dtype}")
+                label = re.escape(f"{role} {_tuning.describe(config)} {dtype}")
                 for arch, tensor_cores in (("sm_80", "HMMA"), ("sm_90a", "HGMMA")):
                     row = [line for line in lines if re.search(rf"\s{label}\s+{arch}\s", line)]
                     assert len(row) == 1, (label, arch)

@@ -137,3 +137,44 @@ def test_autocast_casts_the_inputs_on_both_backends(backend):
         assert kernels.layer_norm(x.detach().double(), None).dtype == torch.float64
     (mlp.float().sum() + att.float().sum() + ln.sum()).backward()
     assert all(t.grad is not None and t.grad.dtype == torch.float32 for t in (x, w1, b1, w2, b2, q, k, v, ln_w, ln_b))
+
+
+def test_a_triton_older_than_the_floor_is_refused_with_the_reason_and_everything_falls_back():
+    # triton 3.3 has no triton.knobs; importing kernels used to die with an AttributeError.
+    old_triton = """
+    import sys, types
+    fake = types.ModuleType("triton")
+    fake.__version__ = "3.3.1"
+    sys.modules["triton"] = fake
+    """
+    result = run_python(old_triton + FALLBACK_CHECK.replace("assert not _dispatch.INTERPRETED", ""),
+                        FASTGPT_BACKEND=None)
+    assert result.returncode == 0, result.stderr
+    assert "triton 3.3.1 is older than 3.5, the oldest the kernels support" in result.stdout
+    verify = run_python(old_triton + "from kernels.tools import verify; raise SystemExit(verify.main([]))",
+                        FASTGPT_BACKEND=None)
+    assert verify.returncode == 2 and "cannot verify the Triton kernels: triton 3.3.1 is older" in verify.stderr
+
+
+@pytest.mark.parametrize("version, interpreted, numpy_version, problem", [
+    ("3.4.0", False, "2.3.5", "older than 3.5"),
+    ("3.5.1", False, "2.4.1", None),
+    ("3.6.0+git1a2b3c", True, "2.4.1", "interpreter cannot run the kernels with numpy 2.4.1"),
+    ("3.6.0", True, "2.3.5", None),
+    ("3.7.0", True, "2.4.0", "fixed in triton 3.7.1"),
+    ("3.7.1", True, "2.4.1", None),
+    ("3.9.0", False, "2.5.0", None),
+])
+def test_triton_versions_that_cannot_run_the_kernels_are_named(version, interpreted, numpy_version, problem):
+    found = _dispatch.triton_problem(version, interpreted, numpy_version)
+    assert (found is None) if problem is None else (problem in found)
+
+
+def test_pyproject_declares_the_floors_the_code_enforces():
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    floor = re.search(r'"triton>=([\d.]+)', text).group(1)
+    assert tuple(int(p) for p in floor.split(".")) == _dispatch.TRITON_FLOOR
+    assert re.search(r'"torch>=2\.9"', text)  # the first torch whose CUDA builds bring triton 3.5

@@ -1,21 +1,24 @@
-"""kernels.gelu_mlp: the Triton GEMMs against float64 by the 2x-PyTorch rule (see kernels.verify), every
+"""kernels.gelu_mlp: the Triton GEMMs against float64 by the 2x-PyTorch rule (see kernels.tools.verify), every
 autotune config, odd sizes and layouts, memory traffic in the interpreter, bad input, torch.compile."""
-import importlib
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 import kernels
 from conftest import ALL_DTYPES, DEVICE, assert_backward_deterministic
-from kernels import _dispatch
-from kernels.verify import assert_pass, gelu_mlp_checks
-
-gm = importlib.import_module("kernels.gelu_mlp")
+from kernels import _dispatch, _tuning
+from kernels.ops import gelu_mlp as gm
+from kernels.tools.verify import assert_pass, gelu_mlp_checks
 
 ROWS = [1, 7, 100, 257]
 WIDTHS = [16, 48, 100, 128]
-CONFIG_IDS = [gm.config_label(c).replace(" ", "-") for c in gm.CONFIGS]
+CONFIG_IDS = [_tuning.describe(c).replace(" ", "-") for c in gm.CONFIGS]
+GEMMS = ("gelu_mlp.fwd", "gelu_mlp.dpre", "gelu_mlp.dweight")
+
+
+def every_gemm(config):
+    """Pins ``config`` for each of the MLP's GEMM kernels."""
+    return kernels.use_configs(dict.fromkeys(GEMMS, config))
 
 
 def mlp_inputs(rows=5, width=16, hidden=64, dtype=torch.float32, biases=True, seed=0, requires_grad=True):
@@ -62,7 +65,7 @@ def test_without_biases(biases, dtype):
 @pytest.mark.parametrize("config", gm.CONFIGS, ids=CONFIG_IDS)
 def test_every_config(config, dtype):
     # The interpreter cannot autotune: each config runs explicitly (block sizes change every mask).
-    with gm.pinned_config(config):
+    with every_gemm(config):
         assert_pass(gelu_mlp_checks(100, 48, 200, dtype, device=DEVICE))
 
 
@@ -70,15 +73,18 @@ def test_every_config(config, dtype):
 def test_every_config_with_many_tiles(config):
     # More than GROUP_M tile rows (several program groups, the last one partial), ragged edges
     # everywhere, and weight gradients reducing over many K steps.
-    with gm.pinned_config(config):
+    with every_gemm(config):
         assert_pass(gelu_mlp_checks(1100, 16, 72, torch.float16, device=DEVICE))
 
 
 def test_pinned_config_must_be_one_of_the_configs():
     import triton
 
-    with pytest.raises(ValueError, match="config must be one of gelu_mlp.CONFIGS"):
-        with gm.pinned_config(triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16})):
+    with pytest.raises(ValueError, match="is not one of gelu_mlp.fwd's configs"):
+        with every_gemm(triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16})):
+            pass
+    with pytest.raises(ValueError, match="unknown kernel 'gelu_mlp.gemm'"):
+        with kernels.use_configs({"gelu_mlp.gemm": gm.CONFIGS[0]}):
             pass
 
 
@@ -137,7 +143,7 @@ class TestMemoryTraffic:
     M, C, H = 256, 128, 512  # float16
 
     def traffic(self, **w):
-        from kernels._interpreter import count_memory_traffic
+        from kernels.tools.traffic import count_memory_traffic
 
         with kernels.use_backend("triton"), count_memory_traffic() as traffic:
             kernels.gelu_mlp(**w)
@@ -145,7 +151,7 @@ class TestMemoryTraffic:
         return traffic
 
     def test_fused_forward_moves_fewer_bytes_than_the_unfused_ops(self):
-        from kernels._interpreter import count_torch_traffic
+        from kernels.tools.traffic import count_torch_traffic
 
         w = mlp_inputs(self.M, self.C, self.H, torch.float16)
         fused = self.traffic(**w)  # a training forward: pre is kept for the backward
@@ -157,7 +163,7 @@ class TestMemoryTraffic:
         fused_distinct = fused.distinct_loaded + fused.distinct_stored
         unfused_total = unfused.loaded + unfused.stored
         print(f"\ngelu_mlp forward, M={self.M} C={self.C} H={self.H} float16, interpreter counts "
-              f"(a model, not GPU measurements; config {gm.config_label(gm.CONFIGS[0])}):\n"
+              f"(a model, not GPU measurements; config {_tuning.describe(gm.CONFIGS[0])}):\n"
               f"  fused kernels: {fused.loaded + fused.stored} B requested by active lanes "
               f"({fused.loaded} loaded, {fused.stored} stored), {fused_distinct} B distinct\n"
               f"  unfused ops (each reads its inputs and writes its outputs once): {unfused_total} B "

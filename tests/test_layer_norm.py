@@ -1,5 +1,4 @@
-"""kernels.layer_norm: the Triton kernels against float64, by the 2x-PyTorch rule (see kernels.verify)."""
-import importlib
+"""kernels.layer_norm: the Triton kernels against float64, by the 2x-PyTorch rule (see kernels.tools.verify)."""
 import math
 
 import pytest
@@ -7,9 +6,8 @@ import torch
 
 import kernels
 from conftest import ALL_DTYPES, DEVICE, assert_backward_deterministic
-from kernels.verify import assert_pass, layer_norm_checks
-
-ln = importlib.import_module("kernels.layer_norm")
+from kernels.ops import layer_norm as ln
+from kernels.tools.verify import assert_pass, layer_norm_checks
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
@@ -72,6 +70,26 @@ def test_large_mean_is_numerically_stable():
             got = kernels.layer_norm(x[:, :width], None)
         expected = torch.nn.functional.layer_norm(x[:, :width].double(), (width,))
         assert (got.double() - expected).abs().max() < 2e-2
+
+
+@pytest.mark.parametrize("rows, width", [(600, 768), (200, 8193)])
+def test_backward_as_planned_for_a_gpu_with_132_multiprocessors(rows, width):
+    """On a GPU the backward spreads the rows over 4 programs per multiprocessor (1 for chunked
+    rows), each with its own partial sums; here that plan runs in the interpreter."""
+    from kernels.ops._common import run
+
+    gen = torch.Generator().manual_seed(0)
+    x, weight, bias, dy = (torch.randn(*shape, generator=gen) for shape in ((rows, width), (width,), (width,),
+                                                                              (rows, width)))
+    y, mean, rstd = run(ln.forward_plan(x, weight, bias, 1e-5))
+    (dx, dweight, dbias), launches = ln.backward_plan(dy, x, weight, True, mean, rstd, sms=132)
+    programs = launches[0][1][0]
+    assert programs == rows // 2  # min(rows, 4 * 132 or 132) programs, 2 rows each
+    run(((dx, dweight, dbias), launches))
+    leaves = [t.double().requires_grad_() for t in (x, weight, bias)]
+    expected = torch.autograd.grad(torch.nn.functional.layer_norm(leaves[0], (width,), *leaves[1:]), leaves, dy.double())
+    for got, want in zip((dx, dweight, dbias), expected):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
 
 
 def test_backward_is_deterministic():

@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import run
+
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_ONE_BLOCK_N = 8192  # widest row held in registers; wider rows use the chunked kernels
 MIN_BLOCK_N = 128
@@ -87,6 +89,7 @@ def _layer_norm_bwd_dx_kernel(
     X_ptr, DY_ptr, DX_ptr, W_ptr, Mean_ptr, Rstd_ptr, DW_partial_ptr, DB_partial_ptr,
     stride_x_row, stride_dy_row, stride_dx_row, M, N, rows_per_program,
     BLOCK_N: tl.constexpr, ONE_BLOCK: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    MAX_ROWS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     row_start = pid * rows_per_program
@@ -121,9 +124,15 @@ def _layer_norm_bwd_dx_kernel(
         if HAS_BIAS:
             tl.store(DB_partial_ptr + partial_row + cols, db_acc, mask=mask)
     else:
-        # Wide rows: the partial sums live in this program's (zero-initialised) buffer rows.
-        for row in range(row_start, row_end):
-            row64 = tl.cast(row, tl.int64)
+        # Wide rows, in two phases so that the program never reads back what it wrote (a load and a
+        # store of one address by different threads would need a barrier): first each row's c1 and
+        # c2, kept in registers (one slot per row), then per chunk of columns every row's dx and
+        # the chunk's dweight/dbias partial sums, each stored once.
+        slots = tl.arange(0, MAX_ROWS)
+        c1s = tl.zeros([MAX_ROWS], dtype=tl.float32)
+        c2s = tl.zeros([MAX_ROWS], dtype=tl.float32)
+        for r in range(0, row_end - row_start):
+            row64 = tl.cast(row_start + r, tl.int64)
             mean = tl.load(Mean_ptr + row64)
             rstd = tl.load(Rstd_ptr + row64)
             c1 = 0.0
@@ -137,22 +146,34 @@ def _layer_norm_bwd_dx_kernel(
                     dy = dy * tl.load(W_ptr + start + cols, mask=mask, other=0.0).to(tl.float32)
                 c1 += tl.sum(xhat * dy, axis=0)
                 c2 += tl.sum(dy, axis=0)
-            c1 = c1 / N
-            c2 = c2 / N
-            for start in range(0, N, BLOCK_N):
-                mask = start + cols < N
+            c1s = tl.where(slots == r, c1 / N, c1s)
+            c2s = tl.where(slots == r, c2 / N, c2s)
+        for start in range(0, N, BLOCK_N):
+            mask = start + cols < N
+            if HAS_WEIGHT:
+                w = tl.load(W_ptr + start + cols, mask=mask, other=0.0).to(tl.float32)
+            dw_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+            db_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+            for r in range(0, row_end - row_start):
+                row64 = tl.cast(row_start + r, tl.int64)
+                mean = tl.load(Mean_ptr + row64)
+                rstd = tl.load(Rstd_ptr + row64)
+                c1 = tl.sum(tl.where(slots == r, c1s, 0.0), axis=0)
+                c2 = tl.sum(tl.where(slots == r, c2s, 0.0), axis=0)
                 x = tl.load(X_ptr + row64 * stride_x_row + start + cols, mask=mask, other=0.0).to(tl.float32)
                 dy = tl.load(DY_ptr + row64 * stride_dy_row + start + cols, mask=mask, other=0.0).to(tl.float32)
                 xhat = tl.where(mask, (x - mean) * rstd, 0.0)
-                g = dy * tl.load(W_ptr + start + cols, mask=mask, other=0.0).to(tl.float32) if HAS_WEIGHT else dy
+                g = dy * w if HAS_WEIGHT else dy
                 dx = (g - (xhat * c1 + c2)) * rstd
                 tl.store(DX_ptr + row64 * stride_dx_row + start + cols, dx.to(DX_ptr.dtype.element_ty), mask=mask)
                 if HAS_WEIGHT:
-                    dw_ptrs = DW_partial_ptr + partial_row + start + cols
-                    tl.store(dw_ptrs, tl.load(dw_ptrs, mask=mask) + dy * xhat, mask=mask)
+                    dw_acc += dy * xhat
                 if HAS_BIAS:
-                    db_ptrs = DB_partial_ptr + partial_row + start + cols
-                    tl.store(db_ptrs, tl.load(db_ptrs, mask=mask) + dy, mask=mask)
+                    db_acc += dy
+            if HAS_WEIGHT:
+                tl.store(DW_partial_ptr + partial_row + start + cols, dw_acc, mask=mask)
+            if HAS_BIAS:
+                tl.store(DB_partial_ptr + partial_row + start + cols, db_acc, mask=mask)
 
 
 @triton.jit
@@ -211,25 +232,30 @@ def _as_rows(t: torch.Tensor) -> torch.Tensor:
     return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
-def _backward_programs(m: int, n: int, device: torch.device) -> int:
+def sm_count(device: torch.device) -> int | None:
+    """Streaming multiprocessors of a CUDA ``device``; None elsewhere (Triton's interpreter)."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def backward_programs(m: int, n: int, sms: int | None) -> int:
     """How many programs share the rows in the backward (each keeps an N-wide partial sum).
 
-    Enough to fill the GPU, and enough that no program adds up more than ``MAX_ROWS_PER_PROGRAM``
-    rows one after another, which bounds the rounding error of each sequential fp32 accumulation.
-    The partial-sum buffers then hold at most 1/16 as many floats as x has elements.
+    Enough to fill a GPU of ``sms`` multiprocessors, and enough that no program adds up more than
+    ``MAX_ROWS_PER_PROGRAM`` rows one after another, which bounds the rounding error of each
+    sequential fp32 accumulation. The partial-sum buffers then hold at most 1/16 as many floats as
+    x has elements. Without a GPU (``sms`` None: Triton's interpreter, which runs programs one
+    after another) as few as that allows.
     """
-    if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        target = sms * (4 if n <= MAX_ONE_BLOCK_N else 1)
-    else:  # Triton's interpreter runs programs one by one: fewer, longer programs are faster.
-        target = 1
+    target = 1 if sms is None else sms * (4 if n <= MAX_ONE_BLOCK_N else 1)
     return max(1, min(m, max(target, triton.cdiv(m, MAX_ROWS_PER_PROGRAM))))
 
 
-def _forward_plan(x, weight, bias, eps):
+def forward_plan(x, weight, bias, eps):
     """Outputs ``(y, mean, rstd)`` for ``x`` (rows, N) and the launches that fill them.
 
-    A launch is ``(kernel, grid, args, meta)``; :func:`compile_specs` compiles the same launches.
+    A launch is ``(kernel, grid, args, meta)`` (see :func:`kernels.ops._common.run`).
     """
     m, n = x.shape
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
@@ -243,8 +269,11 @@ def _forward_plan(x, weight, bias, eps):
     return (y, mean, rstd), launches
 
 
-def _backward_plan(dy, x, weight, has_bias, mean, rstd):
-    """Outputs ``(dx, dweight or None, dbias or None)`` and the launches that fill them."""
+def backward_plan(dy, x, weight, has_bias, mean, rstd, sms: int | None = None):
+    """Outputs ``(dx, dweight or None, dbias or None)`` and the launches that fill them.
+
+    ``sms``: the multiprocessors to fill (default: those of x's device; see :func:`backward_programs`).
+    """
     m, n = x.shape
     has_weight = weight is not None
     dx = torch.empty_like(x, memory_format=torch.contiguous_format)
@@ -254,18 +283,17 @@ def _backward_plan(dy, x, weight, has_bias, mean, rstd):
     if m == 0:
         return (dx, dweight, dbias), []
     block, num_warps, one_block = block_config(n)
-    rows_per_program = triton.cdiv(m, _backward_programs(m, n, x.device))
+    rows_per_program = triton.cdiv(m, backward_programs(m, n, sm_count(x.device) if sms is None else sms))
+    assert rows_per_program <= MAX_ROWS_PER_PROGRAM
     programs = triton.cdiv(m, rows_per_program)
-    # The chunked kernel accumulates into its buffer rows, so they start at zero.
-    partial_alloc = torch.empty if one_block else torch.zeros
-    dw_partial = partial_alloc((programs, n), dtype=torch.float32, device=x.device) if has_weight else None
-    db_partial = partial_alloc((programs, n), dtype=torch.float32, device=x.device) if has_bias else None
+    dw_partial = torch.empty((programs, n), dtype=torch.float32, device=x.device) if has_weight else None
+    db_partial = torch.empty((programs, n), dtype=torch.float32, device=x.device) if has_bias else None
     flags = dict(HAS_WEIGHT=has_weight, HAS_BIAS=has_bias)
     launches = [(
         _layer_norm_bwd_dx_kernel, (programs,),
         (x, dy, dx, weight, mean, rstd, dw_partial, db_partial,
          x.stride(0), dy.stride(0), dx.stride(0), m, n, rows_per_program),
-        dict(BLOCK_N=block, ONE_BLOCK=one_block, num_warps=num_warps, **flags),
+        dict(BLOCK_N=block, ONE_BLOCK=one_block, MAX_ROWS=MAX_ROWS_PER_PROGRAM, num_warps=num_warps, **flags),
     )]
     if has_weight or has_bias:
         launches.append((
@@ -276,51 +304,13 @@ def _backward_plan(dy, x, weight, has_bias, mean, rstd):
     return (dx, dweight, dbias), launches
 
 
-def _run(plan):
-    outputs, launches = plan
-    for kernel, grid, args, meta in launches:
-        kernel[grid](*args, **meta)
-    return outputs
-
-
-def compile_specs():
-    """Every kernel in every launch configuration, for ``python -m kernels.compile_report``.
-
-    Each launch configuration of :func:`block_config` in each dtype, with weight and bias; every
-    weight/bias combination for one one-block and the chunked configuration; and the two
-    specialisations the JIT makes for unusual widths (N=1, N not a multiple of 16).
-    """
-    from kernels.compile_report import CompileSpec
-
-    def specs(n, dtype, has_weight=True, has_bias=True):
-        x = torch.empty(4, n, dtype=dtype)
-        weight = torch.empty(n, dtype=dtype) if has_weight else None
-        bias = torch.empty(n, dtype=dtype) if has_bias else None
-        (y, mean, rstd), forward = _forward_plan(x, weight, bias, 1e-5)
-        _, backward = _backward_plan(torch.empty_like(y), x, weight, has_bias, mean, rstd)
-        for kernel, _, args, meta in forward + backward:
-            label = " ".join(f"{k}={v}" for k, v in meta.items()) + f" N={n} {str(dtype).removeprefix('torch.')}"
-            yield CompileSpec(kernel, label, args, meta)
-
-    chunked_n = MAX_ONE_BLOCK_N + LOOP_BLOCK_N
-    widths = [block if one_block else chunked_n for block, _, one_block in launch_configs()]
-    for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        for n in widths:
-            yield from specs(n, dtype)
-    for n in (1024, chunked_n):
-        for affine in ((False, False), (True, False), (False, True)):
-            yield from specs(n, torch.float16, *affine)
-    for n in (1, 1023):
-        yield from specs(n, torch.bfloat16)
-
-
 # Registered as custom ops so torch.compile treats the kernels as opaque calls instead of breaking
 # the graph on them; autograd is attached to the forward op.
 @torch.library.custom_op("fastgpt::layer_norm", mutates_args=())
 def layer_norm_op(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                   eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward on ``x`` (..., N): ``(y, mean, rstd)``, the statistics per row in float32."""
-    y, mean, rstd = _run(_forward_plan(_as_rows(x), weight, bias, eps))
+    y, mean, rstd = run(forward_plan(_as_rows(x), weight, bias, eps))
     return y.view(x.shape), mean, rstd
 
 
@@ -335,7 +325,7 @@ def _(x, weight, bias, eps):
 def layer_norm_backward_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, mean: torch.Tensor,
                            rstd: torch.Tensor, has_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dx, dweight, dbias)``; an absent weight or bias gets an empty gradient."""
-    dx, dweight, dbias = _run(_backward_plan(_as_rows(dy), _as_rows(x), weight, has_bias, mean, rstd))
+    dx, dweight, dbias = run(backward_plan(_as_rows(dy), _as_rows(x), weight, has_bias, mean, rstd))
     absent = x.new_empty(0)
     return dx.view(x.shape), absent if dweight is None else dweight, absent.clone() if dbias is None else dbias
 

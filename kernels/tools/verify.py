@@ -1,4 +1,4 @@
-"""``python -m kernels.verify``: every Triton kernel against a float64 reference, forward and backward.
+"""``python -m kernels.tools.verify``: every Triton kernel against a float64 reference, forward and backward.
 
 For each op, shape and dtype the op's output and every input gradient are computed three ways from
 the same inputs: by the Triton kernel (on a GPU, or in Triton's interpreter on CPU tensors), by the
@@ -24,6 +24,7 @@ import torch
 
 import kernels
 from kernels import _dispatch, reference
+from kernels.ops._common import dot_precision
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -140,6 +141,27 @@ def check_op(op: str, case: str, fn, inputs: dict, seed: int = 0, scales: dict |
     return [compare(op, case, name, got[name], lowp[name], exact[name], scales.get(name)) for name in got]
 
 
+def _normal(gen: torch.Generator, device, *shape) -> torch.Tensor:
+    """Standard normal values from ``gen`` (float32, CPU), or an empty tensor on the ``meta`` device."""
+    if torch.device(device).type == "meta":
+        return torch.empty(shape, device="meta")
+    return torch.randn(shape, generator=gen)
+
+
+def _leaf(t: torch.Tensor | None, device, dtype) -> torch.Tensor | None:
+    return None if t is None else t.to(device=device, dtype=dtype).requires_grad_()
+
+
+def layer_norm_inputs(rows, width, dtype, affine=(True, True), *, device="cpu", view=None, seed=0) -> dict:
+    """LayerNorm's arguments for :func:`layer_norm_checks` (empty tensors on the ``meta`` device)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = _normal(gen, device, rows, width * (2 if view else 1)) * 2 + 0.5
+    x = {"padded": x[:, :width], "strided": x[:, ::2], None: x}[view]
+    weight = 1 + 0.5 * _normal(gen, device, width) if affine[0] else None
+    bias = _normal(gen, device, width) if affine[1] else None
+    return {"x": _leaf(x, device, dtype), "weight": _leaf(weight, device, dtype), "bias": _leaf(bias, device, dtype)}
+
+
 def layer_norm_checks(rows, width, dtype, affine=(True, True), *, device="cpu", view=None,
                       seed=0) -> list[Check]:
     """LayerNorm forward and gradients for ``rows`` x ``width`` inputs.
@@ -147,27 +169,40 @@ def layer_norm_checks(rows, width, dtype, affine=(True, True), *, device="cpu", 
     ``affine`` says which of (weight, bias) are present. ``view`` makes x a non-contiguous view:
     ``"padded"`` (rows of a wider buffer) or ``"strided"`` (every other column).
     """
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(rows, width * (2 if view else 1), generator=gen) * 2 + 0.5
-    x = {"padded": x[:, :width], "strided": x[:, ::2], None: x}[view]
-    weight = 1 + 0.5 * torch.randn(width, generator=gen) if affine[0] else None
-    bias = torch.randn(width, generator=gen) if affine[1] else None
-    inputs = {
-        "x": x.to(device=device, dtype=dtype).requires_grad_(),
-        "weight": None if weight is None else weight.to(device=device, dtype=dtype).requires_grad_(),
-        "bias": None if bias is None else bias.to(device=device, dtype=dtype).requires_grad_(),
-    }
+    inputs = layer_norm_inputs(rows, width, dtype, affine, device=device, view=view, seed=seed)
     label = f"({rows}, {width})" + ("" if affine == (True, True) else f" affine={affine}") + (f" {view}" if view else "")
     # dweight and dbias sum over rows: their atol scale is the largest column sum of |terms|.
-    x64 = x.to(dtype).double()
+    x64 = inputs["x"].detach().cpu().double()
     xhat = (x64 - x64.mean(-1, keepdim=True)) / torch.sqrt(x64.var(-1, unbiased=False, keepdim=True) + 1e-5)
     dy = grad_out((rows, width), dtype, seed).double().abs()
     scales = {"dweight": (dy * xhat.abs()).sum(0).max().item(), "dbias": dy.sum(0).max().item()}
     return check_op("layer_norm", label, kernels.layer_norm, inputs, seed, scales)
 
 
-# float32 dots run in TF32 on a GPU (10-bit mantissa): their atol uses TF32's eps.
+# TF32 keeps 10 mantissa bits: the atol of float32 dots that run in TF32 uses its eps.
 TF32_EPS = 2.0**-10
+
+
+def tf32_in_force(dtype: torch.dtype, device) -> bool:
+    """Whether float32 dots on ``device`` run in TF32 now: on a GPU when PyTorch's float32 matmuls
+    would (the kernels follow the same flag); never in Triton's interpreter, whose dots are exact."""
+    return (dtype == torch.float32 and torch.device(device).type == "cuda"
+            and dot_precision(dtype) == "tf32")
+
+
+def gelu_mlp_inputs(rows, width, hidden, dtype, biases=(True, True), *, device="cpu", view=None, seed=0) -> dict:
+    """The GELU MLP's arguments for :func:`gelu_mlp_checks` (empty tensors on the ``meta`` device)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = _normal(gen, device, rows, width * (2 if view == "strided" else 1))[:, ::2 if view == "strided" else 1]
+    params = {
+        "fc_weight": _normal(gen, device, hidden, width) / width**0.5,
+        "fc_bias": _normal(gen, device, hidden) if biases[0] else None,
+        "proj_weight": _normal(gen, device, width, hidden) / hidden**0.5,
+        "proj_bias": _normal(gen, device, width) if biases[1] else None,
+    }
+    if view == "transposed":
+        params = {k: (v.t().contiguous().t() if v is not None and v.dim() == 2 else v) for k, v in params.items()}
+    return {"x": _leaf(x, device, dtype), **{k: _leaf(v, device, dtype) for k, v in params.items()}}
 
 
 def gelu_mlp_checks(rows, width, hidden, dtype, biases=(True, True), *, device="cpu", view=None,
@@ -179,18 +214,7 @@ def gelu_mlp_checks(rows, width, hidden, dtype, biases=(True, True), *, device="
     ``"strided"`` (x is every other column of a wider buffer) or ``"transposed"`` (both weights are
     transposes of contiguous tensors, i.e. stored column-major).
     """
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(rows, width * (2 if view == "strided" else 1), generator=gen)[:, ::2 if view == "strided" else 1]
-    params = {
-        "fc_weight": torch.randn(hidden, width, generator=gen) / width**0.5,
-        "fc_bias": torch.randn(hidden, generator=gen) if biases[0] else None,
-        "proj_weight": torch.randn(width, hidden, generator=gen) / hidden**0.5,
-        "proj_bias": torch.randn(width, generator=gen) if biases[1] else None,
-    }
-    if view == "transposed":
-        params = {k: (v.t().contiguous().t() if v is not None and v.dim() == 2 else v) for k, v in params.items()}
-    inputs = {"x": x.to(device=device, dtype=dtype).requires_grad_(),
-              **{k: None if v is None else v.to(device=device, dtype=dtype).requires_grad_() for k, v in params.items()}}
+    inputs = gelu_mlp_inputs(rows, width, hidden, dtype, biases, device=device, view=view, seed=seed)
     label = f"({rows}, {width}) H={hidden}" + ("" if all(biases) else f" biases={biases}") + (f" {view}" if view else "")
     # The weight and bias gradients sum over rows: their atol scale is the largest sum of |terms|.
     x64, w1, b1, w2, b2 = (None if t is None else t.detach().cpu().double() for t in inputs.values())
@@ -202,7 +226,7 @@ def gelu_mlp_checks(rows, width, hidden, dtype, biases=(True, True), *, device="
     act = act.detach()
     magnitude = {"dfc_weight": dpre.abs().T @ x64.abs(), "dfc_bias": dpre.abs().sum(0),
                  "dproj_weight": dout.abs().T @ act.abs(), "dproj_bias": dout.abs().sum(0)}
-    if dtype == torch.float32 and torch.device(device).type == "cuda":
+    if tf32_in_force(dtype, device):
         # TF32 dots round their operands to 10 mantissa bits: every GEMM's error is about
         # TF32_EPS x its sum of |terms|, and flows on into the GEMMs after it (|gelu'| < 1.2, |gelu''| < 0.8).
         terms = x64.abs() @ w1.abs().T + (0 if b1 is None else b1.abs())
@@ -246,6 +270,23 @@ def attention_scales(q, k, v, dout, causal, softmax_scale=None, keep=None, dropo
     return found
 
 
+def attention_inputs(B, H, T, D, dtype, *, layout=None, device="cpu", seed=0) -> dict:
+    """Attention's arguments for :func:`attention_checks` (empty tensors on the ``meta`` device):
+    ``{"qkv": (B, T, 3, H, D)}`` with ``layout="qkv"``, else contiguous ``q``, ``k``, ``v``."""
+    gen = torch.Generator().manual_seed(seed)
+    fused = _normal(gen, device, B, T, 3, H, D).to(device=device, dtype=dtype)
+    if layout == "qkv":
+        return {"qkv": fused.requires_grad_()}
+    return {name: fused[:, :, i].transpose(1, 2).contiguous().requires_grad_() for i, name in enumerate("qkv")}
+
+
+def _split_qkv(tensors: dict) -> tuple:
+    """q, k, v from :func:`attention_inputs`' tensors: the (B, H, T, D) slices of a fused qkv, or as given."""
+    if "qkv" in tensors:
+        return tuple(tensors["qkv"][:, :, i].transpose(1, 2) for i in range(3))
+    return tensors["q"], tensors["k"], tensors["v"]
+
+
 def attention_checks(B, H, T, D, dtype, causal=True, *, dropout_p=0.0, softmax_scale=None, layout=None,
                      device="cpu", seed=0) -> list[Check]:
     """Attention forward and dq, dk, dv for (B, H, T, D) inputs, atol scales from :func:`attention_scales`.
@@ -253,99 +294,154 @@ def attention_checks(B, H, T, D, dtype, causal=True, *, dropout_p=0.0, softmax_s
     ``layout="qkv"`` passes q, k and v as the three strided slices of one fused (B, T, 3, H, D)
     tensor, as the GPT model does, and checks the fused gradient ``dqkv``. With ``dropout_p > 0``
     the PyTorch runs apply the kernel's own keep-mask (drawn from the same seed and materialised by
-    ``kernels.attention.dropout_mask``) through :func:`kernels.reference.attention_math`.
+    :func:`kernels.tools.dropout.dropout_mask`) through :func:`kernels.reference.attention_math`.
     """
-    gen = torch.Generator().manual_seed(seed)
-    fused = torch.randn(B, T, 3, H, D, generator=gen).to(device=device, dtype=dtype)
-    if layout == "qkv":
-        inputs = {"qkv": fused.requires_grad_()}
-    else:
-        inputs = {name: fused[:, :, i].transpose(1, 2).contiguous().requires_grad_() for i, name in enumerate("qkv")}
+    from kernels.tools import dropout  # launches a Triton kernel: imported only once Triton is known to work
+
+    inputs = attention_inputs(B, H, T, D, dtype, layout=layout, device=device, seed=seed)
     keep = None
     if dropout_p:
-        kernel = _dispatch.kernel_module("attention")
         with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
             torch.manual_seed(seed)
-            keep = kernel.dropout_mask(kernel.draw_rng_state(device), (B, H, T, D), dropout_p)
+            rng = _dispatch.kernel_module("attention").draw_rng_state(device)
+            keep = dropout.dropout_mask(rng, (B, H, T, D), dropout_p)
 
     def attention(**tensors):
-        q, k, v = ([tensors["qkv"][:, :, i].transpose(1, 2) for i in range(3)] if layout == "qkv"
-                   else (tensors["q"], tensors["k"], tensors["v"]))
+        q, k, v = _split_qkv(tensors)
         if dropout_p and kernels.get_backend() != "triton":
             return reference.attention_math(q, k, v, causal, softmax_scale, keep, dropout_p)
         with torch.random.fork_rng(devices=[q.device] if q.is_cuda else []):
             torch.manual_seed(seed)  # with dropout, the kernel draws the seed that made ``keep``
             return kernels.attention(q, k, v, causal, dropout_p, softmax_scale)
 
-    q, k, v = (fused[:, :, i].transpose(1, 2) for i in range(3))
+    q, k, v = _split_qkv(inputs)
     scales = attention_scales(q, k, v, grad_out((B, H, T, D), dtype, seed).to(device), causal, softmax_scale,
                               keep, dropout_p)
     if layout == "qkv":
         scales["dqkv"] = max(scales["dq"], scales["dk"], scales["dv"])
-    if dtype == torch.float32 and torch.device(device).type == "cuda":
+    if tf32_in_force(dtype, device):
         scales = {name: value * TF32_EPS / torch.finfo(dtype).eps for name, value in scales.items()}
     label = (f"({B},{H},{T},{D}){' causal' if causal else ''}{f' p={dropout_p}' if dropout_p else ''}"
              f"{f' scale={softmax_scale}' if softmax_scale else ''}{f' {layout}' if layout else ''}")
     return check_op("attention", label, attention, inputs, seed, scales)
 
 
-def cases(device: str, dtypes):
-    """The verification grid: ``(description, thunk returning checks)`` pairs."""
-    big = device == "cuda"
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One op at one shape, dtype and layout: the arguments of its ``<op>_checks`` function."""
+
+    op: str
+    args: tuple
+    kwargs: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(a for a in self.args if isinstance(a, torch.dtype))
+
+    def describe(self) -> str:
+        values = [str(a).removeprefix("torch.") for a in self.args] + [f"{k}={v}" for k, v in self.kwargs.items()]
+        return f"{self.op} {' '.join(values)}"
+
+    def why_unsupported(self) -> str | None:
+        """Why the op's kernel does not take this case, decided on ``meta`` tensors: nothing is computed."""
+        inputs = {"layer_norm": layer_norm_inputs, "gelu_mlp": gelu_mlp_inputs, "attention": attention_inputs}[self.op]
+        shared = {k: v for k, v in self.kwargs.items() if k in ("view", "layout")}
+        positional = self.args if self.op != "attention" else self.args[:5]  # attention's inputs ignore causal
+        tensors = inputs(*positional, **shared, device="meta")
+        if self.op == "attention":
+            tensors = dict(zip("qkv", _split_qkv(tensors)))
+        return _dispatch.kernel_module(self.op).why_unsupported(*tensors.values())
+
+    def run(self, device) -> list[Check]:
+        checks = {"layer_norm": layer_norm_checks, "gelu_mlp": gelu_mlp_checks, "attention": attention_checks}
+        return checks[self.op](*self.args, **self.kwargs, device=device)
+
+
+GRIDS = ("cpu", "gpu")
+
+
+def cases(grid: str, dtypes) -> list[Case]:
+    """The verification grid: ``"cpu"`` (sizes Triton's interpreter runs in seconds) or ``"gpu"``,
+    which adds the shapes of GPT-2-sized models."""
+    if grid not in GRIDS:
+        raise ValueError(f"unknown grid {grid!r}: expected one of {', '.join(GRIDS)}")
+    big = grid == "gpu"
+    found = []
     shapes = [(1, 1), (3, 7), (8, 768), (5, 1023), (3, 4097), (1, 65536)]
     if big:
         shapes += [(8192, 768), (4096, 1600), (2048, 12288)]
     for dtype in dtypes:
-        for rows, width in shapes:
-            yield lambda r=rows, w=width, d=dtype: layer_norm_checks(r, w, d, device=device)
-        yield lambda d=dtype: layer_norm_checks(4, 768, d, (False, False), device=device)
-        yield lambda d=dtype: layer_norm_checks(4, 100, d, (True, False), device=device, view="strided")
-        yield lambda d=dtype: layer_norm_checks(4, 100, d, (False, True), device=device, view="padded")
+        found += [Case("layer_norm", (rows, width, dtype)) for rows, width in shapes]
+        found.append(Case("layer_norm", (4, 768, dtype, (False, False))))
+        found.append(Case("layer_norm", (4, 100, dtype, (True, False)), {"view": "strided"}))
+        found.append(Case("layer_norm", (4, 100, dtype, (False, True)), {"view": "padded"}))
     # (rows, C, H): H = 4C, H not a multiple of 16 (200), odd C (100), one row and many.
     mlp_shapes = [(1, 16, 64), (7, 48, 192), (100, 100, 400), (257, 128, 200)]
     if big:
         mlp_shapes += [(8192, 768, 3072), (2048, 1600, 6400)]
     for dtype in dtypes:
-        for rows, width, hidden in mlp_shapes:
-            yield lambda r=rows, c=width, h=hidden, d=dtype: gelu_mlp_checks(r, c, h, d, device=device)
-        yield lambda d=dtype: gelu_mlp_checks(33, 48, 192, d, (False, False), device=device)
-        yield lambda d=dtype: gelu_mlp_checks(17, 64, 256, d, device=device, view="strided")
-        yield lambda d=dtype: gelu_mlp_checks(17, 64, 256, d, device=device, view="transposed")
+        found += [Case("gelu_mlp", (rows, width, hidden, dtype)) for rows, width, hidden in mlp_shapes]
+        found.append(Case("gelu_mlp", (33, 48, 192, dtype, (False, False))))
+        found.append(Case("gelu_mlp", (17, 64, 256, dtype), {"view": "strided"}))
+        found.append(Case("gelu_mlp", (17, 64, 256, dtype), {"view": "transposed"}))
     for dtype in dtypes:
         # Every length and head dimension in float16; a few of each in the other dtypes.
         lengths, widths = ((1, 17, 100, 257), (16, 48, 128)) if dtype == torch.float16 else ((17, 100), (48,))
-        for T in lengths:
-            yield lambda t=T, d=dtype: attention_checks(1, 2, t, 64, d, device=device)
-        for D in widths:
-            yield lambda w=D, d=dtype: attention_checks(1, 2, 100, w, d, causal=False, device=device)
-        yield lambda d=dtype: attention_checks(1, 2, 64, 64, d, causal=False, softmax_scale=0.3, layout="qkv",
-                                               device=device)
-        for causal in (True, False):
-            yield lambda c=causal, d=dtype: attention_checks(2, 2, 64, 32, d, c, dropout_p=0.1, device=device)
+        found += [Case("attention", (1, 2, T, 64, dtype)) for T in lengths]
+        found += [Case("attention", (1, 2, 100, D, dtype, False)) for D in widths]
+        found.append(Case("attention", (1, 2, 64, 64, dtype, False), {"softmax_scale": 0.3, "layout": "qkv"}))
+        found += [Case("attention", (2, 2, 64, 32, dtype, causal), {"dropout_p": 0.1}) for causal in (True, False)]
         if big:
-            yield lambda d=dtype: attention_checks(4, 12, 1024, 64, d, layout="qkv", device=device)
-            yield lambda d=dtype: attention_checks(2, 16, 2048, 128, d, dropout_p=0.1, device=device)
+            found.append(Case("attention", (4, 12, 1024, 64, dtype), {"layout": "qkv"}))
+            found.append(Case("attention", (2, 16, 2048, 128, dtype), {"dropout_p": 0.1}))
+    return found
 
 
 def _interpreter_bf16_ready() -> str | None:
     """Install the interpreter's bfloat16 shim; the reason when bfloat16 cannot be checked."""
-    from kernels import _interpreter
+    from kernels.tools import bf16_shim
 
     try:
-        _interpreter.install_bf16_shim()
+        bf16_shim.install_bf16_shim()
     except RuntimeError as exc:
         return str(exc)
     return None
 
 
+HEADER = f"{'op':<11} {'case':<28} {'dtype':<9} {'tensor':<8} {'max err':>10} {'torch err':>10} {'bound':>10}  result"
+
+
+def _row(c: Check) -> str:
+    return (f"{c.op:<11} {c.case:<28} {c.dtype:<9} {c.tensor:<8} {c.error:>10.3e} {c.torch_error:>10.3e} "
+            f"{c.bound:>10.3e}  {'PASS' if c.passed else 'FAIL ' + c.detail}")
+
+
+def dry_run(grid: str, dtypes) -> list[tuple[Case, str | None]]:
+    """Every case of ``grid`` with the kernel's reason for not taking it (None: it does), computing nothing."""
+    return [(case, case.why_unsupported()) for case in cases(grid, dtypes)]
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kernels.verify", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m kernels.tools.verify", description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", action="append", choices=sorted(DTYPES),
                         help="check only this dtype (repeatable; default: all)")
+    parser.add_argument("--grid", choices=GRIDS,
+                        help="the cases: 'gpu' adds GPT-2-sized shapes (default: gpu on a GPU, else cpu)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="list the cases and whether the kernels take them, without computing anything")
     args = parser.parse_args(argv)
     if _dispatch.NO_TRITON_REASON:
         print(f"cannot verify the Triton kernels: {_dispatch.NO_TRITON_REASON}", file=sys.stderr)
         return 2
+    dtypes = [DTYPES[d] for d in (args.dtype or DTYPES)]
+    grid = args.grid or ("gpu" if torch.cuda.is_available() else "cpu")
+    if args.dry_run:
+        decisions = dry_run(grid, dtypes)
+        for case, reason in decisions:
+            print(f"{case.describe():<60} {'runs' if reason is None else 'SKIP ' + reason}")
+        skipped = sum(reason is not None for _, reason in decisions)
+        print(f"{len(decisions)} cases in the {grid} grid: {len(decisions) - skipped} run, {skipped} skipped")
+        return 0
     if torch.cuda.is_available():
         device = "cuda"
         where = f"GPU {torch.cuda.get_device_name()}"
@@ -355,32 +451,35 @@ def main(argv=None) -> int:
               file=sys.stderr)
         # One BLAS thread: the interpreter's tl.dot is a NumPy matmul of one small tile at a time.
         env = {"OPENBLAS_NUM_THREADS": "1", **os.environ, "TRITON_INTERPRET": "1"}
-        os.execve(sys.executable, [sys.executable, "-m", "kernels.verify", *(argv or sys.argv[1:])], env)
+        argv = sys.argv[1:] if argv is None else list(argv)
+        os.execve(sys.executable, [sys.executable, "-m", "kernels.tools.verify", *argv], env)
     elif _dispatch.INTERPRETED:
         device = "cpu"
         where = "CPU, Triton interpreter"
     else:
         print("TRITON_INTERPRET=1 is set but this triton did not switch its interpreter on", file=sys.stderr)
         return 2
-    dtypes = [DTYPES[d] for d in (args.dtype or DTYPES)]
-    skipped = []
+    notes = []
     if device == "cpu" and torch.bfloat16 in dtypes and (why := _interpreter_bf16_ready()):
         dtypes.remove(torch.bfloat16)
-        skipped.append(f"bfloat16 not checked: {why}")
-    print(f"kernels.verify on {where}, torch {torch.__version__}")
-    header = f"{'op':<11} {'case':<28} {'dtype':<9} {'tensor':<8} {'max err':>10} {'torch err':>10} {'bound':>10}  result"
-    print(header)
-    print("-" * len(header))
-    failures = total = 0
-    for thunk in cases(device, dtypes):
-        for c in thunk():
+        notes.append(f"bfloat16 not checked: {why}")
+    print(f"kernels.tools.verify on {where}, torch {torch.__version__}, {grid} grid")
+    print(HEADER)
+    print("-" * len(HEADER))
+    failures = total = skipped = 0
+    for case in cases(grid, dtypes):
+        reason = case.why_unsupported()
+        if reason is not None:  # the dispatcher would run the PyTorch reference here: nothing to verify
+            skipped += 1
+            print(f"{case.op:<11} {case.describe().removeprefix(case.op + ' '):<48} SKIP {reason}", flush=True)
+            continue
+        for c in case.run(device):
             total += 1
             failures += not c.passed
-            print(f"{c.op:<11} {c.case:<28} {c.dtype:<9} {c.tensor:<8} {c.error:>10.3e} {c.torch_error:>10.3e} "
-                  f"{c.bound:>10.3e}  {'PASS' if c.passed else 'FAIL ' + c.detail}", flush=True)
-    for note in skipped:
+            print(_row(c), flush=True)
+    for note in notes:
         print(note)
-    print(f"{total - failures} passed, {failures} failed")
+    print(f"{total - failures} passed, {failures} failed, {skipped} cases skipped (the kernels do not take them)")
     return 1 if failures or not total else 0
 
 

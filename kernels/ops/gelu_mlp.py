@@ -2,8 +2,8 @@
 
 Every GEMM is a tiled matrix multiply in the style of Triton's matmul tutorial: one program per
 (BLOCK_M, BLOCK_N) output tile, programs ordered in groups of GROUP_M tile rows so that the tiles
-running together share their operand panels in L2, fp32 accumulation (TF32 dots for float32
-inputs), explicit strides for every operand (a transpose is a stride swap, never a copy), masks
+running together share their operand panels in L2, fp32 accumulation (float32 inputs use TF32 dots
+exactly when PyTorch's float32 matmuls do), explicit strides for every operand (a transpose is a stride swap, never a copy), masks
 on all ragged edges, and autotuned block sizes. Epilogues run on the fp32 accumulator before it
 is stored.
 
@@ -51,11 +51,12 @@ needed the forward does not write pre at all.
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
+
+from .. import _tuning
+from ._common import dot_precision, run
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 GROUP_M = 8  # tile rows per program group (L2 reuse of the B panel)
@@ -70,7 +71,7 @@ CONFIGS = [
 ]
 # Autotuning is keyed on M rounded up to a power of two (not the exact token count, which would
 # re-tune for every prompt length while sampling), N and K.
-_TUNE_KEY = ["M_BUCKET", "N", "K"]
+_TUNE_KEY = ["M_BUCKET", "N", "K", "DOT_PRECISION"]
 
 _SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
 _GELU_CUBIC = tl.constexpr(0.044715)
@@ -103,7 +104,8 @@ def _tile_offsets(m_left, n_left, stride_m, BLOCK_M: tl.constexpr, BLOCK_N: tl.c
 
 @triton.jit
 def _tile_matmul(A_ptr, B_ptr, m_left, n_left, K, stride_am, stride_ak, stride_bk, stride_bn,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROW_SUMS: tl.constexpr):
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROW_SUMS: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr):
     """``(A @ B, A summed over k)`` for one tile, in fp32 (the sums are zero unless ROW_SUMS).
 
     A_ptr and B_ptr point at the tile's first row of A and first column of B; m_left and n_left
@@ -126,7 +128,7 @@ def _tile_matmul(A_ptr, B_ptr, m_left, n_left, K, stride_am, stride_ak, stride_b
         k_left = K - k
         a = tl.load(a_ptrs, mask=row_ok & (a_k < k_left), other=0.0)
         b = tl.load(b_ptrs, mask=(b_k < k_left) & col_ok, other=0.0)
-        acc = tl.dot(a, b, acc, input_precision="tf32")
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         if ROW_SUMS:
             row_sums += tl.sum(a.to(tl.float32), axis=1)
         a_ptrs += a_step
@@ -151,12 +153,13 @@ def _gelu_mlp_fwd_kernel(
     stride_am, stride_ak, stride_bk, stride_bn, stride_om,
     HAS_BIAS: tl.constexpr, GELU: tl.constexpr, STORE_PRE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """Out = A @ B (+ bias); with GELU, Out = gelu(pre) and (STORE_PRE) Pre = pre. Out, Pre: unit column stride."""
     row0, col0 = _tile_start(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     acc, _ = _tile_matmul(A_ptr + row0.to(tl.int64) * stride_am, B_ptr + col0.to(tl.int64) * stride_bn,
                           M - row0, N - col0, K, stride_am, stride_ak, stride_bk, stride_bn,
-                          BLOCK_M, BLOCK_N, BLOCK_K, False)
+                          BLOCK_M, BLOCK_N, BLOCK_K, False, DOT_PRECISION)
     if HAS_BIAS:
         rn = tl.arange(0, BLOCK_N)
         acc += tl.load(Bias_ptr + col0 + rn, mask=rn < N - col0, other=0.0).to(tl.float32)[None, :]
@@ -175,12 +178,13 @@ def _gelu_mlp_bwd_dpre_kernel(
     DOut_ptr, W_ptr, Pre_ptr, DPre_ptr, Act_ptr, M, N, K, M_BUCKET,
     stride_dom, stride_dok, stride_wk, stride_wn, stride_pm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """DPre = (DOut @ W) * gelu'(Pre) and Act = gelu(Pre); Pre, DPre, Act share one layout (unit column stride)."""
     row0, col0 = _tile_start(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     dact, _ = _tile_matmul(DOut_ptr + row0.to(tl.int64) * stride_dom, W_ptr + col0.to(tl.int64) * stride_wn,
                            M - row0, N - col0, K, stride_dom, stride_dok, stride_wk, stride_wn,
-                           BLOCK_M, BLOCK_N, BLOCK_K, False)
+                           BLOCK_M, BLOCK_N, BLOCK_K, False, DOT_PRECISION)
     tile = row0.to(tl.int64) * stride_pm + col0
     # The epilogue in two column halves keeps fewer (BLOCK_M, BLOCK_N) fp32 tensors live at once.
     left, right = tl.split(tl.permute(tl.reshape(dact, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
@@ -208,6 +212,7 @@ def _gelu_mlp_bwd_dweight_kernel(
     stride_am, stride_ak, stride_bk, stride_bn, stride_dwm,
     BIAS_GRAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """DW = A @ B, K being the tokens; with BIAS_GRAD, DBias = A summed over K (by the first tile column)."""
     row0, col0 = _tile_start(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -215,19 +220,19 @@ def _gelu_mlp_bwd_dweight_kernel(
     b_tile = B_ptr + col0.to(tl.int64) * stride_bn
     if BIAS_GRAD and col0 == 0:
         acc, row_sums = _tile_matmul(a_tile, b_tile, M - row0, N - col0, K, stride_am, stride_ak, stride_bk,
-                                     stride_bn, BLOCK_M, BLOCK_N, BLOCK_K, True)
+                                     stride_bn, BLOCK_M, BLOCK_N, BLOCK_K, True, DOT_PRECISION)
         rm = tl.arange(0, BLOCK_M)
         tl.store(DBias_ptr + row0 + rm, row_sums.to(DBias_ptr.dtype.element_ty), mask=rm < M - row0)
     else:
         acc, _ = _tile_matmul(a_tile, b_tile, M - row0, N - col0, K, stride_am, stride_ak, stride_bk,
-                              stride_bn, BLOCK_M, BLOCK_N, BLOCK_K, False)
+                              stride_bn, BLOCK_M, BLOCK_N, BLOCK_K, False, DOT_PRECISION)
     offsets, mask = _tile_offsets(M - row0, N - col0, stride_dwm, BLOCK_M, BLOCK_N)
     tl.store(DW_ptr + row0.to(tl.int64) * stride_dwm + col0 + offsets, acc.to(DW_ptr.dtype.element_ty), mask=mask)
 
 
-_fwd = triton.autotune(CONFIGS, key=_TUNE_KEY)(_gelu_mlp_fwd_kernel)
-_bwd_dpre = triton.autotune(CONFIGS, key=_TUNE_KEY)(_gelu_mlp_bwd_dpre_kernel)
-_bwd_dweight = triton.autotune(CONFIGS, key=_TUNE_KEY)(_gelu_mlp_bwd_dweight_kernel)
+_fwd = _tuning.autotuned("gelu_mlp.fwd", _gelu_mlp_fwd_kernel, CONFIGS, _TUNE_KEY)
+_bwd_dpre = _tuning.autotuned("gelu_mlp.dpre", _gelu_mlp_bwd_dpre_kernel, CONFIGS, _TUNE_KEY)
+_bwd_dweight = _tuning.autotuned("gelu_mlp.dweight", _gelu_mlp_bwd_dweight_kernel, CONFIGS, _TUNE_KEY)
 
 
 def why_unsupported(x, fc_weight, fc_bias=None, proj_weight=None, proj_bias=None) -> str | None:
@@ -248,33 +253,20 @@ def supports(x, fc_weight, fc_bias=None, proj_weight=None, proj_bias=None) -> bo
     return why_unsupported(x, fc_weight, fc_bias, proj_weight, proj_bias) is None
 
 
-_pinned: triton.Config | None = None
+def _gemm(kernel, m, n, k, operands, strides, meta, dtype):
+    """A launch ``(kernel, grid, args, meta)`` of an (m, n, k) GEMM kernel, or None when its output is empty.
 
-
-@contextlib.contextmanager
-def pinned_config(config: triton.Config):
-    """Run every GEMM launched in this block with ``config`` (one of :data:`CONFIGS`) instead of autotuning.
-
-    For tests (Triton's interpreter cannot autotune, so each config must be run explicitly) and
-    for benchmarks that compare configs.
+    With k == 0 it still launches: it writes the bias, or zeros.
     """
-    global _pinned
-    if config not in CONFIGS:
-        raise ValueError(f"config must be one of gelu_mlp.CONFIGS, got {config}")
-    previous, _pinned = _pinned, config
-    try:
-        yield
-    finally:
-        _pinned = previous
+    if not m or not n:
+        return None
 
-
-def _gemm(kernel, m, n, k, operands, strides, meta):
-    """A launch ``(kernel, grid, args, meta)`` of an (m, n, k) GEMM kernel; grid from the block sizes."""
     def grid(cfg):
         return (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
 
     m_bucket = triton.next_power_of_2(max(m, 1))
-    return kernel, grid, (*operands, m, n, k, m_bucket, *strides), dict(meta, GROUP_M=GROUP_M)
+    return _tuning.launch(kernel, grid, (*operands, m, n, k, m_bucket, *strides),
+                          dict(meta, GROUP_M=GROUP_M, DOT_PRECISION=dot_precision(dtype)))
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -282,11 +274,11 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
-def _forward_plan(x, fc_weight, fc_bias, proj_weight, proj_bias, keep_pre: bool):
+def forward_plan(x, fc_weight, fc_bias, proj_weight, proj_bias, keep_pre: bool):
     """Outputs ``(out, pre)`` for ``x`` (M, C) and the two launches that fill them.
 
-    ``pre`` (M, H) is empty unless ``keep_pre``. A launch is ``(kernel, grid, args, meta)``, the
-    kernel an autotuner; :func:`compile_specs` compiles the same launches.
+    ``pre`` (M, H) is empty unless ``keep_pre``. A launch is ``(kernel, grid, args, meta)`` (see
+    :func:`kernels.ops._common.run`); the config is chosen by :mod:`kernels._tuning`.
     """
     m, c = x.shape
     h = fc_weight.shape[0]
@@ -295,14 +287,14 @@ def _forward_plan(x, fc_weight, fc_bias, proj_weight, proj_bias, keep_pre: bool)
     out = torch.empty((m, c), dtype=x.dtype, device=x.device)
     fc = _gemm(_fwd, m, h, c, (x, fc_weight, fc_bias, act, pre if keep_pre else None),
                (x.stride(0), x.stride(1), fc_weight.stride(1), fc_weight.stride(0), act.stride(0)),
-               dict(HAS_BIAS=fc_bias is not None, GELU=True, STORE_PRE=keep_pre))
+               dict(HAS_BIAS=fc_bias is not None, GELU=True, STORE_PRE=keep_pre), x.dtype)
     proj = _gemm(_fwd, m, c, h, (act, proj_weight, proj_bias, out, None),
                  (act.stride(0), act.stride(1), proj_weight.stride(1), proj_weight.stride(0), out.stride(0)),
-                 dict(HAS_BIAS=proj_bias is not None, GELU=False, STORE_PRE=False))
-    return (out, pre), [fc, proj]
+                 dict(HAS_BIAS=proj_bias is not None, GELU=False, STORE_PRE=False), x.dtype)
+    return (out, pre), [launch for launch in (fc, proj) if launch is not None]
 
 
-def _backward_plan(dout, x, fc_weight, proj_weight, pre, has_fc_bias: bool, has_proj_bias: bool):
+def backward_plan(dout, x, fc_weight, proj_weight, pre, has_fc_bias: bool, has_proj_bias: bool):
     """Outputs ``(dx, dfc_weight, dfc_bias, dproj_weight, dproj_bias)`` (absent biases: None) and launches."""
     m, c = x.shape
     h = fc_weight.shape[0]
@@ -317,36 +309,21 @@ def _backward_plan(dout, x, fc_weight, proj_weight, pre, has_fc_bias: bool, has_
     launches = [
         # dpre = (dout @ W2) * gelu'(pre); act = gelu(pre)
         _gemm(_bwd_dpre, m, h, c, (dout, proj_weight, pre, dpre, act),
-              (dout.stride(0), dout.stride(1), proj_weight.stride(0), proj_weight.stride(1), pre.stride(0)), {}),
+              (dout.stride(0), dout.stride(1), proj_weight.stride(0), proj_weight.stride(1), pre.stride(0)), {}, x.dtype),
         # dW2 = dout^T @ act, db2 = sum_rows(dout)
         _gemm(_bwd_dweight, c, h, m, (dout, act, dproj_weight, dproj_bias),
               (dout.stride(1), dout.stride(0), act.stride(0), act.stride(1), dproj_weight.stride(0)),
-              dict(BIAS_GRAD=has_proj_bias)),
+              dict(BIAS_GRAD=has_proj_bias), x.dtype),
         # dW1 = dpre^T @ x, db1 = sum_rows(dpre)
         _gemm(_bwd_dweight, h, c, m, (dpre, x, dfc_weight, dfc_bias),
               (dpre.stride(1), dpre.stride(0), x.stride(0), x.stride(1), dfc_weight.stride(0)),
-              dict(BIAS_GRAD=has_fc_bias)),
+              dict(BIAS_GRAD=has_fc_bias), x.dtype),
         # dx = dpre @ W1
         _gemm(_fwd, m, c, h, (dpre, fc_weight, None, dx, None),
               (dpre.stride(0), dpre.stride(1), fc_weight.stride(0), fc_weight.stride(1), dx.stride(0)),
-              dict(HAS_BIAS=False, GELU=False, STORE_PRE=False)),
+              dict(HAS_BIAS=False, GELU=False, STORE_PRE=False), x.dtype),
     ]
-    return (dx, dfc_weight, dfc_bias, dproj_weight, dproj_bias), launches
-
-
-def _run(plan):
-    outputs, launches = plan
-    for kernel, grid, args, meta in launches:
-        if not grid(CONFIGS[0].kwargs)[0]:
-            continue  # no rows: nothing to write (K == 0 still launches: it writes the bias, or zeros)
-        config = _pinned
-        if config is None and not args[0].is_cuda:
-            config = CONFIGS[0]  # Triton's interpreter cannot autotune; the largest tiles run fastest there
-        if config is None:
-            kernel[grid](*args, **meta)
-        else:
-            kernel.fn[grid](*args, **meta, **config.all_kwargs())
-    return outputs
+    return (dx, dfc_weight, dfc_bias, dproj_weight, dproj_bias), [launch for launch in launches if launch is not None]
 
 
 # Registered as custom ops so torch.compile treats the kernels as opaque calls instead of breaking
@@ -355,7 +332,7 @@ def _run(plan):
 def gelu_mlp_op(x: torch.Tensor, fc_weight: torch.Tensor, fc_bias: torch.Tensor | None, proj_weight: torch.Tensor,
                 proj_bias: torch.Tensor | None, keep_pre: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward on ``x`` (..., C): ``(out, pre)``, pre (rows, H) kept for the backward (empty unless keep_pre)."""
-    out, pre = _run(_forward_plan(_rows(x), fc_weight, fc_bias, proj_weight, proj_bias, keep_pre))
+    out, pre = run(forward_plan(_rows(x), fc_weight, fc_bias, proj_weight, proj_bias, keep_pre))
     return out.view(x.shape), pre
 
 
@@ -370,8 +347,8 @@ def gelu_mlp_backward_op(dout: torch.Tensor, x: torch.Tensor, fc_weight: torch.T
                          pre: torch.Tensor, has_fc_bias: bool, has_proj_bias: bool
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dx, dfc_weight, dfc_bias, dproj_weight, dproj_bias)``; an absent bias gets an empty gradient."""
-    dx, dfc_weight, dfc_bias, dproj_weight, dproj_bias = _run(
-        _backward_plan(_rows(dout), _rows(x), fc_weight, proj_weight, pre, has_fc_bias, has_proj_bias))
+    dx, dfc_weight, dfc_bias, dproj_weight, dproj_bias = run(
+        backward_plan(_rows(dout), _rows(x), fc_weight, proj_weight, pre, has_fc_bias, has_proj_bias))
     absent = x.new_empty(0)
     return (dx.view(x.shape), dfc_weight, absent if dfc_bias is None else dfc_bias, dproj_weight,
             absent.clone() if dproj_bias is None else dproj_bias)
@@ -408,56 +385,3 @@ def gelu_mlp(x, fc_weight, fc_bias, proj_weight, proj_bias):
     keep_pre = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, fc_weight, fc_bias, proj_weight, proj_bias))
     return gelu_mlp_op(x, fc_weight, fc_bias, proj_weight, proj_bias, keep_pre)[0]
-
-
-_FORWARD_ROLES = ("fc", "proj")
-_BACKWARD_ROLES = ("dpre", "dproj_weight", "dfc_weight", "dx")
-
-
-def config_label(config: triton.Config) -> str:
-    """``"128x128x32 warps=8 stages=3"``: BLOCK_M x BLOCK_N x BLOCK_K and the launch options of ``config``."""
-    kw = config.kwargs
-    return f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']} warps={config.num_warps} stages={config.num_stages}"
-
-
-def compile_specs():
-    """Every GEMM launch of a training step in every config, for ``python -m kernels.compile_report``.
-
-    For each config in float16 and float32 (whose operands take twice the shared memory), the
-    launches of the forward (keeping pre) and backward with both biases on 16-aligned widths;
-    dfc_weight is left out because it specialises exactly like dproj_weight (same kernel, flags
-    and stride divisibility). bfloat16 generates the same code as float16 but for the MMA
-    instruction type: it is compiled for the first config. For the first config in float16
-    also the launches that change without biases and in the inference forward (pre not written),
-    and all of them for widths C=100, H=400, whose rows are not 16-byte aligned (so no 128-bit
-    loads are possible there).
-    """
-    from kernels.compile_report import CompileSpec
-
-    def specs(config, dtype, m=256, c=128, h=512, biases=True, keep_pre=True, note="", roles=None):
-        x = torch.empty(m, c, dtype=dtype)
-        fc_weight, proj_weight = torch.empty(h, c, dtype=dtype), torch.empty(c, h, dtype=dtype)
-        fc_bias = torch.empty(h, dtype=dtype) if biases else None
-        proj_bias = torch.empty(c, dtype=dtype) if biases else None
-        (out, pre), forward = _forward_plan(x, fc_weight, fc_bias, proj_weight, proj_bias, keep_pre)
-        launches = list(zip(_FORWARD_ROLES, forward))
-        if keep_pre:
-            _, backward = _backward_plan(torch.empty_like(out), x, fc_weight, proj_weight, pre, biases, biases)
-            launches += [(role, launch) for role, launch in zip(_BACKWARD_ROLES, backward) if role != "dfc_weight"]
-        for role, (kernel, _, args, meta) in launches:
-            if roles is not None and role not in roles:
-                continue
-            label = f"{role} {config_label(config)} {str(dtype).removeprefix('torch.')}{note}"
-            yield CompileSpec(kernel.fn, label, args, dict(meta, num_warps=config.num_warps,
-                                                           num_stages=config.num_stages, **config.kwargs),
-                              uses_dot=True)
-
-    first = CONFIGS[0]
-    for config in CONFIGS:
-        for dtype in (torch.float16, torch.float32):
-            yield from specs(config, dtype)
-    yield from specs(first, torch.bfloat16)
-    # Only the launches these flags change: dpre and dx never take a bias, proj never keeps pre.
-    yield from specs(first, torch.float16, biases=False, note=" no biases", roles=("fc", "proj", "dproj_weight"))
-    yield from specs(first, torch.float16, keep_pre=False, note=" inference", roles=("fc",))
-    yield from specs(first, torch.float16, c=100, h=400, note=" C=100 H=400")

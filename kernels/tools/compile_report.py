@@ -1,10 +1,12 @@
 """Ahead-of-time compilation report for the project's Triton kernels on sm_80 (A100) and sm_90a (H100).
 
-``python -m kernels.compile_report`` compiles every kernel in every config it can launch with, using
-the installed triton wheel's own toolchain and no GPU. Each op module ``kernels/<op>.py`` lists its
-configs as :class:`CompileSpec` objects from ``compile_specs()``; every spec is specialised exactly as
+``python -m kernels.tools.compile_report`` compiles every kernel in every config it can launch with,
+using the installed triton wheel's own toolchain and no GPU. :mod:`kernels.tools.specs` lists each
+op's launches as :class:`CompileSpec` objects; every spec is specialised exactly as
 ``JITFunction.run`` would specialise the launch (pointer alignment, ints equal to 1 or divisible by
-16, constexprs, ``num_warps``/``num_stages``) and compiled to a cubin for each target.
+16, constexprs, ``num_warps``/``num_stages``) and compiled to a cubin for each target. ``--largest``
+compiles only each kernel's most demanding specs. Run it with another triton by putting that
+wheel's files first on ``PYTHONPATH`` (``pip install --no-deps --target DIR triton==X``).
 
 Per kernel, config and arch the report checks:
 
@@ -12,7 +14,7 @@ Per kernel, config and arch the report checks:
 * shared memory (``metadata.shared``, which ``triton.compile`` never checks) is within the
   opt-in per-block limit: 166912 B on sm_80, 232448 B on sm_90;
 * no register spills (``ptxas -v`` spill bytes, LDL/STL in the SASS);
-* a spec with ``uses_dot=True`` uses tensor cores: HMMA on sm_80, HGMMA (wgmma) on sm_90a;
+* a spec with ``uses_tensor_cores=True`` uses them: HMMA on sm_80, HGMMA (wgmma) on sm_90a;
 * and it counts 128-bit global loads/stores (LDG/LDGSTS/STG with ``.128``) for information.
 
 It is a static check of the generated code: nothing runs, nothing is timed, and numerical
@@ -26,6 +28,7 @@ import collections
 import contextlib
 import dataclasses
 import importlib
+import inspect
 import io
 import multiprocessing
 import os
@@ -49,7 +52,8 @@ class CompileSpec:
     config: str               # human-readable config label, e.g. "BLOCK_N=1024 warps=4 fp16"
     args: tuple               # example positional args: CPU tensors of real dtypes/shapes, ints, floats
     kwargs: dict              # constexpr meta-parameters and launch options (num_warps, num_stages)
-    uses_dot: bool = False    # True when the kernel has tl.dot: then tensor-core instructions are required
+    uses_tensor_cores: bool = False  # its tl.dot must run on tensor cores (16-bit or TF32 operands)
+    largest: bool = False     # among its kernel's most demanding specs (see kernels.tools.specs)
 
 
 @dataclasses.dataclass
@@ -67,7 +71,7 @@ class Result:
     mma_sync_ops: int | None = None       # HMMA on sm_90a: tensor cores, but not wgmma
     vector_loads: int | None = None
     vector_stores: int | None = None
-    uses_dot: bool = False
+    uses_tensor_cores: bool = False
     seconds: float = 0.0
     error: str | None = None
 
@@ -81,7 +85,7 @@ class Result:
             found.append(f"shared memory {self.shared} B > limit {self.shared_limit} B")
         if self.spill_bytes or self.local_ops:
             found.append(f"register spills: {self.spill_bytes} B, {self.local_ops} LDL/STL")
-        if self.uses_dot and not self.tensor_core_ops:
+        if self.uses_tensor_cores and not self.tensor_core_ops:
             op = TENSOR_CORE_OPS[self.arch]
             extra = f" (only {self.mma_sync_ops} HMMA: no wgmma)" if self.mma_sync_ops else ""
             found.append(f"tl.dot without {op} tensor-core instructions{extra}")
@@ -104,8 +108,8 @@ def _triton_api():
         if not hasattr(JITFunction, "_pack_args"):
             raise ImportError("JITFunction._pack_args is missing")
     except ImportError as exc:
-        raise RuntimeError(f"kernels.compile_report does not support triton {triton.__version__}: "
-                           f"the compiler API it uses changed ({exc}); written against triton 3.9") from exc
+        raise RuntimeError(f"kernels.tools.compile_report does not support triton {triton.__version__}: "
+                           f"the compiler API it uses is missing ({exc}); it supports triton 3.5 to 3.9") from exc
     return triton, GPUTarget, get_ptxas, ASTSource, make_backend, JITFunction, create_function_from_signature
 
 
@@ -155,6 +159,11 @@ def _tool(name: str) -> str:
     return getattr(triton.knobs.nvidia, name).path
 
 
+def _ptxas(get_ptxas, arch: int) -> str:
+    """The ptxas Triton itself compiles ``sm_<arch>`` with (triton 3.5 has one for every arch)."""
+    return (get_ptxas(arch) if inspect.signature(get_ptxas).parameters else get_ptxas()).path
+
+
 def _run_tool(cmd: list[str]) -> str:
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -168,7 +177,7 @@ def _ptxas_usage(ptx: str, arch: int, options, get_ptxas) -> tuple[int, int]:
         src = os.path.join(tmp, "kernel.ptx")
         with open(src, "w") as f:
             f.write(ptx)
-        cmd = [get_ptxas(arch).path, "-lineinfo", *([] if options.enable_fp_fusion else ["--fmad=false"]), "-v",
+        cmd = [_ptxas(get_ptxas, arch), "-lineinfo", *([] if options.enable_fp_fusion else ["--fmad=false"]), "-v",
                "--regAllocOptLevel=2", *(options.ptx_options.split() if options.ptx_options else []),
                f"--gpu-name={ARCH_NAMES[arch]}", src, "-o", os.path.join(tmp, "kernel.cubin")]
         log = _run_tool(cmd)
@@ -205,7 +214,7 @@ def compile_spec(spec: CompileSpec, arch: int) -> Result:
     if arch not in SHARED_LIMITS:
         raise ValueError(f"arch must be one of {sorted(SHARED_LIMITS)}, got {arch!r}")
     result = Result(kernel=_kernel_name(spec.kernel), config=spec.config, arch=arch,
-                    shared_limit=SHARED_LIMITS[arch], uses_dot=spec.uses_dot)
+                    shared_limit=SHARED_LIMITS[arch], uses_tensor_cores=spec.uses_tensor_cores)
     start = time.perf_counter()
     try:
         triton, GPUTarget, get_ptxas, ASTSource, *_ = _triton_api()
@@ -272,7 +281,8 @@ def run(specs, archs=(80, 90), jobs=2, progress=sys.stderr) -> list[Result]:
                 except Exception as exc:  # a crashed worker (e.g. a segfault in the compiler)
                     i, arch = tasks[n]
                     results[n] = Result(kernel=_kernel_name(specs[i].kernel), config=specs[i].config,
-                                        arch=arch, shared_limit=SHARED_LIMITS[arch], uses_dot=specs[i].uses_dot,
+                                        arch=arch, shared_limit=SHARED_LIMITS[arch],
+                                        uses_tensor_cores=specs[i].uses_tensor_cores,
                                         error=f"worker failed: {type(exc).__name__}: {exc}")
                 _progress(done, len(tasks), results[n], progress)
     finally:
@@ -289,7 +299,7 @@ def format_table(results: list[Result]) -> str:
             rows.append((r.kernel, r.config, ARCH_NAMES[r.arch], "-", "-", "-", "-", "-", "-",
                          "; ".join(r.problems)))
             continue
-        tc = f"{r.tensor_core_ops} {TENSOR_CORE_OPS[r.arch]}" if r.tensor_core_ops or r.uses_dot else "-"
+        tc = f"{r.tensor_core_ops} {TENSOR_CORE_OPS[r.arch]}" if r.tensor_core_ops or r.uses_tensor_cores else "-"
         rows.append((r.kernel, r.config, ARCH_NAMES[r.arch], f"{r.shared}/{r.shared_limit}", str(r.registers),
                      str(r.spill_bytes), tc, str(r.vector_loads), str(r.vector_stores),
                      "; ".join(r.problems) or "ok"))
@@ -298,35 +308,25 @@ def format_table(results: list[Result]) -> str:
                      for row in [header, *rows])
 
 
-def _collect_specs(ops, modules) -> list[CompileSpec]:
-    """Specs from ``compile_specs()`` of the given modules, or of the op modules ``kernels.<op>``."""
-    if not modules:
-        from kernels._dispatch import OPS
-        unknown = set(ops or ()) - set(OPS)
-        if unknown:
-            raise SystemExit(f"unknown op(s) {', '.join(sorted(unknown))}; ops: {', '.join(OPS)}")
-        modules = [f"kernels.{op}" for op in OPS if not ops or op in ops]
-    specs = []
-    for name in modules:
-        module = importlib.import_module(name)
-        if not hasattr(module, "compile_specs"):
-            print(f"warning: {name} has no compile_specs(); its kernels are not checked", file=sys.stderr)
-            continue
-        specs.extend(module.compile_specs())
-    return specs
-
-
-def _interpreter_on() -> bool:
-    import triton
-    return bool(triton.knobs.runtime.interpret)
+def _collect_specs(ops, modules, largest_only: bool) -> list[CompileSpec]:
+    """The specs of the given ops (:mod:`kernels.tools.specs`), or ``compile_specs()`` of other modules."""
+    if modules:
+        specs = [spec for name in modules for spec in importlib.import_module(name).compile_specs()]
+        return [s for s in specs if s.largest] if largest_only else specs
+    from kernels.tools import specs
+    unknown = set(ops or ()) - set(specs.OPS)
+    if unknown:
+        raise SystemExit(f"unknown op(s) {', '.join(sorted(unknown))}; ops: {', '.join(specs.OPS)}")
+    return specs.compile_specs(ops or specs.OPS, largest_only)
 
 
 def main(argv=None) -> int:
     """Command line entry point; returns the exit status (0: every compile clean, 1: problems)."""
-    parser = argparse.ArgumentParser(prog="python -m kernels.compile_report", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m kernels.tools.compile_report", description=__doc__.split("\n")[0])
     parser.add_argument("--arch", type=int, action="append", choices=sorted(SHARED_LIMITS),
                         help="target compute capability, repeatable (default: 80 and 90)")
-    parser.add_argument("--op", action="append", help="only this op module (repeatable)")
+    parser.add_argument("--op", action="append", help="only this op (repeatable)")
+    parser.add_argument("--largest", action="store_true", help="only each kernel's most demanding specs")
     parser.add_argument("--kernel", help="only kernels whose name contains this substring")
     parser.add_argument("--module", action="append",
                         help="collect compile_specs() from this importable module instead of the op modules")
@@ -334,15 +334,19 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
 
-    if _interpreter_on():
+    from kernels import _dispatch
+    if _dispatch.NO_TRITON_REASON:
+        print(f"cannot compile the kernels: {_dispatch.NO_TRITON_REASON}", file=sys.stderr)
+        return 2
+    if _dispatch.INTERPRETED:
         # @triton.jit made interpreter functions, which cannot be compiled: start over without it.
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
         print("TRITON_INTERPRET is on: re-running with the interpreter off", file=sys.stderr)
-        return subprocess.run([sys.executable, "-m", "kernels.compile_report", *argv], env=env).returncode
+        return subprocess.run([sys.executable, "-m", "kernels.tools.compile_report", *argv], env=env).returncode
 
-    specs = _collect_specs(args.op, args.module)
+    specs = _collect_specs(args.op, args.module, args.largest)
     if args.kernel:
         specs = [s for s in specs if args.kernel in _kernel_name(s.kernel)]
     if not specs:

@@ -26,12 +26,14 @@ with D up to 64 (float32 dots run in TF32 on the GPU); any strides.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
 import triton
 import triton.language as tl
+
+from .. import _tuning
+from ._common import dot_precision, run
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 128
@@ -40,9 +42,6 @@ HEAD_DIM_MULTIPLE = 8
 MAX_GRID_DIM = 65535  # CUDA's limit on the second and third grid dimensions (heads, batch)
 LOG2_E = 1.4426950408889634
 PREPROCESS_BLOCK_M = 64
-
-_INTERPRETED = bool(triton.knobs.runtime.interpret)
-
 
 # --------------------------------------------------------------------------- shared device helpers
 
@@ -126,13 +125,13 @@ def _dropout_keep(seed, offset, bh, rows, start_n, dropout_p, BLOCK_M: tl.conste
 def _fwd_tiles(acc, l_i, m_i, q, K_ptr, V_ptr, stride_k_t, stride_k_d, stride_v_t, stride_v_d,
                offs_m, offs_d, start, end, T, qk_scale, seed, offset, bh, dropout_p,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               MASKED: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr):
+               MASKED: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Fold the key tiles [start, end) into the running (acc, l, m); MASKED tiles apply the masks."""
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + offs_n
         k = _load_tile(K_ptr, cols, offs_d, stride_k_t, stride_k_d, T, HEAD_DIM, BLOCK_D, MASKED)
-        s = tl.dot(q, tl.trans(k)) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
         if MASKED:
             valid = cols[None, :] < T
             if CAUSAL:
@@ -145,7 +144,7 @@ def _fwd_tiles(acc, l_i, m_i, q, K_ptr, V_ptr, stride_k_t, stride_k_d, stride_v_
         if DROPOUT:
             p = tl.where(_dropout_keep(seed, offset, bh, offs_m, start_n, dropout_p, BLOCK_M, BLOCK_N), p, 0.0)
         v = _load_tile(V_ptr, cols, offs_d, stride_v_t, stride_v_d, T, HEAD_DIM, BLOCK_D, MASKED)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -159,7 +158,7 @@ def _attention_fwd_kernel(
     stride_o_b, stride_o_h, stride_o_t, stride_o_d,
     H, T, T_BUCKET, qk_scale, dropout_p,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # T_BUCKET only keys the autotuner (sequence lengths bucketed to powers of two).
     start_m = tl.program_id(0)
@@ -189,10 +188,10 @@ def _attention_fwd_kernel(
         masked_end = T
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K_ptr, V_ptr, stride_k_t, stride_k_d, stride_v_t, stride_v_d,
                                offs_m, offs_d, 0, full_end, T, qk_scale, seed, offset, bh, dropout_p,
-                               HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, False, CAUSAL, DROPOUT)
+                               HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, False, CAUSAL, DROPOUT, DOT_PRECISION)
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K_ptr, V_ptr, stride_k_t, stride_k_d, stride_v_t, stride_v_d,
                                offs_m, offs_d, full_end, masked_end, T, qk_scale, seed, offset, bh, dropout_p,
-                               HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True, CAUSAL, DROPOUT)
+                               HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True, CAUSAL, DROPOUT, DOT_PRECISION)
     l_recip = 1.0 / l_i
     if DROPOUT:
         l_recip = l_recip / (1.0 - dropout_p)
@@ -244,7 +243,7 @@ def _attention_bwd_preprocess_kernel(
 def _dkdv_tiles(dk, dv, k, v, Q_ptr, DO_ptr, Lse_ptr, Delta_ptr, stride_q_t, stride_q_d, stride_do_t, stride_do_d,
                 n0, offs_d, start, end, T, qk_scale, seed, offset, bh, dropout_p,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                MASKED: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr):
+                MASKED: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Add the query tiles [start, end) to the (dK, dV) of the key tile at ``n0``; tiles are (keys, queries)."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
@@ -258,21 +257,21 @@ def _dkdv_tiles(dk, dv, k, v, Q_ptr, DO_ptr, Lse_ptr, Delta_ptr, stride_q_t, str
         else:
             lse = tl.load(Lse_ptr + rows)
             delta = tl.load(Delta_ptr + rows)
-        p_t = tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])  # (BLOCK_N, BLOCK_M)
+        p_t = tl.exp2(tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale - lse[None, :])  # (BLOCK_N, BLOCK_M)
         if MASKED:
             valid = rows[None, :] < T
             if CAUSAL:
                 valid = valid & (rows[None, :] >= offs_n[:, None])
             p_t = tl.where(valid, p_t, 0.0)
-        dp_t = tl.dot(v, tl.trans(do))
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         if DROPOUT:
             keep = tl.trans(_dropout_keep(seed, offset, bh, rows, n0, dropout_p, BLOCK_M, BLOCK_N))
-            dv = tl.dot(tl.where(keep, p_t, 0.0).to(do.dtype), do, dv)
+            dv = tl.dot(tl.where(keep, p_t, 0.0).to(do.dtype), do, dv, input_precision=DOT_PRECISION)
             dp_t = tl.where(keep, dp_t / (1.0 - dropout_p), 0.0)
         else:
-            dv = tl.dot(p_t.to(do.dtype), do, dv)
+            dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
-        dk = tl.dot(ds_t.to(q.dtype), q, dk)
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
     return dk, dv
 
 
@@ -287,7 +286,7 @@ def _attention_bwd_dkdv_kernel(
     stride_dv_b, stride_dv_h, stride_dv_t, stride_dv_d,
     H, T, T_BUCKET, qk_scale, softmax_scale, dropout_p,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     start_n = tl.program_id(0)
     off_h = tl.program_id(1)
@@ -317,16 +316,16 @@ def _attention_bwd_dkdv_kernel(
         diag_end = tl.minimum(tl.cdiv(n0 + BLOCK_N - 1, BLOCK_M) * BLOCK_M, T)
         dk, dv = _dkdv_tiles(dk, dv, k, v, Q_ptr, DO_ptr, Lse_ptr, Delta_ptr, stride_q_t, stride_q_d,
                              stride_do_t, stride_do_d, n0, offs_d, diag_start, diag_end, T, qk_scale,
-                             seed, offset, bh, dropout_p, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True, CAUSAL, DROPOUT)
+                             seed, offset, bh, dropout_p, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True, CAUSAL, DROPOUT, DOT_PRECISION)
     else:
         diag_end = 0
     tail_start = tl.maximum(diag_end, full_end)
     dk, dv = _dkdv_tiles(dk, dv, k, v, Q_ptr, DO_ptr, Lse_ptr, Delta_ptr, stride_q_t, stride_q_d,
                          stride_do_t, stride_do_d, n0, offs_d, diag_end, full_end, T, qk_scale,
-                         seed, offset, bh, dropout_p, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, False, CAUSAL, DROPOUT)
+                         seed, offset, bh, dropout_p, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, False, CAUSAL, DROPOUT, DOT_PRECISION)
     dk, dv = _dkdv_tiles(dk, dv, k, v, Q_ptr, DO_ptr, Lse_ptr, Delta_ptr, stride_q_t, stride_q_d,
                          stride_do_t, stride_do_d, n0, offs_d, tail_start, T, T, qk_scale,
-                         seed, offset, bh, dropout_p, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True, CAUSAL, DROPOUT)
+                         seed, offset, bh, dropout_p, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True, CAUSAL, DROPOUT, DOT_PRECISION)
     if DROPOUT:
         dv = dv / (1.0 - dropout_p)
     _store_tile(DK_ptr, dk * softmax_scale, offs_n, offs_d, stride_dk_t, stride_dk_d, T, HEAD_DIM, BLOCK_D)
@@ -337,25 +336,25 @@ def _attention_bwd_dkdv_kernel(
 def _dq_tiles(dq, q, do, lse, delta, K_ptr, V_ptr, stride_k_t, stride_k_d, stride_v_t, stride_v_d,
               offs_m, offs_d, start, end, T, qk_scale, seed, offset, bh, dropout_p,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              MASKED: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr):
+              MASKED: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Add the key tiles [start, end) to the query tile's dQ."""
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + offs_n
         k = _load_tile(K_ptr, cols, offs_d, stride_k_t, stride_k_d, T, HEAD_DIM, BLOCK_D, MASKED)
         v = _load_tile(V_ptr, cols, offs_d, stride_v_t, stride_v_d, T, HEAD_DIM, BLOCK_D, MASKED)
-        p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])  # (BLOCK_M, BLOCK_N)
+        p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale - lse[:, None])  # (BLOCK_M, BLOCK_N)
         if MASKED:
             valid = cols[None, :] < T
             if CAUSAL:
                 valid = valid & (cols[None, :] <= offs_m[:, None])
             p = tl.where(valid, p, 0.0)
-        dp = tl.dot(do, tl.trans(v))
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         if DROPOUT:
             keep = _dropout_keep(seed, offset, bh, offs_m, start_n, dropout_p, BLOCK_M, BLOCK_N)
             dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
         ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(k.dtype), k, dq)
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
     return dq
 
 
@@ -369,7 +368,7 @@ def _attention_bwd_dq_kernel(
     stride_dq_b, stride_dq_h, stride_dq_t, stride_dq_d,
     H, T, T_BUCKET, qk_scale, softmax_scale, dropout_p,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     start_m = tl.program_id(0)
     off_h = tl.program_id(1)
@@ -399,30 +398,18 @@ def _attention_bwd_dq_kernel(
         masked_end = T
     dq = _dq_tiles(dq, q, do, lse, delta, K_ptr, V_ptr, stride_k_t, stride_k_d, stride_v_t, stride_v_d,
                    offs_m, offs_d, 0, full_end, T, qk_scale, seed, offset, bh, dropout_p,
-                   HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, False, CAUSAL, DROPOUT)
+                   HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, False, CAUSAL, DROPOUT, DOT_PRECISION)
     dq = _dq_tiles(dq, q, do, lse, delta, K_ptr, V_ptr, stride_k_t, stride_k_d, stride_v_t, stride_v_d,
                    offs_m, offs_d, full_end, masked_end, T, qk_scale, seed, offset, bh, dropout_p,
-                   HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True, CAUSAL, DROPOUT)
+                   HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True, CAUSAL, DROPOUT, DOT_PRECISION)
     _store_tile(DQ_ptr, dq * softmax_scale, offs_m, offs_d, stride_dq_t, stride_dq_d, T, HEAD_DIM, BLOCK_D)
-
-
-@triton.jit
-def _attention_dropout_mask_kernel(Keep_ptr, Rng_ptr, H, T, dropout_p, BLOCK: tl.constexpr):
-    """Write the (B, H, T, T) keep-mask the attention kernels apply (int8), for tests and verification."""
-    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    bh = tl.program_id(2)
-    seed, offset = _dropout_rng(Rng_ptr, True)
-    keep = _dropout_keep(seed, offset, bh, rows, tl.program_id(1) * BLOCK, dropout_p, BLOCK, BLOCK)
-    ptrs = Keep_ptr + bh.to(tl.int64) * T * T + rows[:, None] * T + cols[None, :]
-    tl.store(ptrs, keep.to(tl.int8), mask=(rows[:, None] < T) & (cols[None, :] < T))
 
 
 # --------------------------------------------------------------------------- launch configurations
 
 # Each entry: (config, largest BLOCK_D for 16-bit inputs, largest BLOCK_D for float32 inputs). The
 # limits keep every config within registers (no spills, dropout included) and shared memory on sm_80
-# and sm_90a, as checked by ``python -m kernels.compile_report --op attention``. On sm_90a a tl.dot
+# and sm_90a, as checked by ``python -m kernels.tools.compile_report --op attention``. On sm_90a a tl.dot
 # uses wgmma only when its M (the first tile dimension) is at least 64 rows per warpgroup, so every
 # program's own tile has at least 64 rows.
 _CONFIGS = {
@@ -448,7 +435,6 @@ _CONFIGS = {
 KINDS = tuple(_CONFIGS)
 MIN_TILE = 64  # tiles up to this size are always allowed; larger ones only when T reaches them
 
-_forced: dict[str, triton.Config] = {}
 
 
 def block_d(head_dim: int) -> int:
@@ -469,61 +455,17 @@ def configs(kind: str, head_dim: int, dtype: torch.dtype, seq_len: int) -> list[
     return short or fitting[:1]
 
 
-def _pruner(kind: str):
-    def prune(all_configs, named_args, **kwargs):
-        args = {**named_args, **kwargs}
+def _autotuned(kind: str, kernel) -> _tuning.Tunable:
+    def prune(candidates, args):
         return configs(kind, args["HEAD_DIM"], args["Q_ptr"].dtype, args["T"])
-    return prune
 
-
-def _autotuned(kind: str, kernel):
-    return triton.autotune(configs=[c for c, _, _ in _CONFIGS[kind]], key=["T_BUCKET", "HEAD_DIM", "CAUSAL", "DROPOUT"],
-                           prune_configs_by={"early_config_prune": _pruner(kind)})(kernel)
+    return _tuning.autotuned(f"attention.{kind}", kernel, [c for c, _, _ in _CONFIGS[kind]],
+                             key=["T_BUCKET", "HEAD_DIM", "CAUSAL", "DROPOUT", "DOT_PRECISION"], prune=prune)
 
 
 _attention_fwd = _autotuned("fwd", _attention_fwd_kernel)
 _attention_bwd_dkdv = _autotuned("dkdv", _attention_bwd_dkdv_kernel)
 _attention_bwd_dq = _autotuned("dq", _attention_bwd_dq_kernel)
-
-
-@contextlib.contextmanager
-def use_configs(**forced: triton.Config):
-    """Run the block with the given config per kernel kind (``fwd=``, ``dkdv=``, ``dq=``), no autotuning.
-
-    Triton's interpreter cannot autotune, so tests use this to run every config; a config that
-    :func:`configs` prunes for the inputs raises ValueError at launch.
-    """
-    unknown = set(forced) - set(KINDS)
-    if unknown:
-        raise ValueError(f"unknown kernel kind(s) {', '.join(sorted(unknown))}; kinds: {', '.join(KINDS)}")
-    previous = dict(_forced)
-    _forced.update(forced)
-    try:
-        yield
-    finally:
-        _forced.clear()
-        _forced.update(previous)
-
-
-def _pick_config(kind: str, head_dim: int, dtype: torch.dtype, seq_len: int) -> triton.Config | None:
-    """The config to launch with, or None to let the autotuner choose (on a GPU)."""
-    allowed = configs(kind, head_dim, dtype, seq_len)
-    if kind in _forced:
-        config = _forced[kind]
-        if config not in allowed:
-            raise ValueError(f"forced {kind} config {config} does not fit D={head_dim} {dtype} T={seq_len}")
-        return config
-    if _INTERPRETED:  # no autotuning in the interpreter: the largest tiles, the fewest programs
-        return max(allowed, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])
-    return None
-
-
-def _launch(kind, tuned, grid_of, args, meta, head_dim, dtype, seq_len, config=None):
-    """``(kernel, grid, args, meta)`` for one launch of an autotuned kernel, or of one fixed config."""
-    config = config or _pick_config(kind, head_dim, dtype, seq_len)
-    if config is None:
-        return tuned, lambda launch_meta: grid_of(launch_meta), args, meta
-    return tuned.fn, grid_of(config.kwargs), args, {**meta, **config.all_kwargs()}
 
 
 # --------------------------------------------------------------------------- host side
@@ -562,39 +504,32 @@ def draw_rng_state(device) -> torch.Tensor:
     return torch.randint(0, 2**62, (2,), dtype=torch.int64, device=device)
 
 
-def dropout_mask(rng: torch.Tensor, shape, dropout_p: float) -> torch.Tensor:
-    """The boolean keep-mask (B, H, T, T) that the kernels apply for ``rng`` (see :func:`draw_rng_state`).
-
-    ``shape`` is q's (B, H, T, D). For tests and verification: it materialises the (T, T) mask the
-    kernels never store.
-    """
-    B, H, T = shape[:3]
-    keep = torch.empty((B, H, T, T), dtype=torch.int8, device=rng.device)
-    if keep.numel():
-        block = 64
-        _attention_dropout_mask_kernel[(triton.cdiv(T, block), triton.cdiv(T, block), B * H)](
-            keep, rng, H, T, float(dropout_p), BLOCK=block)
-    return keep.bool()
-
-
 def _t_bucket(seq_len: int) -> int:
     return triton.next_power_of_2(max(seq_len, 1))
 
 
-def _forward_plan(q, k, v, rng, causal, dropout_p, softmax_scale, config=None):
+def _meta(q, causal: bool, dropout_p: float) -> dict:
+    """The constexpr arguments shared by the forward and backward kernels."""
+    D = q.shape[-1]
+    return dict(HEAD_DIM=D, BLOCK_D=block_d(D), CAUSAL=causal, DROPOUT=dropout_p > 0,
+                DOT_PRECISION=dot_precision(q.dtype))
+
+
+def forward_plan(q, k, v, rng, causal, dropout_p, softmax_scale):
     """Outputs ``(o, lse)`` and the launch ``(kernel, grid, args, meta)`` that fills them."""
     B, H, T, D = q.shape
     o = torch.empty_like(q)  # q's dimension order: a (B, T, H, D) layout stays one
     lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
+    if not o.numel():
+        return (o, lse), []
     args = (q, k, v, o, lse, rng, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
             H, T, _t_bucket(T), softmax_scale * LOG2_E, dropout_p)
-    meta = dict(HEAD_DIM=D, BLOCK_D=block_d(D), CAUSAL=causal, DROPOUT=dropout_p > 0)
-    launch = _launch("fwd", _attention_fwd, lambda c: (triton.cdiv(T, c["BLOCK_M"]), H, B), args, meta,
-                     D, q.dtype, T, config)
-    return (o, lse), [launch] if o.numel() else []
+    launch = _tuning.launch(_attention_fwd, lambda c: (triton.cdiv(T, c["BLOCK_M"]), H, B), args,
+                            _meta(q, causal, dropout_p), configs("fwd", D, q.dtype, T))
+    return (o, lse), [launch]
 
 
-def _preprocess_launch(o, do, delta):
+def preprocess_launch(o, do, delta):
     """The launch that fills ``delta`` (B, H, T) with the row sums of ``do * o``."""
     B, H, T, D = o.shape
     return (_attention_bwd_preprocess_kernel, (triton.cdiv(T, PREPROCESS_BLOCK_M), H, B),
@@ -602,91 +537,26 @@ def _preprocess_launch(o, do, delta):
             dict(HEAD_DIM=D, BLOCK_D=block_d(D), BLOCK_M=PREPROCESS_BLOCK_M, num_warps=4))
 
 
-def _backward_plan(do, q, k, v, o, lse, rng, causal, dropout_p, softmax_scale, dkdv_config=None, dq_config=None):
+def backward_plan(do, q, k, v, o, lse, rng, causal, dropout_p, softmax_scale):
     """Outputs ``(dq, dk, dv)`` and the launches that fill them: delta, then dK/dV, then dQ."""
     B, H, T, D = q.shape
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     if not q.numel():
         return (dq, dk, dv), []
     delta = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
-    meta = dict(HEAD_DIM=D, BLOCK_D=block_d(D), CAUSAL=causal, DROPOUT=dropout_p > 0)
+    meta = _meta(q, causal, dropout_p)
     scales = (softmax_scale * LOG2_E, softmax_scale, dropout_p)
-    preprocess = _preprocess_launch(o, do, delta)
-    dkdv = _launch(
-        "dkdv", _attention_bwd_dkdv, lambda c: (triton.cdiv(T, c["BLOCK_N"]), H, B),
+    dkdv = _tuning.launch(
+        _attention_bwd_dkdv, lambda c: (triton.cdiv(T, c["BLOCK_N"]), H, B),
         (q, k, v, do, dk, dv, lse, delta, rng, *q.stride(), *k.stride(), *v.stride(), *do.stride(),
          *dk.stride(), *dv.stride(), H, T, _t_bucket(T), *scales),
-        meta, D, q.dtype, T, dkdv_config)
-    dq_launch = _launch(
-        "dq", _attention_bwd_dq, lambda c: (triton.cdiv(T, c["BLOCK_M"]), H, B),
+        meta, configs("dkdv", D, q.dtype, T))
+    dq_launch = _tuning.launch(
+        _attention_bwd_dq, lambda c: (triton.cdiv(T, c["BLOCK_M"]), H, B),
         (q, k, v, do, dq, lse, delta, rng, *q.stride(), *k.stride(), *v.stride(), *do.stride(),
          *dq.stride(), H, T, _t_bucket(T), *scales),
-        meta, D, q.dtype, T, dq_config)
-    return (dq, dk, dv), [preprocess, dkdv, dq_launch]
-
-
-def _run(plan):
-    outputs, launches = plan
-    for kernel, grid, args, meta in launches:
-        kernel[grid](*args, **meta)
-    return outputs
-
-
-_SPEC_SHAPE = (2, 4, 1024)  # (B, H, T) of the example inputs the compile specs are specialised on
-
-
-def _spec_inputs(head_dim, dtype):
-    """q, k, v: the three (B, H, T, D) slices of a fused qkv projection, as the GPT model passes them."""
-    B, H, T = _SPEC_SHAPE
-    fused = torch.empty(B, T, 3, H, head_dim, dtype=dtype)
-    return [fused[:, :, i].transpose(1, 2) for i in range(3)]
-
-
-def compile_spec(kind, config, head_dim, dtype, causal=True, dropout_p=0.0):
-    """The :class:`~kernels.compile_report.CompileSpec` of kernel ``kind`` launched with ``config``."""
-    from kernels.compile_report import CompileSpec
-
-    q, k, v = _spec_inputs(head_dim, dtype)
-    rng = draw_rng_state("cpu") if dropout_p else None
-    (o, lse), [launch] = _forward_plan(q, k, v, rng, causal, dropout_p, 0.125, config)
-    if kind != "fwd":
-        _, (_, dkdv, dq) = _backward_plan(torch.empty_like(o), q, k, v, o, lse, rng, causal, dropout_p, 0.125,
-                                          config, config)
-        launch = dkdv if kind == "dkdv" else dq
-    kernel, _, args, meta = launch
-    label = (f"{kind} {config.kwargs['BLOCK_M']}x{config.kwargs['BLOCK_N']} warps={config.num_warps} "
-             f"stages={config.num_stages} D={head_dim} {str(dtype).removeprefix('torch.')}"
-             f"{' causal' if causal else ''}{' dropout' if dropout_p else ''}")
-    return CompileSpec(kernel, label, args, meta, uses_dot=True)
-
-
-def compile_specs():
-    """Every attention kernel in every config, for ``python -m kernels.compile_report``.
-
-    Each config at the smallest and largest padded head dimension it allows, causal, in float16; at
-    the largest also bfloat16, float32 (at float32's own largest, with and without dropout), and
-    float16 with dropout, causal and not (registers peak there); the delta preprocessing kernel; and
-    the tests' dropout-mask kernel. Inputs are slices of a fused qkv tensor (see :func:`_spec_inputs`).
-    """
-    from kernels.compile_report import CompileSpec
-
-    for kind in KINDS:
-        for config, max_16, max_32 in _CONFIGS[kind]:
-            yield compile_spec(kind, config, 16, torch.float16)
-            yield compile_spec(kind, config, max_16, torch.float16)
-            yield compile_spec(kind, config, max_16, torch.bfloat16)
-            yield compile_spec(kind, config, max_32, torch.float32)
-            yield compile_spec(kind, config, max_32, torch.float32, causal=True, dropout_p=0.1)
-            yield compile_spec(kind, config, max_16, torch.float16, causal=True, dropout_p=0.1)
-            yield compile_spec(kind, config, max_16, torch.float16, causal=False, dropout_p=0.1)
-    B, H, T = _SPEC_SHAPE
-    for width in (16, 128):
-        o = torch.empty(B, H, T, width, dtype=torch.float16)
-        kernel, _, args, meta = _preprocess_launch(o, torch.empty_like(o), torch.empty(B, H, T))
-        yield CompileSpec(kernel, f"BLOCK_M={PREPROCESS_BLOCK_M} warps=4 D={width} float16", args, meta)
-    keep, rng = torch.empty(1, 4, T, T, dtype=torch.int8), draw_rng_state("cpu")
-    yield CompileSpec(_attention_dropout_mask_kernel, "BLOCK=64 warps=4", (keep, rng, 4, T, 0.1),
-                      dict(BLOCK=64, num_warps=4))
+        meta, configs("dq", D, q.dtype, T))
+    return (dq, dk, dv), [preprocess_launch(o, do, delta), dkdv, dq_launch]
 
 
 # --------------------------------------------------------------------------- autograd and torch.compile
@@ -697,7 +567,7 @@ def compile_specs():
 def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rng: torch.Tensor | None, causal: bool,
                  dropout_p: float, softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward: ``(o, lse)``, lse the per-row log-sum-exp (base 2, of the scaled scores) in float32."""
-    return _run(_forward_plan(q, k, v, rng, causal, dropout_p, softmax_scale))
+    return run(forward_plan(q, k, v, rng, causal, dropout_p, softmax_scale))
 
 
 @attention_op.register_fake
@@ -710,7 +580,7 @@ def attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
                           lse: torch.Tensor, rng: torch.Tensor | None, causal: bool, dropout_p: float,
                           softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv)`` from the output gradient and the forward's saved tensors."""
-    return _run(_backward_plan(do, q, k, v, o, lse, rng, causal, dropout_p, softmax_scale))
+    return run(backward_plan(do, q, k, v, o, lse, rng, causal, dropout_p, softmax_scale))
 
 
 @attention_backward_op.register_fake

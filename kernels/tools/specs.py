@@ -1,0 +1,193 @@
+"""The compile specs of every op: each kernel in each launch configuration it can run with.
+
+``python -m kernels.tools.compile_report`` compiles these ahead of time for sm_80 and sm_90a. A spec
+is built from the op module's own launch plan on example CPU tensors of real shapes and layouts,
+so it is specialised exactly as a real launch would be. Specs marked ``largest`` are each kernel's
+most demanding configurations (the largest tiles, head dimensions and flags, where registers and
+shared memory peak): the reduced set compiled under every supported triton when the full set is
+compiled under fewer.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from kernels import _tuning
+from kernels.ops import attention, gelu_mlp, layer_norm
+from kernels.tools.compile_report import CompileSpec
+from kernels.tools.dropout import mask_launch
+
+OPS = ("layer_norm", "attention", "gelu_mlp")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@contextlib.contextmanager
+def float32_dots(precision: str):
+    """Build plans whose float32 dots use ``precision`` ("tf32" or "ieee"), as PyTorch's flag would."""
+    previous = torch.backends.cuda.matmul.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = precision
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = previous
+
+
+def _uses_tensor_cores(dtype: torch.dtype, precision: str) -> bool:
+    """float32 dots in full precision run on the FMA units; everything else on tensor cores."""
+    return dtype != torch.float32 or precision == "tf32"
+
+
+# --------------------------------------------------------------------------- LayerNorm
+
+
+def layer_norm_specs():
+    """Each launch configuration of ``block_config`` in each dtype, with weight and bias; every
+    weight/bias combination for one one-block and the chunked configuration; the two
+    specialisations the JIT makes for unusual widths (N=1, N not a multiple of 16); and the
+    backward planned for a GPU with 132 multiprocessors (an H100), as a GPU plans it."""
+    def specs(n, dtype, has_weight=True, has_bias=True, sms=None, largest=False):
+        x = torch.empty(4 if sms is None else 4096, n, dtype=dtype)
+        weight = torch.empty(n, dtype=dtype) if has_weight else None
+        bias = torch.empty(n, dtype=dtype) if has_bias else None
+        (y, mean, rstd), forward = layer_norm.forward_plan(x, weight, bias, 1e-5)
+        _, backward = layer_norm.backward_plan(torch.empty_like(y), x, weight, has_bias, mean, rstd, sms=sms)
+        for kernel, _, args, meta in forward + backward:
+            label = (" ".join(f"{k}={v}" for k, v in meta.items()) + f" N={n} {_dtype_name(dtype)}"
+                     + ("" if sms is None else f" sms={sms}"))
+            yield CompileSpec(kernel, label, args, meta, largest=largest)
+
+    chunked_n = layer_norm.MAX_ONE_BLOCK_N + layer_norm.LOOP_BLOCK_N
+    configs = layer_norm.launch_configs()
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for block, _, one_block in configs:
+            n = block if one_block else chunked_n
+            yield from specs(n, dtype, largest=dtype == torch.float32 and n in (layer_norm.MAX_ONE_BLOCK_N, chunked_n))
+    for n in (1024, chunked_n):
+        for affine in ((False, False), (True, False), (False, True)):
+            yield from specs(n, torch.float16, *affine)
+    for n in (1, 1023):
+        yield from specs(n, torch.bfloat16)
+    yield from specs(768, torch.bfloat16, sms=132)
+
+
+# --------------------------------------------------------------------------- attention
+
+SPEC_SHAPE = (2, 4, 1024)  # (B, H, T) of the example inputs the attention specs are specialised on
+
+
+def _qkv(head_dim: int, dtype: torch.dtype):
+    """q, k, v: the three (B, H, T, D) slices of a fused qkv projection, as the GPT model passes them."""
+    B, H, T = SPEC_SHAPE
+    fused = torch.empty(B, T, 3, H, head_dim, dtype=dtype)
+    return [fused[:, :, i].transpose(1, 2) for i in range(3)]
+
+
+def attention_spec(kind, config, head_dim, dtype, causal=True, dropout_p=0.0, precision="tf32", largest=False):
+    """The spec of attention kernel ``kind`` ("fwd", "dkdv", "dq") launched with ``config``."""
+    q, k, v = _qkv(head_dim, dtype)
+    rng = attention.draw_rng_state("cpu") if dropout_p else None
+    with _tuning.use_configs({f"attention.{kind}": config}), float32_dots(precision):
+        (o, lse), [launch] = attention.forward_plan(q, k, v, rng, causal, dropout_p, 0.125)
+        if kind != "fwd":
+            _, (_, dkdv, dq) = attention.backward_plan(torch.empty_like(o), q, k, v, o, lse, rng, causal,
+                                                       dropout_p, 0.125)
+            launch = dkdv if kind == "dkdv" else dq
+    kernel, _, args, meta = launch
+    label = (f"{kind} {_tuning.describe(config)} D={head_dim} {_dtype_name(dtype)}"
+             f"{' ieee' if dtype == torch.float32 and precision == 'ieee' else ''}"
+             f"{' causal' if causal else ''}{' dropout' if dropout_p else ''}")
+    return CompileSpec(kernel, label, args, meta, uses_tensor_cores=_uses_tensor_cores(dtype, precision),
+                       largest=largest)
+
+
+def attention_specs():
+    """Each config at the smallest and largest padded head dimension it allows, causal, in float16;
+    at the largest also bfloat16, float32 in TF32 and in full precision (at float32's own largest,
+    with and without dropout), and float16 with dropout, causal and not (registers peak there);
+    the delta preprocessing kernel; and the tests' dropout-mask kernel."""
+    for kind in attention.KINDS:
+        for config, max_16, max_32 in attention._CONFIGS[kind]:
+            yield attention_spec(kind, config, 16, torch.float16)
+            yield attention_spec(kind, config, max_16, torch.float16)
+            yield attention_spec(kind, config, max_16, torch.bfloat16)
+            for precision in ("tf32", "ieee"):
+                yield attention_spec(kind, config, max_32, torch.float32, precision=precision)
+                yield attention_spec(kind, config, max_32, torch.float32, dropout_p=0.1, precision=precision,
+                                     largest=True)
+            yield attention_spec(kind, config, max_16, torch.float16, dropout_p=0.1, largest=True)
+            yield attention_spec(kind, config, max_16, torch.float16, causal=False, dropout_p=0.1, largest=True)
+    B, H, T = SPEC_SHAPE
+    for width in (16, 128):
+        o = torch.empty(B, H, T, width, dtype=torch.float16)
+        kernel, _, args, meta = attention.preprocess_launch(o, torch.empty_like(o), torch.empty(B, H, T))
+        yield CompileSpec(kernel, f"BLOCK_M={attention.PREPROCESS_BLOCK_M} warps=4 D={width} float16", args, meta,
+                          largest=width == 128)
+    kernel, _, args, meta = mask_launch(torch.empty(1, 4, T, T, dtype=torch.int8), attention.draw_rng_state("cpu"), 0.1)
+    yield CompileSpec(kernel, f"BLOCK={meta['BLOCK']} warps=4", args, dict(meta, num_warps=4))
+
+
+# --------------------------------------------------------------------------- GELU MLP
+
+_FORWARD_ROLES = ("fc", "proj")
+_BACKWARD_ROLES = ("dpre", "dproj_weight", "dfc_weight", "dx")
+
+
+def gelu_mlp_specs():
+    """Every GEMM launch of a training step in every config.
+
+    For each config in float16, float32 in TF32 and float32 in full precision (whose operands
+    take twice the shared memory), the launches of the forward (keeping pre) and backward with both
+    biases on 16-aligned widths; dfc_weight is left out because it specialises exactly like
+    dproj_weight (same kernel, flags and stride divisibility). bfloat16 generates the same code as
+    float16 but for the MMA instruction type: it is compiled for the first config. The float32
+    launches are the ``largest``: twice the shared memory of the 16-bit ones. For the first
+    config in float16 also the launches that change without biases and in the inference forward
+    (pre not written), and all of them for widths C=100, H=400, whose rows are not 16-byte aligned
+    (so no 128-bit loads are possible there).
+    """
+    def specs(config, dtype, precision="tf32", m=256, c=128, h=512, biases=True, keep_pre=True, note="",
+              roles=None, largest=False):
+        x = torch.empty(m, c, dtype=dtype)
+        fc_weight, proj_weight = torch.empty(h, c, dtype=dtype), torch.empty(c, h, dtype=dtype)
+        fc_bias = torch.empty(h, dtype=dtype) if biases else None
+        proj_bias = torch.empty(c, dtype=dtype) if biases else None
+        pins = {name: config for name in ("gelu_mlp.fwd", "gelu_mlp.dpre", "gelu_mlp.dweight")}
+        with _tuning.use_configs(pins), float32_dots(precision):
+            (out, pre), forward = gelu_mlp.forward_plan(x, fc_weight, fc_bias, proj_weight, proj_bias, keep_pre)
+            launches = list(zip(_FORWARD_ROLES, forward))
+            if keep_pre:
+                _, backward = gelu_mlp.backward_plan(torch.empty_like(out), x, fc_weight, proj_weight, pre, biases,
+                                                     biases)
+                launches += [(role, launch) for role, launch in zip(_BACKWARD_ROLES, backward)
+                             if role != "dfc_weight"]
+        precision_note = " ieee" if dtype == torch.float32 and precision == "ieee" else ""
+        for role, (kernel, _, args, meta) in launches:
+            if roles is not None and role not in roles:
+                continue
+            label = f"{role} {_tuning.describe(config)} {_dtype_name(dtype)}{precision_note}{note}"
+            yield CompileSpec(kernel, label, args, meta, uses_tensor_cores=_uses_tensor_cores(dtype, precision),
+                              largest=largest)
+
+    first = gelu_mlp.CONFIGS[0]
+    for config in gelu_mlp.CONFIGS:
+        yield from specs(config, torch.float16)
+        for precision in ("tf32", "ieee"):
+            yield from specs(config, torch.float32, precision, largest=True)
+    yield from specs(first, torch.bfloat16)
+    # Only the launches these flags change: dpre and dx never take a bias, proj never keeps pre.
+    yield from specs(first, torch.float16, biases=False, note=" no biases", roles=("fc", "proj", "dproj_weight"))
+    yield from specs(first, torch.float16, keep_pre=False, note=" inference", roles=("fc",))
+    yield from specs(first, torch.float16, c=100, h=400, note=" C=100 H=400")
+
+
+SPECS = {"layer_norm": layer_norm_specs, "attention": attention_specs, "gelu_mlp": gelu_mlp_specs}
+
+
+def compile_specs(ops=OPS, largest_only: bool = False) -> list[CompileSpec]:
+    """The specs of ``ops`` (all by default); only the ``largest`` ones when ``largest_only``."""
+    specs = [spec for op in ops for spec in SPECS[op]()]
+    return [s for s in specs if s.largest] if largest_only else specs
