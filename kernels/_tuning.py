@@ -100,6 +100,11 @@ def tile_size(config) -> int:
     return size
 
 
+def _autotuner_can_time() -> bool:
+    """Triton's autotuner times configs on a GPU; its interpreter cannot time anything."""
+    return not _dispatch.INTERPRETED
+
+
 def launch(tunable: Tunable, grid_of: Callable, args: tuple, meta: dict, allowed=None) -> tuple:
     """``(kernel, grid, args, meta)``: one launch of ``tunable`` with the config chosen as the module says.
 
@@ -111,7 +116,7 @@ def launch(tunable: Tunable, grid_of: Callable, args: tuple, meta: dict, allowed
     if config is not None and config not in allowed:
         raise ValueError(f"the config pinned for {tunable.name}, {config}, does not fit these inputs; "
                          f"allowed: {list(allowed)}")
-    if config is None and _dispatch.INTERPRETED:
+    if config is None and not _autotuner_can_time():
         config = max(allowed, key=tile_size)
     if config is None:
         return tunable.tuner, grid_of, args, meta

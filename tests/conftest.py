@@ -41,6 +41,16 @@ def device():
     return DEVICE
 
 
+@pytest.fixture(autouse=True)
+def float32_matmuls_in_tf32():
+    """Every test runs with PyTorch's float32 matmuls in TF32, the mode in which the kernels take
+    float32 inputs (see kernels.ops._common.tf32_enabled); tests of the other mode set it themselves."""
+    previous = torch.backends.cuda.matmul.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    yield
+    torch.backends.cuda.matmul.fp32_precision = previous
+
+
 def dtype_param(dtype):
     """A pytest param for ``dtype``, skipped for bfloat16 when the interpreter cannot do it."""
     marks = [pytest.mark.skip(reason=BF16_SKIP_REASON)] if dtype is torch.bfloat16 and BF16_SKIP_REASON else []
@@ -48,6 +58,15 @@ def dtype_param(dtype):
 
 
 ALL_DTYPES = [dtype_param(d) for d in (torch.float32, torch.float16, torch.bfloat16)]
+
+
+def float32_tolerance(device=DEVICE) -> dict:
+    """``assert_close`` tolerances for float32 results that went through the kernels' dots, compared
+    with PyTorch's in the same mode: exact dots in Triton's interpreter, TF32 ones on a GPU (10-bit
+    mantissa: a relative rounding of 2^-11 per operand, a few times that after a few layers)."""
+    if torch.device(device).type == "cuda":
+        return dict(rtol=2e-2, atol=2e-2)
+    return dict(rtol=1e-4, atol=1e-4)
 
 
 def assert_backward_deterministic(fn, inputs, dy):

@@ -7,12 +7,12 @@ import pytest
 import torch
 
 import kernels
-from conftest import ALL_DTYPES, DEVICE, assert_backward_deterministic
+from conftest import ALL_DTYPES, DEVICE, assert_backward_deterministic, float32_tolerance
 from kernels import _dispatch, reference
 from kernels.ops import attention as attn
 from kernels.tools import traffic
 from kernels.tools.dropout import dropout_mask
-from kernels.tools.verify import assert_pass, attention_checks
+from kernels.tools.verify import assert_close_to_exact, assert_pass, attention_checks
 
 FP16 = torch.float16
 
@@ -65,42 +65,52 @@ def test_softmax_scale_given_and_default():
         other = kernels.attention(q, k, v, softmax_scale=0.7)
     assert torch.equal(default, explicit)
     expected = reference.attention_math(q.double(), k.double(), v.double(), True, 0.7)
-    torch.testing.assert_close(other.double(), expected, rtol=1e-5, atol=1e-5)
+    assert_close_to_exact(other, reference.attention_math(q, k, v, True, 0.7), expected)
 
 
-ALL_CONFIGS = [pytest.param(kind, config, id=f"{kind}-{config.kwargs['BLOCK_M']}x{config.kwargs['BLOCK_N']}"
-                            f"-w{config.num_warps}")
-               for kind in attn.KINDS for config, _, _ in attn._CONFIGS[kind]]
+ALL_TILES = [pytest.param(kind, tile, id=f"{kind}-{tile.config.kwargs['BLOCK_M']}x{tile.config.kwargs['BLOCK_N']}"
+                          f"-w{tile.config.num_warps}")
+             for kind in attn.KINDS for tile in attn._CONFIGS[kind]]
 
 
-@pytest.mark.parametrize("kind, config", ALL_CONFIGS)
-def test_every_config(kind, config):
-    # T = 100 is ragged for every tile size; dropout exercises the mask's key groups in each tiling.
-    with kernels.use_configs({f"attention.{kind}": config}):
-        assert_pass(attention_checks(1, 2, 100, 64, FP16, dropout_p=0.2, device=DEVICE))
+@pytest.mark.parametrize("kind, tile", ALL_TILES)
+def test_every_config(kind, tile):
+    # T = 100 is ragged for every tile size; dropout exercises the mask's key groups in each tiling,
+    # at the largest head dimension the config takes with dropout.
+    with kernels.use_configs({f"attention.{kind}": tile.config}):
+        D = min(64, attn.max_block_d(tile, FP16, dropout=True))
+        assert_pass(attention_checks(1, 2, 100, D, FP16, dropout_p=0.2, device=DEVICE))
         assert_pass(attention_checks(1, 1, 100, 32, FP16, causal=False, device=DEVICE))
 
 
-def test_configs_cover_the_autotuner_and_are_pruned_by_head_dim():
+def test_configs_cover_the_autotuner_and_are_pruned_by_head_dim_and_dropout():
     for kind, tuned in (("fwd", attn._attention_fwd), ("dkdv", attn._attention_bwd_dkdv), ("dq", attn._attention_bwd_dq)):
-        assert list(tuned.configs) == [c for c, _, _ in attn._CONFIGS[kind]] == tuned.tuner.configs
+        assert list(tuned.configs) == [tile.config for tile in attn._CONFIGS[kind]] == tuned.tuner.configs
         for D in (8, 16, 48, 64, 80, 128):
             for dtype in (FP16, torch.bfloat16) + ((torch.float32,) if D <= 64 else ()):
-                allowed = attn.configs(kind, D, dtype, 4096)
-                assert allowed, (kind, D, dtype)
-                for config, max_16, max_32 in attn._CONFIGS[kind]:
-                    fits = attn.block_d(D) <= (max_32 if dtype == torch.float32 else max_16)
-                    assert (config in allowed) == fits, (kind, D, dtype, config)
+                for dropout in (False, True):
+                    allowed = attn.configs(kind, D, dtype, 4096, dropout)
+                    assert allowed, (kind, D, dtype, dropout)
+                    for tile in attn._CONFIGS[kind]:
+                        limit = tile.max_d_fp32 if dtype == torch.float32 else tile.max_d
+                        if dropout:
+                            limit = min(limit, tile.max_d_dropout)
+                        assert (tile.config in allowed) == (attn.block_d(D) <= limit), (kind, D, dtype, tile)
         # Short sequences keep only tiles of up to 64 (one config at least).
-        assert all(max(c.kwargs.values()) <= 64 for c in attn.configs(kind, 64, FP16, 17))
+        assert all(max(c.kwargs.values()) <= 64 for c in attn.configs(kind, 64, FP16, 17, False))
 
 
 def test_a_pruned_config_cannot_be_forced():
-    big = next(c for c, max_16, _ in attn._CONFIGS["dkdv"] if max_16 < 128)
+    big = next(tile.config for tile in attn._CONFIGS["dkdv"] if tile.max_d < 128)
     q, k, v = qkv(T=17, D=128, dtype=FP16, requires_grad=True)
     with kernels.use_configs({"attention.dkdv": big}), kernels.use_backend("triton"), \
             pytest.raises(ValueError, match="does not fit"):
         kernels.attention(q, k, v).sum().backward()
+    fwd_128 = next(tile.config for tile in attn._CONFIGS["fwd"] if tile.max_d_dropout < tile.max_d)
+    q, k, v = qkv(T=17, D=64, dtype=FP16)
+    with kernels.use_configs({"attention.fwd": fwd_128}), kernels.use_backend("triton"), \
+            pytest.raises(ValueError, match="does not fit"):
+        kernels.attention(q, k, v, dropout_p=0.1)
 
 
 def test_backward_is_deterministic():
@@ -117,7 +127,7 @@ def test_arbitrary_strides():
     with kernels.use_backend("triton"):
         got = kernels.attention(q, k, v, causal=False)
     expected = reference.attention_math(q.double(), k.double(), v.double(), False)
-    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+    assert_close_to_exact(got, reference.attention(q, k, v, False), expected)
 
 
 def test_fused_qkv_slices_are_not_copied(monkeypatch):
@@ -206,12 +216,15 @@ def test_dropout_applies_the_oracle_mask_forward_and_backward(causal):
         grads = torch.autograd.grad(out, (q, k, v), dy)
     torch.manual_seed(11)
     keep = dropout_mask(attn.draw_rng_state(DEVICE), q.shape, 0.25)
-    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    expected = reference.attention_math(q64, k64, v64, causal, None, keep, 0.25)
-    expected_grads = torch.autograd.grad(expected, (q64, k64, v64), dy.double())
-    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
-    for g, e in zip(grads, expected_grads):  # the backward regenerated the forward's mask
-        torch.testing.assert_close(g.double(), e, rtol=1e-5, atol=1e-5)
+    oracle = {}
+    for dtype in (torch.float32, torch.float64):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        out_ref = reference.attention_math(*leaves, causal, None, keep, 0.25)
+        oracle[dtype] = out_ref, torch.autograd.grad(out_ref, leaves, dy.to(dtype))
+    (lowp, lowp_grads), (exact, exact_grads) = oracle[torch.float32], oracle[torch.float64]
+    assert_close_to_exact(out, lowp, exact)
+    for name, g, lg, eg in zip(("dq", "dk", "dv"), grads, lowp_grads, exact_grads):
+        assert_close_to_exact(g, lg, eg, name)  # the backward regenerated the forward's mask
 
 
 def test_seeds_advance_and_runs_reproduce_under_manual_seed():
@@ -250,7 +263,7 @@ def test_forward_memory_traffic_is_linear_in_T(capsys):
     T, D = 512, 64
     q, k, v = qkv(T=T, D=D, H=1, dtype=FP16)
     qkvo = 4 * T * D * 2
-    config = next(c for c, _, _ in attn._CONFIGS["fwd"] if c.kwargs["BLOCK_M"] == 128)
+    config = next(tile.config for tile in attn._CONFIGS["fwd"] if tile.config.kwargs["BLOCK_M"] == 128)
     with kernels.use_configs({"attention.fwd": config}), kernels.use_backend("triton"), \
             traffic.count_memory_traffic() as kernel:
         out = kernels.attention(q, k, v)
@@ -349,6 +362,6 @@ def test_torch_compile_keeps_the_kernel_in_one_graph():
     with kernels.use_backend("torch"):
         expected = block(q, k, v)
         expected.sum().backward()
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, expected, **float32_tolerance())
     for g, t in zip(grads, (q, k, v, proj)):
-        torch.testing.assert_close(g, t.grad, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(g, t.grad, **float32_tolerance())

@@ -191,8 +191,8 @@ def test_every_attention_config_compiles_fits_and_uses_tensor_cores(tmp_path):
 
     lines = report_of_every_config("attention", tmp_path)
     for kind in attn.KINDS:
-        for config, _, _ in attn._CONFIGS[kind]:
-            label = f"{kind} {_tuning.describe(config)} "
+        for tile in attn._CONFIGS[kind]:
+            label = f"{kind} {_tuning.describe(tile.config)} "
             for arch, tensor_cores in (("sm_80", "HMMA"), ("sm_90a", "HGMMA")):
                 rows = [line for line in lines if label in line and f" {arch} " in line]
                 full_float32 = [row for row in rows if " ieee" in row]  # float32 dots without TF32: FMA units

@@ -178,3 +178,27 @@ def test_pyproject_declares_the_floors_the_code_enforces():
     floor = re.search(r'"triton>=([\d.]+)', text).group(1)
     assert tuple(int(p) for p in floor.split(".")) == _dispatch.TRITON_FLOOR
     assert re.search(r'"torch>=2\.9"', text)  # the first torch whose CUDA builds bring triton 3.5
+
+
+def test_float32_runs_the_kernels_only_while_pytorch_uses_tf32():
+    """The kernels' float32 dots run in TF32, so they take float32 only while PyTorch's own float32
+    matmuls do; in full precision (PyTorch's default) PyTorch's ops run float32, as asked."""
+    from kernels.ops import attention, gelu_mlp
+    from kernels.ops._common import FLOAT32_NEEDS_TF32
+
+    q = torch.randn(1, 2, 8, 16, device=DEVICE)
+    x, w1, w2 = torch.randn(4, 16, device=DEVICE), torch.randn(64, 16, device=DEVICE), torch.randn(16, 64, device=DEVICE)
+    torch.backends.cuda.matmul.fp32_precision = "ieee"  # the autouse fixture restores it
+    assert attention.why_unsupported(q, q, q) == FLOAT32_NEEDS_TF32
+    assert gelu_mlp.why_unsupported(x, w1, None, w2, None) == FLOAT32_NEEDS_TF32
+    assert attention.supports(q.half(), q.half(), q.half())
+    assert _dispatch.kernel_module("layer_norm").supports(x)  # no dots: float32 is always taken
+    with kernels.use_backend("triton"), pytest.raises(kernels.KernelUnavailableError, match="run in full precision"):
+        kernels.attention(q, q, q)
+    with kernels.use_backend("auto"):
+        torch.testing.assert_close(kernels.gelu_mlp(x, w1, None, w2, None), kernels.reference.gelu_mlp(x, w1, None, w2, None))
+    torch.set_float32_matmul_precision("high")  # PyTorch's float32 matmuls in TF32: the kernels take float32
+    try:
+        assert attention.supports(q, q, q) and gelu_mlp.supports(x, w1, None, w2, None)
+    finally:
+        torch.set_float32_matmul_precision("highest")

@@ -5,10 +5,10 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from conftest import ALL_DTYPES, DEVICE, assert_backward_deterministic
+from conftest import ALL_DTYPES, DEVICE, assert_backward_deterministic, float32_tolerance
 from kernels import _dispatch, _tuning
 from kernels.ops import gelu_mlp as gm
-from kernels.tools.verify import assert_pass, gelu_mlp_checks
+from kernels.tools.verify import assert_close_to_exact, assert_pass, gelu_mlp_checks
 
 ROWS = [1, 7, 100, 257]
 WIDTHS = [16, 48, 100, 128]
@@ -102,13 +102,17 @@ def test_leading_dimensions_and_broadcast_output_gradient():
         got = kernels.gelu_mlp(x, *params)
         got.sum().backward()  # the output gradient is a broadcast scalar: stride 0 everywhere
     grads = [t.grad for t in (x, *params)]
-    exact = [t.detach().double().requires_grad_() for t in (x, *params)]
-    expected = kernels.reference.gelu_mlp(*exact)
-    expected.sum().backward()
+    results = {}
+    for dtype in (torch.float32, torch.float64):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (x, *params)]
+        out = kernels.reference.gelu_mlp(*leaves)
+        results[dtype] = out, torch.autograd.grad(out.sum(), leaves)
+    (lowp, lowp_grads), (exact, exact_grads) = results[torch.float32], results[torch.float64]
     assert got.shape == x.shape
-    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
-    for g, e in zip(grads, exact):
-        torch.testing.assert_close(g.double(), e.grad, rtol=1e-5, atol=1e-5)
+    assert_close_to_exact(got, lowp, exact)
+    for name, g, lg, eg in zip(("dx", "dfc_weight", "dfc_bias", "dproj_weight", "dproj_bias"), grads, lowp_grads,
+                               exact_grads):
+        assert_close_to_exact(g, lg, eg, name)
 
 
 def test_empty_batch():
@@ -246,6 +250,6 @@ def test_torch_compile_keeps_the_kernels_in_one_graph():
     with kernels.use_backend("torch"):
         expected = block(x)
         expected.sum().backward()
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, expected, **float32_tolerance())
     for g, t in zip(grads, (x, *params)):
-        torch.testing.assert_close(g, t.grad, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(g, t.grad, **float32_tolerance())

@@ -3,6 +3,13 @@ from __future__ import annotations
 
 import torch
 
+# Why float32 inputs fall back while TF32 is off (see tf32_enabled).
+FLOAT32_NEEDS_TF32 = (
+    "float32 inputs while PyTorch's float32 matmuls run in full precision "
+    "(torch.backends.cuda.matmul.fp32_precision is not 'tf32'): the kernels' float32 dots run in TF32, "
+    "so PyTorch's own ops run these; set torch.backends.cuda.matmul.fp32_precision = 'tf32' (or "
+    "torch.set_float32_matmul_precision('high')) to use the kernels")
+
 
 def run(plan):
     """Launch a plan's kernels in order and return its outputs.
@@ -16,14 +23,16 @@ def run(plan):
     return outputs
 
 
-def dot_precision(dtype: torch.dtype) -> str:
-    """``input_precision`` for the ``tl.dot`` calls of a kernel running in ``dtype``.
+# torch.compile cannot trace the flag's getter; the decision it feeds (kernel or PyTorch op, which
+# compute the same function) is then fixed when a graph is compiled.
+@torch.compiler.assume_constant_result
+def tf32_enabled() -> bool:
+    """Whether PyTorch's float32 CUDA matmuls use TF32 now.
 
-    float32 dots use TF32 exactly when PyTorch's own float32 CUDA matmuls would: when
-    ``torch.backends.cuda.matmul.fp32_precision`` is "tf32" (which ``allow_tf32 = True`` and
-    ``torch.set_float32_matmul_precision("high")`` also set), else full float32 ("ieee"), PyTorch's
-    default. 16-bit operands ignore it.
+    The kernels with ``tl.dot`` take float32 inputs only then, and run their dots in TF32 as PyTorch
+    would: ``torch.backends.cuda.matmul.fp32_precision == "tf32"``, which ``allow_tf32 = True`` and
+    ``torch.set_float32_matmul_precision("high")`` also set. Otherwise (PyTorch's default: full
+    float32) PyTorch's ops run them, exactly as the user asked. Without tensor cores a float32 dot
+    in full precision needs the whole tiles in registers: the kernels' tiles would spill.
     """
-    if dtype == torch.float32 and torch.backends.cuda.matmul.fp32_precision != "tf32":
-        return "ieee"
-    return "tf32"
+    return torch.backends.cuda.matmul.fp32_precision == "tf32"

@@ -22,18 +22,19 @@ reproducible under ``torch.manual_seed``.
 
 Limits: q, k and v of one shape (B, H, T, D) (self-attention lengths), D a multiple of 8 up to 128
 (padded inside the kernels to the next power of two, at least 16), float16 or bfloat16, or float32
-with D up to 64 (float32 dots run in TF32 on the GPU); any strides.
+with D up to 64 while PyTorch's float32 matmuls use TF32 (the dots then run in TF32); any strides.
 """
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
 from .. import _tuning
-from ._common import dot_precision, run
+from ._common import FLOAT32_NEEDS_TF32, run, tf32_enabled
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 128
@@ -125,13 +126,13 @@ def _dropout_keep(seed, offset, bh, rows, start_n, dropout_p, BLOCK_M: tl.conste
 def _fwd_tiles(acc, l_i, m_i, q, K_ptr, V_ptr, stride_k_t, stride_k_d, stride_v_t, stride_v_d,
                offs_m, offs_d, start, end, T, qk_scale, seed, offset, bh, dropout_p,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               MASKED: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+               MASKED: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr):
     """Fold the key tiles [start, end) into the running (acc, l, m); MASKED tiles apply the masks."""
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + offs_n
         k = _load_tile(K_ptr, cols, offs_d, stride_k_t, stride_k_d, T, HEAD_DIM, BLOCK_D, MASKED)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
+        s = tl.dot(q, tl.trans(k), input_precision="tf32") * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
         if MASKED:
             valid = cols[None, :] < T
             if CAUSAL:
@@ -144,7 +145,7 @@ def _fwd_tiles(acc, l_i, m_i, q, K_ptr, V_ptr, stride_k_t, stride_k_d, stride_v_
         if DROPOUT:
             p = tl.where(_dropout_keep(seed, offset, bh, offs_m, start_n, dropout_p, BLOCK_M, BLOCK_N), p, 0.0)
         v = _load_tile(V_ptr, cols, offs_d, stride_v_t, stride_v_d, T, HEAD_DIM, BLOCK_D, MASKED)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision="tf32")
         m_i = m_new
     return acc, l_i, m_i
 
@@ -158,7 +159,7 @@ def _attention_fwd_kernel(
     stride_o_b, stride_o_h, stride_o_t, stride_o_d,
     H, T, T_BUCKET, qk_scale, dropout_p,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # T_BUCKET only keys the autotuner (sequence lengths bucketed to powers of two).
     start_m = tl.program_id(0)
@@ -188,10 +189,10 @@ def _attention_fwd_kernel(
         masked_end = T
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K_ptr, V_ptr, stride_k_t, stride_k_d, stride_v_t, stride_v_d,
                                offs_m, offs_d, 0, full_end, T, qk_scale, seed, offset, bh, dropout_p,
-                               HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, False, CAUSAL, DROPOUT, DOT_PRECISION)
+                               HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, False, CAUSAL, DROPOUT)
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K_ptr, V_ptr, stride_k_t, stride_k_d, stride_v_t, stride_v_d,
                                offs_m, offs_d, full_end, masked_end, T, qk_scale, seed, offset, bh, dropout_p,
-                               HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True, CAUSAL, DROPOUT, DOT_PRECISION)
+                               HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True, CAUSAL, DROPOUT)
     l_recip = 1.0 / l_i
     if DROPOUT:
         l_recip = l_recip / (1.0 - dropout_p)
@@ -243,7 +244,7 @@ def _attention_bwd_preprocess_kernel(
 def _dkdv_tiles(dk, dv, k, v, Q_ptr, DO_ptr, Lse_ptr, Delta_ptr, stride_q_t, stride_q_d, stride_do_t, stride_do_d,
                 n0, offs_d, start, end, T, qk_scale, seed, offset, bh, dropout_p,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                MASKED: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                MASKED: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr):
     """Add the query tiles [start, end) to the (dK, dV) of the key tile at ``n0``; tiles are (keys, queries)."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
@@ -257,21 +258,21 @@ def _dkdv_tiles(dk, dv, k, v, Q_ptr, DO_ptr, Lse_ptr, Delta_ptr, stride_q_t, str
         else:
             lse = tl.load(Lse_ptr + rows)
             delta = tl.load(Delta_ptr + rows)
-        p_t = tl.exp2(tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale - lse[None, :])  # (BLOCK_N, BLOCK_M)
+        p_t = tl.exp2(tl.dot(k, tl.trans(q), input_precision="tf32") * qk_scale - lse[None, :])  # (BLOCK_N, BLOCK_M)
         if MASKED:
             valid = rows[None, :] < T
             if CAUSAL:
                 valid = valid & (rows[None, :] >= offs_n[:, None])
             p_t = tl.where(valid, p_t, 0.0)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision="tf32")
         if DROPOUT:
             keep = tl.trans(_dropout_keep(seed, offset, bh, rows, n0, dropout_p, BLOCK_M, BLOCK_N))
-            dv = tl.dot(tl.where(keep, p_t, 0.0).to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+            dv = tl.dot(tl.where(keep, p_t, 0.0).to(do.dtype), do, dv, input_precision="tf32")
             dp_t = tl.where(keep, dp_t / (1.0 - dropout_p), 0.0)
         else:
-            dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+            dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision="tf32")
         ds_t = p_t * (dp_t - delta[None, :])
-        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision="tf32")
     return dk, dv
 
 
@@ -286,7 +287,7 @@ def _attention_bwd_dkdv_kernel(
     stride_dv_b, stride_dv_h, stride_dv_t, stride_dv_d,
     H, T, T_BUCKET, qk_scale, softmax_scale, dropout_p,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     start_n = tl.program_id(0)
     off_h = tl.program_id(1)
@@ -316,16 +317,16 @@ def _attention_bwd_dkdv_kernel(
         diag_end = tl.minimum(tl.cdiv(n0 + BLOCK_N - 1, BLOCK_M) * BLOCK_M, T)
         dk, dv = _dkdv_tiles(dk, dv, k, v, Q_ptr, DO_ptr, Lse_ptr, Delta_ptr, stride_q_t, stride_q_d,
                              stride_do_t, stride_do_d, n0, offs_d, diag_start, diag_end, T, qk_scale,
-                             seed, offset, bh, dropout_p, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True, CAUSAL, DROPOUT, DOT_PRECISION)
+                             seed, offset, bh, dropout_p, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True, CAUSAL, DROPOUT)
     else:
         diag_end = 0
     tail_start = tl.maximum(diag_end, full_end)
     dk, dv = _dkdv_tiles(dk, dv, k, v, Q_ptr, DO_ptr, Lse_ptr, Delta_ptr, stride_q_t, stride_q_d,
                          stride_do_t, stride_do_d, n0, offs_d, diag_end, full_end, T, qk_scale,
-                         seed, offset, bh, dropout_p, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, False, CAUSAL, DROPOUT, DOT_PRECISION)
+                         seed, offset, bh, dropout_p, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, False, CAUSAL, DROPOUT)
     dk, dv = _dkdv_tiles(dk, dv, k, v, Q_ptr, DO_ptr, Lse_ptr, Delta_ptr, stride_q_t, stride_q_d,
                          stride_do_t, stride_do_d, n0, offs_d, tail_start, T, T, qk_scale,
-                         seed, offset, bh, dropout_p, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True, CAUSAL, DROPOUT, DOT_PRECISION)
+                         seed, offset, bh, dropout_p, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True, CAUSAL, DROPOUT)
     if DROPOUT:
         dv = dv / (1.0 - dropout_p)
     _store_tile(DK_ptr, dk * softmax_scale, offs_n, offs_d, stride_dk_t, stride_dk_d, T, HEAD_DIM, BLOCK_D)
@@ -336,25 +337,25 @@ def _attention_bwd_dkdv_kernel(
 def _dq_tiles(dq, q, do, lse, delta, K_ptr, V_ptr, stride_k_t, stride_k_d, stride_v_t, stride_v_d,
               offs_m, offs_d, start, end, T, qk_scale, seed, offset, bh, dropout_p,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              MASKED: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+              MASKED: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr):
     """Add the key tiles [start, end) to the query tile's dQ."""
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + offs_n
         k = _load_tile(K_ptr, cols, offs_d, stride_k_t, stride_k_d, T, HEAD_DIM, BLOCK_D, MASKED)
         v = _load_tile(V_ptr, cols, offs_d, stride_v_t, stride_v_d, T, HEAD_DIM, BLOCK_D, MASKED)
-        p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale - lse[:, None])  # (BLOCK_M, BLOCK_N)
+        p = tl.exp2(tl.dot(q, tl.trans(k), input_precision="tf32") * qk_scale - lse[:, None])  # (BLOCK_M, BLOCK_N)
         if MASKED:
             valid = cols[None, :] < T
             if CAUSAL:
                 valid = valid & (cols[None, :] <= offs_m[:, None])
             p = tl.where(valid, p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision="tf32")
         if DROPOUT:
             keep = _dropout_keep(seed, offset, bh, offs_m, start_n, dropout_p, BLOCK_M, BLOCK_N)
             dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
         ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision="tf32")
     return dq
 
 
@@ -368,7 +369,7 @@ def _attention_bwd_dq_kernel(
     stride_dq_b, stride_dq_h, stride_dq_t, stride_dq_d,
     H, T, T_BUCKET, qk_scale, softmax_scale, dropout_p,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     start_m = tl.program_id(0)
     off_h = tl.program_id(1)
@@ -398,43 +399,52 @@ def _attention_bwd_dq_kernel(
         masked_end = T
     dq = _dq_tiles(dq, q, do, lse, delta, K_ptr, V_ptr, stride_k_t, stride_k_d, stride_v_t, stride_v_d,
                    offs_m, offs_d, 0, full_end, T, qk_scale, seed, offset, bh, dropout_p,
-                   HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, False, CAUSAL, DROPOUT, DOT_PRECISION)
+                   HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, False, CAUSAL, DROPOUT)
     dq = _dq_tiles(dq, q, do, lse, delta, K_ptr, V_ptr, stride_k_t, stride_k_d, stride_v_t, stride_v_d,
                    offs_m, offs_d, full_end, masked_end, T, qk_scale, seed, offset, bh, dropout_p,
-                   HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True, CAUSAL, DROPOUT, DOT_PRECISION)
+                   HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True, CAUSAL, DROPOUT)
     _store_tile(DQ_ptr, dq * softmax_scale, offs_m, offs_d, stride_dq_t, stride_dq_d, T, HEAD_DIM, BLOCK_D)
 
 
 # --------------------------------------------------------------------------- launch configurations
 
-# Each entry: (config, largest BLOCK_D for 16-bit inputs, largest BLOCK_D for float32 inputs). The
-# limits keep every config within registers (no spills, dropout included) and shared memory on sm_80
-# and sm_90a, as checked by ``python -m kernels.tools.compile_report --op attention``. On sm_90a a tl.dot
-# uses wgmma only when its M (the first tile dimension) is at least 64 rows per warpgroup, so every
+class Tile(NamedTuple):
+    """A launch config and the largest padded head dimension (BLOCK_D) it may run at."""
+
+    config: triton.Config
+    max_d: int          # 16-bit inputs
+    max_d_fp32: int     # float32 inputs
+    max_d_dropout: int  # with dropout, any dtype: the Philox keep-mask takes registers too
+
+
+# The limits keep every config within registers (no spills) and shared memory on sm_80 and sm_90a
+# under every supported triton, as checked by ``python -m kernels.tools.compile_report --op
+# attention`` (registers differ between triton releases: under triton 3.6 the 128 x 64 forward and
+# dq tiles spill with dropout at D = 64, under 3.8 and 3.9 they do not). On sm_90a a tl.dot uses
+# wgmma only when its M (the first tile dimension) is at least 64 rows per warpgroup, so every
 # program's own tile has at least 64 rows.
 _CONFIGS = {
     # BLOCK_M query rows per program, BLOCK_N keys per inner step.
     "fwd": [
-        (triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3), 128, 64),
-        (triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2), 64, 64),
+        Tile(triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3), 128, 64, 128),
+        Tile(triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2), 64, 64, 32),
     ],
     # BLOCK_N keys per program, BLOCK_M query rows per inner step. Larger tiles (BLOCK_M x BLOCK_N =
     # 64 x 128 with 8 warps, or 64 x 64 with 4) spill at D >= 64 on sm_80.
     "dkdv": [
-        (triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=8, num_stages=2), 128, 32),
-        (triton.Config({"BLOCK_M": 32, "BLOCK_N": 128}, num_warps=8, num_stages=2), 64, 32),
-        (triton.Config({"BLOCK_M": 16, "BLOCK_N": 64}, num_warps=8, num_stages=2), 64, 64),
+        Tile(triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=8, num_stages=2), 128, 32, 128),
+        Tile(triton.Config({"BLOCK_M": 32, "BLOCK_N": 128}, num_warps=8, num_stages=2), 64, 32, 64),
+        Tile(triton.Config({"BLOCK_M": 16, "BLOCK_N": 64}, num_warps=8, num_stages=2), 64, 64, 64),
     ],
     # BLOCK_M query rows per program, BLOCK_N keys per inner step.
     # 128 x 64 in float32 with dropout spills on sm_80 from D = 32 on.
     "dq": [
-        (triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2), 128, 64),
-        (triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2), 64, 16),
+        Tile(triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2), 128, 64, 128),
+        Tile(triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2), 64, 16, 32),
     ],
 }
 KINDS = tuple(_CONFIGS)
 MIN_TILE = 64  # tiles up to this size are always allowed; larger ones only when T reaches them
-
 
 
 def block_d(head_dim: int) -> int:
@@ -442,14 +452,21 @@ def block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def configs(kind: str, head_dim: int, dtype: torch.dtype, seq_len: int) -> list[triton.Config]:
+def max_block_d(tile: Tile, dtype: torch.dtype, dropout: bool) -> int:
+    """The largest padded head dimension ``tile`` may run at in ``dtype``, with or without dropout."""
+    limit = tile.max_d if dtype.itemsize <= 2 else tile.max_d_fp32
+    return min(limit, tile.max_d_dropout) if dropout else limit
+
+
+def configs(kind: str, head_dim: int, dtype: torch.dtype, seq_len: int, dropout: bool) -> list[triton.Config]:
     """The configs of kernel ``kind`` ("fwd", "dkdv" or "dq") that may run on these inputs.
 
-    Configs whose tiles do not fit the padded head dimension are pruned, as are tiles larger than
-    the sequence needs (beyond ``MIN_TILE``). Never empty: at worst the smallest fitting config.
+    Configs whose tiles do not fit the padded head dimension (see :func:`max_block_d`) are pruned,
+    as are tiles larger than the sequence needs (beyond ``MIN_TILE``). Never empty for inputs the
+    kernels support: at worst the first fitting config.
     """
     width = block_d(head_dim)
-    fitting = [c for c, max_16, max_32 in _CONFIGS[kind] if width <= (max_16 if dtype.itemsize <= 2 else max_32)]
+    fitting = [tile.config for tile in _CONFIGS[kind] if width <= max_block_d(tile, dtype, dropout)]
     longest = max(MIN_TILE, triton.next_power_of_2(max(seq_len, 1)))
     short = [c for c in fitting if max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) <= longest]
     return short or fitting[:1]
@@ -457,10 +474,10 @@ def configs(kind: str, head_dim: int, dtype: torch.dtype, seq_len: int) -> list[
 
 def _autotuned(kind: str, kernel) -> _tuning.Tunable:
     def prune(candidates, args):
-        return configs(kind, args["HEAD_DIM"], args["Q_ptr"].dtype, args["T"])
+        return configs(kind, args["HEAD_DIM"], args["Q_ptr"].dtype, args["T"], args["DROPOUT"])
 
-    return _tuning.autotuned(f"attention.{kind}", kernel, [c for c, _, _ in _CONFIGS[kind]],
-                             key=["T_BUCKET", "HEAD_DIM", "CAUSAL", "DROPOUT", "DOT_PRECISION"], prune=prune)
+    return _tuning.autotuned(f"attention.{kind}", kernel, [tile.config for tile in _CONFIGS[kind]],
+                             key=["T_BUCKET", "HEAD_DIM", "CAUSAL", "DROPOUT"], prune=prune)
 
 
 _attention_fwd = _autotuned("fwd", _attention_fwd_kernel)
@@ -476,6 +493,8 @@ def why_unsupported(q, k, v) -> str | None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dtype not in SUPPORTED_DTYPES:
             return f"{name} has dtype {t.dtype}; the attention kernels handle float16, bfloat16 and float32"
+    if q.dtype == torch.float32 and not tf32_enabled():
+        return FLOAT32_NEEDS_TF32
     B, H, T, D = q.shape
     if D > MAX_HEAD_DIM or D % HEAD_DIM_MULTIPLE:
         return (f"head dimension D={D} is not supported; the attention kernels handle multiples of "
@@ -511,8 +530,7 @@ def _t_bucket(seq_len: int) -> int:
 def _meta(q, causal: bool, dropout_p: float) -> dict:
     """The constexpr arguments shared by the forward and backward kernels."""
     D = q.shape[-1]
-    return dict(HEAD_DIM=D, BLOCK_D=block_d(D), CAUSAL=causal, DROPOUT=dropout_p > 0,
-                DOT_PRECISION=dot_precision(q.dtype))
+    return dict(HEAD_DIM=D, BLOCK_D=block_d(D), CAUSAL=causal, DROPOUT=dropout_p > 0)
 
 
 def forward_plan(q, k, v, rng, causal, dropout_p, softmax_scale):
@@ -525,7 +543,7 @@ def forward_plan(q, k, v, rng, causal, dropout_p, softmax_scale):
     args = (q, k, v, o, lse, rng, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
             H, T, _t_bucket(T), softmax_scale * LOG2_E, dropout_p)
     launch = _tuning.launch(_attention_fwd, lambda c: (triton.cdiv(T, c["BLOCK_M"]), H, B), args,
-                            _meta(q, causal, dropout_p), configs("fwd", D, q.dtype, T))
+                            _meta(q, causal, dropout_p), configs("fwd", D, q.dtype, T, dropout_p > 0))
     return (o, lse), [launch]
 
 
@@ -550,12 +568,12 @@ def backward_plan(do, q, k, v, o, lse, rng, causal, dropout_p, softmax_scale):
         _attention_bwd_dkdv, lambda c: (triton.cdiv(T, c["BLOCK_N"]), H, B),
         (q, k, v, do, dk, dv, lse, delta, rng, *q.stride(), *k.stride(), *v.stride(), *do.stride(),
          *dk.stride(), *dv.stride(), H, T, _t_bucket(T), *scales),
-        meta, configs("dkdv", D, q.dtype, T))
+        meta, configs("dkdv", D, q.dtype, T, dropout_p > 0))
     dq_launch = _tuning.launch(
         _attention_bwd_dq, lambda c: (triton.cdiv(T, c["BLOCK_M"]), H, B),
         (q, k, v, do, dq, lse, delta, rng, *q.stride(), *k.stride(), *v.stride(), *do.stride(),
          *dq.stride(), H, T, _t_bucket(T), *scales),
-        meta, configs("dq", D, q.dtype, T))
+        meta, configs("dq", D, q.dtype, T, dropout_p > 0))
     return (dq, dk, dv), [preprocess_launch(o, do, delta), dkdv, dq_launch]
 
 

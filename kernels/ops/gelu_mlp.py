@@ -2,8 +2,8 @@
 
 Every GEMM is a tiled matrix multiply in the style of Triton's matmul tutorial: one program per
 (BLOCK_M, BLOCK_N) output tile, programs ordered in groups of GROUP_M tile rows so that the tiles
-running together share their operand panels in L2, fp32 accumulation (float32 inputs use TF32 dots
-exactly when PyTorch's float32 matmuls do), explicit strides for every operand (a transpose is a stride swap, never a copy), masks
+running together share their operand panels in L2, fp32 accumulation (float32 inputs are taken while PyTorch's
+float32 matmuls use TF32, and their dots run in TF32 too), explicit strides for every operand (a transpose is a stride swap, never a copy), masks
 on all ragged edges, and autotuned block sizes. Epilogues run on the fp32 accumulator before it
 is stored.
 
@@ -56,7 +56,7 @@ import triton
 import triton.language as tl
 
 from .. import _tuning
-from ._common import dot_precision, run
+from ._common import FLOAT32_NEEDS_TF32, run, tf32_enabled
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 GROUP_M = 8  # tile rows per program group (L2 reuse of the B panel)
@@ -71,7 +71,7 @@ CONFIGS = [
 ]
 # Autotuning is keyed on M rounded up to a power of two (not the exact token count, which would
 # re-tune for every prompt length while sampling), N and K.
-_TUNE_KEY = ["M_BUCKET", "N", "K", "DOT_PRECISION"]
+_TUNE_KEY = ["M_BUCKET", "N", "K"]
 
 _SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
 _GELU_CUBIC = tl.constexpr(0.044715)
@@ -104,8 +104,7 @@ def _tile_offsets(m_left, n_left, stride_m, BLOCK_M: tl.constexpr, BLOCK_N: tl.c
 
 @triton.jit
 def _tile_matmul(A_ptr, B_ptr, m_left, n_left, K, stride_am, stride_ak, stride_bk, stride_bn,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROW_SUMS: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr):
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROW_SUMS: tl.constexpr):
     """``(A @ B, A summed over k)`` for one tile, in fp32 (the sums are zero unless ROW_SUMS).
 
     A_ptr and B_ptr point at the tile's first row of A and first column of B; m_left and n_left
@@ -128,7 +127,7 @@ def _tile_matmul(A_ptr, B_ptr, m_left, n_left, K, stride_am, stride_ak, stride_b
         k_left = K - k
         a = tl.load(a_ptrs, mask=row_ok & (a_k < k_left), other=0.0)
         b = tl.load(b_ptrs, mask=(b_k < k_left) & col_ok, other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(a, b, acc, input_precision="tf32")
         if ROW_SUMS:
             row_sums += tl.sum(a.to(tl.float32), axis=1)
         a_ptrs += a_step
@@ -153,13 +152,12 @@ def _gelu_mlp_fwd_kernel(
     stride_am, stride_ak, stride_bk, stride_bn, stride_om,
     HAS_BIAS: tl.constexpr, GELU: tl.constexpr, STORE_PRE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
 ):
     """Out = A @ B (+ bias); with GELU, Out = gelu(pre) and (STORE_PRE) Pre = pre. Out, Pre: unit column stride."""
     row0, col0 = _tile_start(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     acc, _ = _tile_matmul(A_ptr + row0.to(tl.int64) * stride_am, B_ptr + col0.to(tl.int64) * stride_bn,
                           M - row0, N - col0, K, stride_am, stride_ak, stride_bk, stride_bn,
-                          BLOCK_M, BLOCK_N, BLOCK_K, False, DOT_PRECISION)
+                          BLOCK_M, BLOCK_N, BLOCK_K, False)
     if HAS_BIAS:
         rn = tl.arange(0, BLOCK_N)
         acc += tl.load(Bias_ptr + col0 + rn, mask=rn < N - col0, other=0.0).to(tl.float32)[None, :]
@@ -178,13 +176,12 @@ def _gelu_mlp_bwd_dpre_kernel(
     DOut_ptr, W_ptr, Pre_ptr, DPre_ptr, Act_ptr, M, N, K, M_BUCKET,
     stride_dom, stride_dok, stride_wk, stride_wn, stride_pm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
 ):
     """DPre = (DOut @ W) * gelu'(Pre) and Act = gelu(Pre); Pre, DPre, Act share one layout (unit column stride)."""
     row0, col0 = _tile_start(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     dact, _ = _tile_matmul(DOut_ptr + row0.to(tl.int64) * stride_dom, W_ptr + col0.to(tl.int64) * stride_wn,
                            M - row0, N - col0, K, stride_dom, stride_dok, stride_wk, stride_wn,
-                           BLOCK_M, BLOCK_N, BLOCK_K, False, DOT_PRECISION)
+                           BLOCK_M, BLOCK_N, BLOCK_K, False)
     tile = row0.to(tl.int64) * stride_pm + col0
     # The epilogue in two column halves keeps fewer (BLOCK_M, BLOCK_N) fp32 tensors live at once.
     left, right = tl.split(tl.permute(tl.reshape(dact, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
@@ -212,7 +209,6 @@ def _gelu_mlp_bwd_dweight_kernel(
     stride_am, stride_ak, stride_bk, stride_bn, stride_dwm,
     BIAS_GRAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
 ):
     """DW = A @ B, K being the tokens; with BIAS_GRAD, DBias = A summed over K (by the first tile column)."""
     row0, col0 = _tile_start(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -220,12 +216,12 @@ def _gelu_mlp_bwd_dweight_kernel(
     b_tile = B_ptr + col0.to(tl.int64) * stride_bn
     if BIAS_GRAD and col0 == 0:
         acc, row_sums = _tile_matmul(a_tile, b_tile, M - row0, N - col0, K, stride_am, stride_ak, stride_bk,
-                                     stride_bn, BLOCK_M, BLOCK_N, BLOCK_K, True, DOT_PRECISION)
+                                     stride_bn, BLOCK_M, BLOCK_N, BLOCK_K, True)
         rm = tl.arange(0, BLOCK_M)
         tl.store(DBias_ptr + row0 + rm, row_sums.to(DBias_ptr.dtype.element_ty), mask=rm < M - row0)
     else:
         acc, _ = _tile_matmul(a_tile, b_tile, M - row0, N - col0, K, stride_am, stride_ak, stride_bk,
-                              stride_bn, BLOCK_M, BLOCK_N, BLOCK_K, False, DOT_PRECISION)
+                              stride_bn, BLOCK_M, BLOCK_N, BLOCK_K, False)
     offsets, mask = _tile_offsets(M - row0, N - col0, stride_dwm, BLOCK_M, BLOCK_N)
     tl.store(DW_ptr + row0.to(tl.int64) * stride_dwm + col0 + offsets, acc.to(DW_ptr.dtype.element_ty), mask=mask)
 
@@ -242,6 +238,8 @@ def why_unsupported(x, fc_weight, fc_bias=None, proj_weight=None, proj_bias=None
     for name, t in named:
         if t is not None and t.dtype not in SUPPORTED_DTYPES:
             return f"{name} has dtype {t.dtype}; the GELU MLP kernels handle float16, bfloat16 and float32"
+    if x.dtype == torch.float32 and not tf32_enabled():
+        return FLOAT32_NEEDS_TF32
     # A bias gradient is summed by the programs of its weight gradient, which an empty weight has none of.
     if 0 in fc_weight.shape:
         return f"fc_weight has shape {tuple(fc_weight.shape)}; the kernels need C >= 1 and a hidden width >= 1"
@@ -253,7 +251,7 @@ def supports(x, fc_weight, fc_bias=None, proj_weight=None, proj_bias=None) -> bo
     return why_unsupported(x, fc_weight, fc_bias, proj_weight, proj_bias) is None
 
 
-def _gemm(kernel, m, n, k, operands, strides, meta, dtype):
+def _gemm(kernel, m, n, k, operands, strides, meta):
     """A launch ``(kernel, grid, args, meta)`` of an (m, n, k) GEMM kernel, or None when its output is empty.
 
     With k == 0 it still launches: it writes the bias, or zeros.
@@ -266,7 +264,7 @@ def _gemm(kernel, m, n, k, operands, strides, meta, dtype):
 
     m_bucket = triton.next_power_of_2(max(m, 1))
     return _tuning.launch(kernel, grid, (*operands, m, n, k, m_bucket, *strides),
-                          dict(meta, GROUP_M=GROUP_M, DOT_PRECISION=dot_precision(dtype)))
+                          dict(meta, GROUP_M=GROUP_M))
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -287,10 +285,10 @@ def forward_plan(x, fc_weight, fc_bias, proj_weight, proj_bias, keep_pre: bool):
     out = torch.empty((m, c), dtype=x.dtype, device=x.device)
     fc = _gemm(_fwd, m, h, c, (x, fc_weight, fc_bias, act, pre if keep_pre else None),
                (x.stride(0), x.stride(1), fc_weight.stride(1), fc_weight.stride(0), act.stride(0)),
-               dict(HAS_BIAS=fc_bias is not None, GELU=True, STORE_PRE=keep_pre), x.dtype)
+               dict(HAS_BIAS=fc_bias is not None, GELU=True, STORE_PRE=keep_pre))
     proj = _gemm(_fwd, m, c, h, (act, proj_weight, proj_bias, out, None),
                  (act.stride(0), act.stride(1), proj_weight.stride(1), proj_weight.stride(0), out.stride(0)),
-                 dict(HAS_BIAS=proj_bias is not None, GELU=False, STORE_PRE=False), x.dtype)
+                 dict(HAS_BIAS=proj_bias is not None, GELU=False, STORE_PRE=False))
     return (out, pre), [launch for launch in (fc, proj) if launch is not None]
 
 
@@ -309,19 +307,19 @@ def backward_plan(dout, x, fc_weight, proj_weight, pre, has_fc_bias: bool, has_p
     launches = [
         # dpre = (dout @ W2) * gelu'(pre); act = gelu(pre)
         _gemm(_bwd_dpre, m, h, c, (dout, proj_weight, pre, dpre, act),
-              (dout.stride(0), dout.stride(1), proj_weight.stride(0), proj_weight.stride(1), pre.stride(0)), {}, x.dtype),
+              (dout.stride(0), dout.stride(1), proj_weight.stride(0), proj_weight.stride(1), pre.stride(0)), {}),
         # dW2 = dout^T @ act, db2 = sum_rows(dout)
         _gemm(_bwd_dweight, c, h, m, (dout, act, dproj_weight, dproj_bias),
               (dout.stride(1), dout.stride(0), act.stride(0), act.stride(1), dproj_weight.stride(0)),
-              dict(BIAS_GRAD=has_proj_bias), x.dtype),
+              dict(BIAS_GRAD=has_proj_bias)),
         # dW1 = dpre^T @ x, db1 = sum_rows(dpre)
         _gemm(_bwd_dweight, h, c, m, (dpre, x, dfc_weight, dfc_bias),
               (dpre.stride(1), dpre.stride(0), x.stride(0), x.stride(1), dfc_weight.stride(0)),
-              dict(BIAS_GRAD=has_fc_bias), x.dtype),
+              dict(BIAS_GRAD=has_fc_bias)),
         # dx = dpre @ W1
         _gemm(_fwd, m, c, h, (dpre, fc_weight, None, dx, None),
               (dpre.stride(0), dpre.stride(1), fc_weight.stride(0), fc_weight.stride(1), dx.stride(0)),
-              dict(HAS_BIAS=False, GELU=False, STORE_PRE=False), x.dtype),
+              dict(HAS_BIAS=False, GELU=False, STORE_PRE=False)),
     ]
     return (dx, dfc_weight, dfc_bias, dproj_weight, dproj_bias), [launch for launch in launches if launch is not None]
 

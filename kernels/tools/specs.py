@@ -9,8 +9,6 @@ compiled under fewer.
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from kernels import _tuning
@@ -23,22 +21,6 @@ OPS = ("layer_norm", "attention", "gelu_mlp")
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
-
-
-@contextlib.contextmanager
-def float32_dots(precision: str):
-    """Build plans whose float32 dots use ``precision`` ("tf32" or "ieee"), as PyTorch's flag would."""
-    previous = torch.backends.cuda.matmul.fp32_precision
-    torch.backends.cuda.matmul.fp32_precision = precision
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.fp32_precision = previous
-
-
-def _uses_tensor_cores(dtype: torch.dtype, precision: str) -> bool:
-    """float32 dots in full precision run on the FMA units; everything else on tensor cores."""
-    return dtype != torch.float32 or precision == "tf32"
 
 
 # --------------------------------------------------------------------------- LayerNorm
@@ -86,11 +68,11 @@ def _qkv(head_dim: int, dtype: torch.dtype):
     return [fused[:, :, i].transpose(1, 2) for i in range(3)]
 
 
-def attention_spec(kind, config, head_dim, dtype, causal=True, dropout_p=0.0, precision="tf32", largest=False):
+def attention_spec(kind, config, head_dim, dtype, causal=True, dropout_p=0.0, largest=False):
     """The spec of attention kernel ``kind`` ("fwd", "dkdv", "dq") launched with ``config``."""
     q, k, v = _qkv(head_dim, dtype)
     rng = attention.draw_rng_state("cpu") if dropout_p else None
-    with _tuning.use_configs({f"attention.{kind}": config}), float32_dots(precision):
+    with _tuning.use_configs({f"attention.{kind}": config}):
         (o, lse), [launch] = attention.forward_plan(q, k, v, rng, causal, dropout_p, 0.125)
         if kind != "fwd":
             _, (_, dkdv, dq) = attention.backward_plan(torch.empty_like(o), q, k, v, o, lse, rng, causal,
@@ -98,28 +80,27 @@ def attention_spec(kind, config, head_dim, dtype, causal=True, dropout_p=0.0, pr
             launch = dkdv if kind == "dkdv" else dq
     kernel, _, args, meta = launch
     label = (f"{kind} {_tuning.describe(config)} D={head_dim} {_dtype_name(dtype)}"
-             f"{' ieee' if dtype == torch.float32 and precision == 'ieee' else ''}"
              f"{' causal' if causal else ''}{' dropout' if dropout_p else ''}")
-    return CompileSpec(kernel, label, args, meta, uses_tensor_cores=_uses_tensor_cores(dtype, precision),
-                       largest=largest)
+    return CompileSpec(kernel, label, args, meta, uses_tensor_cores=True, largest=largest)
 
 
 def attention_specs():
     """Each config at the smallest and largest padded head dimension it allows, causal, in float16;
-    at the largest also bfloat16, float32 in TF32 and in full precision (at float32's own largest,
-    with and without dropout), and float16 with dropout, causal and not (registers peak there);
-    the delta preprocessing kernel; and the tests' dropout-mask kernel."""
+    at the largest also bfloat16 and float32 (TF32 dots); with dropout (where registers peak) at the
+    largest head dimension it allows with dropout, float16 causal and not, and float32; the delta
+    preprocessing kernel; and the tests' dropout-mask kernel."""
     for kind in attention.KINDS:
-        for config, max_16, max_32 in attention._CONFIGS[kind]:
+        for tile in attention._CONFIGS[kind]:
+            config = tile.config
+            d16, d32 = (attention.max_block_d(tile, dtype, False) for dtype in (torch.float16, torch.float32))
+            d16_drop, d32_drop = (attention.max_block_d(tile, dtype, True) for dtype in (torch.float16, torch.float32))
             yield attention_spec(kind, config, 16, torch.float16)
-            yield attention_spec(kind, config, max_16, torch.float16)
-            yield attention_spec(kind, config, max_16, torch.bfloat16)
-            for precision in ("tf32", "ieee"):
-                yield attention_spec(kind, config, max_32, torch.float32, precision=precision)
-                yield attention_spec(kind, config, max_32, torch.float32, dropout_p=0.1, precision=precision,
-                                     largest=True)
-            yield attention_spec(kind, config, max_16, torch.float16, dropout_p=0.1, largest=True)
-            yield attention_spec(kind, config, max_16, torch.float16, causal=False, dropout_p=0.1, largest=True)
+            yield attention_spec(kind, config, d16, torch.float16)
+            yield attention_spec(kind, config, d16, torch.bfloat16)
+            yield attention_spec(kind, config, d32, torch.float32)
+            yield attention_spec(kind, config, d32_drop, torch.float32, dropout_p=0.1, largest=True)
+            yield attention_spec(kind, config, d16_drop, torch.float16, dropout_p=0.1, largest=True)
+            yield attention_spec(kind, config, d16_drop, torch.float16, causal=False, dropout_p=0.1, largest=True)
     B, H, T = SPEC_SHAPE
     for width in (16, 128):
         o = torch.empty(B, H, T, width, dtype=torch.float16)
@@ -139,8 +120,8 @@ _BACKWARD_ROLES = ("dpre", "dproj_weight", "dfc_weight", "dx")
 def gelu_mlp_specs():
     """Every GEMM launch of a training step in every config.
 
-    For each config in float16, float32 in TF32 and float32 in full precision (whose operands
-    take twice the shared memory), the launches of the forward (keeping pre) and backward with both
+    For each config in float16 and float32 (TF32 dots, whose operands take twice the shared
+    memory), the launches of the forward (keeping pre) and backward with both
     biases on 16-aligned widths; dfc_weight is left out because it specialises exactly like
     dproj_weight (same kernel, flags and stride divisibility). bfloat16 generates the same code as
     float16 but for the MMA instruction type: it is compiled for the first config. The float32
@@ -149,14 +130,13 @@ def gelu_mlp_specs():
     (pre not written), and all of them for widths C=100, H=400, whose rows are not 16-byte aligned
     (so no 128-bit loads are possible there).
     """
-    def specs(config, dtype, precision="tf32", m=256, c=128, h=512, biases=True, keep_pre=True, note="",
-              roles=None, largest=False):
+    def specs(config, dtype, m=256, c=128, h=512, biases=True, keep_pre=True, note="", roles=None, largest=False):
         x = torch.empty(m, c, dtype=dtype)
         fc_weight, proj_weight = torch.empty(h, c, dtype=dtype), torch.empty(c, h, dtype=dtype)
         fc_bias = torch.empty(h, dtype=dtype) if biases else None
         proj_bias = torch.empty(c, dtype=dtype) if biases else None
         pins = {name: config for name in ("gelu_mlp.fwd", "gelu_mlp.dpre", "gelu_mlp.dweight")}
-        with _tuning.use_configs(pins), float32_dots(precision):
+        with _tuning.use_configs(pins):
             (out, pre), forward = gelu_mlp.forward_plan(x, fc_weight, fc_bias, proj_weight, proj_bias, keep_pre)
             launches = list(zip(_FORWARD_ROLES, forward))
             if keep_pre:
@@ -164,19 +144,16 @@ def gelu_mlp_specs():
                                                      biases)
                 launches += [(role, launch) for role, launch in zip(_BACKWARD_ROLES, backward)
                              if role != "dfc_weight"]
-        precision_note = " ieee" if dtype == torch.float32 and precision == "ieee" else ""
         for role, (kernel, _, args, meta) in launches:
             if roles is not None and role not in roles:
                 continue
-            label = f"{role} {_tuning.describe(config)} {_dtype_name(dtype)}{precision_note}{note}"
-            yield CompileSpec(kernel, label, args, meta, uses_tensor_cores=_uses_tensor_cores(dtype, precision),
-                              largest=largest)
+            label = f"{role} {_tuning.describe(config)} {_dtype_name(dtype)}{note}"
+            yield CompileSpec(kernel, label, args, meta, uses_tensor_cores=True, largest=largest)
 
     first = gelu_mlp.CONFIGS[0]
     for config in gelu_mlp.CONFIGS:
         yield from specs(config, torch.float16)
-        for precision in ("tf32", "ieee"):
-            yield from specs(config, torch.float32, precision, largest=True)
+        yield from specs(config, torch.float32, largest=True)
     yield from specs(first, torch.bfloat16)
     # Only the launches these flags change: dpre and dx never take a bias, proj never keeps pre.
     yield from specs(first, torch.float16, biases=False, note=" no biases", roles=("fc", "proj", "dproj_weight"))

@@ -9,8 +9,11 @@ PyTorch reference in the same dtype, and by the PyTorch reference in float64. A 
 that is, the kernel is at most about twice as far from the exact answer as PyTorch's own op in the
 same precision. ``scale`` is max|float64| for most tensors; for a sum over many terms (LayerNorm's
 dweight, dbias; attention's output and gradients) it is the largest sum of |terms|, the magnitude
-an fp32 accumulation of those terms is rounded at (PyTorch's CPU reductions are more accurate than fp32 accumulation). Outputs are allocated poisoned (NaN), so an element the kernel never writes fails.
-The command prints one row per tensor and exits non-zero on any failure.
+an fp32 accumulation of those terms is rounded at (PyTorch's CPU reductions are more accurate than
+fp32 accumulation). float32 is checked with PyTorch's float32 matmuls in TF32, the mode in which the
+kernels take float32 (on a GPU their dots then run in TF32: the atol uses TF32's eps). Outputs are
+allocated poisoned (NaN), so an element the kernel never writes fails. The command prints one row per
+tensor, skips (saying why) the cases the kernels do not take, and exits non-zero on any failure.
 """
 from __future__ import annotations
 
@@ -24,7 +27,6 @@ import torch
 
 import kernels
 from kernels import _dispatch, reference
-from kernels.ops._common import dot_precision
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -133,9 +135,10 @@ def check_op(op: str, case: str, fn, inputs: dict, seed: int = 0, scales: dict |
 
     exact_inputs = {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
                     for k, v in inputs.items()}
-    with poisoned_allocations():
-        got = _forward_backward(fn, inputs, make_grad_out, "triton")
-    lowp = _forward_backward(fn, inputs, make_grad_out, "torch")
+    with float32_in_tf32():  # the kernels take float32 in TF32 only; PyTorch runs in the same mode
+        with poisoned_allocations():
+            got = _forward_backward(fn, inputs, make_grad_out, "triton")
+        lowp = _forward_backward(fn, inputs, make_grad_out, "torch")
     exact = _forward_backward(fn, exact_inputs, make_grad_out, "torch")
     scales = scales or {}
     return [compare(op, case, name, got[name], lowp[name], exact[name], scales.get(name)) for name in got]
@@ -184,10 +187,33 @@ TF32_EPS = 2.0**-10
 
 
 def tf32_in_force(dtype: torch.dtype, device) -> bool:
-    """Whether float32 dots on ``device`` run in TF32 now: on a GPU when PyTorch's float32 matmuls
-    would (the kernels follow the same flag); never in Triton's interpreter, whose dots are exact."""
-    return (dtype == torch.float32 and torch.device(device).type == "cuda"
-            and dot_precision(dtype) == "tf32")
+    """Whether float32 dots on ``device`` run in TF32: on a GPU whenever the kernels take float32
+    (only while PyTorch's float32 matmuls use TF32 too); never in Triton's interpreter, whose
+    dots are exact."""
+    return dtype == torch.float32 and torch.device(device).type == "cuda"
+
+
+@contextlib.contextmanager
+def float32_in_tf32():
+    """PyTorch's float32 matmuls in TF32 for the block: the mode the kernels take float32 inputs in."""
+    previous = torch.backends.cuda.matmul.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = previous
+
+
+def assert_close_to_exact(got: torch.Tensor, lowp: torch.Tensor, exact: torch.Tensor, name: str = "out",
+                          scale: float | None = None) -> None:
+    """The 2x-PyTorch rule (:func:`compare`) for one tensor, in the precision in force on its device:
+    ``got`` (a kernel's), ``lowp`` (PyTorch's in the same dtype and mode) and ``exact`` (float64)."""
+    if scale is None:
+        scale = exact.abs().max().item() if exact.numel() else 0.0
+    if tf32_in_force(got.dtype, got.device):
+        scale *= TF32_EPS / torch.finfo(torch.float32).eps
+    check = compare("test", "", name, got, lowp, exact, scale)
+    assert check.passed, str(check)
 
 
 def gelu_mlp_inputs(rows, width, hidden, dtype, biases=(True, True), *, device="cpu", view=None, seed=0) -> dict:
@@ -350,7 +376,8 @@ class Case:
         tensors = inputs(*positional, **shared, device="meta")
         if self.op == "attention":
             tensors = dict(zip("qkv", _split_qkv(tensors)))
-        return _dispatch.kernel_module(self.op).why_unsupported(*tensors.values())
+        with float32_in_tf32():  # as the checks run (see check_op)
+            return _dispatch.kernel_module(self.op).why_unsupported(*tensors.values())
 
     def run(self, device) -> list[Check]:
         checks = {"layer_norm": layer_norm_checks, "gelu_mlp": gelu_mlp_checks, "attention": attention_checks}
