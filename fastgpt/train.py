@@ -146,29 +146,63 @@ def _random_matrices(n: int):
     return torch.randn(n, n, generator=gen), torch.randn(n, n, generator=gen)
 
 
-def _cpu_bf16_speedup() -> float:
-    """How much faster a bf16-autocast matmul runs than fp32 on this CPU (measured, < 1 s)."""
-    a, b = _random_matrices(512)
+# CPU feature flags that mean bf16 matrix instructions, so bf16 autocast pays: AMX-BF16 and
+# AVX512-BF16 on x86 (the ``flags`` line of /proc/cpuinfo), FEAT_BF16 (BFMMLA) on aarch64 (``Features``).
+CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16", "bf16")
 
-    def bf16():
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            a @ b
 
-    return _time(lambda: a @ b) / _time(bf16)
+def cpu_features(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> frozenset[str]:
+    """The CPU's feature flags from Linux's ``cpuinfo`` (the first ``flags`` or ``Features`` line);
+    empty on other systems or when the file cannot be read."""
+    if not sys.platform.startswith("linux"):
+        return frozenset()
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return frozenset(value.split())
+    return frozenset()
+
+
+def auto_dtype(device: torch.device) -> tuple[str, str]:
+    """What ``--dtype auto`` trains in on ``device``, and why (for the log).
+
+    On a GPU: bfloat16 where supported, else float16 (with a GradScaler). On a CPU: bfloat16 when
+    it has bf16 matrix instructions (:data:`CPU_BF16_FLAGS`), else float32. Decided from what the
+    hardware is, never from a timing, so the same command trains in the same precision every run.
+    """
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return "bfloat16", "auto: the GPU supports bfloat16"
+        return "float16", "auto: the GPU lacks bfloat16, so float16 with a GradScaler"
+    features = cpu_features()
+    flag = next((f for f in CPU_BF16_FLAGS if f in features), None)
+    if flag is None:
+        return "float32", f"auto: the CPU has none of {', '.join(CPU_BF16_FLAGS)}"
+    return "bfloat16", f"auto: the CPU has {flag}"
 
 
 def resolve_dtype(name: str, device: torch.device) -> str:
-    """The precision to train in. ``"auto"``: bf16 on GPUs that support it, else fp16 (with a
-    GradScaler); on a CPU bf16 when it measures at least 1.3x faster than fp32 here, else fp32."""
+    """The precision to train in: ``name``, checked against ``device``, or for ``"auto"``
+    :func:`auto_dtype`'s choice."""
     if name not in ("auto", "float32", "bfloat16", "float16"):
         raise ValueError(f"unknown dtype {name!r}: expected auto, float32, bfloat16 or float16")
     if device.type == "cpu" and name == "float16":
         raise ValueError("float16 autocast is not supported on the CPU: use --dtype bfloat16 or float32")
+    return auto_dtype(device)[0] if name == "auto" else name
+
+
+def _run_dtype(name: str, device: torch.device, saved: str | None) -> tuple[str, str]:
+    """The run's precision and why: as asked; for ``"auto"`` on --resume the checkpoint's
+    (``saved``), so a run does not change precision halfway; else :func:`auto_dtype`'s."""
     if name != "auto":
-        return name
-    if device.type == "cuda":
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    return "bfloat16" if _cpu_bf16_speedup() >= 1.3 else "float32"
+        return resolve_dtype(name, device), f"--dtype {name}"
+    if saved is not None:
+        return resolve_dtype(saved, device), "auto on --resume: the checkpoint's"
+    return auto_dtype(device)
 
 
 def peak_flops(device: torch.device, dtype: str) -> float:
@@ -312,8 +346,6 @@ def train(cfg: TrainConfig, model_args: dict, explicit: frozenset = frozenset())
 
 
 def _train(cfg: TrainConfig, model_args: dict, explicit: frozenset, ddp: _Distributed, device) -> dict:
-    dtype = resolve_dtype(cfg.dtype, device)
-    amp = autocast_context(device, dtype)
     out_dir = Path(cfg.out_dir)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -340,6 +372,8 @@ def _train(cfg: TrainConfig, model_args: dict, explicit: frozenset, ddp: _Distri
                              f"{saved['block_size']}")
         model_args = {**{k: saved[k] for k in MODEL_FIELDS}, "block_size": block_size,
                       "dropout": model_args["dropout"] if "dropout" in explicit else saved["dropout"]}
+    dtype, dtype_reason = _run_dtype(cfg.dtype, device, start.get("precision") if cfg.resume else None)
+    amp = autocast_context(device, dtype)
 
     # --- data ---------------------------------------------------------------------------------
     tokenizer = tokenizer_from_dict(start["tokenizer"]) if start is not None else None
@@ -378,7 +412,7 @@ def _train(cfg: TrainConfig, model_args: dict, explicit: frozenset, ddp: _Distri
     if ddp.world_size > 1:
         model = DDP(model, device_ids=[ddp.local_rank] if device.type == "cuda" else None)
     say(f"model: {raw_model.num_params() / 1e6:.2f}M parameters, {raw_model.config}; device {device}, "
-        f"precision {dtype}, kernels backend {cfg.backend}")
+        f"precision {dtype} ({dtype_reason}), kernels backend {cfg.backend}")
 
     def save(name: str) -> None:
         if not ddp.master:
@@ -387,7 +421,7 @@ def _train(cfg: TrainConfig, model_args: dict, explicit: frozenset, ddp: _Distri
             "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
             "model_config": dataclasses.asdict(raw_model.config), "train_config": dataclasses.asdict(cfg),
             "tokenizer": dataset.tokenizer.to_dict(), "step": step, "best_val_loss": best_val,
-            "rng": _rng_state(batch_gen),
+            "precision": dtype, "rng": _rng_state(batch_gen),
         })
 
     metrics_file = None

@@ -167,6 +167,61 @@ def test_two_process_ddp_equals_one_process_with_the_global_batch(tmp_path, corp
     assert not (tmp_path / "two" / "metrics.jsonl").read_text().count('"step": 4, "loss"') > 1  # rank 0 logs
 
 
+X86_CPUINFO = "processor\t: 0\nvendor_id\t: GenuineIntel\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16\n"
+ARM_CPUINFO = "processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\nCPU implementer\t: 0x41\n"
+
+
+@pytest.mark.parametrize("features, dtype, reason", [
+    ({"avx2", "avx512f", "avx512_bf16"}, "bfloat16", "auto: the CPU has avx512_bf16"),
+    ({"avx2", "amx_tile", "amx_bf16", "avx512_bf16"}, "bfloat16", "auto: the CPU has amx_bf16"),
+    ({"fp", "asimd", "bf16"}, "bfloat16", "auto: the CPU has bf16"),
+    ({"avx2", "avx512f", "fma"}, "float32", "auto: the CPU has none of amx_bf16, avx512_bf16, bf16"),
+    (set(), "float32", "auto: the CPU has none of amx_bf16, avx512_bf16, bf16"),
+])
+def test_auto_dtype_on_a_cpu_follows_its_bf16_feature_flags(monkeypatch, features, dtype, reason):
+    monkeypatch.setattr(training, "cpu_features", lambda: frozenset(features))
+    cpu = torch.device("cpu")
+    assert training.auto_dtype(cpu) == (dtype, reason)
+    assert training.resolve_dtype("auto", cpu) == dtype
+
+
+def test_cpu_features_reads_x86_flags_and_arm_features(tmp_path):
+    (tmp_path / "x86").write_text(X86_CPUINFO)
+    (tmp_path / "arm").write_text(ARM_CPUINFO)
+    assert training.cpu_features(tmp_path / "x86") == {"fpu", "sse2", "avx2", "avx512f", "avx512_bf16"}
+    assert training.cpu_features(tmp_path / "arm") == {"fp", "asimd", "sve", "bf16", "i8mm"}
+
+
+def test_cpu_features_are_empty_off_linux_or_without_a_readable_cpuinfo(tmp_path, monkeypatch):
+    (tmp_path / "x86").write_text(X86_CPUINFO)
+    (tmp_path / "no_flags").write_text("processor\t: 0\n")
+    assert training.cpu_features(tmp_path / "missing") == frozenset()
+    assert training.cpu_features(tmp_path) == frozenset()  # a directory
+    assert training.cpu_features(tmp_path / "no_flags") == frozenset()
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert training.cpu_features(tmp_path / "x86") == frozenset()
+    assert training.auto_dtype(torch.device("cpu"))[0] == "float32"
+
+
+def test_auto_dtype_gives_the_same_answer_on_every_call():
+    cpu = torch.device("cpu")
+    answers = {training.resolve_dtype("auto", cpu) for _ in range(5)}
+    has_bf16 = bool(training.cpu_features() & set(training.CPU_BF16_FLAGS))
+    assert answers == {"bfloat16" if has_bf16 else "float32"}
+
+
+def test_resume_with_dtype_auto_keeps_the_checkpoints_precision(tmp_path, corpus, capsys, monkeypatch):
+    monkeypatch.setattr(training, "cpu_features", lambda: frozenset())  # auto alone would pick float32
+    assert run_train(tmp_path, corpus, "--max_iters", "2", "--eval_interval", "2", "--dtype", "bfloat16") == 0
+    assert checkpoint.load(tmp_path / "run" / "last.pt")["precision"] == "bfloat16"
+    assert "precision bfloat16 (--dtype bfloat16)" in capsys.readouterr().err
+    assert run_train(tmp_path, corpus, "--max_iters", "4", "--eval_interval", "2", "--dtype", "auto", "--resume") == 0
+    assert "precision bfloat16 (auto on --resume: the checkpoint's)" in capsys.readouterr().err
+    assert checkpoint.load(tmp_path / "run" / "last.pt")["precision"] == "bfloat16"
+    assert run_train(tmp_path, corpus, "--max_iters", "1", "--dtype", "auto", out="fresh") == 0
+    assert "precision float32 (auto: the CPU has none of" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("args, message", [
     (["--n_embd", "30", "--n_head", "4"], "n_embd (30) must be divisible by n_head (4)"),
     (["--dtype", "float16"], "float16 autocast is not supported on the CPU"),
