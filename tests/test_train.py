@@ -5,6 +5,7 @@ Triton kernels and the references agree on the same model.
 """
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -150,21 +151,125 @@ def test_ctrl_c_saves_a_checkpoint_and_exits(tmp_path, corpus):
     assert 0 < checkpoint.load(tmp_path / "run" / "last.pt")["step"] < 100000
 
 
+def torchrun(*args, timeout=300):
+    """``python -m torch.distributed.run --nproc_per_node 2 *args`` on gloo, one thread a process."""
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           *map(str, args)], env={**_env(), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def ddp_train(tmp_path, corpus, *extra, out):
+    """Train in two processes (``TINY``, batch 4 each) into ``tmp_path / out``; returns the final weights."""
+    torchrun(ROOT / "train.py", "--dataset", corpus, "--data_dir", tmp_path / "cache", "--out_dir", tmp_path / out,
+             *TINY, *extra)
+    return checkpoint.load(tmp_path / out / "last.pt")["model"]
+
+
+def assert_same_weights(actual, expected, **tolerance):
+    assert actual.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], **(tolerance or dict(rtol=0, atol=0)), msg=name)
+
+
 def test_two_process_ddp_equals_one_process_with_the_global_batch(tmp_path, corpus):
-    base = [str(ROOT / "train.py"), "--dataset", str(corpus), "--data_dir", str(tmp_path / "cache"), *TINY,
-            "--max_iters", "4", "--eval_interval", "4"]
-    single = subprocess.run([sys.executable, *base, "--out_dir", str(tmp_path / "one"), "--batch_size", "8"],
-                            env=_env(), capture_output=True, text=True, timeout=300)
-    assert single.returncode == 0, single.stderr
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          *base, "--out_dir", str(tmp_path / "two"), "--batch_size", "4"],
-                         env={**_env(), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
-    one = checkpoint.load(tmp_path / "one" / "last.pt")["model"]
-    two = checkpoint.load(tmp_path / "two" / "last.pt")["model"]
-    for name in one:
-        torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert run_train(tmp_path, corpus, "--max_iters", "4", "--eval_interval", "4", "--batch_size", "8", out="one") == 0
+    two = ddp_train(tmp_path, corpus, "--max_iters", "4", "--eval_interval", "4", out="two")
+    assert_same_weights(two, checkpoint.load(tmp_path / "one" / "last.pt")["model"], rtol=1e-5, atol=1e-6)
     assert not (tmp_path / "two" / "metrics.jsonl").read_text().count('"step": 4, "loss"') > 1  # rank 0 logs
+
+
+RANK_DRAWS = """
+import importlib, json, random, sys
+import torch
+import torch.distributed as dist
+from fastgpt.train import seed_rank
+
+dist.init_process_group("gloo")
+seed_rank(1337, dist.get_rank())
+draws = {"dropout": (torch.nn.Dropout(0.5)(torch.ones(256)) > 0).tolist(),
+         "attention_seed": importlib.import_module("kernels.attention").draw_rng_state("cpu").tolist(),
+         "python": random.random()}
+gathered = [None] * dist.get_world_size()
+dist.all_gather_object(gathered, draws)
+if dist.get_rank() == 0:
+    open(sys.argv[1], "w").write(json.dumps(gathered))
+dist.destroy_process_group()
+"""
+
+
+def test_each_rank_draws_its_own_dropout_masks(tmp_path):
+    script, result = tmp_path / "draws.py", tmp_path / "draws.json"
+    script.write_text(RANK_DRAWS)
+    torchrun(script, result)
+    rank0, rank1 = json.loads(result.read_text())
+    for name in ("dropout", "attention_seed", "python"):
+        assert rank0[name] != rank1[name], name
+
+
+DROPOUT_RUN = ["--dropout", "0.1", "--eval_interval", "2", "--lr_decay_iters", "4"]
+
+
+@pytest.fixture(scope="module")
+def ddp_dropout_run(tmp_path_factory):
+    """A two-process run with dropout, 4 steps straight: (tmp_path, corpus, final weights)."""
+    tmp_path = tmp_path_factory.mktemp("ddp")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog.\n" * 60)
+    return tmp_path, corpus, ddp_train(tmp_path, corpus, *DROPOUT_RUN, "--max_iters", "4", out="straight")
+
+
+def test_two_process_run_with_dropout_is_reproducible(ddp_dropout_run):
+    tmp_path, corpus, straight = ddp_dropout_run
+    assert_same_weights(ddp_train(tmp_path, corpus, *DROPOUT_RUN, "--max_iters", "4", out="again"), straight)
+    assert len(checkpoint.load(tmp_path / "again" / "last.pt")["rng"]["ranks"]) == 2
+
+
+def test_two_process_resume_gives_the_weights_of_an_uninterrupted_run(ddp_dropout_run):
+    tmp_path, corpus, straight = ddp_dropout_run
+    ddp_train(tmp_path, corpus, *DROPOUT_RUN, "--max_iters", "2", out="resumed")
+    assert_same_weights(ddp_train(tmp_path, corpus, *DROPOUT_RUN, "--max_iters", "4", "--resume", out="resumed"),
+                        straight)
+
+
+def test_resume_with_another_number_of_processes_reseeds_and_says_so(ddp_dropout_run, capsys):
+    tmp_path, corpus, _ = ddp_dropout_run
+    shutil.copytree(tmp_path / "straight", tmp_path / "one")
+    assert run_train(tmp_path, corpus, *DROPOUT_RUN, "--max_iters", "6", "--resume", out="one") == 0
+    assert "the checkpoint holds the random states of 2 process(es), this run has 1" in capsys.readouterr().err
+    assert len(checkpoint.load(tmp_path / "one" / "last.pt")["rng"]["ranks"]) == 1
+
+
+def test_checkpoint_with_the_old_single_process_rng_layout_resumes_exactly(tmp_path, corpus):
+    common = ["--dropout", "0.1", "--eval_interval", "2", "--lr_decay_iters", "4"]
+    assert run_train(tmp_path, corpus, *common, "--max_iters", "4", out="straight") == 0
+    assert run_train(tmp_path, corpus, *common, "--max_iters", "2", out="old") == 0
+    last = tmp_path / "old" / "last.pt"
+    state = checkpoint.load(last)
+    rng = state["rng"]
+    state["rng"] = {**rng["ranks"][0], "batches": rng["batches"]}  # as written before per-rank states
+    del state["precision"]
+    checkpoint.save(last, state)
+    assert run_train(tmp_path, corpus, *common, "--max_iters", "4", "--resume", out="old") == 0
+    assert losses(metrics(tmp_path, "old")) == losses(metrics(tmp_path, "straight"))
+
+
+def test_ctrl_c_under_torchrun_stops_every_rank_and_saves_their_states(tmp_path, corpus):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "train.py"), "--dataset", str(corpus), "--data_dir", str(tmp_path / "cache"),
+           "--out_dir", str(tmp_path / "run"), *TINY, "--max_iters", "100000", "--eval_interval", "100000"]
+    proc = subprocess.Popen(cmd, env={**_env(), "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (tmp_path / "run" / "metrics.jsonl").exists() or len(metrics(tmp_path)) < 3:
+        assert time.time() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)  # torchrun passes it on to both ranks
+    _, err = proc.communicate(timeout=120)
+    assert "interrupted at step" in err, err[-3000:]
+    state = checkpoint.load(tmp_path / "run" / "last.pt")
+    assert 0 < state["step"] < 100000 and len(state["rng"]["ranks"]) == 2
 
 
 X86_CPUINFO = "processor\t: 0\nvendor_id\t: GenuineIntel\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16\n"
