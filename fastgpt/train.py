@@ -109,6 +109,9 @@ GPU_PEAK_FLOPS = {
     "A100": 312e12, "A10G": 70e12, "A10": 125e12, "L40S": 362e12, "L4": 121e12, "A6000": 155e12,
     "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12,
 }
+# Device names (torch.cuda.get_device_name) that hold no key of GPU_PEAK_FLOPS, or a wrong one: the
+# H100 SXM names its memory ("NVIDIA H100 80GB HBM3") and would otherwise match the PCIe card's "H100".
+GPU_NAME_ALIASES = {"H100 80GB HBM3": "H100 SXM"}
 
 
 class TrainingError(RuntimeError):
@@ -206,10 +209,18 @@ def _run_dtype(name: str, device: torch.device, saved: str | None) -> tuple[str,
     return auto_dtype(device)
 
 
+def _grad_scaler(device: torch.device, dtype: str) -> torch.amp.GradScaler:
+    """A GradScaler, enabled for float16 only: small gradients underflow float16's narrow exponent
+    range, while bfloat16 has float32's."""
+    return torch.amp.GradScaler(device.type, enabled=(dtype == "float16"))
+
+
 def peak_flops(device: torch.device, dtype: str) -> float:
     """Peak FLOP/s for MFU: a table of NVIDIA GPUs; on a CPU, measured once with a large matmul."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
+        for alias, key in GPU_NAME_ALIASES.items():
+            name = name.replace(alias, key)
         for key in sorted(GPU_PEAK_FLOPS, key=len, reverse=True):
             if key in name:
                 return GPU_PEAK_FLOPS[key] / (1 if dtype != "float32" else 16)  # fp32 without TF32
@@ -465,7 +476,7 @@ def _train(cfg: TrainConfig, model_args: dict, explicit: frozenset, ddp: _Distri
         model = GPT(_model_config(model_args, vocab_size))
     model.to(device)
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device.type)
-    scaler = torch.amp.GradScaler(device.type, enabled=(dtype == "float16"))
+    scaler = _grad_scaler(device, dtype)
     batch_gen = torch.Generator().manual_seed(cfg.seed)
     step, best_val = 0, float("inf")
     if cfg.resume:

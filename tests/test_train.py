@@ -4,6 +4,7 @@ Most runs use the PyTorch reference backend to stay fast; tests/test_model.py ch
 Triton kernels and the references agree on the same model.
 """
 import json
+import math
 import os
 import shutil
 import signal
@@ -325,6 +326,93 @@ def test_resume_with_dtype_auto_keeps_the_checkpoints_precision(tmp_path, corpus
     assert checkpoint.load(tmp_path / "run" / "last.pt")["precision"] == "bfloat16"
     assert run_train(tmp_path, corpus, "--max_iters", "1", "--dtype", "auto", out="fresh") == 0
     assert "precision float32 (auto: the CPU has none of" in capsys.readouterr().err
+
+
+# CUDA-only paths, run on the CPU with torch.cuda's answers monkeypatched.
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """torch.cuda as on a machine with CUDA GPUs; returns a log of the calls that change its state."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set_device", device)))
+    return calls
+
+
+def test_resolve_device_picks_cuda_only_where_it_is_available(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert training.resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(ValueError, match="device 'cuda' requested but no CUDA device is available"):
+        training.resolve_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert training.resolve_device("auto") == torch.device("cuda")
+    assert training.resolve_device("cuda:1") == torch.device("cuda", 1)
+    assert training.resolve_device("cpu") == torch.device("cpu")
+
+
+@pytest.mark.parametrize("bf16_supported, dtype, scaled", [(True, "bfloat16", False), (False, "float16", True)])
+def test_auto_dtype_on_a_gpu_is_bf16_where_supported_else_fp16_with_a_grad_scaler(fake_cuda, monkeypatch,
+                                                                                  bf16_supported, dtype, scaled):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: bf16_supported)
+    gpu = torch.device("cuda")
+    assert training.resolve_dtype("auto", gpu) == dtype
+    assert training.resolve_dtype("float16", gpu) == "float16"  # allowed on a GPU, unlike on the CPU
+    assert training._grad_scaler(gpu, dtype).is_enabled() == scaled
+    assert training._grad_scaler(gpu, "float16").is_enabled()
+    assert not training._grad_scaler(gpu, "float32").is_enabled()
+
+
+@pytest.mark.parametrize("name, dtype, peak", [
+    ("NVIDIA H100 80GB HBM3", "bfloat16", 989e12),   # the SXM card names its memory, not its form factor
+    ("NVIDIA H100 PCIe", "bfloat16", 756e12),
+    ("NVIDIA H100 NVL", "float16", 835e12),
+    ("NVIDIA H200", "bfloat16", 989e12),
+    ("NVIDIA A100-SXM4-80GB", "bfloat16", 312e12),
+    ("NVIDIA A10G", "bfloat16", 70e12),
+    ("NVIDIA A100-SXM4-80GB", "float32", 312e12 / 16),
+])
+def test_peak_flops_looks_up_the_gpu_by_its_device_name(monkeypatch, name, dtype, peak):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert training.peak_flops(torch.device("cuda"), dtype) == peak
+
+
+def test_peak_flops_of_an_unknown_gpu_is_nan(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some Future Accelerator")
+    assert math.isnan(training.peak_flops(torch.device("cuda"), "bfloat16"))
+
+
+@pytest.mark.parametrize("device_name, backend, device, set_device", [
+    ("auto", "nccl", torch.device("cuda", 1), True),
+    ("cuda", "nccl", torch.device("cuda", 1), True),
+    ("cpu", "gloo", torch.device("cpu"), False),
+])
+def test_setup_distributed_under_torchrun_uses_nccl_and_the_local_rank_on_cuda(fake_cuda, monkeypatch, device_name,
+                                                                              backend, device, set_device):
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setattr(training.dist, "init_process_group", lambda backend: fake_cuda.append(("init", backend)))
+    ddp, got = training._setup_distributed(device_name)
+    assert (ddp.rank, ddp.local_rank, ddp.world_size, ddp.master) == (3, 1, 4, False)
+    assert got == device
+    assert fake_cuda == [("set_device", device)] * set_device + [("init", backend)]
+
+
+def test_rng_states_of_a_cuda_rank_are_saved_and_restored_for_its_own_device(fake_cuda, monkeypatch):
+    states = {0: torch.tensor([0], dtype=torch.uint8), 1: torch.tensor([1], dtype=torch.uint8)}
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": states[torch.device(device).index])
+    monkeypatch.setattr(torch.cuda, "set_rng_state",
+                        lambda state, device="cuda": fake_cuda.append(("set", state, device)))
+    gpu1 = torch.device("cuda", 1)
+    saved = training._rng_state(gpu1)
+    assert torch.equal(saved["cuda"], states[1]) and torch.equal(saved["torch"], torch.get_rng_state())
+    training._restore_rng(saved, gpu1)
+    assert fake_cuda == [("set", states[1], gpu1)]
+    old_layout = {"torch": saved["torch"], "python": saved["python"], "batches": None, "cuda": [states[0], states[1]]}
+    assert torch.equal(training._saved_rank_states(old_layout, gpu1)[0]["cuda"], states[1])
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert torch.equal(training._saved_rank_states(old_layout, torch.device("cuda"))[0]["cuda"], states[0])
+    assert "cuda" not in training._saved_rank_states(old_layout, torch.device("cpu"))[0]
 
 
 @pytest.mark.parametrize("args, message", [
