@@ -5,10 +5,11 @@ with gradient accumulation, clipping, periodic evaluation, logging and checkpoin
 multi-node through ``torchrun`` (DistributedDataParallel: nccl on CUDA, gloo on CPU); only rank 0
 logs and saves.
 
-A run is reproducible and resumable: batches come from a ``torch.Generator`` whose state, with the
-global RNG states, the model, optimizer and scaler, is saved in every checkpoint, so ``--resume``
-computes the same losses an uninterrupted run would. Evaluation uses its own generator and does not
-disturb the training stream.
+A run is reproducible and resumable: batches come from a ``torch.Generator`` seeded alike on every
+rank, dropout from each rank's own global generators (:func:`seed_rank`); the batch generator's
+state, every rank's global RNG states, the model, optimizer, scaler and precision are saved in every
+checkpoint, so ``--resume`` computes the same losses an uninterrupted run would. Evaluation uses its
+own generator and does not disturb the training stream.
 """
 from __future__ import annotations
 
@@ -108,6 +109,9 @@ GPU_PEAK_FLOPS = {
     "A100": 312e12, "A10G": 70e12, "A10": 125e12, "L40S": 362e12, "L4": 121e12, "A6000": 155e12,
     "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12,
 }
+# Device names (torch.cuda.get_device_name) that hold no key of GPU_PEAK_FLOPS, or a wrong one: the
+# H100 SXM names its memory ("NVIDIA H100 80GB HBM3") and would otherwise match the PCIe card's "H100".
+GPU_NAME_ALIASES = {"H100 80GB HBM3": "H100 SXM"}
 
 
 class TrainingError(RuntimeError):
@@ -146,35 +150,77 @@ def _random_matrices(n: int):
     return torch.randn(n, n, generator=gen), torch.randn(n, n, generator=gen)
 
 
-def _cpu_bf16_speedup() -> float:
-    """How much faster a bf16-autocast matmul runs than fp32 on this CPU (measured, < 1 s)."""
-    a, b = _random_matrices(512)
+# CPU feature flags that mean bf16 matrix instructions, so bf16 autocast pays: AMX-BF16 and
+# AVX512-BF16 on x86 (the ``flags`` line of /proc/cpuinfo), FEAT_BF16 (BFMMLA) on aarch64 (``Features``).
+CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16", "bf16")
 
-    def bf16():
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            a @ b
 
-    return _time(lambda: a @ b) / _time(bf16)
+def cpu_features(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> frozenset[str]:
+    """The CPU's feature flags from Linux's ``cpuinfo`` (the first ``flags`` or ``Features`` line);
+    empty on other systems or when the file cannot be read."""
+    if not sys.platform.startswith("linux"):
+        return frozenset()
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return frozenset(value.split())
+    return frozenset()
+
+
+def auto_dtype(device: torch.device) -> tuple[str, str]:
+    """What ``--dtype auto`` trains in on ``device``, and why (for the log).
+
+    On a GPU: bfloat16 where supported, else float16 (with a GradScaler). On a CPU: bfloat16 when
+    it has bf16 matrix instructions (:data:`CPU_BF16_FLAGS`), else float32. Decided from what the
+    hardware is, never from a timing, so the same command trains in the same precision every run.
+    """
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return "bfloat16", "auto: the GPU supports bfloat16"
+        return "float16", "auto: the GPU lacks bfloat16, so float16 with a GradScaler"
+    features = cpu_features()
+    flag = next((f for f in CPU_BF16_FLAGS if f in features), None)
+    if flag is None:
+        return "float32", f"auto: the CPU has none of {', '.join(CPU_BF16_FLAGS)}"
+    return "bfloat16", f"auto: the CPU has {flag}"
 
 
 def resolve_dtype(name: str, device: torch.device) -> str:
-    """The precision to train in. ``"auto"``: bf16 on GPUs that support it, else fp16 (with a
-    GradScaler); on a CPU bf16 when it measures at least 1.3x faster than fp32 here, else fp32."""
+    """The precision to train in: ``name``, checked against ``device``, or for ``"auto"``
+    :func:`auto_dtype`'s choice."""
     if name not in ("auto", "float32", "bfloat16", "float16"):
         raise ValueError(f"unknown dtype {name!r}: expected auto, float32, bfloat16 or float16")
     if device.type == "cpu" and name == "float16":
         raise ValueError("float16 autocast is not supported on the CPU: use --dtype bfloat16 or float32")
+    return auto_dtype(device)[0] if name == "auto" else name
+
+
+def _run_dtype(name: str, device: torch.device, saved: str | None) -> tuple[str, str]:
+    """The run's precision and why: as asked; for ``"auto"`` on --resume the checkpoint's
+    (``saved``), so a run does not change precision halfway; else :func:`auto_dtype`'s."""
     if name != "auto":
-        return name
-    if device.type == "cuda":
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    return "bfloat16" if _cpu_bf16_speedup() >= 1.3 else "float32"
+        return resolve_dtype(name, device), f"--dtype {name}"
+    if saved is not None:
+        return resolve_dtype(saved, device), "auto on --resume: the checkpoint's"
+    return auto_dtype(device)
+
+
+def _grad_scaler(device: torch.device, dtype: str) -> torch.amp.GradScaler:
+    """A GradScaler, enabled for float16 only: small gradients underflow float16's narrow exponent
+    range, while bfloat16 has float32's."""
+    return torch.amp.GradScaler(device.type, enabled=(dtype == "float16"))
 
 
 def peak_flops(device: torch.device, dtype: str) -> float:
     """Peak FLOP/s for MFU: a table of NVIDIA GPUs; on a CPU, measured once with a large matmul."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
+        for alias, key in GPU_NAME_ALIASES.items():
+            name = name.replace(alias, key)
         for key in sorted(GPU_PEAK_FLOPS, key=len, reverse=True):
             if key in name:
                 return GPU_PEAK_FLOPS[key] / (1 if dtype != "float32" else 16)  # fp32 without TF32
@@ -280,19 +326,90 @@ def _setup_distributed(device_name: str) -> tuple[_Distributed, torch.device]:
     return ddp, device
 
 
-def _rng_state(batch_gen: torch.Generator) -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "batches": batch_gen.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+def seed_rank(seed: int, rank: int) -> None:
+    """Seed this process's global generators (torch's CPU and CUDA ones, Python's ``random``) with
+    ``seed + rank``, as nanoGPT does.
+
+    Each DDP rank then draws its own dropout masks (``nn.Dropout`` and the attention kernel's
+    dropout seed come from torch's generator), so the noise is independent across the global batch;
+    the initial weights still agree, as DDP broadcasts rank 0's at construction. The batch generator
+    is seeded apart, from ``seed`` alone, because every rank draws the same global batch.
+    """
+    torch.manual_seed(seed + rank)
+    random.seed(seed + rank)
+
+
+def _rng_state(device: torch.device) -> dict:
+    """This process's global RNG states: torch's CPU generator, Python's, and its CUDA device's."""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def _restore_rng(state: dict, batch_gen: torch.Generator) -> None:
+def _restore_rng(state: dict, device: torch.device) -> None:
+    """Set this process's global generators to ``state`` (from :func:`_rng_state`)."""
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    batch_gen.set_state(state["batches"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _gather_rng_states(ddp: _Distributed, device: torch.device) -> list[dict] | None:
+    """Every rank's :func:`_rng_state` in rank order on rank 0, None on the others. A collective:
+    with several ranks, every one must call it."""
+    state = _rng_state(device)
+    if ddp.world_size == 1:
+        return [state]
+    states = [None] * ddp.world_size if ddp.master else None
+    dist.gather_object(state, states, dst=0)
+    return states
+
+
+def _saved_rank_states(rng: dict, device: torch.device) -> list[dict]:
+    """The per-rank RNG states of a checkpoint's ``rng``. A checkpoint from before they were saved
+    per rank holds one process's states, with the CUDA states of all devices: it reads as one rank."""
+    if "ranks" in rng:
+        return rng["ranks"]
+    state = {"torch": rng["torch"], "python": rng["python"]}
+    if "cuda" in rng and device.type == "cuda":
+        state["cuda"] = rng["cuda"][torch.cuda.current_device() if device.index is None else device.index]
+    return [state]
+
+
+def _resume_rng(rng: dict, ddp: _Distributed, device: torch.device, seed: int, step: int, say) -> None:
+    """Restore this rank's RNG states from a checkpoint's ``rng``.
+
+    With another number of ranks than the checkpoint was saved by there is no state for each rank:
+    every rank is reseeded from ``seed``, its rank and ``step`` (reproducible, and distinct from the
+    seeds of this run's other ranks), and ``say`` tells so.
+    """
+    states = _saved_rank_states(rng, device)
+    if len(states) == ddp.world_size:
+        _restore_rng(states[ddp.rank], device)
+        return
+    say(f"note: the checkpoint holds the random states of {len(states)} process(es), this run has "
+        f"{ddp.world_size}: dropout is reseeded from seed {seed}, the rank and step {step}, so it "
+        "differs from an uninterrupted run")
+    seed_rank(seed + step * ddp.world_size, ddp.rank)
+
+
+def _any_rank(ddp: _Distributed, flag: bool, device: torch.device) -> bool:
+    """Whether ``flag`` holds on any rank. A collective: with several ranks, every one must call it."""
+    if ddp.world_size == 1:
+        return flag
+    votes = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(votes, op=dist.ReduceOp.MAX)
+    return bool(votes.item())
+
+
+def _from_rank0(ddp: _Distributed, obj):
+    """Rank 0's ``obj`` on every rank. A collective: with several ranks, every one must call it."""
+    if ddp.world_size == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _model_config(model_args: dict, vocab_size: int) -> GPTConfig:
@@ -312,11 +429,8 @@ def train(cfg: TrainConfig, model_args: dict, explicit: frozenset = frozenset())
 
 
 def _train(cfg: TrainConfig, model_args: dict, explicit: frozenset, ddp: _Distributed, device) -> dict:
-    dtype = resolve_dtype(cfg.dtype, device)
-    amp = autocast_context(device, dtype)
     out_dir = Path(cfg.out_dir)
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
+    seed_rank(cfg.seed, ddp.rank)
     progress = Progress(cfg.max_iters)
     say = progress.message if ddp.master else (lambda text: None)
 
@@ -340,6 +454,8 @@ def _train(cfg: TrainConfig, model_args: dict, explicit: frozenset, ddp: _Distri
                              f"{saved['block_size']}")
         model_args = {**{k: saved[k] for k in MODEL_FIELDS}, "block_size": block_size,
                       "dropout": model_args["dropout"] if "dropout" in explicit else saved["dropout"]}
+    dtype, dtype_reason = _run_dtype(cfg.dtype, device, start.get("precision") if cfg.resume else None)
+    amp = autocast_context(device, dtype)
 
     # --- data ---------------------------------------------------------------------------------
     tokenizer = tokenizer_from_dict(start["tokenizer"]) if start is not None else None
@@ -360,14 +476,15 @@ def _train(cfg: TrainConfig, model_args: dict, explicit: frozenset, ddp: _Distri
         model = GPT(_model_config(model_args, vocab_size))
     model.to(device)
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device.type)
-    scaler = torch.amp.GradScaler(device.type, enabled=(dtype == "float16"))
+    scaler = _grad_scaler(device, dtype)
     batch_gen = torch.Generator().manual_seed(cfg.seed)
     step, best_val = 0, float("inf")
     if cfg.resume:
         optimizer.load_state_dict(start["optimizer"])
         scaler.load_state_dict(start["scaler"])
         step, best_val = start["step"], start["best_val_loss"]
-        _restore_rng(start["rng"], batch_gen)
+        batch_gen.set_state(start["rng"]["batches"])
+        _resume_rng(start["rng"], ddp, device, cfg.seed, step, say)
         say(f"resumed from {out_dir / 'last.pt'} at step {step}")
     elif cfg.init_from:
         say(f"initialised from {cfg.init_from} (step {start['step']} of its run)")
@@ -378,16 +495,18 @@ def _train(cfg: TrainConfig, model_args: dict, explicit: frozenset, ddp: _Distri
     if ddp.world_size > 1:
         model = DDP(model, device_ids=[ddp.local_rank] if device.type == "cuda" else None)
     say(f"model: {raw_model.num_params() / 1e6:.2f}M parameters, {raw_model.config}; device {device}, "
-        f"precision {dtype}, kernels backend {cfg.backend}")
+        f"precision {dtype} ({dtype_reason}), kernels backend {cfg.backend}")
 
     def save(name: str) -> None:
+        """Every rank calls it: each one's RNG states go into the checkpoint, which rank 0 writes."""
+        rank_states = _gather_rng_states(ddp, device)
         if not ddp.master:
             return
         checkpoint.save(out_dir / name, {
             "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
             "model_config": dataclasses.asdict(raw_model.config), "train_config": dataclasses.asdict(cfg),
             "tokenizer": dataset.tokenizer.to_dict(), "step": step, "best_val_loss": best_val,
-            "rng": _rng_state(batch_gen),
+            "precision": dtype, "rng": {"batches": batch_gen.get_state(), "ranks": rank_states},
         })
 
     metrics_file = None
@@ -402,7 +521,8 @@ def _train(cfg: TrainConfig, model_args: dict, explicit: frozenset, ddp: _Distri
 
     def run_eval() -> dict:
         nonlocal best_val
-        result = evaluate(model, dataset, cfg, block_size, device, amp)
+        # Rank 0's numbers on every rank: whether to save best.pt must be decided alike everywhere.
+        result = _from_rank0(ddp, evaluate(model, dataset, cfg, block_size, device, amp))
         log({"step": step, **result})
         say(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
         if result["val_loss"] < best_val:
@@ -419,7 +539,7 @@ def _train(cfg: TrainConfig, model_args: dict, explicit: frozenset, ddp: _Distri
             raise KeyboardInterrupt
         interrupted = True
 
-    previous_handler = signal.signal(signal.SIGINT, on_sigint) if ddp.master else None
+    previous_handler = signal.signal(signal.SIGINT, on_sigint)
     tokens_per_step = cfg.batch_size * block_size * cfg.gradient_accumulation_steps * ddp.world_size
     peak = peak_flops(device, dtype)
     result: dict = {}
@@ -428,7 +548,8 @@ def _train(cfg: TrainConfig, model_args: dict, explicit: frozenset, ddp: _Distri
             return run_eval()
         model.train()
         interval_time, interval_steps = 0.0, 0  # training time only: evaluation is not counted
-        while step < cfg.max_iters and not interrupted:
+        stopping = False  # Ctrl-C on any rank: all stop after the same step, since saving is a collective
+        while step < cfg.max_iters and not stopping:
             if step % cfg.eval_interval == 0:
                 result = run_eval()
             t0 = time.perf_counter()
@@ -470,7 +591,8 @@ def _train(cfg: TrainConfig, model_args: dict, explicit: frozenset, ddp: _Distri
                 log({"step": step, "loss": loss_sum, "lr": lr, "tokens_per_s": tokens_per_s, "mfu": mfu})
             if step % cfg.eval_interval == 0:
                 save("last.pt")
-        if interrupted:
+            stopping = _any_rank(ddp, interrupted, device)
+        if stopping:
             say(f"interrupted at step {step}: saving {out_dir / 'last.pt'}")
             save("last.pt")
             return {**result, "interrupted": True}
@@ -480,7 +602,7 @@ def _train(cfg: TrainConfig, model_args: dict, explicit: frozenset, ddp: _Distri
             say("sample:\n" + sample_text(raw_model, dataset.tokenizer, cfg.sample_tokens, device))
         return result
     finally:
-        if previous_handler is not None:
+        if previous_handler is not None:  # None: the handler was not set from Python
             signal.signal(signal.SIGINT, previous_handler)
         if metrics_file is not None:
             metrics_file.close()

@@ -4,7 +4,9 @@ Most runs use the PyTorch reference backend to stay fast; tests/test_model.py ch
 Triton kernels and the references agree on the same model.
 """
 import json
+import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -150,21 +152,267 @@ def test_ctrl_c_saves_a_checkpoint_and_exits(tmp_path, corpus):
     assert 0 < checkpoint.load(tmp_path / "run" / "last.pt")["step"] < 100000
 
 
+def torchrun(*args, timeout=300):
+    """``python -m torch.distributed.run --nproc_per_node 2 *args`` on gloo, one thread a process."""
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           *map(str, args)], env={**_env(), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def ddp_train(tmp_path, corpus, *extra, out):
+    """Train in two processes (``TINY``, batch 4 each) into ``tmp_path / out``; returns the final weights."""
+    torchrun(ROOT / "train.py", "--dataset", corpus, "--data_dir", tmp_path / "cache", "--out_dir", tmp_path / out,
+             *TINY, *extra)
+    return checkpoint.load(tmp_path / out / "last.pt")["model"]
+
+
+def assert_same_weights(actual, expected, **tolerance):
+    assert actual.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], **(tolerance or dict(rtol=0, atol=0)), msg=name)
+
+
 def test_two_process_ddp_equals_one_process_with_the_global_batch(tmp_path, corpus):
-    base = [str(ROOT / "train.py"), "--dataset", str(corpus), "--data_dir", str(tmp_path / "cache"), *TINY,
-            "--max_iters", "4", "--eval_interval", "4"]
-    single = subprocess.run([sys.executable, *base, "--out_dir", str(tmp_path / "one"), "--batch_size", "8"],
-                            env=_env(), capture_output=True, text=True, timeout=300)
-    assert single.returncode == 0, single.stderr
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          *base, "--out_dir", str(tmp_path / "two"), "--batch_size", "4"],
-                         env={**_env(), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
-    one = checkpoint.load(tmp_path / "one" / "last.pt")["model"]
-    two = checkpoint.load(tmp_path / "two" / "last.pt")["model"]
-    for name in one:
-        torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert run_train(tmp_path, corpus, "--max_iters", "4", "--eval_interval", "4", "--batch_size", "8", out="one") == 0
+    two = ddp_train(tmp_path, corpus, "--max_iters", "4", "--eval_interval", "4", out="two")
+    assert_same_weights(two, checkpoint.load(tmp_path / "one" / "last.pt")["model"], rtol=1e-5, atol=1e-6)
     assert not (tmp_path / "two" / "metrics.jsonl").read_text().count('"step": 4, "loss"') > 1  # rank 0 logs
+
+
+RANK_DRAWS = """
+import importlib, json, random, sys
+import torch
+import torch.distributed as dist
+from fastgpt.train import seed_rank
+
+dist.init_process_group("gloo")
+seed_rank(1337, dist.get_rank())
+draws = {"dropout": (torch.nn.Dropout(0.5)(torch.ones(256)) > 0).tolist(),
+         "attention_seed": importlib.import_module("kernels.attention").draw_rng_state("cpu").tolist(),
+         "python": random.random()}
+gathered = [None] * dist.get_world_size()
+dist.all_gather_object(gathered, draws)
+if dist.get_rank() == 0:
+    open(sys.argv[1], "w").write(json.dumps(gathered))
+dist.destroy_process_group()
+"""
+
+
+def test_each_rank_draws_its_own_dropout_masks(tmp_path):
+    script, result = tmp_path / "draws.py", tmp_path / "draws.json"
+    script.write_text(RANK_DRAWS)
+    torchrun(script, result)
+    rank0, rank1 = json.loads(result.read_text())
+    for name in ("dropout", "attention_seed", "python"):
+        assert rank0[name] != rank1[name], name
+
+
+DROPOUT_RUN = ["--dropout", "0.1", "--eval_interval", "2", "--lr_decay_iters", "4"]
+
+
+@pytest.fixture(scope="module")
+def ddp_dropout_run(tmp_path_factory):
+    """A two-process run with dropout, 4 steps straight: (tmp_path, corpus, final weights)."""
+    tmp_path = tmp_path_factory.mktemp("ddp")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog.\n" * 60)
+    return tmp_path, corpus, ddp_train(tmp_path, corpus, *DROPOUT_RUN, "--max_iters", "4", out="straight")
+
+
+def test_two_process_run_with_dropout_is_reproducible(ddp_dropout_run):
+    tmp_path, corpus, straight = ddp_dropout_run
+    assert_same_weights(ddp_train(tmp_path, corpus, *DROPOUT_RUN, "--max_iters", "4", out="again"), straight)
+    assert len(checkpoint.load(tmp_path / "again" / "last.pt")["rng"]["ranks"]) == 2
+
+
+def test_two_process_resume_gives_the_weights_of_an_uninterrupted_run(ddp_dropout_run):
+    tmp_path, corpus, straight = ddp_dropout_run
+    ddp_train(tmp_path, corpus, *DROPOUT_RUN, "--max_iters", "2", out="resumed")
+    assert_same_weights(ddp_train(tmp_path, corpus, *DROPOUT_RUN, "--max_iters", "4", "--resume", out="resumed"),
+                        straight)
+
+
+def test_resume_with_another_number_of_processes_reseeds_and_says_so(ddp_dropout_run, capsys):
+    tmp_path, corpus, _ = ddp_dropout_run
+    shutil.copytree(tmp_path / "straight", tmp_path / "one")
+    assert run_train(tmp_path, corpus, *DROPOUT_RUN, "--max_iters", "6", "--resume", out="one") == 0
+    assert "the checkpoint holds the random states of 2 process(es), this run has 1" in capsys.readouterr().err
+    assert len(checkpoint.load(tmp_path / "one" / "last.pt")["rng"]["ranks"]) == 1
+
+
+def test_checkpoint_with_the_old_single_process_rng_layout_resumes_exactly(tmp_path, corpus):
+    common = ["--dropout", "0.1", "--eval_interval", "2", "--lr_decay_iters", "4"]
+    assert run_train(tmp_path, corpus, *common, "--max_iters", "4", out="straight") == 0
+    assert run_train(tmp_path, corpus, *common, "--max_iters", "2", out="old") == 0
+    last = tmp_path / "old" / "last.pt"
+    state = checkpoint.load(last)
+    rng = state["rng"]
+    state["rng"] = {**rng["ranks"][0], "batches": rng["batches"]}  # as written before per-rank states
+    del state["precision"]
+    checkpoint.save(last, state)
+    assert run_train(tmp_path, corpus, *common, "--max_iters", "4", "--resume", out="old") == 0
+    assert losses(metrics(tmp_path, "old")) == losses(metrics(tmp_path, "straight"))
+
+
+def test_ctrl_c_under_torchrun_stops_every_rank_and_saves_their_states(tmp_path, corpus):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "train.py"), "--dataset", str(corpus), "--data_dir", str(tmp_path / "cache"),
+           "--out_dir", str(tmp_path / "run"), *TINY, "--max_iters", "100000", "--eval_interval", "100000"]
+    proc = subprocess.Popen(cmd, env={**_env(), "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (tmp_path / "run" / "metrics.jsonl").exists() or len(metrics(tmp_path)) < 3:
+        assert time.time() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)  # torchrun passes it on to both ranks
+    _, err = proc.communicate(timeout=120)
+    assert "interrupted at step" in err, err[-3000:]
+    state = checkpoint.load(tmp_path / "run" / "last.pt")
+    assert 0 < state["step"] < 100000 and len(state["rng"]["ranks"]) == 2
+
+
+X86_CPUINFO = "processor\t: 0\nvendor_id\t: GenuineIntel\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16\n"
+ARM_CPUINFO = "processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\nCPU implementer\t: 0x41\n"
+
+
+@pytest.mark.parametrize("features, dtype, reason", [
+    ({"avx2", "avx512f", "avx512_bf16"}, "bfloat16", "auto: the CPU has avx512_bf16"),
+    ({"avx2", "amx_tile", "amx_bf16", "avx512_bf16"}, "bfloat16", "auto: the CPU has amx_bf16"),
+    ({"fp", "asimd", "bf16"}, "bfloat16", "auto: the CPU has bf16"),
+    ({"avx2", "avx512f", "fma"}, "float32", "auto: the CPU has none of amx_bf16, avx512_bf16, bf16"),
+    (set(), "float32", "auto: the CPU has none of amx_bf16, avx512_bf16, bf16"),
+])
+def test_auto_dtype_on_a_cpu_follows_its_bf16_feature_flags(monkeypatch, features, dtype, reason):
+    monkeypatch.setattr(training, "cpu_features", lambda: frozenset(features))
+    cpu = torch.device("cpu")
+    assert training.auto_dtype(cpu) == (dtype, reason)
+    assert training.resolve_dtype("auto", cpu) == dtype
+
+
+def test_cpu_features_reads_x86_flags_and_arm_features(tmp_path):
+    (tmp_path / "x86").write_text(X86_CPUINFO)
+    (tmp_path / "arm").write_text(ARM_CPUINFO)
+    assert training.cpu_features(tmp_path / "x86") == {"fpu", "sse2", "avx2", "avx512f", "avx512_bf16"}
+    assert training.cpu_features(tmp_path / "arm") == {"fp", "asimd", "sve", "bf16", "i8mm"}
+
+
+def test_cpu_features_are_empty_off_linux_or_without_a_readable_cpuinfo(tmp_path, monkeypatch):
+    (tmp_path / "x86").write_text(X86_CPUINFO)
+    (tmp_path / "no_flags").write_text("processor\t: 0\n")
+    assert training.cpu_features(tmp_path / "missing") == frozenset()
+    assert training.cpu_features(tmp_path) == frozenset()  # a directory
+    assert training.cpu_features(tmp_path / "no_flags") == frozenset()
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert training.cpu_features(tmp_path / "x86") == frozenset()
+    assert training.auto_dtype(torch.device("cpu"))[0] == "float32"
+
+
+def test_auto_dtype_gives_the_same_answer_on_every_call():
+    cpu = torch.device("cpu")
+    answers = {training.resolve_dtype("auto", cpu) for _ in range(5)}
+    has_bf16 = bool(training.cpu_features() & set(training.CPU_BF16_FLAGS))
+    assert answers == {"bfloat16" if has_bf16 else "float32"}
+
+
+def test_resume_with_dtype_auto_keeps_the_checkpoints_precision(tmp_path, corpus, capsys, monkeypatch):
+    monkeypatch.setattr(training, "cpu_features", lambda: frozenset())  # auto alone would pick float32
+    assert run_train(tmp_path, corpus, "--max_iters", "2", "--eval_interval", "2", "--dtype", "bfloat16") == 0
+    assert checkpoint.load(tmp_path / "run" / "last.pt")["precision"] == "bfloat16"
+    assert "precision bfloat16 (--dtype bfloat16)" in capsys.readouterr().err
+    assert run_train(tmp_path, corpus, "--max_iters", "4", "--eval_interval", "2", "--dtype", "auto", "--resume") == 0
+    assert "precision bfloat16 (auto on --resume: the checkpoint's)" in capsys.readouterr().err
+    assert checkpoint.load(tmp_path / "run" / "last.pt")["precision"] == "bfloat16"
+    assert run_train(tmp_path, corpus, "--max_iters", "1", "--dtype", "auto", out="fresh") == 0
+    assert "precision float32 (auto: the CPU has none of" in capsys.readouterr().err
+
+
+# CUDA-only paths, run on the CPU with torch.cuda's answers monkeypatched.
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """torch.cuda as on a machine with CUDA GPUs; returns a log of the calls that change its state."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set_device", device)))
+    return calls
+
+
+def test_resolve_device_picks_cuda_only_where_it_is_available(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert training.resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(ValueError, match="device 'cuda' requested but no CUDA device is available"):
+        training.resolve_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert training.resolve_device("auto") == torch.device("cuda")
+    assert training.resolve_device("cuda:1") == torch.device("cuda", 1)
+    assert training.resolve_device("cpu") == torch.device("cpu")
+
+
+@pytest.mark.parametrize("bf16_supported, dtype, scaled", [(True, "bfloat16", False), (False, "float16", True)])
+def test_auto_dtype_on_a_gpu_is_bf16_where_supported_else_fp16_with_a_grad_scaler(fake_cuda, monkeypatch,
+                                                                                  bf16_supported, dtype, scaled):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: bf16_supported)
+    gpu = torch.device("cuda")
+    assert training.resolve_dtype("auto", gpu) == dtype
+    assert training.resolve_dtype("float16", gpu) == "float16"  # allowed on a GPU, unlike on the CPU
+    assert training._grad_scaler(gpu, dtype).is_enabled() == scaled
+    assert training._grad_scaler(gpu, "float16").is_enabled()
+    assert not training._grad_scaler(gpu, "float32").is_enabled()
+
+
+@pytest.mark.parametrize("name, dtype, peak", [
+    ("NVIDIA H100 80GB HBM3", "bfloat16", 989e12),   # the SXM card names its memory, not its form factor
+    ("NVIDIA H100 PCIe", "bfloat16", 756e12),
+    ("NVIDIA H100 NVL", "float16", 835e12),
+    ("NVIDIA H200", "bfloat16", 989e12),
+    ("NVIDIA A100-SXM4-80GB", "bfloat16", 312e12),
+    ("NVIDIA A10G", "bfloat16", 70e12),
+    ("NVIDIA A100-SXM4-80GB", "float32", 312e12 / 16),
+])
+def test_peak_flops_looks_up_the_gpu_by_its_device_name(monkeypatch, name, dtype, peak):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert training.peak_flops(torch.device("cuda"), dtype) == peak
+
+
+def test_peak_flops_of_an_unknown_gpu_is_nan(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some Future Accelerator")
+    assert math.isnan(training.peak_flops(torch.device("cuda"), "bfloat16"))
+
+
+@pytest.mark.parametrize("device_name, backend, device, set_device", [
+    ("auto", "nccl", torch.device("cuda", 1), True),
+    ("cuda", "nccl", torch.device("cuda", 1), True),
+    ("cpu", "gloo", torch.device("cpu"), False),
+])
+def test_setup_distributed_under_torchrun_uses_nccl_and_the_local_rank_on_cuda(fake_cuda, monkeypatch, device_name,
+                                                                              backend, device, set_device):
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setattr(training.dist, "init_process_group", lambda backend: fake_cuda.append(("init", backend)))
+    ddp, got = training._setup_distributed(device_name)
+    assert (ddp.rank, ddp.local_rank, ddp.world_size, ddp.master) == (3, 1, 4, False)
+    assert got == device
+    assert fake_cuda == [("set_device", device)] * set_device + [("init", backend)]
+
+
+def test_rng_states_of_a_cuda_rank_are_saved_and_restored_for_its_own_device(fake_cuda, monkeypatch):
+    states = {0: torch.tensor([0], dtype=torch.uint8), 1: torch.tensor([1], dtype=torch.uint8)}
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": states[torch.device(device).index])
+    monkeypatch.setattr(torch.cuda, "set_rng_state",
+                        lambda state, device="cuda": fake_cuda.append(("set", state, device)))
+    gpu1 = torch.device("cuda", 1)
+    saved = training._rng_state(gpu1)
+    assert torch.equal(saved["cuda"], states[1]) and torch.equal(saved["torch"], torch.get_rng_state())
+    training._restore_rng(saved, gpu1)
+    assert fake_cuda == [("set", states[1], gpu1)]
+    old_layout = {"torch": saved["torch"], "python": saved["python"], "batches": None, "cuda": [states[0], states[1]]}
+    assert torch.equal(training._saved_rank_states(old_layout, gpu1)[0]["cuda"], states[1])
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert torch.equal(training._saved_rank_states(old_layout, torch.device("cuda"))[0]["cuda"], states[0])
+    assert "cuda" not in training._saved_rank_states(old_layout, torch.device("cpu"))[0]
 
 
 @pytest.mark.parametrize("args, message", [
