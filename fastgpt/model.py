@@ -121,7 +121,7 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """GPT-2: ``logits, loss = model(idx, targets)``; :meth:`generate` samples continuations."""
+    """GPT-2: ``logits, loss = model(idx, targets)`` (logits None unless asked for); :meth:`generate` samples."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -152,17 +152,21 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        """Logits for the next token, and the mean cross-entropy loss when ``targets`` are given.
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, return_logits: bool = False):
+        """The next-token logits, or the mean cross-entropy loss when ``targets`` are given.
 
         Args:
             idx: (B, T) int64 token ids in [0, vocab_size), 1 <= T <= block_size.
             targets: (B, T) int64 next-token ids, or None (default). Positions whose target is -1 are
                 left out of the loss (if every target is -1 the loss is NaN).
+            return_logits: with targets, also return the (B, T, V) logits (default False).
 
         Returns:
-            ``(logits, loss)``: with targets, logits (B, T, V) and a scalar loss; without, logits for
-            the last position only, (B, 1, V), and None (all that sampling needs).
+            ``(logits, loss)``. Without targets: logits for the last position only, (B, 1, V), and
+            None (all that sampling needs). With targets: ``(None, loss)``, the loss a scalar from
+            :func:`kernels.linear_cross_entropy` on the tied lm_head weight, which never holds the
+            (B, T, V) logits; with ``return_logits``, ``(logits, loss)``, logits (B, T, V) from the
+            lm_head and the same loss computed from them.
         """
         B, T = _check_tokens("idx", idx, self.config.block_size)
         if targets is not None:
@@ -178,9 +182,10 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)  # (B, T, C)
         if targets is None:
             return self.lm_head(x[:, [-1], :]), None  # (B, 1, V)
-        logits = self.lm_head(x)  # (B, T, V)
-        loss = F.cross_entropy(logits.flatten(0, 1), targets.reshape(-1), ignore_index=-1)
-        return logits, loss
+        if return_logits:
+            logits = self.lm_head(x)  # (B, T, V)
+            return logits, F.cross_entropy(logits.flatten(0, 1).float(), targets.reshape(-1), ignore_index=-1)
+        return None, kernels.linear_cross_entropy(x, self.lm_head.weight, targets, ignore_index=-1)  # scalar
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,

@@ -14,7 +14,7 @@ from . import _checks, _dispatch, reference
 from ._dispatch import BACKENDS, KernelUnavailableError, get_backend, set_backend, use_backend
 from ._tuning import use_configs
 
-__all__ = ["layer_norm", "attention", "gelu_mlp", "BACKENDS", "get_backend", "set_backend", "use_backend",
+__all__ = ["layer_norm", "attention", "gelu_mlp", "linear_cross_entropy", "BACKENDS", "get_backend", "set_backend", "use_backend",
            "use_configs", "KernelUnavailableError"]
 
 
@@ -141,3 +141,52 @@ def gelu_mlp(x: torch.Tensor, fc_weight: torch.Tensor, fc_bias: torch.Tensor | N
     if _dispatch.use_kernel("gelu_mlp", x, fc_weight, fc_bias, proj_weight, proj_bias):
         return _dispatch.kernel_module("gelu_mlp").gelu_mlp(x, fc_weight, fc_bias, proj_weight, proj_bias)
     return reference.gelu_mlp(x, fc_weight, fc_bias, proj_weight, proj_bias)
+
+
+def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bias: torch.Tensor | None = None,
+                         ignore_index: int = -100, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of the logits ``x @ weight^T + bias`` against ``targets``, never holding all the logits.
+
+    The same function as ``F.cross_entropy(F.linear(x, weight, bias).float(), targets,
+    ignore_index=ignore_index, reduction=reduction)``, the logits accumulated in float32, computed a
+    chunk of rows at a time (at most ``kernels.reference.MAX_CHUNK_LOGITS`` logits exist at once)
+    by the Triton kernels (:mod:`kernels.ops.linear_cross_entropy`) or, as the fallback, by PyTorch.
+    Gradients flow to x, weight and bias.
+
+    Args:
+        x: (..., C) float16, bfloat16 or float32; any leading dimensions, any strides.
+        weight: (V, C), ``nn.Linear`` / embedding layout (GPT-2 ties it to the token embedding).
+        targets: (...) int64 class indices in [0, V), x's leading shape, or ``ignore_index``.
+            On CPU tensors an index outside [0, V) raises ValueError naming it; on a GPU it is not
+            checked (that would synchronise): the kernels give it a NaN loss.
+        bias: (V,) or None (default).
+        ignore_index: targets equal to it are left out of the loss and of ``"mean"``'s count
+            (default -100, as PyTorch). With every target ignored, "mean" is NaN (as in PyTorch)
+            and the gradients are 0.
+        reduction: ``"mean"`` (default) over the targets that are not ignored, ``"sum"``, or
+            ``"none"`` for the loss of every position.
+
+    Returns:
+        A float32 scalar, or with ``"none"`` a float32 tensor of targets' shape (float64 for
+        float64 inputs). Under autocast x, weight and bias are cast as ``F.linear`` casts them.
+    """
+    _checks.tensor("x", x)
+    _checks.tensor("weight", weight)
+    _checks.tensor("bias", bias, optional=True)
+    if x.dim() == 0:
+        raise ValueError("x must have at least one dimension (..., C), got a 0-d tensor")
+    if weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
+        raise ValueError(f"weight must have shape (V, C) with C = x.shape[-1] = {x.shape[-1]}, got {tuple(weight.shape)}")
+    _checks.shape("bias", bias, (weight.shape[0],))
+    _checks.class_targets("targets", targets, x.shape[:-1], x.device, weight.shape[0], ignore_index)
+    if reduction not in reference.REDUCTIONS:
+        raise ValueError(f"reduction must be one of {', '.join(map(repr, reference.REDUCTIONS))}, got {reduction!r}")
+    x, weight, bias = _autocast(None, x, weight, bias)
+    _checks.same_device_and_dtype(x=x, weight=weight, bias=bias)
+    rows, flat_targets = x.reshape(-1, x.shape[-1]), targets.reshape(-1)
+    if _dispatch.use_kernel("linear_cross_entropy", rows, weight, bias, flat_targets):
+        loss = _dispatch.kernel_module("linear_cross_entropy").linear_cross_entropy(
+            rows, weight, bias, flat_targets, int(ignore_index), reduction)
+    else:
+        loss = reference.linear_cross_entropy(rows, weight, bias, flat_targets, int(ignore_index), reduction)
+    return loss.view(targets.shape) if reduction == "none" else loss

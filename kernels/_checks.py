@@ -34,6 +34,28 @@ def shape(name: str, t, expected: tuple) -> None:
         raise ValueError(f"{name} must have shape {tuple(expected)}, got {tuple(t.shape)}")
 
 
+def class_targets(name: str, t, shape: tuple, device: torch.device, classes: int, ignore_index) -> None:
+    """``t`` is an int64 tensor of ``shape`` on ``device`` holding class indices in [0, classes) or
+    ``ignore_index``; the values are checked on CPU tensors only (a GPU check would synchronise),
+    and not while torch.compile traces (a branch on values would break its graph)."""
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index must be an integer, got {type(ignore_index).__name__}")
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != torch.int64:
+        raise TypeError(f"{name} must be an int64 tensor of class indices, got dtype {t.dtype}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)} (x's leading dimensions), got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but x is on {device}")
+    if t.device.type == "cpu" and not torch.compiler.is_compiling():
+        bad = (t != ignore_index) & ((t < 0) | (t >= classes))
+        if bad.any():
+            position = tuple(int(i) for i in bad.nonzero()[0])
+            raise ValueError(f"{name}{list(position)} = {int(t[position])} is not a class index in [0, {classes}) "
+                             f"nor ignore_index ({ignore_index})")
+
+
 def finite_nonnegative(name: str, value) -> None:
     """``value`` is a real, finite number >= 0."""
     _real(name, value)

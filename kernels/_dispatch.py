@@ -25,7 +25,7 @@ import torch
 BACKENDS = ("auto", "triton", "torch")
 
 # Ops with a Triton implementation in kernels/ops/<op>.py.
-OPS = ("layer_norm", "attention", "gelu_mlp")
+OPS = ("layer_norm", "attention", "gelu_mlp", "linear_cross_entropy")
 # The oldest triton the kernels are compiled and checked with (pyproject.toml declares the same).
 TRITON_FLOOR = (3, 5)
 

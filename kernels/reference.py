@@ -53,3 +53,175 @@ def gelu_mlp(x: torch.Tensor, fc_weight: torch.Tensor, fc_bias: torch.Tensor | N
     """``proj(gelu_tanh(fc(x)))`` with nn.Linear weight layouts."""
     hidden = F.gelu(F.linear(x, fc_weight, fc_bias), approximate="tanh")  # (..., H)
     return F.linear(hidden, proj_weight, proj_bias)  # (..., C)
+
+
+# --------------------------------------------------------------------------- linear + cross-entropy
+
+# A chunk of rows holds at most this many logits (the (rows, V) gradient of a chunk): 64 M, 128 MiB
+# in bfloat16. Large enough that a chunk's GEMMs fill a GPU, small enough that the logits of a
+# GPT-2 batch (B·T x 50257) never exist at once.
+MAX_CHUNK_LOGITS = 2**26
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def linear_cross_entropy_unfused(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                                 targets: torch.Tensor, ignore_index: int = -100,
+                                 reduction: str = "mean") -> torch.Tensor:
+    """``F.cross_entropy(F.linear(x, weight, bias).float(), targets, ...)`` on (N, C) rows (float64
+    stays float64): what plain PyTorch code computes, holding all (N, V) logits. The oracle and the
+    benchmarks' baseline."""
+    logits = F.linear(x, weight, bias)
+    return F.cross_entropy(logits.to(_loss_dtype(logits.dtype)), targets, ignore_index=ignore_index,
+                           reduction=reduction)
+
+
+def _loss_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The loss is computed in float32, or float64 for float64 inputs."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def chunk_rows(n_rows: int, vocab: int) -> int:
+    """Rows per chunk of the fused linear cross-entropy: at most ``MAX_CHUNK_LOGITS`` logits, at least one row."""
+    return max(1, min(n_rows, MAX_CHUNK_LOGITS // max(vocab, 1)))
+
+
+def _row_scales(targets: torch.Tensor, ignore_index: int, reduction: str, dloss: torch.Tensor | None, dtype):
+    """Per-row factor of the logits' gradient (in ``dtype``): 1 / n_valid (mean), 1 (sum) or dloss (none),
+    0 for ignored rows; with everything ignored the mean's gradient is 0, as PyTorch's is."""
+    valid = (targets != ignore_index).to(dtype)
+    if reduction == "none":
+        return valid * dloss.to(dtype)
+    if reduction == "mean":
+        return valid / valid.sum().clamp(min=1.0)
+    return valid
+
+
+def linear_cross_entropy_forward(chunks, x, weight, bias, targets, ignore_index: int, reduction: str,
+                                 precompute: bool):
+    """``(loss, lse, grads)`` of the fused loss on x (N, C) and targets (N,), a chunk of rows at a time.
+
+    ``chunks`` does one chunk's work (:class:`TorchChunks` here, the Triton kernels' in
+    :mod:`kernels.ops.linear_cross_entropy`). ``grads`` is ``(dx, dweight, dbias)`` for a unit output
+    gradient when ``precompute`` (a reduced loss), else None; lse (N,) float32 serves a later backward.
+    """
+    n = x.shape[0]
+    losses = torch.empty(n, dtype=_loss_dtype(x.dtype), device=x.device)
+    lse = torch.empty(n, dtype=_loss_dtype(x.dtype), device=x.device)
+    scales = _row_scales(targets, ignore_index, reduction, None, lse.dtype) if precompute else None
+    grads = _zero_gradients(x, weight, bias) if precompute else None
+    step = chunk_rows(n, weight.shape[0])
+    for start in range(0, n, step):
+        rows = slice(start, start + step)
+        losses[rows], lse[rows], dz = chunks.loss(x[rows], weight, bias, targets[rows], ignore_index,
+                                                  None if scales is None else scales[rows])
+        if dz is not None:
+            chunks.accumulate(dz, x[rows], weight, grads[0][rows], grads[1], grads[2])
+    if reduction == "none":
+        loss = losses
+    else:
+        loss = losses.sum()
+        if reduction == "mean":
+            loss = loss / (targets != ignore_index).sum()  # 0 / 0 = NaN when everything is ignored, as in PyTorch
+    return loss, lse, None if grads is None else _finish_gradients(*grads, weight, bias)
+
+
+def linear_cross_entropy_gradients(chunks, x, weight, bias, targets, lse, dloss, ignore_index: int):
+    """``(dx, dweight, dbias)`` of reduction "none" for the per-row output gradient ``dloss`` (N,),
+    from the forward's lse, recomputing the logits a chunk at a time."""
+    n = x.shape[0]
+    scales = _row_scales(targets, ignore_index, "none", dloss, lse.dtype)
+    dx, dweight, dbias = _zero_gradients(x, weight, bias)
+    step = chunk_rows(n, weight.shape[0])
+    for start in range(0, n, step):
+        rows = slice(start, start + step)
+        dz = chunks.dlogits(x[rows], weight, bias, targets[rows], lse[rows], scales[rows], ignore_index)
+        chunks.accumulate(dz, x[rows], weight, dx[rows], dweight, dbias)
+    return _finish_gradients(dx, dweight, dbias, weight, bias)
+
+
+def _zero_gradients(x, weight, bias):
+    """dx in x's dtype (every row written by a chunk), dweight and dbias accumulators at zero (float32,
+    or float64 for float64 inputs)."""
+    dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+    dweight = torch.zeros(weight.shape, dtype=_loss_dtype(x.dtype), device=x.device)
+    dbias = None if bias is None else torch.zeros(bias.shape, dtype=_loss_dtype(x.dtype), device=x.device)
+    return dx, dweight, dbias
+
+
+def _finish_gradients(dx, dweight, dbias, weight, bias):
+    return dx, dweight.to(weight.dtype), None if dbias is None else dbias.to(bias.dtype)
+
+
+class TorchChunks:
+    """One chunk's work for :func:`linear_cross_entropy_forward` and :func:`linear_cross_entropy_gradients`
+    in PyTorch ops: the logits as ``F.linear`` makes them (x's dtype), then float32, as the unfused loss."""
+
+    @staticmethod
+    def _logits(x, weight, bias):
+        return F.linear(x, weight, bias).to(_loss_dtype(x.dtype))  # (rows, V)
+
+    @staticmethod
+    def _softmax_minus_target(logits, lse, targets, scale, ignore_index):
+        """dz from the chunk's float32 logits, in place: (exp(z - lse) - onehot(target)) * scale."""
+        dz = logits.sub_(lse[:, None]).exp_()
+        valid = targets != ignore_index
+        rows = torch.arange(len(targets), device=targets.device)[valid]
+        dz[rows, targets[valid]] -= 1.0
+        return dz.mul_(scale[:, None])
+
+    @staticmethod
+    def loss(x, weight, bias, targets, ignore_index, scale):
+        logits = TorchChunks._logits(x, weight, bias)
+        lse = torch.logsumexp(logits, dim=-1)
+        valid = targets != ignore_index
+        target_logit = logits.gather(1, torch.where(valid, targets, 0)[:, None])[:, 0]
+        loss = torch.where(valid, lse - target_logit, 0.0)
+        if scale is None:
+            return loss, lse, None
+        return loss, lse, TorchChunks._softmax_minus_target(logits, lse, targets, scale, ignore_index).to(x.dtype)
+
+    @staticmethod
+    def dlogits(x, weight, bias, targets, lse, scale, ignore_index):
+        logits = TorchChunks._logits(x, weight, bias)
+        return TorchChunks._softmax_minus_target(logits, lse, targets, scale, ignore_index).to(x.dtype)
+
+    @staticmethod
+    def accumulate(dz, x, weight, dx, dweight, dbias):
+        torch.matmul(dz, weight, out=dx)
+        dweight += dz.t() @ x
+        if dbias is not None:
+            dbias += dz.sum(0)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """The chunked loss with its backward: a reduced loss gets its gradients in the forward, which the
+    backward scales; reduction "none" recomputes them in the backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, targets, ignore_index, reduction):
+        precompute = reduction != "none" and any(ctx.needs_input_grad[:3])
+        loss, lse, grads = linear_cross_entropy_forward(TorchChunks, x, weight, bias, targets, ignore_index,
+                                                        reduction, precompute)
+        ctx.precompute, ctx.ignore_index = precompute, ignore_index
+        if precompute:
+            ctx.save_for_backward(*grads)
+        else:
+            ctx.save_for_backward(x, weight, bias, targets, lse)
+        return loss
+
+    @staticmethod
+    def backward(ctx, dloss):
+        if ctx.precompute:
+            dx, dweight, dbias = (None if t is None else t * dloss.to(t.dtype) for t in ctx.saved_tensors)
+        else:
+            x, weight, bias, targets, lse = ctx.saved_tensors
+            dx, dweight, dbias = linear_cross_entropy_gradients(TorchChunks, x, weight, bias, targets, lse, dloss,
+                                                                ctx.ignore_index)
+        return dx, dweight, dbias, None, None, None
+
+
+def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+                         ignore_index: int = -100, reduction: str = "mean") -> torch.Tensor:
+    """:func:`linear_cross_entropy_unfused`'s function on (N, C) rows, never holding more than
+    ``MAX_CHUNK_LOGITS`` logits: the fallback of the Triton kernels."""
+    return _LinearCrossEntropy.apply(x, weight, bias, targets, ignore_index, reduction)

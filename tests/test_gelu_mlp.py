@@ -115,6 +115,20 @@ def test_leading_dimensions_and_broadcast_output_gradient():
         assert_close_to_exact(g, lg, eg, name)
 
 
+@pytest.mark.skipif(DEVICE == "cuda", reason="allocates 4 GiB of storage (untouched on a CPU)")
+def test_offsets_past_2_31_elements_use_int64():
+    """x's rows 2^30 elements apart: a tile's own offsets pass 2^31, so they are computed in int64."""
+    w = mlp_inputs(rows=3, width=16, hidden=64, dtype=torch.float16, requires_grad=False)
+    storage = torch.empty(2 * (2**30 + 16) + 16, dtype=torch.float16)
+    x = storage.as_strided((3, 16), (2**30 + 16, 1))
+    x.copy_(w["x"])
+    assert gm.needs_wide(x)
+    with kernels.use_backend("triton"):
+        got = kernels.gelu_mlp(x, w["fc_weight"], w["fc_bias"], w["proj_weight"], w["proj_bias"])
+    expected = kernels.reference.gelu_mlp(*(t.float() for t in w.values()))
+    torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=2e-2)
+
+
 def test_empty_batch():
     w = mlp_inputs(rows=0)
     with kernels.use_backend("triton"):

@@ -115,13 +115,15 @@ def manual_forward(sd, cfg, idx, targets):
 def test_forward_equals_a_hand_written_composition_of_reference_ops():
     model = tiny_model()
     idx, targets = tokens(3, 16, seed=1), tokens(3, 16, seed=2)
-    logits, loss = model(idx, targets)
+    logits, loss = model(idx, targets, return_logits=True)
+    no_logits, fused_loss = model(idx, targets)  # the loss without the (B, T, V) logits
     expected_logits, expected_loss = manual_forward(model.state_dict(), model.config, idx, targets)
     exact_logits, exact_loss = manual_forward({k: v.double() for k, v in model.state_dict().items()}, model.config,
                                               idx, targets)
-    assert logits.shape == (3, 16, 50)
+    assert logits.shape == (3, 16, 50) and no_logits is None
     assert_close_to_exact(logits, expected_logits, exact_logits)
     assert_close_to_exact(loss, expected_loss, exact_loss, "loss")
+    assert_close_to_exact(fused_loss, expected_loss, exact_loss, "fused loss")
 
 
 def test_without_targets_only_the_last_position_is_returned():
@@ -129,7 +131,7 @@ def test_without_targets_only_the_last_position_is_returned():
     idx = tokens(2, 11)
     logits, loss = model(idx)
     assert loss is None and logits.shape == (2, 1, 50)
-    full, _ = model(idx, idx)
+    full, _ = model(idx, idx, return_logits=True)
     torch.testing.assert_close(logits, full[:, -1:])
 
 
@@ -138,10 +140,11 @@ def test_targets_of_minus_one_are_ignored():
     idx, targets = tokens(2, 16, seed=3), tokens(2, 16, seed=4)
     targets[0, :5] = -1
     targets[1, 9] = -1
-    logits, loss = model(idx, targets)
+    logits, loss = model(idx, targets, return_logits=True)
     keep = targets != -1
     expected = F.cross_entropy(logits[keep], targets[keep])
     torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(model(idx, targets)[1], expected)
 
 
 def test_generate_crops_the_context_and_is_reproducible():
@@ -270,6 +273,9 @@ def test_kernel_and_reference_backends_agree_on_a_tiny_model():
                                     mlp.c_proj.weight, mlp.c_proj.bias), "the GELU MLP kernels must run under auto"
         q = torch.randn(2, TINY["n_head"], 16, TINY["n_embd"] // TINY["n_head"], device=DEVICE)
         assert _dispatch.use_kernel("attention", q, q, q), "the attention kernels must run under auto"
+        wte = tiny_model().transformer.wte.weight
+        assert _dispatch.use_kernel("linear_cross_entropy", torch.randn(2, 32, device=DEVICE), wte, None,
+                                    tokens(1, 2)[0].to(DEVICE)), "the fused loss's kernels must run under auto"
     models = {backend: tiny_model().to(DEVICE) for backend in ("auto", "torch")}
     opts = {b: m.configure_optimizers(0.1, 1e-3, (0.9, 0.95), DEVICE) for b, m in models.items()}
     for step in range(3):
@@ -277,9 +283,10 @@ def test_kernel_and_reference_backends_agree_on_a_tiny_model():
         results = {}
         for backend, model in models.items():
             with kernels.use_backend(backend):
-                logits, loss = model(idx, targets)
+                _, loss = model(idx, targets)  # the fused lm_head + loss
                 opts[backend].zero_grad(set_to_none=True)
                 loss.backward()
+                logits, _ = model(idx)
             results[backend] = logits, loss, {n: p.grad.clone() for n, p in model.named_parameters()}
             opts[backend].step()
         (logits_k, loss_k, grads_k), (logits_r, loss_r, grads_r) = results["auto"], results["torch"]

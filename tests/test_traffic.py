@@ -63,7 +63,8 @@ def _forward_and_backward(fn, *inputs):
 
 
 @pytest.mark.skipif(not _dispatch.INTERPRETED, reason="counts accesses in Triton's interpreter")
-@pytest.mark.parametrize("op", ["layer_norm", "layer_norm_chunked", "attention", "attention_dropout", "gelu_mlp"])
+@pytest.mark.parametrize("op", ["layer_norm", "layer_norm_chunked", "attention", "attention_dropout", "gelu_mlp",
+                                "linear_cross_entropy"])
 def test_no_kernel_reads_back_memory_it_wrote_or_touches_memory_outside_its_tensors(op):
     """A load of an address the same launch stored to needs a barrier on a GPU, or races between
     programs; the interpreter runs programs one after another and would hide both."""
@@ -83,6 +84,9 @@ def test_no_kernel_reads_back_memory_it_wrote_or_touches_memory_outside_its_tens
                                                            leaf(1, 1, 70, 16), leaf(1, 1, 70, 16), leaf(1, 1, 70, 16)),
         "gelu_mlp": lambda: _forward_and_backward(kernels.gelu_mlp, leaf(70, 16), leaf(64, 16), leaf(64), leaf(16, 64),
                                                   leaf(16)),
+        "linear_cross_entropy": lambda: _forward_and_backward(
+            lambda x, w, b: kernels.linear_cross_entropy(x, w, torch.randint(300, (70,), generator=gen), b,
+                                                         reduction="none"), leaf(70, 16), leaf(300, 16), leaf(300)),
     }
     with kernels.use_backend("triton"), counters.count_memory_traffic() as traffic:
         calls[op]()

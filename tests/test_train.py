@@ -121,8 +121,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, corp
     good = checkpoint.load(tmp_path / "run" / "last.pt")
     real_forward = training.GPT.forward
 
-    def forward(self, idx, targets=None):
-        logits, loss = real_forward(self, idx, targets)
+    def forward(self, idx, targets=None, return_logits=False):
+        logits, loss = real_forward(self, idx, targets, return_logits)
         return logits, loss * float("nan") if self.training else loss
 
     monkeypatch.setattr(training.GPT, "forward", forward)
@@ -182,15 +182,16 @@ def test_two_process_ddp_equals_one_process_with_the_global_batch(tmp_path, corp
 
 
 RANK_DRAWS = """
-import importlib, json, random, sys
+import json, random, sys
 import torch
 import torch.distributed as dist
 from fastgpt.train import seed_rank
+from kernels.ops.attention import draw_rng_state
 
 dist.init_process_group("gloo")
 seed_rank(1337, dist.get_rank())
 draws = {"dropout": (torch.nn.Dropout(0.5)(torch.ones(256)) > 0).tolist(),
-         "attention_seed": importlib.import_module("kernels.attention").draw_rng_state("cpu").tolist(),
+         "attention_seed": draw_rng_state("cpu").tolist(),
          "python": random.random()}
 gathered = [None] * dist.get_world_size()
 dist.all_gather_object(gathered, draws)

@@ -97,6 +97,7 @@ def test_pins_name_known_kernels_and_their_own_configs_and_are_undone():
 
 def test_every_autotuned_kernel_is_registered_with_its_configs():
     assert set(_tuning.kernels()) == {"attention.fwd", "attention.dkdv", "attention.dq", "gelu_mlp.fwd",
-                                      "gelu_mlp.dpre", "gelu_mlp.dweight"}
+                                      "gelu_mlp.dpre", "gelu_mlp.dweight", "linear_cross_entropy.logits",
+                                      "linear_cross_entropy.dx", "linear_cross_entropy.dweight"}
     assert _tuning.kernels()["attention.dq"] == tuple(tile.config for tile in attention._CONFIGS["dq"])
     assert _tuning.describe(gelu_mlp.CONFIGS[0]) == "128x128x32 warps=8 stages=3"

@@ -1,11 +1,9 @@
 """The transformer MLP ``proj(gelu_tanh(fc(x)))`` as Triton GEMMs with fused epilogues, forward and backward.
 
-Every GEMM is a tiled matrix multiply in the style of Triton's matmul tutorial: one program per
-(BLOCK_M, BLOCK_N) output tile, programs ordered in groups of GROUP_M tile rows so that the tiles
-running together share their operand panels in L2, fp32 accumulation (float32 inputs are taken while PyTorch's
-float32 matmuls use TF32, and their dots run in TF32 too), explicit strides for every operand (a transpose is a stride swap, never a copy), masks
-on all ragged edges, and autotuned block sizes. Epilogues run on the fp32 accumulator before it
-is stored.
+Every GEMM is a tiled matrix multiply built from :mod:`kernels.ops._gemm` (grouped tile order, fp32
+accumulation, explicit strides for every operand, masks on all ragged edges, autotuned block
+sizes); the epilogues run on the fp32 accumulator before it is stored. float32 inputs are taken
+while PyTorch's float32 matmuls use TF32, and their dots then run in TF32 too.
 
 With x (M, C), fc_weight W1 (H, C), proj_weight W2 (C, H), biases b1 (H,), b2 (C,):
 
@@ -57,82 +55,16 @@ import triton.language as tl
 
 from .. import _tuning
 from ._common import FLOAT32_NEEDS_TF32, run, tf32_enabled
+from ._gemm import CONFIGS, GROUP_M, bucket, needs_wide, tile_matmul, tile_offsets, tile_start
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-GROUP_M = 8  # tile rows per program group (L2 reuse of the B panel)
 
-# The autotuned configs, shared by every kernel: large tiles for many tokens, a narrower one, and
-# small tiles (with a deeper K step) for few tokens, where more programs are needed to fill the
-# GPU. Each fits shared memory on sm_80 and sm_90 in float32 (TF32) too.
-CONFIGS = [
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
-]
 # Autotuning is keyed on M rounded up to a power of two (not the exact token count, which would
 # re-tune for every prompt length while sampling), N and K.
 _TUNE_KEY = ["M_BUCKET", "N", "K"]
 
 _SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
 _GELU_CUBIC = tl.constexpr(0.044715)
-
-
-@triton.jit
-def _tile_start(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """``(row0, col0)``, the first row and column of this program's output tile.
-
-    Tiles run in groups of GROUP_M tile rows, column by column within a group, so the programs
-    running at the same time share the panels of B they read.
-    """
-    pid = tl.program_id(0)
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    per_group = GROUP_M * tl.cdiv(N, BLOCK_N)
-    first_m = (pid // per_group) * GROUP_M
-    group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_rows
-    pid_n = (pid % per_group) // group_rows
-    return pid_m * BLOCK_M, pid_n * BLOCK_N
-
-
-@triton.jit
-def _tile_offsets(m_left, n_left, stride_m, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Offsets (unit column stride) and mask of a (BLOCK_M, BLOCK_N) tile with m_left rows, n_left columns inside."""
-    rm = tl.arange(0, BLOCK_M)[:, None]
-    rn = tl.arange(0, BLOCK_N)[None, :]
-    return rm * stride_m + rn, (rm < m_left) & (rn < n_left)
-
-
-@triton.jit
-def _tile_matmul(A_ptr, B_ptr, m_left, n_left, K, stride_am, stride_ak, stride_bk, stride_bn,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROW_SUMS: tl.constexpr):
-    """``(A @ B, A summed over k)`` for one tile, in fp32 (the sums are zero unless ROW_SUMS).
-
-    A_ptr and B_ptr point at the tile's first row of A and first column of B; m_left and n_left
-    rows and columns remain from there. Offsets inside the tile are int32 (the int64 part of the
-    address is in the pointers), which keeps the address registers of the loads small.
-    """
-    rm = tl.arange(0, BLOCK_M)
-    rn = tl.arange(0, BLOCK_N)
-    a_k = tl.arange(0, BLOCK_K)[None, :]
-    b_k = tl.arange(0, BLOCK_K)[:, None]
-    row_ok = rm[:, None] < m_left
-    col_ok = rn[None, :] < n_left
-    a_ptrs = A_ptr + rm[:, None] * stride_am + a_k * stride_ak
-    b_ptrs = B_ptr + b_k * stride_bk + rn[None, :] * stride_bn
-    a_step = BLOCK_K * stride_ak
-    b_step = BLOCK_K * stride_bk
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    row_sums = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for k in range(0, K, BLOCK_K):
-        k_left = K - k
-        a = tl.load(a_ptrs, mask=row_ok & (a_k < k_left), other=0.0)
-        b = tl.load(b_ptrs, mask=(b_k < k_left) & col_ok, other=0.0)
-        acc = tl.dot(a, b, acc, input_precision="tf32")
-        if ROW_SUMS:
-            row_sums += tl.sum(a.to(tl.float32), axis=1)
-        a_ptrs += a_step
-        b_ptrs += b_step
-    return acc, row_sums
 
 
 @triton.jit
@@ -152,17 +84,18 @@ def _gelu_mlp_fwd_kernel(
     stride_am, stride_ak, stride_bk, stride_bn, stride_om,
     HAS_BIAS: tl.constexpr, GELU: tl.constexpr, STORE_PRE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    WIDE: tl.constexpr,
 ):
     """Out = A @ B (+ bias); with GELU, Out = gelu(pre) and (STORE_PRE) Pre = pre. Out, Pre: unit column stride."""
-    row0, col0 = _tile_start(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    acc, _ = _tile_matmul(A_ptr + row0.to(tl.int64) * stride_am, B_ptr + col0.to(tl.int64) * stride_bn,
+    row0, col0 = tile_start(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    acc, _ = tile_matmul(A_ptr + row0.to(tl.int64) * stride_am, B_ptr + col0.to(tl.int64) * stride_bn,
                           M - row0, N - col0, K, stride_am, stride_ak, stride_bk, stride_bn,
-                          BLOCK_M, BLOCK_N, BLOCK_K, False)
+                          BLOCK_M, BLOCK_N, BLOCK_K, False, WIDE)
     if HAS_BIAS:
         rn = tl.arange(0, BLOCK_N)
         acc += tl.load(Bias_ptr + col0 + rn, mask=rn < N - col0, other=0.0).to(tl.float32)[None, :]
     tile = row0.to(tl.int64) * stride_om + col0
-    offsets, mask = _tile_offsets(M - row0, N - col0, stride_om, BLOCK_M, BLOCK_N)
+    offsets, mask = tile_offsets(M - row0, N - col0, stride_om, BLOCK_M, BLOCK_N, WIDE)
     if GELU:
         pre = acc.to(Out_ptr.dtype.element_ty)
         if STORE_PRE:
@@ -176,25 +109,26 @@ def _gelu_mlp_bwd_dpre_kernel(
     DOut_ptr, W_ptr, Pre_ptr, DPre_ptr, Act_ptr, M, N, K, M_BUCKET,
     stride_dom, stride_dok, stride_wk, stride_wn, stride_pm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    WIDE: tl.constexpr,
 ):
     """DPre = (DOut @ W) * gelu'(Pre) and Act = gelu(Pre); Pre, DPre, Act share one layout (unit column stride)."""
-    row0, col0 = _tile_start(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    dact, _ = _tile_matmul(DOut_ptr + row0.to(tl.int64) * stride_dom, W_ptr + col0.to(tl.int64) * stride_wn,
+    row0, col0 = tile_start(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    dact, _ = tile_matmul(DOut_ptr + row0.to(tl.int64) * stride_dom, W_ptr + col0.to(tl.int64) * stride_wn,
                            M - row0, N - col0, K, stride_dom, stride_dok, stride_wk, stride_wn,
-                           BLOCK_M, BLOCK_N, BLOCK_K, False)
+                           BLOCK_M, BLOCK_N, BLOCK_K, False, WIDE)
     tile = row0.to(tl.int64) * stride_pm + col0
     # The epilogue in two column halves keeps fewer (BLOCK_M, BLOCK_N) fp32 tensors live at once.
     left, right = tl.split(tl.permute(tl.reshape(dact, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
     _dpre_epilogue(left, Pre_ptr + tile, DPre_ptr + tile, Act_ptr + tile, M - row0, N - col0, stride_pm,
-                   BLOCK_M, BLOCK_N // 2)
+                   BLOCK_M, BLOCK_N // 2, WIDE)
     _dpre_epilogue(right, Pre_ptr + tile + BLOCK_N // 2, DPre_ptr + tile + BLOCK_N // 2, Act_ptr + tile + BLOCK_N // 2,
-                   M - row0, N - col0 - BLOCK_N // 2, stride_pm, BLOCK_M, BLOCK_N // 2)
+                   M - row0, N - col0 - BLOCK_N // 2, stride_pm, BLOCK_M, BLOCK_N // 2, WIDE)
 
 
 @triton.jit
 def _dpre_epilogue(dact, Pre_ptr, DPre_ptr, Act_ptr, m_left, n_left, stride_pm,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    offsets, mask = _tile_offsets(m_left, n_left, stride_pm, BLOCK_M, BLOCK_N)
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WIDE: tl.constexpr):
+    offsets, mask = tile_offsets(m_left, n_left, stride_pm, BLOCK_M, BLOCK_N, WIDE)
     z = tl.load(Pre_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     act, s, s_1ms = _gelu_tanh(z)
     du_dz = (z * z * (3.0 * _GELU_CUBIC) + 1.0) * _SQRT_2_OVER_PI
@@ -209,20 +143,21 @@ def _gelu_mlp_bwd_dweight_kernel(
     stride_am, stride_ak, stride_bk, stride_bn, stride_dwm,
     BIAS_GRAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    WIDE: tl.constexpr,
 ):
     """DW = A @ B, K being the tokens; with BIAS_GRAD, DBias = A summed over K (by the first tile column)."""
-    row0, col0 = _tile_start(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    row0, col0 = tile_start(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     a_tile = A_ptr + row0.to(tl.int64) * stride_am
     b_tile = B_ptr + col0.to(tl.int64) * stride_bn
     if BIAS_GRAD and col0 == 0:
-        acc, row_sums = _tile_matmul(a_tile, b_tile, M - row0, N - col0, K, stride_am, stride_ak, stride_bk,
-                                     stride_bn, BLOCK_M, BLOCK_N, BLOCK_K, True)
+        acc, row_sums = tile_matmul(a_tile, b_tile, M - row0, N - col0, K, stride_am, stride_ak, stride_bk,
+                                     stride_bn, BLOCK_M, BLOCK_N, BLOCK_K, True, WIDE)
         rm = tl.arange(0, BLOCK_M)
         tl.store(DBias_ptr + row0 + rm, row_sums.to(DBias_ptr.dtype.element_ty), mask=rm < M - row0)
     else:
-        acc, _ = _tile_matmul(a_tile, b_tile, M - row0, N - col0, K, stride_am, stride_ak, stride_bk,
-                              stride_bn, BLOCK_M, BLOCK_N, BLOCK_K, False)
-    offsets, mask = _tile_offsets(M - row0, N - col0, stride_dwm, BLOCK_M, BLOCK_N)
+        acc, _ = tile_matmul(a_tile, b_tile, M - row0, N - col0, K, stride_am, stride_ak, stride_bk,
+                              stride_bn, BLOCK_M, BLOCK_N, BLOCK_K, False, WIDE)
+    offsets, mask = tile_offsets(M - row0, N - col0, stride_dwm, BLOCK_M, BLOCK_N, WIDE)
     tl.store(DW_ptr + row0.to(tl.int64) * stride_dwm + col0 + offsets, acc.to(DW_ptr.dtype.element_ty), mask=mask)
 
 
@@ -262,9 +197,9 @@ def _gemm(kernel, m, n, k, operands, strides, meta):
     def grid(cfg):
         return (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
 
-    m_bucket = triton.next_power_of_2(max(m, 1))
-    return _tuning.launch(kernel, grid, (*operands, m, n, k, m_bucket, *strides),
-                          dict(meta, GROUP_M=GROUP_M))
+    wide = needs_wide(*(t for t in operands if isinstance(t, torch.Tensor)))
+    return _tuning.launch(kernel, grid, (*operands, m, n, k, bucket(m), *strides),
+                          dict(meta, GROUP_M=GROUP_M, WIDE=wide))
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:

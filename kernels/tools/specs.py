@@ -12,11 +12,11 @@ from __future__ import annotations
 import torch
 
 from kernels import _tuning
-from kernels.ops import attention, gelu_mlp, layer_norm
+from kernels.ops import attention, gelu_mlp, layer_norm, linear_cross_entropy
 from kernels.tools.compile_report import CompileSpec
 from kernels.tools.dropout import mask_launch
 
-OPS = ("layer_norm", "attention", "gelu_mlp")
+OPS = ("layer_norm", "attention", "gelu_mlp", "linear_cross_entropy")
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -128,10 +128,12 @@ def gelu_mlp_specs():
     launches are the ``largest``: twice the shared memory of the 16-bit ones. For the first
     config in float16 also the launches that change without biases and in the inference forward
     (pre not written), and all of them for widths C=100, H=400, whose rows are not 16-byte aligned
-    (so no 128-bit loads are possible there).
+    (so no 128-bit loads are possible there); and the launches that read x with int64 offsets.
     """
-    def specs(config, dtype, m=256, c=128, h=512, biases=True, keep_pre=True, note="", roles=None, largest=False):
-        x = torch.empty(m, c, dtype=dtype)
+    def specs(config, dtype, m=256, c=128, h=512, biases=True, keep_pre=True, note="", roles=None, largest=False,
+              wide=False):
+        # wide: x's rows 2^24 elements apart, so a tile's own offsets pass 2^31 (never touched).
+        x = torch.empty(m, 2**24 if wide else c, dtype=dtype)[:, :c]
         fc_weight, proj_weight = torch.empty(h, c, dtype=dtype), torch.empty(c, h, dtype=dtype)
         fc_bias = torch.empty(h, dtype=dtype) if biases else None
         proj_bias = torch.empty(c, dtype=dtype) if biases else None
@@ -143,7 +145,7 @@ def gelu_mlp_specs():
                 _, backward = gelu_mlp.backward_plan(torch.empty_like(out), x, fc_weight, proj_weight, pre, biases,
                                                      biases)
                 launches += [(role, launch) for role, launch in zip(_BACKWARD_ROLES, backward)
-                             if role != "dfc_weight"]
+                             if role != "dfc_weight" or wide]
         for role, (kernel, _, args, meta) in launches:
             if roles is not None and role not in roles:
                 continue
@@ -159,9 +161,50 @@ def gelu_mlp_specs():
     yield from specs(first, torch.float16, biases=False, note=" no biases", roles=("fc", "proj", "dproj_weight"))
     yield from specs(first, torch.float16, keep_pre=False, note=" inference", roles=("fc",))
     yield from specs(first, torch.float16, c=100, h=400, note=" C=100 H=400")
+    yield from specs(first, torch.float16, m=16, note=" int64 offsets", roles=("fc", "dfc_weight"), wide=True,
+                     largest=True)
 
 
-SPECS = {"layer_norm": layer_norm_specs, "attention": attention_specs, "gelu_mlp": gelu_mlp_specs}
+# --------------------------------------------------------------------------- linear + cross-entropy
+
+
+def linear_cross_entropy_specs():
+    """Every launch of a training step (the loss and its merge, dz, dx, dweight with dbias) in every
+    config, float16 and float32; bfloat16, no bias, and int64 offsets (an x with a huge row stride)
+    for the first config."""
+    def specs(config, dtype, bias=True, wide=False, note="", largest=False):
+        rows, width, vocab = (16 if wide else 256), 128, 1000
+        # wide: x's rows 2^24 elements apart, so a tile's own offsets pass 2^31 (never touched).
+        x = torch.empty(rows, 2**24 if wide else width, dtype=dtype)[:, :width]
+        weight = torch.empty(vocab, width, dtype=dtype)
+        b = torch.empty(vocab, dtype=dtype) if bias else None
+        targets = torch.zeros(rows, dtype=torch.int64)
+        pins = {name: config for name in ("linear_cross_entropy.logits", "linear_cross_entropy.dx",
+                                          "linear_cross_entropy.dweight")}
+        with _tuning.use_configs(pins):
+            (_, lse), loss = linear_cross_entropy.loss_plan(x, weight, b, targets, -100)
+            dz, dlogits = linear_cross_entropy.dlogits_plan(x, weight, b, targets, lse, torch.empty(rows), -100)
+            grads = (torch.empty_like(x), torch.empty(vocab, width), torch.empty(vocab) if bias else None)
+            accumulate = linear_cross_entropy.accumulate_plan(dz, x, weight, *grads)
+        roles = ("loss", "merge", "dlogits", "dx", "dweight")
+        for role, (kernel, _, args, meta) in zip(roles, loss + dlogits + accumulate):
+            tiled = role != "merge"
+            if not tiled and (config is not first or wide or not bias or dtype != torch.float16):
+                continue  # the merge does not depend on the config, the bias or x
+            label = f"{role} {_tuning.describe(config) + ' ' if tiled else ''}{_dtype_name(dtype)}{note}"
+            yield CompileSpec(kernel, label, args, meta, uses_tensor_cores=tiled, largest=largest and tiled)
+
+    first = linear_cross_entropy.CONFIGS[0]
+    for config in linear_cross_entropy.CONFIGS:
+        yield from specs(config, torch.float16)
+        yield from specs(config, torch.float32, largest=True)
+    yield from specs(first, torch.bfloat16)
+    yield from specs(first, torch.float16, bias=False, note=" no bias")
+    yield from specs(first, torch.float16, wide=True, note=" int64 offsets", largest=True)
+
+
+SPECS = {"layer_norm": layer_norm_specs, "attention": attention_specs, "gelu_mlp": gelu_mlp_specs,
+         "linear_cross_entropy": linear_cross_entropy_specs}
 
 
 def compile_specs(ops=OPS, largest_only: bool = False) -> list[CompileSpec]:

@@ -62,8 +62,9 @@ def compare(op: str, case: str, tensor: str, got: torch.Tensor, lowp: torch.Tens
     ``scale`` sets the atol (eps of the dtype times ``scale``); default max|exact|.
     """
     exact = exact.detach().double().cpu()
-    err = (got.detach().double().cpu() - exact).abs()
-    torch_err = (lowp.detach().double().cpu() - exact).abs()
+    expected_nan = exact.isnan()  # e.g. a mean over no targets: NaN is then the right answer
+    err = (got.detach().double().cpu() - exact).abs().masked_fill(expected_nan & got.detach().cpu().isnan(), 0.0)
+    torch_err = (lowp.detach().double().cpu() - exact).abs().masked_fill(expected_nan & lowp.detach().cpu().isnan(), 0.0)
     if scale is None:
         scale = exact.abs().max().item() if exact.numel() else 0.0
     bound = 2 * (torch_err.max().item() if torch_err.numel() else 0.0) + torch.finfo(got.dtype).eps * scale
@@ -121,12 +122,15 @@ def grad_out(shape, dtype: torch.dtype, seed: int) -> torch.Tensor:
     return torch.randn(tuple(shape), generator=gen).to(dtype)
 
 
-def check_op(op: str, case: str, fn, inputs: dict, seed: int = 0, scales: dict | None = None) -> list[Check]:
+def check_op(op: str, case: str, fn, inputs: dict, seed: int = 0, scales: dict | None = None,
+             pytorch_fn=None) -> list[Check]:
     """Compare ``fn`` (a public op of :mod:`kernels`) on the Triton backend against PyTorch.
 
     ``inputs`` maps argument names to values; tensors with ``requires_grad`` get gradients checked
     (named ``d<name>``). The output gradient is :func:`grad_out`; the float64 run uses the same
     values (inputs and output gradient) upcast. ``scales`` overrides the atol scale per tensor.
+    PyTorch's runs call ``fn`` on the ``torch`` backend, or ``pytorch_fn`` when the op's fallback is
+    not PyTorch's own op (the fused loss's fallback is itself chunked).
     """
     dtype = next(v.dtype for v in inputs.values() if isinstance(v, torch.Tensor) and v.is_floating_point())
 
@@ -138,8 +142,8 @@ def check_op(op: str, case: str, fn, inputs: dict, seed: int = 0, scales: dict |
     with float32_in_tf32():  # the kernels take float32 in TF32 only; PyTorch runs in the same mode
         with poisoned_allocations():
             got = _forward_backward(fn, inputs, make_grad_out, "triton")
-        lowp = _forward_backward(fn, inputs, make_grad_out, "torch")
-    exact = _forward_backward(fn, exact_inputs, make_grad_out, "torch")
+        lowp = _forward_backward(pytorch_fn or fn, inputs, make_grad_out, "torch")
+    exact = _forward_backward(pytorch_fn or fn, exact_inputs, make_grad_out, "torch")
     scales = scales or {}
     return [compare(op, case, name, got[name], lowp[name], exact[name], scales.get(name)) for name in got]
 
@@ -352,6 +356,67 @@ def attention_checks(B, H, T, D, dtype, causal=True, *, dropout_p=0.0, softmax_s
     return check_op("attention", label, attention, inputs, seed, scales)
 
 
+def linear_cross_entropy_inputs(rows, width, vocab, dtype, bias=True, ignored="some", *, view=None, device="cpu",
+                                seed=0) -> dict:
+    """The fused loss's arguments for :func:`linear_cross_entropy_checks` (empty on the ``meta`` device).
+
+    ``ignored``: ``"none"``, ``"some"`` (every third target from the second on is ignore_index) or ``"all"``. ``view``:
+    ``"strided"`` passes x as every other column of a wider buffer and weight transposed (column-major).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    x = _normal(gen, device, rows, width * (2 if view == "strided" else 1))[:, ::2 if view == "strided" else 1]
+    weight = _normal(gen, device, vocab, width) / width**0.5
+    if view == "strided":
+        weight = weight.t().contiguous().t()
+    targets = torch.randint(max(vocab, 1), (rows,), generator=gen)
+    if ignored != "none":
+        targets[slice(None) if ignored == "all" else slice(1, None, 3)] = IGNORE_INDEX
+    return {"x": _leaf(x, device, dtype), "weight": _leaf(weight, device, dtype),
+            "targets": targets.to("meta" if torch.device(device).type == "meta" else device),
+            "bias": _leaf(_normal(gen, device, vocab) if bias else None, device, dtype)}
+
+
+IGNORE_INDEX = -100
+
+
+def linear_cross_entropy_checks(rows, width, vocab, dtype, bias=True, ignored="some", reduction="mean", *,
+                                view=None, fallback=False, device="cpu", seed=0) -> list[Check]:
+    """The fused loss and the gradients of x, weight and bias against the unfused
+    ``F.cross_entropy(F.linear(x, weight, bias).float(), ...)`` (see
+    :func:`linear_cross_entropy_inputs` for ``ignored`` and ``view``). With ``fallback`` the chunked
+    PyTorch version (:func:`kernels.reference.linear_cross_entropy`) is checked instead of the kernels."""
+    inputs = linear_cross_entropy_inputs(rows, width, vocab, dtype, bias, ignored, view=view, device=device,
+                                         seed=seed)
+    targets = inputs["targets"]
+
+    def fused(x, weight, targets, bias):
+        if fallback:
+            return reference.linear_cross_entropy(x, weight, bias, targets, IGNORE_INDEX, reduction)
+        return kernels.linear_cross_entropy(x, weight, targets, bias, IGNORE_INDEX, reduction)
+
+    def unfused(x, weight, targets, bias):
+        return reference.linear_cross_entropy_unfused(x, weight, bias, targets, IGNORE_INDEX, reduction)
+
+    label = (f"({rows}, {width}) V={vocab} {reduction}" + ("" if bias else " no bias")
+             + ("" if ignored == "some" else f" ignored={ignored}") + (f" {view}" if view else "")
+             + (" fallback" if fallback else ""))
+    # The loss, dweight and dbias sum over rows and dx over the vocabulary: their atol scales are
+    # the largest sums of |terms| (float64).
+    x64, w64 = inputs["x"].detach().cpu().double(), inputs["weight"].detach().cpu().double()
+    b64 = None if inputs["bias"] is None else inputs["bias"].detach().cpu().double()
+    logits = torch.nn.functional.linear(x64, w64, b64)
+    valid = targets.cpu() != IGNORE_INDEX
+    dz = torch.softmax(logits, -1)
+    dz[valid.nonzero()[:, 0], targets.cpu()[valid]] -= 1.0
+    dz = dz.abs() * valid[:, None]
+    loss_terms = (torch.logsumexp(logits, -1) * valid).abs()
+    out_scale = loss_terms.max() if reduction == "none" else loss_terms.sum()
+    scales = {"out": out_scale.item(), "dx": (dz @ w64.abs()).max().item() if dz.numel() else 0.0,
+              "dweight": (dz.T @ x64.abs()).max().item() if dz.numel() else 0.0,
+              "dbias": dz.sum(0).max().item() if dz.numel() else 0.0}
+    return check_op("linear_cross_entropy", label, fused, inputs, seed, scales, pytorch_fn=unfused)
+
+
 @dataclasses.dataclass(frozen=True)
 class Case:
     """One op at one shape, dtype and layout: the arguments of its ``<op>_checks`` function."""
@@ -370,17 +435,22 @@ class Case:
 
     def why_unsupported(self) -> str | None:
         """Why the op's kernel does not take this case, decided on ``meta`` tensors: nothing is computed."""
-        inputs = {"layer_norm": layer_norm_inputs, "gelu_mlp": gelu_mlp_inputs, "attention": attention_inputs}[self.op]
+        inputs = {"layer_norm": layer_norm_inputs, "gelu_mlp": gelu_mlp_inputs, "attention": attention_inputs,
+                  "linear_cross_entropy": linear_cross_entropy_inputs}[self.op]
         shared = {k: v for k, v in self.kwargs.items() if k in ("view", "layout")}
-        positional = self.args if self.op != "attention" else self.args[:5]  # attention's inputs ignore causal
+        # The inputs functions take the leading arguments: not attention's causal, nor the loss's reduction.
+        positional = self.args[:{"attention": 5, "linear_cross_entropy": 6}.get(self.op, len(self.args))]
         tensors = inputs(*positional, **shared, device="meta")
         if self.op == "attention":
             tensors = dict(zip("qkv", _split_qkv(tensors)))
+        if self.op == "linear_cross_entropy":
+            tensors = {k: tensors[k] for k in ("x", "weight", "bias", "targets")}
         with float32_in_tf32():  # as the checks run (see check_op)
             return _dispatch.kernel_module(self.op).why_unsupported(*tensors.values())
 
     def run(self, device) -> list[Check]:
-        checks = {"layer_norm": layer_norm_checks, "gelu_mlp": gelu_mlp_checks, "attention": attention_checks}
+        checks = {"layer_norm": layer_norm_checks, "gelu_mlp": gelu_mlp_checks, "attention": attention_checks,
+                  "linear_cross_entropy": linear_cross_entropy_checks}
         return checks[self.op](*self.args, **self.kwargs, device=device)
 
 
@@ -421,6 +491,15 @@ def cases(grid: str, dtypes) -> list[Case]:
         if big:
             found.append(Case("attention", (4, 12, 1024, 64, dtype), {"layout": "qkv"}))
             found.append(Case("attention", (2, 16, 2048, 128, dtype), {"dropout_p": 0.1}))
+    # (rows, C, V): one row, V = 1, odd widths, GPT-2's vocabulary; every reduction; ignored targets.
+    for dtype in dtypes:
+        for rows, width, vocab in ((1, 16, 17), (7, 100, 1), (300, 100, 1000), (7, 16, 50257)):
+            found.append(Case("linear_cross_entropy", (rows, width, vocab, dtype)))
+        found.append(Case("linear_cross_entropy", (33, 48, 300, dtype, False, "none", "sum")))
+        found.append(Case("linear_cross_entropy", (33, 48, 300, dtype, True, "all", "none")))
+        found.append(Case("linear_cross_entropy", (17, 64, 100, dtype), {"view": "strided"}))
+        if big:
+            found.append(Case("linear_cross_entropy", (8192, 768, 50257, dtype)))
     return found
 
 
