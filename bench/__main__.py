@@ -201,7 +201,7 @@ def main(argv=None) -> int:
               f"choose one of {', '.join(train_step.precisions(device))}", file=sys.stderr)
         return 2
     rounds = args.rounds or DEFAULT_ROUNDS[args.size]
-    op_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    op_dtype = ops.timing_dtype(device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = {"command": "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:]),

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import kernels
-from bench import measure
+from bench import measure, train_step
 from bench.naive import masked_head_attention
 
 OPS = ("attention", "layer_norm", "gelu_mlp")
@@ -35,7 +35,8 @@ PASSES = ("forward", "backward", "forward+backward")
 NEEDS_GPU = "needs a CUDA GPU"
 
 # One shape per op and run size; at full size the widths are the lecture model's (6 heads of 64,
-# 384 wide, MLP 4x) at context 1024, where the naive model's (T, T) matrices dominate.
+# 384 wide, MLP 4x) at context 1024, where the naive model's (T, T) matrices dominate; "gpt2" is a
+# GPT-2 124M training step's (batch 16, context 1024, 12 heads of 64, 768 wide), for GPUs.
 SHAPES = {
     "tiny": {"attention": dict(B=1, H=2, T=32, D=16), "layer_norm": dict(M=64, N=32),
              "gelu_mlp": dict(M=64, C=32, Hd=128)},
@@ -43,7 +44,18 @@ SHAPES = {
               "gelu_mlp": dict(M=1024, C=384, Hd=1536)},
     "full": {"attention": dict(B=4, H=6, T=1024, D=64), "layer_norm": dict(M=4096, N=384),
              "gelu_mlp": dict(M=4096, C=384, Hd=1536)},
+    "gpt2": {"attention": dict(B=16, H=12, T=1024, D=64), "layer_norm": dict(M=16384, N=768),
+             "gelu_mlp": dict(M=16384, C=768, Hd=3072)},
 }
+
+
+def timing_dtype(device: torch.device) -> torch.dtype:
+    """The dtype the ops are timed in on ``device``: on a GPU, the low precision a training step
+    takes there (bfloat16, or float16 on a GPU without it: :func:`bench.train_step.precisions`);
+    on a CPU float32."""
+    if device.type == "cuda":
+        return getattr(torch, train_step.precisions(device)[-1])
+    return torch.float32
 
 
 @dataclass(frozen=True)

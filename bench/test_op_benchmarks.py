@@ -3,12 +3,12 @@
     pip install -e ".[bench]"
     python -m pytest bench/test_op_benchmarks.py --benchmark-group-by=group --benchmark-columns=min,median,rounds
 
-``FASTGPT_BENCH_SIZE=tiny|quick|full`` picks the shapes of :data:`bench.ops.SHAPES` (default quick);
-float32 on a CPU, bfloat16 on a GPU, where every call is followed by a device synchronisation so
-the wall-clock timer sees the kernel's whole run. The Triton provider runs only on a CUDA device
-(it is skipped, with the reason, elsewhere). ``python -m bench`` times the same calls interleaved
-round by round, which is steadier on a shared machine; this file gives pytest-benchmark's
-statistics and its JSON/compare tooling.
+``FASTGPT_BENCH_SIZE=tiny|quick|full|gpt2`` picks the shapes of :data:`bench.ops.SHAPES` (default
+quick), in :func:`bench.ops.timing_dtype` (float32 on a CPU, bfloat16 on a GPU), where every call is
+followed by a device synchronisation so the wall-clock timer sees the kernel's whole run. The
+Triton provider runs only on a CUDA device (it is skipped, with the reason, elsewhere).
+``python -m bench`` times the same calls interleaved round by round, which is steadier on a shared
+machine; this file gives pytest-benchmark's statistics and its JSON/compare tooling.
 """
 import os
 
@@ -21,7 +21,7 @@ SIZE = os.environ.get("FASTGPT_BENCH_SIZE", "quick")
 if SIZE not in ops.SHAPES:
     raise ValueError(f"FASTGPT_BENCH_SIZE must be one of {', '.join(ops.SHAPES)}, got {SIZE!r}")
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
+DTYPE = ops.timing_dtype(DEVICE)
 
 
 @pytest.mark.parametrize("pass_name", ops.PASSES)

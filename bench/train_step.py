@@ -14,6 +14,8 @@ is what it trains in out of the box: float32 for the lecture's code, and for fas
 """
 from __future__ import annotations
 
+import time
+
 import torch
 
 import kernels
@@ -26,6 +28,8 @@ SIDES = ("naive", "fastgpt")
 PRECISIONS = ("float32", "bfloat16", "float16")
 LECTURE_SHAPE = dict(vocab_size=65, n_layer=6, n_head=6, n_embd=384)
 TINY_SHAPE = dict(vocab_size=65, n_layer=2, n_head=2, n_embd=32)
+# GPT-2 small (124M): GPTConfig's defaults.
+GPT2_SHAPE = {name: getattr(GPTConfig(), name) for name in ("vocab_size", "n_layer", "n_head", "n_embd")}
 
 # (context length, batch size) per run size: about 2048 tokens a step at every length on a CPU.
 CONTEXTS = {
@@ -79,10 +83,18 @@ def fastgpt_backend(device: torch.device) -> str:
     return "triton" if device.type == "cuda" else "torch"
 
 
-def step_fn(side: str, model, optimizer, idx, targets, precision: str, device: torch.device):
-    """A callable running one training step (forward, backward, AdamW, zero_grad)."""
+def step_fn(side: str, model, optimizer, idx, targets, precision: str, device: torch.device,
+            backend: str | None = None):
+    """A callable running one training step (forward, backward, AdamW, zero_grad).
+
+    ``backend`` is the kernels' backend fastgpt's model runs under (default
+    :func:`fastgpt_backend`); the naive model always runs PyTorch's nn modules.
+    """
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "float16")
-    backend = fastgpt_backend(device) if side == "fastgpt" else "torch"
+    if side != "fastgpt":
+        backend = "torch"
+    elif backend is None:
+        backend = fastgpt_backend(device)
 
     def step():
         with kernels.use_backend(backend), autocast_context(device, precision):
@@ -93,6 +105,31 @@ def step_fn(side: str, model, optimizer, idx, targets, precision: str, device: t
         optimizer.zero_grad(set_to_none=True)
 
     return step
+
+
+def time_steps(step, tokens: int, device: torch.device, steps: int, warmup: int = 1) -> dict:
+    """Time the training step ``step()`` of a fresh model, from its very first call.
+
+    Returns the first call's wall time (``first_step_s``: with the Triton kernels it includes
+    compiling them and autotuning their configs for these shapes, unless this process did so
+    before), the seconds of each of ``steps`` calls after ``warmup`` more untimed ones (``times_s``;
+    CUDA events on a GPU, see :func:`bench.measure.time_call`), their median (``time_s``),
+    ``tokens_per_s`` at ``tokens`` tokens a step, and the peak memory of one more step
+    (:func:`bench.measure.peak_memory`).
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    measure.synchronize(device)
+    start = time.perf_counter()
+    step()
+    measure.synchronize(device)
+    first = time.perf_counter() - start
+    for _ in range(warmup):
+        step()
+    times = [measure.time_call(step, device) for _ in range(steps)]
+    seconds = measure.median(times)
+    return {"first_step_s": first, "times_s": times, "time_s": seconds, "tokens_per_s": tokens / seconds,
+            "peak_memory_bytes": measure.peak_memory(step, device)}
 
 
 def random_batch(shape: dict, context: int, batch: int, device: torch.device):

@@ -11,7 +11,7 @@ import torch
 
 import kernels
 from bench import __main__ as bench_main
-from bench import measure, ops
+from bench import measure, ops, train_step
 from bench.naive import MultiHeadAttention, NaiveConfig, NaiveGPT
 from conftest import DEVICE
 from kernels import _dispatch, reference
@@ -170,3 +170,142 @@ def test_peak_memory_counts_the_tensors_alive_at_once():
 def test_a_precision_the_device_does_not_time_cannot_be_profiled(tmp_path, capsys):
     assert bench_main.main(["--tiny", "--profile", "float16", "--out", str(tmp_path)]) == 2
     assert "--profile float16 is not available on this device" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- the CUDA-only branches, on stand-ins
+
+
+class FakeCuda:
+    """Stand-ins for torch.cuda's events, synchronisation and memory counters: a GPU clock in
+    milliseconds that the timed callables advance, and an allocator whose peak the callables raise."""
+
+    def __init__(self, monkeypatch):
+        self.clock_ms = 0.0
+        self.calls = []
+        self.allocated, self.peak = 1_000, 99_999  # a stale peak from before the call
+        fake = self
+
+        class Event:
+            def __init__(self, enable_timing=False):
+                assert enable_timing, "an event that is not timing cannot be timed"
+                self.at = None
+
+            def record(self, stream=None):
+                self.at = fake.clock_ms
+                fake.calls.append("record")
+
+            def synchronize(self):
+                fake.calls.append("event.synchronize")
+
+            def elapsed_time(self, end):
+                return end.at - self.at  # milliseconds, as CUDA's
+
+        monkeypatch.setattr(torch.cuda, "Event", Event)
+        monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: self.calls.append("synchronize"))
+        monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: self._reset())
+        monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: self.allocated)
+        monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: self.peak)
+
+    def _reset(self):
+        self.calls.append("reset")
+        self.peak = self.allocated
+
+    def work(self, ms: float, peak_bytes: int = 0):
+        """A callable that runs ``ms`` on the GPU clock and briefly holds ``peak_bytes`` more."""
+        def run():
+            self.calls.append("fn")
+            self.clock_ms += ms
+            self.peak = max(self.peak, self.allocated + peak_bytes)
+        return run
+
+
+CUDA = torch.device("cuda")
+
+
+def test_cuda_timing_reads_cuda_events_in_milliseconds(monkeypatch):
+    fake = FakeCuda(monkeypatch)
+    assert measure.time_call(fake.work(250.0), CUDA) == pytest.approx(0.25)
+    assert fake.calls == ["record", "fn", "record", "event.synchronize"]  # waits for the end event before reading
+    fns = {"slow": fake.work(30.0), "fast": fake.work(10.0)}
+    times = measure.interleaved_times(fns, CUDA, rounds=3)
+    assert times == {"slow": [pytest.approx(0.03)] * 3, "fast": [pytest.approx(0.01)] * 3}
+    assert "synchronize" in fake.calls  # after the warm-up, before the first timed call
+
+
+def test_cuda_peak_memory_is_the_allocators_peak_beyond_what_was_allocated_before(monkeypatch):
+    fake = FakeCuda(monkeypatch)
+    assert measure.peak_memory(fake.work(1.0, peak_bytes=5_000), CUDA) == 5_000
+    assert fake.calls.index("reset") < fake.calls.index("fn")
+    assert measure.memory_method(CUDA) == measure.CUDA_MEMORY_METHOD
+
+
+def test_machine_info_names_the_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    info = measure.machine_info(CUDA)
+    assert info["gpu"] == "NVIDIA H200" and info["device"] == "cuda"
+
+
+@pytest.mark.parametrize("bf16, low", [(True, torch.bfloat16), (False, torch.float16)])
+def test_a_gpu_times_its_training_precision_and_a_cpu_float32(monkeypatch, bf16, low):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16)
+    assert train_step.precisions(CUDA) == ["float32", str(low).removeprefix("torch.")]
+    assert ops.timing_dtype(CUDA) == low  # the per-op dtype of python -m bench
+    assert ops.timing_dtype(torch.device("cpu")) == torch.float32
+    assert train_step.precisions(torch.device("cpu")) == ["float32", "bfloat16"]
+
+
+class BackendProbe(torch.nn.Module):
+    """A model that records the kernels' backend its forward runs under."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(3))
+        self.seen = []
+
+    def forward(self, idx, targets):
+        self.seen.append(kernels.get_backend())
+        return None, (self.weight * idx.float().mean()).sum()
+
+
+def test_fastgpt_is_timed_on_the_triton_kernels_on_a_gpu_and_the_references_on_a_cpu():
+    assert train_step.fastgpt_backend(CUDA) == "triton"
+    assert train_step.fastgpt_backend(torch.device("cpu")) == "torch"
+    idx = torch.ones(2, 4, dtype=torch.long)
+    cases = ((CUDA, "fastgpt", None, "triton"), (torch.device("cpu"), "fastgpt", None, "torch"),
+             (CUDA, "naive", None, "torch"), (CUDA, "fastgpt", "torch", "torch"), (CUDA, "naive", "triton", "torch"))
+    for device, side, backend, expected in cases:
+        model = BackendProbe()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        train_step.step_fn(side, model, optimizer, idx, idx, "float32", device, backend)()
+        assert model.seen == [expected], (device, side, backend)
+        assert model.weight.grad is None and model.weight[0] < 1  # stepped, then gradients zeroed
+
+
+def test_time_steps_times_the_first_step_apart_then_the_steady_ones(monkeypatch):
+    fake = FakeCuda(monkeypatch)
+    counted = []
+
+    def step():
+        counted.append(len(counted))
+        fake.work(200.0 if len(counted) == 1 else 50.0, peak_bytes=2**20)()
+
+    timing = train_step.time_steps(step, tokens=1000, device=CUDA, steps=3, warmup=2)
+    assert len(counted) == 1 + 2 + 3 + 1  # first, warm-up, timed, peak memory
+    assert timing["times_s"] == [pytest.approx(0.05)] * 3 and timing["time_s"] == pytest.approx(0.05)
+    assert timing["tokens_per_s"] == pytest.approx(20_000)
+    assert timing["peak_memory_bytes"] == 2**20 and timing["first_step_s"] >= 0
+    with pytest.raises(ValueError, match="steps must be at least 1, got 0"):
+        train_step.time_steps(step, 1000, CUDA, steps=0)
+
+
+@pytest.mark.skipif(not _dispatch.INTERPRETED and not torch.cuda.is_available(), reason="needs the kernels to run")
+def test_on_a_gpu_the_triton_provider_is_timed_only_when_its_kernel_launches(monkeypatch):
+    case = ops.OpCase("layer_norm", ops.SHAPES["tiny"]["layer_norm"])
+    inputs = ops.make_inputs(case, DEVICE)  # CPU tensors in the interpreter: the decision is the GPU's
+    assert ops.unavailable(case, "triton", inputs, CUDA) is None
+    assert ops.unavailable(case, "reference", inputs, CUDA) is None
+    assert ops.unavailable(case, "triton", inputs, torch.device("cpu")) == ops.NEEDS_GPU
+    wide = ops.make_inputs(ops.OpCase("layer_norm", ops.SHAPES["tiny"]["layer_norm"], torch.float64), DEVICE)
+    assert "the Triton kernel cannot run" in ops.unavailable(case, "triton", wide, CUDA)
+    monkeypatch.setattr(_dispatch, "use_kernel", lambda *args: False)  # a silent fallback
+    assert ops.unavailable(case, "triton", inputs, CUDA) == "kernels.layer_norm did not launch its Triton kernel"

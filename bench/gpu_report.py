@@ -1,0 +1,913 @@
+"""``python -m bench.gpu_report``: everything a GPU machine can show about the kernels, in a few minutes.
+
+Stages, in order, each in its own child process (``python -m bench.gpu_report --stage NAME``) with its
+own time budget, so that a crash, a hang or a failure of one is reported and the next one still runs:
+
+``env``          versions (Python, torch, triton, numpy, CUDA runtime and driver), the GPU (name,
+                 compute capability, memory, multiprocessors), whether compute-sanitizer is
+                 installed, ``nvidia-smi``'s output.
+``verify``       :mod:`kernels.tools.verify` at GPU shapes in every dtype: every kernel output and
+                 gradient against float64 by the 2x-PyTorch rule; every failing row is kept.
+``tests``        the kernel test files (:data:`TEST_FILES`) under pytest on the GPU.
+``determinism``  every op's backward, run twice with the same inputs and seed on the ``triton``
+                 backend at GPT-2 shapes: every gradient must be bitwise equal.
+``ops``          each op, forward and forward+backward, timed with CUDA events by
+                 :func:`bench.ops.run` at GPT-2 shapes (``ops.SHAPES["gpt2"]``): the naive ops,
+                 PyTorch's own (SDPA, ``F.layer_norm``, linear + GELU + linear) and the Triton kernels.
+``train``        a GPT-2 124M training step (:class:`fastgpt.model.GPTConfig`'s defaults, T=1024,
+                 AdamW) on the ``triton`` and ``torch`` backends, batch 16 and 4, dropout 0 and 0.1
+                 (:func:`bench.train_step.time_steps`), and the configs Triton's autotuner chose.
+``sanitizer``    ``compute-sanitizer --tool memcheck`` and ``--tool racecheck`` over one small
+                 forward and backward of every launch config of every kernel (the
+                 ``sanitizer-target`` stage, run as the sanitizer's child); skipped, saying why,
+                 where compute-sanitizer or a GPU is missing.
+
+Results go to ``--out`` (default ``out/gpu_report/``): ``report.json`` (per stage: status ok,
+failed, timeout or skipped, seconds, figures, the tail of its output), ``report.md`` (tables to paste
+into a README, naming the GPU, the versions and the date) and ``logs/`` (each stage's whole output).
+Both files are rewritten after every stage. The default budgets add up to under eight minutes
+(:data:`STAGES`); ``--budget-scale`` multiplies them.
+
+``--tiny`` runs the same stages at tiny shapes and budgets; without a GPU (a minute or two on a
+2-core CPU) the kernels run in Triton's interpreter on CPU tensors. Its figures mean nothing; it
+checks that the report itself works.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import functools
+import gc
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# The kernel test files the ``tests`` stage runs on the GPU; a new op's test file belongs here.
+TEST_FILES = ("tests/test_layer_norm.py", "tests/test_attention.py", "tests/test_gelu_mlp.py",
+              "tests/test_tuning.py", "tests/test_dispatch.py", "tests/test_traffic.py")
+# ``--tiny``: the tests whose names hold this (one per op: the determinism tests).
+TINY_TESTS = "deterministic"
+
+# compute-sanitizer's exit status when it found errors (--error-exitcode), told apart from the target's.
+SANITIZER_ERROR_EXIT = 86
+SANITIZER_TOOLS = ("memcheck", "racecheck")
+
+TAIL_CHARS = 4000  # of each stage's output kept in report.json
+
+
+class Skipped(Exception):
+    """A stage cannot run on this machine; the message says why."""
+
+
+# --------------------------------------------------------------------------- one stage, in its child process
+
+
+@dataclasses.dataclass
+class StageRun:
+    """What a stage's code gets: its size, its deadline, and where its figures go.
+
+    ``deadline`` is the wall-clock time (``time.time()``) at which the parent kills the stage: a
+    stage that runs processes of its own (the sanitizer's) ends them before it. :meth:`record`
+    appends the figures so far as one JSON line to ``result``, so that a stage killed at its
+    deadline still leaves what it had done (the parent reads the last complete line).
+    """
+
+    tiny: bool
+    deadline: float
+    result: Path | None
+    figures: dict = dataclasses.field(default_factory=dict)
+
+    def record(self, **figures) -> None:
+        """Add ``figures`` to the stage's figures and append them all to the result file."""
+        self.figures.update(figures)
+        if self.result is not None:
+            with open(self.result, "a") as f:
+                f.write(json.dumps(self.figures, default=str) + "\n")
+
+    def seconds_left(self) -> float:
+        """Seconds until the deadline."""
+        return self.deadline - time.time()
+
+    @functools.cached_property
+    def workdir(self) -> Path:
+        """A folder for the stage's own files: next to its result file, else a temporary one."""
+        return self.result.parent if self.result is not None else Path(tempfile.mkdtemp(prefix="gpu_report."))
+
+
+def low_precision(device: torch.device) -> str:
+    """The precision the report runs the kernels in: the low precision a training step takes on
+    ``device`` (:func:`bench.train_step.precisions`: bfloat16, or float16 on a GPU without it)."""
+    from bench import train_step
+
+    return train_step.precisions(device)[-1]
+
+
+def kernel_device() -> torch.device:
+    """The device the kernels run on here: the GPU, else the CPU in Triton's interpreter (with the
+    bfloat16 shim, as the interpreter's own bfloat16 arithmetic is wrong)."""
+    from kernels import _dispatch
+
+    if _dispatch.NO_TRITON_REASON:
+        raise RuntimeError(f"the Triton kernels cannot run: {_dispatch.NO_TRITON_REASON}")
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if not _dispatch.INTERPRETED:
+        raise RuntimeError("no CUDA device and Triton's interpreter is off: run the stage through "
+                           "python -m bench.gpu_report, which sets TRITON_INTERPRET=1 for it")
+    from kernels.tools import bf16_shim
+
+    bf16_shim.install_bf16_shim()
+    return torch.device("cpu")
+
+
+# --------------------------------------------------------------------------- env
+
+
+def find_sanitizer() -> str | None:
+    """The ``compute-sanitizer`` executable: on PATH, else in the CUDA toolkit (CUDA_HOME, /usr/local/cuda)."""
+    found = shutil.which("compute-sanitizer")
+    if found:
+        return found
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if home and os.access(Path(home) / "bin" / "compute-sanitizer", os.X_OK):
+            return str(Path(home) / "bin" / "compute-sanitizer")
+    return None
+
+
+def gpu_info(device: torch.device) -> dict:
+    """The CUDA ``device``: name, compute capability, memory, multiprocessors, bfloat16 support."""
+    props = torch.cuda.get_device_properties(device)
+    return {"name": props.name, "capability": f"{props.major}.{props.minor}",
+            "memory_gib": round(props.total_memory / 2**30, 1), "sms": props.multi_processor_count,
+            "bf16": torch.cuda.is_bf16_supported()}
+
+
+def nvidia_smi() -> dict | None:
+    """``nvidia-smi``'s output, its driver and CUDA versions; None where it is not installed."""
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return None
+    try:
+        proc = subprocess.run([exe], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return {"output": f"nvidia-smi did not run: {exc}", "driver": None, "cuda": None}
+    text = proc.stdout + proc.stderr
+    driver = re.search(r"Driver Version:\s*([\d.]+)", text)
+    cuda = re.search(r"CUDA Version:\s*([\d.]+)", text)
+    return {"output": text, "driver": driver and driver.group(1), "cuda": cuda and cuda.group(1)}
+
+
+def stage_env(run: StageRun) -> str | None:
+    """Versions, the GPU and its tools; fails when the Triton kernels cannot run at all."""
+    import numpy
+
+    from bench import measure
+    from kernels import _dispatch
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    machine = measure.machine_info(device)
+    smi = nvidia_smi()
+    run.record(python=machine["python"], torch=machine["torch"], triton=machine["triton"], numpy=numpy.__version__,
+               platform=machine["platform"], cpu=machine["cpu"], cpu_cores=machine["cpu_cores"],
+               cuda_runtime=torch.version.cuda, gpu=gpu_info(device) if device.type == "cuda" else None,
+               driver=smi and smi["driver"], driver_cuda=smi and smi["cuda"],
+               nvidia_smi=smi["output"] if smi else "nvidia-smi is not installed",
+               compute_sanitizer=find_sanitizer(), kernels_interpreted=_dispatch.INTERPRETED,
+               triton_problem=_dispatch.NO_TRITON_REASON)
+    print(json.dumps({k: v for k, v in run.figures.items() if k != "nvidia_smi"}, indent=1))
+    if smi:
+        print(smi["output"])
+    return f"the Triton kernels cannot run: {_dispatch.NO_TRITON_REASON}" if _dispatch.NO_TRITON_REASON else None
+
+
+# --------------------------------------------------------------------------- verify
+
+
+def verify_cases(tiny: bool) -> list:
+    """The verification cases: the GPU grid in every dtype; ``tiny``, the first float16 case of each op."""
+    from kernels.tools import verify
+
+    if not tiny:
+        return verify.cases("gpu", list(verify.DTYPES.values()))
+    found = {}
+    for case in verify.cases("cpu", [torch.float16]):
+        found.setdefault(case.op, case)
+    return list(found.values())
+
+
+def stage_verify(run: StageRun) -> str | None:
+    """:mod:`kernels.tools.verify`'s cases (:func:`verify_cases`), case by case: a crash is one case's failure."""
+    device = kernel_device()
+    passed, failures, skipped, errors = 0, [], [], []
+    for case in verify_cases(run.tiny):
+        reason = case.why_unsupported()
+        if reason is not None:  # the dispatcher would run PyTorch's op: nothing to verify
+            skipped.append(f"{case.describe()}: {reason}")
+        else:
+            try:
+                checks = case.run(str(device))  # as verify's own command passes it
+            except Exception as exc:  # one case's crash (a compile error, say) must not hide the others
+                errors.append(f"{case.describe()}: {type(exc).__name__}: {exc}")
+                traceback.print_exc()
+            else:
+                for check in checks:
+                    print(check, flush=True)
+                passed += sum(c.passed for c in checks)
+                failures += [str(c) for c in checks if not c.passed]
+        run.record(device=str(device), passed=passed, failed=len(failures), skipped=len(skipped),
+                   errors=len(errors), failures=failures, error_cases=errors, skipped_cases=skipped)
+    if failures or errors:
+        return f"{len(failures)} tensors out of bound, {len(errors)} cases crashed"
+    return None if passed else "nothing was checked"
+
+
+# --------------------------------------------------------------------------- tests
+
+_PYTEST_LINE = re.compile(r"^(?P<test>\S+::.+?) (?P<outcome>PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b")
+
+
+def stage_tests(run: StageRun) -> str | None:
+    """:data:`TEST_FILES` under pytest, each outcome recorded as it comes (a timeout keeps the counts so far)."""
+    command = [sys.executable, "-m", "pytest", *TEST_FILES, "-v", "-rfE", "--tb=short", "-p", "no:cacheprovider"]
+    if run.tiny:
+        command += ["-k", TINY_TESTS]
+    print(" ".join(command), flush=True)
+    counts = dict.fromkeys(("passed", "failed", "error", "skipped", "xfail", "xpass"), 0)
+    failing = []
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        print(line, end="", flush=True)
+        match = _PYTEST_LINE.match(line)
+        if match:
+            outcome = match["outcome"].lower()
+            counts[outcome] += 1
+            if outcome in ("failed", "error"):
+                failing.append(f"{match['test']} {match['outcome']}")
+            run.record(command=" ".join(command), **counts, failing=failing)
+    rc = proc.wait()
+    run.record(command=" ".join(command), **counts, failing=failing, exit_code=rc)
+    if rc:
+        return f"pytest exited with {rc}: {counts['failed']} failed, {counts['error']} errors"
+    return None
+
+
+# --------------------------------------------------------------------------- determinism
+
+
+def determinism_cases(size: str, dtype: torch.dtype) -> list[tuple[str, object, Callable]]:
+    """``(label, bench.ops.OpCase, function)`` for every op's backward: LayerNorm, attention with and
+    without dropout, the GELU MLP, at the shapes of ``bench.ops.SHAPES[size]``."""
+    import kernels
+    from bench import ops
+
+    def case(op):
+        return ops.OpCase(op, ops.SHAPES[size][op], dtype)
+
+    return [
+        ("layer_norm", case("layer_norm"), kernels.layer_norm),
+        ("attention", case("attention"), lambda q, k, v: kernels.attention(q, k, v, causal=True)),
+        ("attention dropout 0.1", case("attention"),
+         lambda q, k, v: kernels.attention(q, k, v, causal=True, dropout_p=0.1)),
+        ("gelu_mlp", case("gelu_mlp"), kernels.gelu_mlp),
+    ]
+
+
+def backward_twice(fn, inputs: dict, seed: int = 0) -> list[dict]:
+    """Two runs of ``fn(**inputs)`` and its backward on the ``triton`` backend, each after
+    ``torch.manual_seed(seed)`` (dropout draws the same mask): ``{"out": ..., "d<input>": ...}`` each."""
+    import kernels
+
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(seed)
+        with kernels.use_backend("triton"):
+            out = fn(**inputs)
+            dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out)
+            grads = torch.autograd.grad(out, list(inputs.values()), dout)
+        runs.append({"out": out, **{f"d{name}": g for name, g in zip(inputs, grads)}})
+    return runs
+
+
+def bitwise_differences(first: dict, second: dict) -> dict[str, str]:
+    """Per tensor that differs between two runs: how many elements and by how much at most."""
+    found = {}
+    for name, a in first.items():
+        b = second[name]
+        if not torch.equal(a, b):
+            differ = (a != b) & ~(a.isnan() & b.isnan())
+            found[name] = (f"{int(differ.sum())} of {a.numel()} elements differ, "
+                           f"max |diff| {(a.double() - b.double()).abs().nan_to_num(float('inf')).max().item():.3e}")
+    return found
+
+
+def stage_determinism(run: StageRun) -> str | None:
+    """Each case of :func:`determinism_cases` forward and backward twice: fails unless all is bitwise equal."""
+    from bench import ops
+
+    device = kernel_device()
+    dtype = getattr(torch, low_precision(device))
+    rows = []
+    for label, case, fn in determinism_cases("tiny" if run.tiny else "gpt2", dtype):
+        inputs = ops.make_inputs(case, device)
+        first, second = backward_twice(fn, inputs)
+        differences = bitwise_differences(first, second)
+        rows.append({"op": label, "shape": case.shape_label, "dtype": str(dtype).removeprefix("torch."),
+                     "tensors": list(first), "equal": not differences, "differences": differences})
+        print(f"{label} {case.shape_label}: {'bitwise equal' if not differences else differences}", flush=True)
+        run.record(rows=rows)
+    unequal = [f"{r['op']} {', '.join(r['differences'])}" for r in rows if not r["equal"]]
+    return f"not bitwise equal: {'; '.join(unequal)}" if unequal else None
+
+
+# --------------------------------------------------------------------------- ops
+
+OPS_ROUNDS = {"tiny": 1, "gpt2": 10}
+
+
+def op_ratios(rows: list[dict]) -> list[dict]:
+    """Per op and pass where both were measured: PyTorch's time over the Triton kernels' (> 1: Triton faster)."""
+    measured = {(r["op"], r["pass"], r["provider"]): r for r in rows if r["status"] == "measured"}
+    found = []
+    for (op, pass_name, provider), ref in measured.items():
+        triton_row = measured.get((op, pass_name, "triton"))
+        if provider == "reference" and triton_row:
+            found.append({"op": op, "shape": ref["shape"], "pass": pass_name, "reference_s": ref["time_s"],
+                          "triton_s": triton_row["time_s"], "ratio": ref["time_s"] / triton_row["time_s"]})
+    return found
+
+
+def stage_ops(run: StageRun) -> str | None:
+    """:func:`bench.ops.run` at GPT-2 shapes (tiny ones with ``--tiny``), and PyTorch's time over Triton's."""
+    from bench import ops
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    size = "tiny" if run.tiny else "gpt2"
+    dtype = getattr(torch, low_precision(device))
+    rows = ops.run(size, device, dtype, OPS_ROUNDS[size])
+    ratios = op_ratios(rows)
+    for r in ratios:
+        print(f"{r['op']} {r['pass']}: reference / triton = {r['ratio']:.2f}")
+    run.record(size=size, device=str(device), dtype=str(dtype).removeprefix("torch."), rounds=OPS_ROUNDS[size],
+               rows=rows, ratios=ratios)
+    missing = untimed_kernels(rows, device)
+    return f"the Triton kernels were not timed: {'; '.join(missing)}" if missing else None
+
+
+def untimed_kernels(rows: list[dict], device: torch.device) -> list[str]:
+    """On a GPU, every Triton row of :func:`bench.ops.run` that says why it was not timed (a
+    failure there); elsewhere none (the Triton provider is timed only on a GPU)."""
+    if device.type != "cuda":
+        return []
+    return [f"{r['op']} {r['pass']}: {r['status']}" for r in rows
+            if r["provider"] == "triton" and r["status"] != "measured"]
+
+
+# --------------------------------------------------------------------------- train
+
+
+def train_settings(tiny: bool) -> dict:
+    """Model shape, context, batches and step counts of the ``train`` stage."""
+    from bench import train_step
+
+    if tiny:
+        return dict(shape={**train_step.TINY_SHAPE, "n_layer": 1}, context=16, batches=(2, 1), warmup=0, steps=1)
+    return dict(shape=train_step.GPT2_SHAPE, context=1024, batches=(16, 4), warmup=2, steps=5)
+
+
+def autotuner_choices() -> dict[str, dict[str, str]]:
+    """Per autotuned kernel, each key Triton's autotuner tuned in this process and the config it chose."""
+    from kernels import _tuning
+
+    return {name: {str(key): _tuning.describe(config) for key, config in tunable.tuner.cache.items()}
+            for name, tunable in _tuning._REGISTRY.items()}
+
+
+TRAIN_BACKENDS = ("torch", "triton")
+TRAIN_DROPOUTS = (0.0, 0.1)
+
+
+def stage_train(run: StageRun) -> str | None:
+    """fastgpt's training step on each backend, batch and dropout, then the autotuner's choices."""
+    from bench import train_step
+
+    device = kernel_device()
+    precision = low_precision(device)
+    settings = train_settings(run.tiny)
+    context, shape = settings["context"], settings["shape"]
+    rows = []
+    for batch in settings["batches"]:
+        idx, targets = train_step.random_batch(shape, context, batch, device)
+        for dropout in TRAIN_DROPOUTS:
+            for backend in TRAIN_BACKENDS:
+                model, optimizer = train_step.build("fastgpt", shape, context, dropout, device)
+                step = train_step.step_fn("fastgpt", model, optimizer, idx, targets, precision, device, backend)
+                timing = train_step.time_steps(step, batch * context, device, settings["steps"], settings["warmup"])
+                rows.append({"batch": batch, "context": context, "dropout": dropout, "backend": backend, **timing})
+                print(f"B={batch} T={context} dropout={dropout} {backend}: {timing['tokens_per_s']:.0f} tokens/s, "
+                      f"first step {timing['first_step_s']:.2f} s, peak {timing['peak_memory_bytes'] / 2**20:.0f} MiB",
+                      flush=True)
+                run.record(precision=precision, shape=shape, device=str(device), rows=rows)
+                del model, optimizer, step
+                gc.collect()
+    ratios = []
+    for batch in settings["batches"]:
+        for dropout in TRAIN_DROPOUTS:
+            fast, ref = (next(r for r in rows if (r["batch"], r["dropout"], r["backend"]) == (batch, dropout, backend))
+                         for backend in ("triton", "torch"))
+            memory = fast["peak_memory_bytes"] / ref["peak_memory_bytes"] if ref["peak_memory_bytes"] else None
+            ratios.append({"batch": batch, "dropout": dropout, "speedup": fast["tokens_per_s"] / ref["tokens_per_s"],
+                           "memory_ratio": memory})
+    run.record(ratios=ratios, autotuned=autotuner_choices())
+    return None
+
+
+# --------------------------------------------------------------------------- sanitizer
+
+
+def layer_norm_widths() -> dict[tuple, int]:
+    """For each of LayerNorm's launch configs, a row width that selects it (ragged where the block allows)."""
+    from kernels.ops import layer_norm
+
+    widest = layer_norm.MAX_ONE_BLOCK_N
+    widths = [2**k - 1 for k in range(1, widest.bit_length() + 1)] + [widest + 1]
+    chosen = {}
+    for width in widths:  # the last width that selects a config wins: the widest, and widest + 1 for the loop
+        chosen[layer_norm.block_config(width)] = width
+    return chosen
+
+
+def sanitizer_calls(dtype: torch.dtype) -> list[tuple[str, dict, Callable]]:
+    """``(label, pins, call)``: one small forward and backward of every launch config of every kernel.
+
+    Each call runs under ``kernels.use_configs(pins)`` (the autotuned kernels of its op pinned, so
+    nothing is autotuned under the sanitizer); LayerNorm's config follows the row width.
+    """
+    import kernels
+    from bench import ops
+    from kernels import _tuning
+    from kernels.ops import attention
+
+    def backward(fn, case, **kwargs):
+        def call(device):
+            inputs = ops.make_inputs(case, device)
+            out = fn(**inputs, **kwargs)
+            torch.autograd.grad(out, list(inputs.values()), torch.ones_like(out))
+        return call
+
+    def pinned(label, allowed: dict, call):
+        rounds = max(len(configs) for configs in allowed.values())
+        found = []
+        for i in range(rounds):
+            pins = {name: configs[i % len(configs)] for name, configs in allowed.items()}
+            found.append((f"{label}: " + ", ".join(f"{name} {_tuning.describe(c)}" for name, c in pins.items()),
+                          pins, call))
+        return found
+
+    calls = [(f"layer_norm width {width}: BLOCK_N, warps, one block = {config}", {},
+              backward(kernels.layer_norm, ops.OpCase("layer_norm", dict(M=5, N=width), dtype)))
+             for config, width in layer_norm_widths().items()]
+    T = 100  # ragged for every tile, and long enough that no tile is pruned as too large
+    for causal, dropout, D in ((True, 0.0, 64), (False, 0.1, 32)):
+        allowed = {f"attention.{kind}": attention.configs(kind, D, dtype, T, dropout > 0) for kind in attention.KINDS}
+        calls += pinned(f"attention causal={causal} dropout={dropout} D={D}", allowed,
+                        backward(kernels.attention, ops.OpCase("attention", dict(B=1, H=2, T=T, D=D), dtype),
+                                 causal=causal, dropout_p=dropout))
+    mlp = {name: configs for name, configs in _tuning.kernels().items() if name.startswith("gelu_mlp.")}
+    mlp_case = ops.OpCase("gelu_mlp", dict(M=100, C=64, Hd=256), dtype)
+    calls += pinned("gelu_mlp", mlp, backward(kernels.gelu_mlp, mlp_case))
+    return calls
+
+
+def stage_sanitizer_target(run: StageRun) -> str | None:
+    """Every call of :func:`sanitizer_calls`; fails on a call that raises or a kernel config never run."""
+    import kernels
+    from bench import measure
+    from kernels import _tuning
+    from kernels.ops import layer_norm
+
+    device = kernel_device()
+    dtype = getattr(torch, low_precision(device))
+    done, failed, covered = [], [], set()
+    for label, pins, call in sanitizer_calls(dtype):
+        try:
+            with kernels.use_configs(pins), kernels.use_backend("triton"):
+                call(device)
+            measure.synchronize(device)  # an asynchronous fault shows up here, on its own call
+        except Exception as exc:
+            failed.append(f"{label}: {type(exc).__name__}: {exc}")
+            traceback.print_exc()
+            print(f"{label}: FAILED", flush=True)
+        else:
+            done.append(label)
+            covered |= {(name, _tuning.describe(config)) for name, config in pins.items()}
+            print(f"{label}: ok", flush=True)
+        run.record(device=str(device), dtype=str(dtype).removeprefix("torch."), calls=len(done) + len(failed),
+                   failed=failed)
+    uncovered = sorted(f"{name} {_tuning.describe(config)}" for name, configs in _tuning.kernels().items()
+                       for config in configs if (name, _tuning.describe(config)) not in covered)
+    uncovered += [f"layer_norm {config}" for config in layer_norm.launch_configs() if config not in layer_norm_widths()]
+    run.record(uncovered=uncovered)
+    if uncovered:
+        failed.append(f"never ran: {', '.join(uncovered)}")
+    return "; ".join(failed) or None
+
+
+def sanitizer_summary(text: str) -> dict:
+    """compute-sanitizer's verdict from its output: errors, warnings, and whether a summary line was printed."""
+    errors = [int(n) for n in re.findall(r"ERROR SUMMARY:\s*(\d+) errors?", text)]
+    races = re.findall(r"RACECHECK SUMMARY:\s*(\d+) hazards? displayed \((\d+) errors?, (\d+) warnings?\)", text)
+    findings = [line for line in text.splitlines()
+                if line.startswith("========= ") and re.search(r"\b(Invalid|Error|Race|Hazard|Warning)", line)
+                and "SUMMARY" not in line]
+    return {"summary": bool(errors or races), "errors": sum(errors) + sum(int(r[1]) for r in races),
+            "warnings": sum(int(r[2]) for r in races), "findings": findings[:20]}
+
+
+def stage_sanitizer(run: StageRun) -> str | None:
+    """The ``sanitizer-target`` stage under each of :data:`SANITIZER_TOOLS`; skipped without the tool or a GPU."""
+    exe = find_sanitizer()
+    if exe is None:
+        raise Skipped("compute-sanitizer is not installed (not on PATH, nor in CUDA_HOME/bin or /usr/local/cuda/bin)")
+    if not torch.cuda.is_available():
+        raise Skipped("no CUDA device: the sanitizers check kernels running on a GPU")
+    tools, problems = {}, []
+    for i, tool in enumerate(SANITIZER_TOOLS):
+        result = run.workdir / f"sanitizer-{tool}.result.jsonl"
+        result.unlink(missing_ok=True)
+        command = [exe, "--tool", tool, "--error-exitcode", str(SANITIZER_ERROR_EXIT),
+                   # PyTorch's own start-up hits CUDA API errors on purpose; the kernels' accesses are the question.
+                   "--report-api-errors", "no",
+                   sys.executable, "-m", "bench.gpu_report", "--stage", "sanitizer-target", "--result", str(result)]
+        if run.tiny:
+            command.append("--tiny")
+        # Each tensor its own allocation: inside the caching allocator's blocks memcheck sees no bounds.
+        env = {**child_env(cuda=True), "PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}
+        # The first run compiles the target's kernels; the next one finds them in Triton's cache.
+        share = 1.0 if i == len(SANITIZER_TOOLS) - 1 else 0.6
+        timeout = max(1.0, run.seconds_left() * share - 3)  # ended (with its target) before the parent ends us
+        code, output, seconds = run_group(command, env, timeout, run.workdir / f"sanitizer-{tool}.log")
+        verdict = sanitizer_summary(output)
+        target = last_record(result)
+        tools[tool] = {"exit": code, "seconds": seconds, **verdict, "target_failed": target.get("failed"),
+                       "target_calls": target.get("calls"), "uncovered": target.get("uncovered"),
+                       "output_tail": output[-TAIL_CHARS:]}
+        if code is None:
+            problems.append(f"{tool}: did not finish in {timeout:.0f} s")
+        elif verdict["errors"]:
+            problems.append(f"{tool}: {verdict['errors']} errors")
+        elif code or not verdict["summary"] or target.get("failed") or target.get("uncovered") is None:
+            problems.append(f"{tool}: the target did not run cleanly (exit {code})")
+        print(f"{tool}: exit {code}, {verdict['errors']} errors, {verdict['warnings']} warnings", flush=True)
+        run.record(sanitizer=exe, tools=tools)
+    return "; ".join(problems) or None
+
+
+# --------------------------------------------------------------------------- the stages
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """A stage: its code (run in the child), its budgets (seconds) and what it is."""
+
+    name: str
+    run: Callable[[StageRun], str | None]
+    budget_s: float
+    tiny_budget_s: float
+    title: str
+
+    def budget(self, tiny: bool, scale: float = 1.0) -> float:
+        """Seconds the stage may run: its budget for the run's size, times ``scale``."""
+        return (self.tiny_budget_s if tiny else self.budget_s) * scale
+
+
+# The budgets add up to 470 s: the whole report fits in eight minutes on one GPU.
+STAGES = {s.name: s for s in (
+    Stage("env", stage_env, 15, 60, "versions and the GPU"),
+    Stage("verify", stage_verify, 120, 120, "every kernel output and gradient against float64"),
+    Stage("tests", stage_tests, 120, 180, "the kernel test files under pytest"),
+    Stage("determinism", stage_determinism, 30, 120, "every backward twice, bitwise"),
+    Stage("ops", stage_ops, 45, 120, "per op against PyTorch's own"),
+    Stage("train", stage_train, 60, 180, "a GPT-2 124M training step"),
+    Stage("sanitizer", stage_sanitizer, 80, 240, "compute-sanitizer memcheck and racecheck"),
+)}
+# Run by the sanitizer stage under compute-sanitizer, never as a stage of the report itself.
+TARGETS = {"sanitizer-target": Stage("sanitizer-target", stage_sanitizer_target, 60, 120,
+                                     "every kernel config once, forward and backward")}
+
+
+def run_stage(name: str, tiny: bool, deadline: float, result: Path | None) -> int:
+    """The child: run stage ``name``, recording its figures and status; exit status 0 unless it failed."""
+    run = StageRun(tiny, deadline, result)
+    try:
+        problem = {**STAGES, **TARGETS}[name].run(run)
+    except Skipped as exc:
+        print(f"skipped: {exc}")
+        run.record(status="skipped", reason=str(exc))
+        return 0
+    except Exception as exc:
+        traceback.print_exc()
+        run.record(status="failed", reason=f"{type(exc).__name__}: {exc}")
+        return 1
+    run.record(status="failed" if problem else "ok", reason=problem)
+    return 1 if problem else 0
+
+
+# --------------------------------------------------------------------------- the parent
+
+
+def child_env(cuda: bool) -> dict:
+    """A stage's environment: the GPU's as it is; without one, Triton's interpreter switched on
+    (read when the kernels are imported) and NumPy's BLAS on one thread (its matmuls are one small
+    tile each in the interpreter)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if not cuda:
+        env = {"OPENBLAS_NUM_THREADS": "1", **env, "TRITON_INTERPRET": "1"}
+    return env
+
+
+def run_group(command: list[str], env: dict, timeout: float, log: Path) -> tuple[int | None, str, float]:
+    """Run ``command`` in its own process group, output to ``log``: ``(exit status or None on timeout,
+    output, seconds)``. On timeout the whole group is killed (pytest, the sanitizer's target)."""
+    start = time.monotonic()
+    with open(log, "w") as out:
+        proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            code = None
+    return code, log.read_text(errors="replace"), time.monotonic() - start
+
+
+def last_record(path: Path) -> dict:
+    """The last complete JSON line a stage recorded in ``path`` ({} when none)."""
+    if not path.exists():
+        return {}
+    for line in reversed(path.read_text().splitlines()):
+        try:
+            return json.loads(line)
+        except json.JSONDecodeError:  # a line cut short when the stage was killed
+            continue
+    return {}
+
+
+def stage_command(name: str, tiny: bool, deadline: float, result: Path) -> list[str]:
+    """The child process that runs stage ``name`` until ``deadline`` (``time.time()``)."""
+    command = [sys.executable, "-m", "bench.gpu_report", "--stage", name, "--deadline", f"{deadline:.3f}",
+               "--result", str(result)]
+    return command + ["--tiny"] if tiny else command
+
+
+def run_one(stage: Stage, tiny: bool, budget: float, logs: Path, cuda: bool) -> dict:
+    """Run ``stage`` in its child process within ``budget`` seconds; its entry of ``report.json``."""
+    result = logs / f"{stage.name}.result.jsonl"
+    result.unlink(missing_ok=True)
+    command = stage_command(stage.name, tiny, time.time() + budget, result)
+    code, output, seconds = run_group(command, child_env(cuda), budget, logs / f"{stage.name}.log")
+    figures = last_record(result)
+    status, reason = figures.pop("status", None), figures.pop("reason", None)
+    if code is None:
+        status, reason = "timeout", f"still running after its budget of {budget:.0f} s; killed"
+    elif code != 0 or status is None:
+        status = "failed"
+        reason = reason or (f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}")
+    return {"status": status, "reason": reason, "seconds": round(seconds, 2), "budget_s": budget,
+            "figures": figures, "output_tail": output[-TAIL_CHARS:]}
+
+
+def parse_args(argv=None):
+    """The report's options (and the hidden ones of a stage's child process)."""
+    parser = argparse.ArgumentParser(prog="python -m bench.gpu_report", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="out/gpu_report", help="folder for report.json, report.md and logs/ "
+                                                                "(default: %(default)s)")
+    parser.add_argument("--tiny", action="store_true",
+                        help="tiny shapes and budgets: checks that the report runs (figures meaningless)")
+    parser.add_argument("--only", action="append", choices=list(STAGES), metavar="STAGE",
+                        help=f"run only this stage (repeatable; one of {', '.join(STAGES)})")
+    parser.add_argument("--budget-scale", type=float, default=1.0,
+                        help="multiply every stage's time budget (default: %(default)s)")
+    parser.add_argument("--stage", choices=[*STAGES, *TARGETS], help=argparse.SUPPRESS)  # a child: one stage
+    parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)  # the child's figures (JSON lines)
+    parser.add_argument("--deadline", type=float, help=argparse.SUPPRESS)  # the child's end, time.time()
+    args = parser.parse_args(argv)
+    if not args.budget_scale > 0:
+        parser.error(f"--budget-scale must be positive, got {args.budget_scale}")
+    return args
+
+
+def main(argv=None) -> int:
+    """Run the report (or, with ``--stage``, one stage as the report's child); 0 when no stage failed."""
+    args = parse_args(argv)
+    if args.stage:
+        stage = {**STAGES, **TARGETS}[args.stage]
+        deadline = args.deadline or time.time() + stage.budget(args.tiny)
+        return run_stage(args.stage, args.tiny, deadline, args.result)
+    from bench import measure
+
+    cuda = torch.cuda.is_available()
+    out = Path(args.out)
+    logs = out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    names = [name for name in STAGES if not args.only or name in args.only]
+    report = {"command": "python -m bench.gpu_report " + " ".join(sys.argv[1:] if argv is None else argv),
+              "tiny": args.tiny, "budget_scale": args.budget_scale,
+              "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+              "machine": measure.machine_info(torch.device("cuda" if cuda else "cpu")), "stages": {}}
+    start = time.monotonic()
+    for i, name in enumerate(names, 1):
+        stage = STAGES[name]
+        budget = stage.budget(args.tiny, args.budget_scale)
+        print(f"[{i}/{len(names)}] {name}: {stage.title} (budget {budget:.0f} s)", flush=True)
+        entry = run_one(stage, args.tiny, budget, logs, cuda)
+        report["stages"][name] = entry
+        report["total_s"] = round(time.monotonic() - start, 1)
+        print(f"[{i}/{len(names)}] {name}: {entry['status']} in {entry['seconds']:.1f} s: {summary(name, entry)}",
+              flush=True)
+        (out / "report.json").write_text(json.dumps(report, indent=1, default=str))
+        (out / "report.md").write_text(markdown(report))
+    print(f"wrote {out / 'report.json'} and {out / 'report.md'} in {report['total_s']:.0f} s")
+    return 0 if all(e["status"] in ("ok", "skipped") for e in report["stages"].values()) else 1
+
+
+# --------------------------------------------------------------------------- Markdown
+
+
+def summary(name: str, entry: dict) -> str:
+    """One line on a stage's outcome, for the progress line and the table of stages."""
+    f = entry["figures"]
+    if entry["status"] == "skipped" or (entry["reason"] and entry["status"] != "ok" and not f):
+        return entry["reason"] or ""
+    text = {
+        "env": lambda: (f"{(f.get('gpu') or {}).get('name', 'no GPU')}, torch {f.get('torch')}, "
+                        f"triton {f.get('triton')}"),
+        "verify": lambda: (f"{f.get('passed', 0)} passed, {f.get('failed', 0)} failed, {f.get('skipped', 0)} cases "
+                           f"skipped, {f.get('errors', 0)} cases crashed"),
+        "tests": lambda: (f"{f.get('passed', 0)} passed, {f.get('failed', 0)} failed, {f.get('error', 0)} errors, "
+                          f"{f.get('skipped', 0)} skipped"),
+        "determinism": lambda: (f"{sum(r['equal'] for r in f.get('rows', []))} of {len(f.get('rows', []))} "
+                                f"bitwise equal"),
+        "ops": lambda: ", ".join(f"{r['op']} {r['pass']} {r['ratio']:.2f}x" for r in f.get("ratios", []))
+                       or "no Triton timings",
+        "train": lambda: ", ".join(f"B={r['batch']} p={r['dropout']} {r['speedup']:.2f}x"
+                                   for r in f.get("ratios", [])) or f"{len(f.get('rows', []))} variants timed",
+        "sanitizer": lambda: ", ".join(f"{tool} {t['errors']} errors" for tool, t in f.get("tools", {}).items()),
+    }[name]()
+    return text + (f" ({entry['reason']})" if entry["reason"] and entry["status"] != "ok" else "")
+
+
+def _mib(n) -> str:
+    return "-" if n is None else f"{n / 2**20:.0f}"
+
+
+def _header(report: dict) -> list[str]:
+    env = report["stages"].get("env", {}).get("figures") or {}
+    machine = report["machine"]
+    gpu = env.get("gpu")
+    where = (f"{gpu['name']} (compute capability {gpu['capability']}, {gpu['memory_gib']} GiB, {gpu['sms']} SMs)"
+             if gpu else (machine["gpu"] or f"no GPU ({machine['cpu']}, kernels in Triton's interpreter)"))
+    versions = [f"Python {machine['python']}", f"torch {machine['torch']}", f"triton {machine['triton']}"]
+    if env:
+        versions.append(f"numpy {env['numpy']}")
+        if env["cuda_runtime"]:
+            versions.append(f"CUDA runtime {env['cuda_runtime']}")
+        if env["driver"]:
+            versions.append(f"NVIDIA driver {env['driver']} (CUDA {env['driver_cuda']})")
+    lines = [f"# fastgpt GPU report: {where}", "", f"{report['date']}; `{report['command']}`", "",
+             ", ".join(versions) + "."]
+    if report["tiny"]:
+        lines += ["", "**Tiny run (`--tiny`): tiny shapes and budgets to check that the report works; "
+                      "its figures mean nothing.**"]
+    return lines
+
+
+def _section_env(f: dict) -> list[str]:
+    return [f"compute-sanitizer: {f.get('compute_sanitizer') or 'not installed'}; kernels in Triton's interpreter: "
+            f"{f.get('kernels_interpreted')}", "", "```", (f.get("nvidia_smi") or "").rstrip(), "```"]
+
+
+def _section_verify(f: dict) -> list[str]:
+    lines = [f"{f.get('passed', 0)} tensors passed, {f.get('failed', 0)} failed; {f.get('skipped', 0)} cases skipped "
+             f"(the kernels do not take them), {f.get('errors', 0)} crashed."]
+    bad = f.get("failures", []) + f.get("error_cases", [])
+    return lines + (["", "```", *bad, "```"] if bad else [])
+
+
+def _section_tests(f: dict) -> list[str]:
+    lines = [f"`{f.get('command', '')}`: {f.get('passed', 0)} passed, {f.get('failed', 0)} failed, "
+             f"{f.get('error', 0)} errors, {f.get('skipped', 0)} skipped."]
+    return lines + (["", *[f"- `{t}`" for t in f["failing"]]] if f.get("failing") else [])
+
+
+def _section_determinism(f: dict) -> list[str]:
+    lines = ["| op | shape | dtype | tensors | bitwise equal |", "|---|---|---|---|---|"]
+    for r in f.get("rows", []):
+        verdict = "yes" if r["equal"] else "NO: " + "; ".join(f"{k} {v}" for k, v in r["differences"].items())
+        lines.append(f"| {r['op']} | {r['shape']} | {r['dtype']} | {', '.join(r['tensors'])} | {verdict} |")
+    return lines
+
+
+def _section_ops(f: dict) -> list[str]:
+    rows = f.get("rows", [])
+    if not rows:
+        return []
+    times = {(r["op"], r["pass"], r["provider"]): r for r in rows}
+    clock = "CUDA events" if f["device"] == "cuda" else "wall clock"
+    lines = [f"{f['dtype']}, median of {f['rounds']} rounds, {clock}; reference: PyTorch's own ops (SDPA, "
+             "F.layer_norm, linear + GELU + linear); naive: the lecture's ops.", "",
+             "| op | shape | pass | naive ms | reference ms | triton ms | reference / triton | triton peak MiB |",
+             "|---|---|---|---|---|---|---|---|"]
+    for (op, pass_name, provider), r in times.items():
+        if provider != "reference":
+            continue
+        cells = []
+        for p in ("naive", "reference", "triton"):
+            row = times.get((op, pass_name, p), {})
+            cells.append(f"{row['time_s'] * 1e3:.3f}" if row.get("status") == "measured" else row.get("status", "-"))
+        triton_row = times.get((op, pass_name, "triton"), {})
+        ratio = (f"{r['time_s'] / triton_row['time_s']:.2f}x" if triton_row.get("status") == "measured" else "-")
+        lines.append(f"| {op} | {r['shape']} | {pass_name} | {' | '.join(cells)} | {ratio} | "
+                     f"{_mib(triton_row.get('peak_memory_bytes'))} |")
+    return lines
+
+
+def _section_train(f: dict) -> list[str]:
+    rows = f.get("rows", [])
+    if not rows:
+        return []
+    shape = f["shape"]
+    lines = [f"{f['precision']} autocast, {shape['n_layer']} layers, {shape['n_head']} heads, {shape['n_embd']} wide, "
+             f"vocabulary {shape['vocab_size']}, T={rows[0]['context']}, AdamW; variants run one after another in "
+             "one process, in this order (the first step compiles and autotunes what earlier ones have not).", "",
+             "| B | dropout | backend | tokens/s | step ms | first step s | peak MiB |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['batch']} | {r['dropout']} | {r['backend']} | {r['tokens_per_s']:.0f} | "
+                     f"{r['time_s'] * 1e3:.1f} | {r['first_step_s']:.2f} | {_mib(r['peak_memory_bytes'])} |")
+    if f.get("ratios"):
+        lines += ["", "| B | dropout | triton / torch tokens/s | triton / torch peak memory |", "|---|---|---|---|"]
+        lines += [f"| {r['batch']} | {r['dropout']} | {r['speedup']:.2f}x | "
+                  f"{'-' if r['memory_ratio'] is None else format(r['memory_ratio'], '.2f')} |" for r in f["ratios"]]
+    chosen = [(name, key, config) for name, keys in (f.get("autotuned") or {}).items() for key, config in keys.items()]
+    if chosen:
+        lines += ["", "Configs Triton's autotuner chose:", "", "| kernel | key | config |", "|---|---|---|"]
+        lines += [f"| {name} | `{key}` | {config} |" for name, key, config in chosen]
+    elif "autotuned" in f:
+        lines += ["", "Nothing was autotuned (Triton's interpreter runs the largest tiles)."]
+    return lines
+
+
+def _section_sanitizer(f: dict) -> list[str]:
+    tools = f.get("tools", {})
+    if not tools:
+        return []
+    lines = [f"`{f['sanitizer']}` over every launch config of every kernel, one small forward and backward each.", "",
+             "| tool | exit | errors | warnings | target calls | target failures |", "|---|---|---|---|---|---|"]
+    for tool, t in tools.items():
+        failed = "-" if t["target_failed"] is None else len(t["target_failed"])  # None: the target never recorded
+        calls = "-" if t["target_calls"] is None else t["target_calls"]
+        lines.append(f"| {tool} | {t['exit']} | {t['errors']} | {t['warnings']} | {calls} | {failed} |")
+    findings = [line for t in tools.values() for line in t["findings"]]
+    return lines + (["", "```", *findings, "```"] if findings else [])
+
+
+SECTIONS = {"env": _section_env, "verify": _section_verify, "tests": _section_tests,
+            "determinism": _section_determinism, "ops": _section_ops, "train": _section_train,
+            "sanitizer": _section_sanitizer}
+
+
+def markdown(report: dict) -> str:
+    """``report.md``: the header (GPU, versions, date), the table of stages, then a section per stage."""
+    lines = _header(report) + ["", "| stage | status | seconds | budget s | summary |", "|---|---|---|---|---|"]
+    for name, entry in report["stages"].items():
+        lines.append(f"| {name} | {entry['status']} | {entry['seconds']:.1f} | {entry['budget_s']:.0f} | "
+                     f"{summary(name, entry).replace('|', '/')} |")
+    for name, entry in report["stages"].items():
+        lines += ["", f"## {name}: {STAGES[name].title}", ""]
+        if entry["status"] != "ok":
+            lines += [f"**{entry['status']}**" + (f": {entry['reason']}" if entry["reason"] else ""), ""]
+        lines += SECTIONS[name](entry["figures"])
+        if entry["status"] in ("failed", "timeout"):
+            lines += ["", "Output (tail):", "", "```", entry["output_tail"].rstrip()[-2000:], "```"]
+    lines += ["", f"Figures from `python -m bench.gpu_report` on the machine named above; "
+                  f"total {report['total_s']:.0f} s."]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

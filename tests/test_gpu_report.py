@@ -1,0 +1,314 @@
+"""``python -m bench.gpu_report``: the tiny report runs every stage here; a stage that crashes or hangs
+is reported and the next one runs; the CUDA-only branches (the GPU's facts, the sanitizer stage, the
+stages' environment) run against stand-ins for the GPU and its tools."""
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from bench import gpu_report
+from kernels import _dispatch, _tuning
+
+ROOT = Path(__file__).resolve().parents[1]
+needs_kernels = pytest.mark.skipif(not _dispatch.INTERPRETED and not torch.cuda.is_available(),
+                                   reason="needs the kernels to run")
+
+
+def _env(**overrides):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return {**env, "OPENBLAS_NUM_THREADS": "1", **overrides}
+
+
+@needs_kernels
+def test_the_tiny_report_runs_every_stage_and_writes_json_and_markdown(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "bench.gpu_report", "--tiny", "--out", str(tmp_path)], cwd=ROOT,
+                          env=_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for i, name in enumerate(gpu_report.STAGES, 1):  # progress as each stage starts and ends
+        assert f"[{i}/{len(gpu_report.STAGES)}] {name}: " in proc.stdout
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["tiny"] and list(report["stages"]) == list(gpu_report.STAGES)
+    stages = report["stages"]
+    for name, entry in stages.items():
+        assert entry["status"] in ("ok", "skipped"), (name, entry["reason"], entry["output_tail"])
+        assert entry["seconds"] > 0 and entry["budget_s"] == gpu_report.STAGES[name].tiny_budget_s
+        assert (tmp_path / "logs" / f"{name}.log").exists()
+
+    assert stages["env"]["figures"]["torch"] == torch.__version__
+    verify = stages["verify"]["figures"]
+    assert verify["passed"] > 0 and verify["failed"] == verify["errors"] == 0
+    tests = stages["tests"]["figures"]
+    assert tests["passed"] >= 3 and tests["failed"] == 0 and tests["exit_code"] == 0
+    determinism = stages["determinism"]["figures"]["rows"]
+    assert [r["op"] for r in determinism] == ["layer_norm", "attention", "attention dropout 0.1", "gelu_mlp"]
+    assert all(r["equal"] for r in determinism)
+    ops_rows = stages["ops"]["figures"]["rows"]
+    assert {r["provider"] for r in ops_rows} == {"naive", "reference", "triton"}
+    train = stages["train"]["figures"]
+    assert len(train["rows"]) == 2 * len(gpu_report.TRAIN_DROPOUTS) * len(gpu_report.TRAIN_BACKENDS)
+    assert all(r["tokens_per_s"] > 0 and r["first_step_s"] > 0 for r in train["rows"])
+    assert set(train["autotuned"]) == set(_tuning.kernels())
+    if gpu_report.find_sanitizer() is None or not torch.cuda.is_available():
+        assert stages["sanitizer"]["status"] == "skipped"
+        assert "compute-sanitizer" in stages["sanitizer"]["reason"] or "no CUDA device" in stages["sanitizer"]["reason"]
+
+    md = (tmp_path / "report.md").read_text()
+    assert md.startswith("# fastgpt GPU report: ") and report["date"] in md and f"torch {torch.__version__}" in md
+    assert "its figures mean nothing" in md
+    for name in gpu_report.STAGES:
+        assert f"\n## {name}: " in md
+    assert "| layer_norm | M=64 N=32 | forward |" in md and "| 2 | 0.1 | triton |" in md
+
+
+def test_a_crashing_and_a_hanging_stage_are_reported_and_the_next_stage_still_runs(tmp_path, monkeypatch, capsys):
+    pid_file = tmp_path / "grandchild.pid"
+    crash = textwrap.dedent("""
+        import json, os, signal, sys
+        result = sys.argv[sys.argv.index("--result") + 1]
+        with open(result, "a") as f:
+            f.write(json.dumps({"passed": 3}) + "\\n")
+        print("about to crash", flush=True)
+        os.kill(os.getpid(), signal.SIGSEGV)
+    """)
+    hang = textwrap.dedent(f"""
+        import subprocess, sys, time
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+        open({str(pid_file)!r}, "w").write(str(child.pid))
+        print("hanging", flush=True)
+        time.sleep(300)
+    """)
+    real_command = gpu_report.stage_command
+    fakes = {"verify": crash, "tests": hang}
+
+    def command(name, tiny, deadline, result):
+        if name in fakes:
+            return [sys.executable, "-c", fakes[name], "--result", str(result)]
+        return real_command(name, tiny, deadline, result)
+
+    monkeypatch.setattr(gpu_report, "stage_command", command)
+    monkeypatch.setitem(gpu_report.STAGES, "tests", dataclasses.replace(gpu_report.STAGES["tests"], tiny_budget_s=3))
+    start = time.monotonic()
+    code = gpu_report.main(["--tiny", "--out", str(tmp_path), "--only", "verify", "--only", "tests",
+                            "--only", "env"])
+    assert code == 1
+    assert time.monotonic() - start < 60
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert list(report["stages"]) == ["env", "verify", "tests"]  # in the report's order, not the options'
+    crashed, hung, env = report["stages"]["verify"], report["stages"]["tests"], report["stages"]["env"]
+    assert crashed["status"] == "failed" and crashed["reason"] == "killed by SIGSEGV"
+    assert crashed["figures"] == {"passed": 3} and "about to crash" in crashed["output_tail"]
+    assert hung["status"] == "timeout" and "budget of 3 s" in hung["reason"] and hung["seconds"] < 20
+    assert "hanging" in hung["output_tail"]
+    assert env["status"] == "ok"
+    grandchild = int(pid_file.read_text())  # killed with its stage: its whole process group
+    for _ in range(50):
+        state = Path(f"/proc/{grandchild}/stat")
+        if not state.exists() or state.read_text().rsplit(")", 1)[1].split()[0] in "ZX":
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(grandchild, signal.SIGKILL)
+        pytest.fail("the hanging stage's child outlived its budget")
+    md = (tmp_path / "report.md").read_text()
+    assert "| verify | failed |" in md and "| tests | timeout |" in md and "about to crash" in md
+    out = capsys.readouterr().out
+    assert "verify: failed in" in out and "tests: timeout in" in out
+
+
+def test_the_default_budgets_fit_the_report_in_eight_minutes():
+    assert sum(stage.budget_s for stage in gpu_report.STAGES.values()) <= 8 * 60 - 10  # the parent's start-up
+    assert list(gpu_report.STAGES) == ["env", "verify", "tests", "determinism", "ops", "train", "sanitizer"]
+
+
+def test_bad_options_are_refused(capsys):
+    for argv, message in ((["--budget-scale", "0"], "--budget-scale must be positive, got 0.0"),
+                          (["--only", "nothing"], "invalid choice: 'nothing'")):
+        with pytest.raises(SystemExit):
+            gpu_report.parse_args(argv)
+        assert message in capsys.readouterr().err
+
+
+def test_the_test_files_exist_and_the_tiny_selection_picks_tests_of_every_op():
+    for path in gpu_report.TEST_FILES:
+        assert (ROOT / path).is_file(), path
+    for op in ("layer_norm", "attention", "gelu_mlp"):
+        assert f"def test_backward_is_{gpu_report.TINY_TESTS}" in (ROOT / f"tests/test_{op}.py").read_text()
+
+
+@needs_kernels
+def test_the_sanitizer_target_runs_every_config_of_every_kernel(tmp_path):
+    result = tmp_path / "target.jsonl"
+    proc = subprocess.run([sys.executable, "-m", "bench.gpu_report", "--stage", "sanitizer-target", "--tiny",
+                           "--result", str(result)], cwd=ROOT, env=_env(TRITON_INTERPRET="1"), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    figures = gpu_report.last_record(result)
+    assert figures["status"] == "ok" and figures["failed"] == [] and figures["uncovered"] == []
+    configs = sum(len(c) for c in _tuning.kernels().values())
+    assert configs <= proc.stdout.count(": ok") and figures["calls"] == proc.stdout.count(": ok")
+
+
+def test_layer_norm_widths_select_every_launch_config():
+    from kernels.ops import layer_norm
+
+    widths = gpu_report.layer_norm_widths()
+    assert set(widths) == set(layer_norm.launch_configs())
+    assert all(layer_norm.block_config(w) == config for config, w in widths.items())
+
+
+# --------------------------------------------------------------------------- CUDA-only branches
+
+
+def test_stages_run_the_interpreter_only_without_a_gpu(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "4")
+    assert "TRITON_INTERPRET" not in gpu_report.child_env(cuda=True)  # a GPU runs the kernels compiled
+    cpu = gpu_report.child_env(cuda=False)
+    assert cpu["TRITON_INTERPRET"] == "1" and cpu["OPENBLAS_NUM_THREADS"] == "4"  # the user's setting wins
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS")
+    assert gpu_report.child_env(cuda=False)["OPENBLAS_NUM_THREADS"] == "1"
+
+
+@pytest.mark.parametrize("bf16, expected", [(True, "bfloat16"), (False, "float16")])
+def test_the_kernels_run_in_the_gpus_training_precision(monkeypatch, bf16, expected):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16)
+    assert gpu_report.low_precision(torch.device("cuda")) == expected
+    assert gpu_report.low_precision(torch.device("cpu")) == "bfloat16"  # through the interpreter's bf16 shim
+
+
+def test_kernel_device_is_the_gpu_when_there_is_one(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert gpu_report.kernel_device() == torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(_dispatch, "INTERPRETED", False)
+    with pytest.raises(RuntimeError, match="no CUDA device and Triton's interpreter is off"):
+        gpu_report.kernel_device()
+
+
+def test_gpu_facts_come_from_the_device_properties_and_nvidia_smi(tmp_path, monkeypatch):
+    props = SimpleNamespace(name="NVIDIA H200", major=9, minor=0, total_memory=150_000_000_000,
+                            multi_processor_count=132)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    assert gpu_report.gpu_info(torch.device("cuda")) == {"name": "NVIDIA H200", "capability": "9.0",
+                                                         "memory_gib": 139.7, "sms": 132, "bf16": True}
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho '| NVIDIA-SMI 580.65.06   Driver Version: 580.65.06   CUDA Version: 13.0 |'\n")
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    found = gpu_report.nvidia_smi()
+    assert found["driver"] == "580.65.06" and found["cuda"] == "13.0" and "NVIDIA-SMI" in found["output"]
+    monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
+    assert gpu_report.nvidia_smi() is None
+
+
+def test_untimed_triton_rows_fail_the_ops_stage_only_on_a_gpu():
+    rows = [{"op": "attention", "shape": "B=1", "pass": "forward", "provider": "triton", "status": "needs a CUDA GPU"},
+            {"op": "attention", "shape": "B=1", "pass": "forward", "provider": "reference", "status": "measured",
+             "time_s": 2.0}]
+    assert gpu_report.untimed_kernels(rows, torch.device("cpu")) == []
+    assert gpu_report.untimed_kernels(rows, torch.device("cuda")) == ["attention forward: needs a CUDA GPU"]
+    rows[0].update(status="measured", time_s=0.5)
+    assert gpu_report.untimed_kernels(rows, torch.device("cuda")) == []
+    assert gpu_report.op_ratios(rows) == [{"op": "attention", "shape": "B=1", "pass": "forward", "reference_s": 2.0,
+                                           "triton_s": 0.5, "ratio": 4.0}]
+
+
+def test_the_autotuners_choices_are_listed_per_kernel_and_key(monkeypatch):
+    config = _tuning.kernels()["gelu_mlp.fwd"][0]
+    tuner = SimpleNamespace(cache={(16384, 3072, 768, "torch.bfloat16"): config})
+    monkeypatch.setattr(_tuning, "_REGISTRY", {"gelu_mlp.fwd": _tuning.Tunable("gelu_mlp.fwd", tuner, (config,)),
+                                               "attention.fwd": _tuning.Tunable("attention.fwd",
+                                                                                SimpleNamespace(cache={}), ())})
+    assert gpu_report.autotuner_choices() == {
+        "gelu_mlp.fwd": {"(16384, 3072, 768, 'torch.bfloat16')": _tuning.describe(config)}, "attention.fwd": {}}
+
+
+def test_sanitizer_summaries_are_read_from_its_output():
+    clean = gpu_report.sanitizer_summary("========= COMPUTE-SANITIZER\n========= ERROR SUMMARY: 0 errors\n")
+    assert clean == {"summary": True, "errors": 0, "warnings": 0, "findings": []}
+    memcheck = gpu_report.sanitizer_summary(
+        "========= Invalid __global__ read of size 2 bytes\n=========     at _layer_norm_fwd_kernel+0x1f0\n"
+        "========= ERROR SUMMARY: 1 error\n")
+    assert memcheck["errors"] == 1 and memcheck["findings"] == ["========= Invalid __global__ read of size 2 bytes"]
+    races = gpu_report.sanitizer_summary("========= RACECHECK SUMMARY: 3 hazards displayed (1 error, 2 warnings)\n")
+    assert (races["errors"], races["warnings"]) == (1, 2)
+    assert not gpu_report.sanitizer_summary("Segmentation fault\n")["summary"]  # the tool never finished
+
+
+@needs_kernels
+def test_the_sanitizer_stage_runs_both_tools_over_the_target_and_reports_their_errors(tmp_path, monkeypatch):
+    calls = tmp_path / "calls.jsonl"
+    fake = tmp_path / "bin" / "compute-sanitizer"
+    fake.parent.mkdir()
+    # Runs the target itself under memcheck (in Triton's interpreter: no GPU here) and finds nothing;
+    # under racecheck finds a race without running anything.
+    fake.write_text(textwrap.dedent(f"""\
+        #!{sys.executable}
+        import json, os, subprocess, sys
+        args = sys.argv[1:]
+        tool = args[args.index("--tool") + 1]
+        with open({str(calls)!r}, "a") as f:
+            f.write(json.dumps({{"args": args, "caching": os.environ.get("PYTORCH_NO_CUDA_MEMORY_CACHING")}}) + "\\n")
+        if tool == "memcheck":
+            code = subprocess.call(args[args.index({sys.executable!r}):], env={{**os.environ, "TRITON_INTERPRET": "1"}})
+            print("========= ERROR SUMMARY: 0 errors")
+            sys.exit(code)
+        print("========= Error: Race reported between Write access at _attention_bwd_dq_kernel+0x2c0")
+        print("========= RACECHECK SUMMARY: 1 hazard displayed (1 error, 0 warnings)")
+        sys.exit({gpu_report.SANITIZER_ERROR_EXIT})
+    """))
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    run = gpu_report.StageRun(tiny=True, deadline=time.time() + 600, result=tmp_path / "sanitizer.result.jsonl")
+    assert gpu_report.stage_sanitizer(run) == "racecheck: 1 errors"
+    invoked = [json.loads(line) for line in calls.read_text().splitlines()]
+    assert [c["args"][:4] for c in invoked] == [["--tool", tool, "--error-exitcode", "86"]
+                                               for tool in gpu_report.SANITIZER_TOOLS]
+    assert all(c["caching"] == "1" for c in invoked)
+    assert all("sanitizer-target" in c["args"] and "--tiny" in c["args"] for c in invoked)
+    memcheck, racecheck = run.figures["tools"]["memcheck"], run.figures["tools"]["racecheck"]
+    assert memcheck["exit"] == 0 and memcheck["errors"] == 0 and memcheck["summary"]
+    assert memcheck["target_failed"] == [] and memcheck["uncovered"] == [] and memcheck["target_calls"] > 0
+    assert racecheck["exit"] == gpu_report.SANITIZER_ERROR_EXIT and racecheck["errors"] == 1
+    assert racecheck["findings"] == ["========= Error: Race reported between Write access at "
+                                     "_attention_bwd_dq_kernel+0x2c0"]
+    md = gpu_report._section_sanitizer(run.figures)
+    assert "| racecheck | 86 | 1 | 0 | - | - |" in md
+
+
+def test_compute_sanitizer_is_found_on_path_or_in_the_cuda_toolkit(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path / "cuda"))
+    if Path("/usr/local/cuda/bin/compute-sanitizer").exists():
+        pytest.skip("this machine has a CUDA toolkit in /usr/local/cuda")
+    assert gpu_report.find_sanitizer() is None
+    tool = tmp_path / "cuda" / "bin" / "compute-sanitizer"
+    tool.parent.mkdir(parents=True)
+    tool.write_text("#!/bin/sh\n")
+    tool.chmod(0o755)
+    assert gpu_report.find_sanitizer() == str(tool)
+    monkeypatch.setenv("PATH", str(tool.parent))
+    assert gpu_report.find_sanitizer() == str(tool)
+
+
+def test_the_sanitizer_stage_is_skipped_with_the_reason_where_it_cannot_run(monkeypatch):
+    monkeypatch.setattr(gpu_report, "find_sanitizer", lambda: None)
+    run = gpu_report.StageRun(tiny=True, deadline=time.time() + 10, result=None)
+    with pytest.raises(gpu_report.Skipped, match="compute-sanitizer is not installed"):
+        gpu_report.stage_sanitizer(run)
+    monkeypatch.setattr(gpu_report, "find_sanitizer", lambda: "/opt/cuda/bin/compute-sanitizer")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(gpu_report.Skipped, match="no CUDA device"):
+        gpu_report.stage_sanitizer(run)
