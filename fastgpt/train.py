@@ -445,7 +445,7 @@ def _train(cfg: TrainConfig, model_args: dict, explicit: frozenset, ddp: _Distri
     if start is not None:
         saved = start["model_config"]
         for name in MODEL_FIELDS:
-            if name in explicit and name != "block_size" and model_args[name] != saved[name]:
+            if name in explicit and name not in ("block_size", "dropout") and model_args[name] != saved[name]:
                 raise ValueError(f"--{name} {model_args[name]} differs from the checkpoint's {saved[name]}: "
                                  "a checkpoint's model keeps its shape")
         block_size = model_args["block_size"] if "block_size" in explicit else saved["block_size"]
