@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import kernels
-from fastgpt import checkpoint
+from fastgpt import checkpoint, pretrained
 from fastgpt.data import DATASET_NAMES, load_dataset, tokenizer_from_dict
 from fastgpt.model import GPT, GPTConfig
 
@@ -47,7 +47,8 @@ class TrainConfig:
     # output
     out_dir: str = "out"            # checkpoints (last.pt, best.pt) and metrics.jsonl
     resume: bool = False            # continue the run in out_dir from its last.pt
-    init_from: str | None = None    # start a new run from this checkpoint's weights (finetuning)
+    init_from: str | None = None    # start a new run from these weights (finetuning): a checkpoint, or a
+                                    # Hugging Face GPT-2 directory
     eval_interval: int = 250
     eval_iters: int = 20
     log_interval: int = 10
@@ -441,7 +442,8 @@ def _train(cfg: TrainConfig, model_args: dict, explicit: frozenset, ddp: _Distri
     if cfg.resume:
         start = checkpoint.load(out_dir / "last.pt")
     elif cfg.init_from:
-        start = checkpoint.load(cfg.init_from)
+        start = (checkpoint.load(cfg.init_from) if Path(cfg.init_from).is_file()
+                 else pretrained.as_checkpoint(cfg.init_from))
     if start is not None:
         saved = start["model_config"]
         for name in MODEL_FIELDS:
@@ -468,6 +470,9 @@ def _train(cfg: TrainConfig, model_args: dict, explicit: frozenset, ddp: _Distri
 
     # --- model and optimizer ------------------------------------------------------------------
     vocab_size = dataset.vocab_size if start is None else start["model_config"]["vocab_size"]
+    if vocab_size < dataset.vocab_size:
+        raise ValueError(f"the model's vocabulary of {vocab_size} tokens is smaller than its tokenizer's "
+                         f"{dataset.vocab_size}")
     if start is not None:
         model = GPT(_model_config({**start["model_config"], "dropout": model_args["dropout"]}, vocab_size))
         model.load_state_dict(start["model"])
@@ -487,7 +492,8 @@ def _train(cfg: TrainConfig, model_args: dict, explicit: frozenset, ddp: _Distri
         _resume_rng(start["rng"], ddp, device, cfg.seed, step, say)
         say(f"resumed from {out_dir / 'last.pt'} at step {step}")
     elif cfg.init_from:
-        say(f"initialised from {cfg.init_from} (step {start['step']} of its run)")
+        origin = f"step {start['step']} of its run" if "step" in start else "Hugging Face GPT-2 weights"
+        say(f"initialised from {cfg.init_from} ({origin})")
     raw_model = model
     flops_per_token = raw_model.estimate_flops_per_token(block_size)
     if cfg.compile:
