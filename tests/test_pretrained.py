@@ -21,6 +21,7 @@ from fastgpt import pretrained, sample  # noqa: E402
 from fastgpt import train as training  # noqa: E402
 from fastgpt.data import GPT2Tokenizer  # noqa: E402
 from fastgpt.model import GPT, GPTConfig  # noqa: E402
+from fastgpt.train import MODEL_FIELDS, PRESETS  # noqa: E402
 
 TINY = dict(vocab_size=101, n_positions=24, n_embd=32, n_layer=2, n_head=4)
 GPT2_VOCAB = 50257
@@ -371,3 +372,17 @@ def test_the_commands_print_the_error_and_exit_2(hf_dir, tmp_path, capsys, monke
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert err.splitlines()[-1].startswith("error: ") and message in err, (argv, err)
+
+
+# --- presets -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("preset, n_params", [("gpt2-124m", 124_439_808), ("gpt2-350m", 354_823_168),
+                                              ("gpt2-774m", 774_030_080), ("gpt2-1558m", 1_557_611_200)])
+def test_the_gpt2_presets_have_the_shapes_of_openais_models(preset, n_params):
+    shape = {k: PRESETS[preset][k] for k in MODEL_FIELDS if k in PRESETS[preset]}
+    with torch.device("meta"):
+        ours = GPT(GPTConfig(vocab_size=GPT2_VOCAB, **shape))
+        theirs = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            n_layer=shape["n_layer"], n_head=shape["n_head"], n_embd=shape["n_embd"], n_positions=1024))
+    assert shape["block_size"] == 1024 and PRESETS[preset]["tokenizer"] == "gpt2"
+    assert ours.num_params(non_embedding=False) == theirs.num_parameters() == n_params
