@@ -13,8 +13,8 @@ are fastgpt's, since both follow GPT-2's release, except that:
 
 fastgpt's model computes GPT-2's function when the config describes GPT-2: LayerNorm epsilon 1e-5,
 the tanh GELU (``gelu_new`` or ``gelu_pytorch_tanh``), attention scaled by 1/sqrt(head size), no
-cross attention, tied embeddings, an MLP 4 n_embd wide (:data:`GPT2_FUNCTION`). Anything else is
-refused with an error that names the field. Nothing is ever downloaded.
+cross attention, tied embeddings (:data:`GPT2_FUNCTION`), and an MLP 4 n_embd wide. Anything else
+is refused with an error that names the field. Nothing is ever downloaded.
 
 GPT2Config has three dropout rates (embeddings, attention, residual) where fastgpt has one; they
 are training settings, not part of the function, so loading takes ``dropout`` as an argument
