@@ -343,7 +343,10 @@ def drop_tensor(d):
     (truncate, ValueError, "model.safetensors is not a readable weight file"),
     (untie, ValueError, "lm_head.weight differs from transformer.wte.weight"),
     (drop_tensor, ValueError, "lacks transformer.h.1.mlp.c_fc.bias"),
-])
+], ids=["another model type", "another layer norm epsilon", "another activation", "cross attention",
+        "attention scaled by layer", "another mlp width", "config wider than the tensors",
+        "heads do not divide the width", "more layers than the file", "fewer layers than the file", "no config",
+        "no weights", "truncated safetensors", "untied lm head", "missing tensor"])
 def test_a_directory_that_is_not_gpt2_gets_a_clear_error(hf_dir, tmp_path, damage, error, message):
     directory = copy_of(hf_dir[1], tmp_path)
     damage(directory)
