@@ -3,12 +3,15 @@
 A checkpoint is one ``torch.save`` file holding a dict with a format tag, a version, and whatever
 the training loop puts in it (model and optimizer state, configs, step, RNG states, data position).
 It is written to a temporary file in the same directory, flushed to disk and renamed over the
-target, so an interruption leaves either the old checkpoint or the new one, never half of one.
+target (:func:`atomic_path`, which other files written whole use too), so an interruption leaves
+either the old checkpoint or the new one, never half of one.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -24,18 +27,31 @@ def save(path: str | os.PathLike, state: dict) -> Path:
     if missing:
         raise ValueError(f"checkpoint state is missing {', '.join(missing)}")
     path = Path(path)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save({"format": FORMAT, "version": VERSION, **state}, f)
+    return path
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary file beside ``path`` (parent directories created) for the body to write.
+
+    When the body finishes, the file is flushed to disk and renamed over ``path``, so readers see
+    the old file or the whole new one, never part of one; when the body raises, the temporary file
+    is removed and ``path`` is left as it was.
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"format": FORMAT, "version": VERSION, **state}, f)
-            f.flush()
+        yield Path(tmp)
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
 
 
 def load(path: str | os.PathLike, map_location="cpu") -> dict:

