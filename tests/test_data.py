@@ -13,6 +13,7 @@ import torch
 
 import kernels
 from fastgpt import data
+from fastgpt.data import corpora
 from fastgpt.data import (AdditionTask, CharTokenizer, GPT2Tokenizer, SortTask, get_batch, load_dataset,
                           prepare_text, tokenizer_from_dict)
 
@@ -168,17 +169,17 @@ def test_interrupted_prepare_is_never_trusted(tmp_path, monkeypatch):
     src = write_text(tmp_path / "src.txt", "0123456789" * 30)
     first = prepare_text(src, cache_dir=tmp_path / "cache")
     write_text(src, "9876543210" * 30)
-    real_write = data._atomic_write
+    real_write = corpora._atomic_write
 
     def crash_on_val(path, payload):
         if path.name == "val.bin":
             raise KeyboardInterrupt
         real_write(path, payload)
 
-    monkeypatch.setattr(data, "_atomic_write", crash_on_val)
+    monkeypatch.setattr(corpora, "_atomic_write", crash_on_val)
     with pytest.raises(KeyboardInterrupt):
         prepare_text(src, cache_dir=tmp_path / "cache")
-    monkeypatch.setattr(data, "_atomic_write", real_write)
+    monkeypatch.setattr(corpora, "_atomic_write", real_write)
     assert sorted(p.name for p in first.directory.iterdir()) == ["train.bin", "val.bin"]  # no meta, no temp files
     redone = prepare_text(src, cache_dir=tmp_path / "cache")
     assert redone.tokenizer.decode(np.concatenate([redone.train, redone.val])) == "9876543210" * 30
