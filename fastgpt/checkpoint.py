@@ -2,20 +2,46 @@
 
 A checkpoint is one ``torch.save`` file holding a dict with a format tag, a version, and whatever
 the training loop puts in it (model and optimizer state, configs, step, RNG states, data position).
-It is written to a temporary file in the same directory, flushed to disk and renamed over the
-target, so an interruption leaves either the old checkpoint or the new one, never half of one.
+It is written through :func:`atomic_writer` (the project's one atomic write, also used for token
+files): to a temporary file in the same directory, flushed to disk and renamed over the target, so
+an interruption leaves either the old checkpoint or the new one, never half of one.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
 FORMAT = "fastgpt-checkpoint"
 VERSION = 1
 REQUIRED_KEYS = ("model", "model_config", "step")
+
+
+@contextlib.contextmanager
+def atomic_writer(path: str | os.PathLike) -> Iterator[BinaryIO]:
+    """A binary file whose content replaces ``path`` at once when the ``with`` block ends normally.
+
+    Writes go to a temporary file (``.<name>.<random>.tmp``) in ``path``'s directory, which must
+    exist; at the end of the block it is flushed to disk and renamed over ``path``, so readers see
+    the old file or the whole new one, never a part. When the block raises (KeyboardInterrupt
+    included) the temporary file is removed and ``path`` is left as it was.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def save(path: str | os.PathLike, state: dict) -> Path:
@@ -25,16 +51,8 @@ def save(path: str | os.PathLike, state: dict) -> Path:
         raise ValueError(f"checkpoint state is missing {', '.join(missing)}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"format": FORMAT, "version": VERSION, **state}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_writer(path) as f:
+        torch.save({"format": FORMAT, "version": VERSION, **state}, f)
     return path
 
 

@@ -1,5 +1,6 @@
 """fastgpt.data: tokenizers (char and offline GPT-2), prepared token files and their cache, batches,
 the synthetic addition and sort tasks with their held-out problems, and load_dataset."""
+import contextlib
 import json
 import os
 import subprocess
@@ -169,17 +170,19 @@ def test_interrupted_prepare_is_never_trusted(tmp_path, monkeypatch):
     src = write_text(tmp_path / "src.txt", "0123456789" * 30)
     first = prepare_text(src, cache_dir=tmp_path / "cache")
     write_text(src, "9876543210" * 30)
-    real_write = corpora._atomic_write
+    real_writer = corpora.atomic_writer
 
-    def crash_on_val(path, payload):
-        if path.name == "val.bin":
-            raise KeyboardInterrupt
-        real_write(path, payload)
+    @contextlib.contextmanager
+    def crash_on_val(path):
+        with real_writer(path) as f:
+            yield f
+            if path.name == "val.bin":
+                raise KeyboardInterrupt
 
-    monkeypatch.setattr(corpora, "_atomic_write", crash_on_val)
+    monkeypatch.setattr(corpora, "atomic_writer", crash_on_val)
     with pytest.raises(KeyboardInterrupt):
         prepare_text(src, cache_dir=tmp_path / "cache")
-    monkeypatch.setattr(corpora, "_atomic_write", real_write)
+    monkeypatch.undo()
     assert sorted(p.name for p in first.directory.iterdir()) == ["train.bin", "val.bin"]  # no meta, no temp files
     redone = prepare_text(src, cache_dir=tmp_path / "cache")
     assert redone.tokenizer.decode(np.concatenate([redone.train, redone.val])) == "9876543210" * 30

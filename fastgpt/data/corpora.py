@@ -6,7 +6,6 @@ unchanged; :func:`get_batch` draws random windows from a split.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import numbers
@@ -14,13 +13,13 @@ import os
 import re
 import sys
 import sysconfig
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..checkpoint import atomic_writer
 from ._common import _check_generator, _check_int, _to_device
 from .tokenizers import Tokenizer, _given_kind, _new_tokenizer, tokenizer_from_dict
 
@@ -177,10 +176,12 @@ def _prepare(raw: bytes, get_text, source: dict, directory: Path, kind: str, val
     # meta.json is what marks a cache as valid. Removing it first means an interrupted run leaves a
     # directory that is prepared again, never token files trusted under an old description.
     (directory / "meta.json").unlink(missing_ok=True)
-    _atomic_write(directory / "train.bin", memoryview(tokens[:n_train]))
-    _atomic_write(directory / "val.bin", memoryview(tokens[n_train:]))
+    for name, part in (("train", tokens[:n_train]), ("val", tokens[n_train:])):
+        with atomic_writer(directory / f"{name}.bin") as f:
+            f.write(memoryview(part))
     meta = {**key, **source, "tokenizer": tokenizer.to_dict(), "train_tokens": n_train, "val_tokens": n_val}
-    _atomic_write(directory / "meta.json", json.dumps(meta, indent=2).encode("utf-8"))
+    with atomic_writer(directory / "meta.json") as f:
+        f.write(json.dumps(meta, indent=2).encode("utf-8"))
     return _open_prepared(directory, meta)
 
 
@@ -243,19 +244,6 @@ def _decode_source(raw: bytes, path: Path) -> str:
     return text
 
 
-def _atomic_write(path: Path, data) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename: readers see all of it or none."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def _tokenizer_tag(tokenizer, kind: str) -> str:
