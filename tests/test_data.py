@@ -261,6 +261,29 @@ def test_get_batch_uses_the_whole_split_including_its_last_token():
     assert seen == {5}
 
 
+def test_get_batch_across_shards_keeps_each_window_inside_one_shard():
+    # Token values tell the shard: 0.., 1000.. (too short for a window), 2000..
+    shards = [np.arange(100, dtype=np.uint16), np.arange(1000, 1005, dtype=np.uint16),
+              np.arange(2000, 2300, dtype=np.uint16)]
+    g = gen(5)
+    state = g.get_state()
+    xs = torch.cat([get_batch(shards, 64, 8, g)[0] for _ in range(50)])  # 3200 windows
+    assert torch.equal(xs, xs[:, :1] + torch.arange(8))  # contiguous: never across a shard boundary
+    first = xs[:, 0]
+    in_a, in_c = (first < 100), (first >= 2000)
+    assert bool((in_a | in_c).all())  # the short shard is never drawn
+    assert bool((xs[in_a] < 100).all()) and bool((xs[in_c] < 2300).all())
+    # Shards are drawn in proportion to their windows: 92 and 292 of 384.
+    assert abs(in_a.float().mean().item() - 92 / 384) < 0.03
+    assert set(first[in_a].tolist()) == set(range(92))  # every window start of the shard occurs
+    g.set_state(state)
+    assert torch.equal(get_batch(shards, 64, 8, g)[0], xs[:64])  # reproducible from the generator state
+    # One shard in a list draws exactly what the bare array draws.
+    assert torch.equal(get_batch([shards[2]], 16, 8, gen(1))[0], get_batch(shards[2], 16, 8, gen(1))[0])
+    with pytest.raises(ValueError, match=r"the split's longest shard has 300 tokens, too few for block_size=300"):
+        get_batch(shards, 2, 300, gen())
+
+
 def test_get_batch_on_a_split_shorter_than_a_block_names_block_size(tmp_path):
     prepared = prepare_text(write_text(tmp_path / "short.txt", "abcdefghij"), cache_dir=tmp_path)
     with pytest.raises(ValueError, match=r"the split has 9 tokens, too few for block_size=16.*block_size <= 8"):

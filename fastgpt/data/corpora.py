@@ -1,8 +1,17 @@
 """Prepared text corpora: token files written once, memory-mapped, and random batches from them.
 
-:func:`prepare_text` and :func:`prepare_default` tokenize a corpus once into uint16 ``train.bin`` /
-``val.bin`` files plus ``meta.json`` under a cache directory and reuse them while the source is
-unchanged; :func:`get_batch` draws random windows from a split.
+Two layouts, both read through memory maps and both batched by :func:`get_batch`:
+
+- A cache of one text file: :func:`prepare_text` and :func:`prepare_default` tokenize a corpus once
+  into ``train.bin`` / ``val.bin`` plus ``meta.json`` under a cache directory (the first
+  ``1 - val_fraction`` of the tokens are training data) and reuse them while the source is
+  unchanged; :class:`PreparedData`.
+- A sharded corpus: a directory written by ``python -m fastgpt.prepare``
+  (:func:`fastgpt.data.streaming.prepare_corpus`) holding ``train_NNNNNN.bin`` and ``val_NNNNNN.bin``
+  shards and a ``meta.json`` that lists them; :func:`open_corpus` maps it as a :class:`ShardedCorpus`.
+
+Token files hold little-endian uint16 ids (:data:`TOKEN_DTYPE`), so a tokenizer's ids must stay
+below 65536.
 """
 from __future__ import annotations
 
@@ -23,20 +32,70 @@ from ..checkpoint import atomic_writer
 from ._common import _check_generator, _check_int, _to_device
 from .tokenizers import Tokenizer, _given_kind, _new_tokenizer, tokenizer_from_dict
 
-__all__ = ["PreparedData", "prepare_text", "prepare_default", "default_corpus_text", "get_batch",
-           "DEFAULT_CACHE_DIR"]
+__all__ = ["PreparedData", "ShardedCorpus", "prepare_text", "prepare_default", "default_corpus_text",
+           "open_corpus", "get_batch", "DEFAULT_CACHE_DIR", "TOKEN_DTYPE"]
 
 DEFAULT_CACHE_DIR = "data_cache"
 """Where prepared token files go when no ``cache_dir`` is given (relative to the current directory)."""
 
-_UINT16_MAX = int(np.iinfo(np.uint16).max)
+TOKEN_DTYPE = np.dtype("<u2")
+"""The dtype of every token file: little-endian uint16."""
+_UINT16_MAX = int(np.iinfo(TOKEN_DTYPE).max)
 # Bumped whenever the layout of the prepared files changes, so older caches are prepared again.
 _CACHE_FORMAT = 1
 
+# A sharded corpus's meta.json names its format and version; readers refuse any other.
+CORPUS_FORMAT = "fastgpt-corpus"
+CORPUS_VERSION = 1
+META_FILE = "meta.json"
+SPLITS = ("train", "val")
+
+
+def shard_name(split: str, index: int) -> str:
+    """File name of shard ``index`` of ``split`` in a sharded corpus, e.g. ``train_000003.bin``."""
+    return f"{split}_{index:06d}.bin"
+
+
+def check_uint16_vocab(tokenizer: Tokenizer, source: str) -> None:
+    """Raise ValueError when ``tokenizer`` has ids that the uint16 token files cannot hold."""
+    if tokenizer.vocab_size - 1 > _UINT16_MAX:
+        raise ValueError(f"vocab_size {tokenizer.vocab_size} does not fit the uint16 token files "
+                         f"(ids up to {_UINT16_MAX}); {source} has too many distinct tokens")
+
+
+def _check_split(name: str) -> str:
+    if name not in SPLITS:
+        raise ValueError(f"split must be 'train' or 'val', got {name!r}")
+    return name
+
+
+class _Splits:
+    """What both layouts share: a tokenizer, and batches drawn from the shards of each split."""
+
+    tokenizer: Tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        """The tokenizer's vocabulary size."""
+        return self.tokenizer.vocab_size
+
+    def shards(self, split: str) -> list[np.ndarray]:
+        """The token arrays of split ``"train"`` or ``"val"``."""
+        raise NotImplementedError
+
+    def num_tokens(self, split: str) -> int:
+        """How many tokens split ``"train"`` or ``"val"`` holds."""
+        return sum(len(s) for s in self.shards(split))
+
+    def get_batch(self, split: str, batch_size: int, block_size: int, generator: torch.Generator,
+                  device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """:func:`get_batch` on the shards of split ``"train"`` or ``"val"``."""
+        return get_batch(self.shards(split), batch_size, block_size, generator, device)
+
 
 @dataclass
-class PreparedData:
-    """A tokenized corpus on disk: ``train`` and ``val`` are read-only uint16 memmaps of token ids.
+class PreparedData(_Splits):
+    """A tokenized text file on disk: ``train`` and ``val`` are read-only uint16 memmaps of token ids.
 
     ``meta`` is the content of ``meta.json`` (tokenizer, token counts, source description). A split
     with no tokens is an empty array rather than a memmap (an empty file cannot be mapped).
@@ -48,21 +107,80 @@ class PreparedData:
     val: np.ndarray
     meta: dict
 
-    @property
-    def vocab_size(self) -> int:
-        """The tokenizer's vocabulary size."""
-        return self.tokenizer.vocab_size
-
     def split(self, name: str) -> np.ndarray:
         """The tokens of split ``"train"`` or ``"val"``."""
-        if name not in ("train", "val"):
-            raise ValueError(f"split must be 'train' or 'val', got {name!r}")
-        return self.train if name == "train" else self.val
+        return self.train if _check_split(name) == "train" else self.val
 
-    def get_batch(self, split: str, batch_size: int, block_size: int, generator: torch.Generator,
-                  device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
-        """:func:`get_batch` on split ``"train"`` or ``"val"``."""
-        return get_batch(self.split(split), batch_size, block_size, generator, device)
+    def shards(self, split: str) -> list[np.ndarray]:
+        """The split's one token array, as a list."""
+        return [self.split(split)]
+
+
+@dataclass
+class ShardedCorpus(_Splits):
+    """A corpus prepared by ``python -m fastgpt.prepare``: each split a list of read-only uint16 memmaps.
+
+    ``meta`` is the content of the directory's ``meta.json`` (tokenizer, counts per split and shard,
+    sources); shards with no tokens are empty arrays.
+    """
+
+    directory: Path
+    tokenizer: Tokenizer
+    train: list[np.ndarray]
+    val: list[np.ndarray]
+    meta: dict
+
+    def shards(self, split: str) -> list[np.ndarray]:
+        """The shards of split ``"train"`` or ``"val"``, in order."""
+        return self.train if _check_split(split) == "train" else self.val
+
+
+def open_corpus(directory) -> ShardedCorpus:
+    """Memory-map the corpus that ``python -m fastgpt.prepare`` wrote to ``directory``.
+
+    Raises:
+        ValueError: ``directory`` holds no ``meta.json`` (not a prepared corpus, or one whose
+            preparation did not finish), or one of another format or version, or a shard is
+            missing or has another size than ``meta.json`` records.
+    """
+    if not isinstance(directory, (str, os.PathLike)):
+        raise TypeError(f"directory must be a str or os.PathLike, got {type(directory).__name__}")
+    directory = Path(directory)
+    meta_path = directory / META_FILE
+    try:
+        meta = json.loads(meta_path.read_text("utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"{directory} holds no {META_FILE}: it is not a corpus prepared by python -m "
+                         "fastgpt.prepare, or its preparation did not finish (run it again)") from None
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{meta_path} cannot be read as JSON: {exc}") from None
+    if not isinstance(meta, dict) or meta.get("format") != CORPUS_FORMAT:
+        raise ValueError(f"{meta_path} does not describe a corpus prepared by python -m fastgpt.prepare")
+    if meta.get("version") != CORPUS_VERSION:
+        raise ValueError(f"{meta_path} is corpus format version {meta.get('version')!r}; this fastgpt reads "
+                         f"{CORPUS_VERSION}: prepare the corpus again")
+    if meta.get("dtype") != TOKEN_DTYPE.str:
+        raise ValueError(f"{meta_path} records token dtype {meta.get('dtype')!r}, not {TOKEN_DTYPE.str!r}")
+    try:
+        tokenizer = tokenizer_from_dict(meta["tokenizer"])
+        splits = {split: _map_shards(directory, meta["splits"][split]) for split in SPLITS}
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"{meta_path} lacks or garbles an entry ({type(exc).__name__}: {exc})") from None
+    return ShardedCorpus(directory=directory, tokenizer=tokenizer, meta=meta, **splits)
+
+
+def _map_shards(directory: Path, entry: dict) -> list[np.ndarray]:
+    """The memmaps of the shards that one split's ``meta.json`` entry lists."""
+    shards = []
+    for shard in entry["shards"]:
+        name = shard["file"]
+        if not isinstance(name, str) or Path(name).name != name:
+            raise ValueError(f"{directory / META_FILE} names a shard {name!r} outside the directory")
+        shards.append(_map_tokens(directory / name, shard["tokens"]))
+    if sum(len(s) for s in shards) != entry["tokens"]:
+        raise ValueError(f"the shards listed in {directory / META_FILE} hold {sum(len(s) for s in shards)} "
+                         f"tokens, not the {entry['tokens']} it records")
+    return shards
 
 
 def prepare_text(path, tokenizer_kind: str = "char", cache_dir=None, val_fraction: float = 0.1,
@@ -166,10 +284,8 @@ def _prepare(raw: bytes, get_text, source: dict, directory: Path, kind: str, val
         return cached
     text = get_text()
     tokenizer = tokenizer or _new_tokenizer(kind, text)
-    if tokenizer.vocab_size - 1 > _UINT16_MAX:
-        raise ValueError(f"vocab_size {tokenizer.vocab_size} does not fit the uint16 token files "
-                         f"(ids up to {_UINT16_MAX}); {source['source']} has too many distinct tokens")
-    tokens = tokenizer.encode_array(text).astype(np.uint16)
+    check_uint16_vocab(tokenizer, source["source"])
+    tokens = tokenizer.encode_array(text).astype(TOKEN_DTYPE)
     n_val = int(len(tokens) * val_fraction)
     n_train = len(tokens) - n_val
     directory.mkdir(parents=True, exist_ok=True)
@@ -207,14 +323,18 @@ def _open_prepared(directory: Path, meta: dict) -> PreparedData:
 
 def _map_tokens(path: Path, count) -> np.ndarray:
     """A read-only uint16 memmap of ``path``, which must hold exactly ``count`` tokens."""
-    if not isinstance(count, int) or count < 0:
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
         raise ValueError(f"bad token count {count!r} for {path}")
-    size = path.stat().st_size
-    if size != 2 * count:
-        raise ValueError(f"{path} has {size} bytes, expected {2 * count} for {count} uint16 tokens")
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise ValueError(f"token file {path} is missing") from None
+    if size != TOKEN_DTYPE.itemsize * count:
+        raise ValueError(f"{path} has {size} bytes, expected {TOKEN_DTYPE.itemsize * count} for {count} "
+                         "uint16 tokens")
     if count == 0:
-        return np.empty(0, dtype=np.uint16)
-    return np.memmap(path, dtype=np.uint16, mode="r", shape=(count,))
+        return np.empty(0, dtype=TOKEN_DTYPE)
+    return np.memmap(path, dtype=TOKEN_DTYPE, mode="r", shape=(count,))
 
 
 def _read_source(path: Path) -> bytes:
@@ -275,40 +395,49 @@ def _check_val_fraction(value) -> float:
     return float(value)
 
 
-
-
-
-
-
-
-def get_batch(split_tokens: np.ndarray, batch_size: int, block_size: int, generator: torch.Generator,
+def get_batch(split_tokens, batch_size: int, block_size: int, generator: torch.Generator,
               device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """``batch_size`` random windows of ``block_size`` tokens and the same windows shifted by one.
 
-    Window starts are drawn with ``generator`` (a CPU ``torch.Generator``) only, so restoring its state
-    reproduces the batches. Returns int64 tensors ``x`` and ``y`` of shape (batch_size, block_size) on
-    ``device``, with ``y[:, t] == x[:, t + 1]`` and ``y[:, -1]`` the token after the window.
+    ``split_tokens`` is a 1-D integer array (an ``np.memmap``) or a list of them, the shards of a
+    split. Every window lies inside one shard; each row's window is drawn uniformly from all the
+    windows of all shards, so a shard is picked in proportion to its number of windows (its length
+    minus ``block_size``) and shards shorter than ``block_size + 1`` are never picked. The draws
+    come from ``generator`` (a CPU ``torch.Generator``) only, one integer per row, so restoring its
+    state reproduces the batches. Returns int64 tensors ``x`` and ``y`` of shape
+    (batch_size, block_size) on ``device``, with ``y[:, t] == x[:, t + 1]`` and ``y[:, -1]`` the
+    token after the window.
 
     Raises:
-        ValueError: the split has fewer than ``block_size + 1`` tokens.
+        ValueError: no shard of the split has ``block_size + 1`` tokens.
     """
-    if not isinstance(split_tokens, np.ndarray):
-        raise TypeError(f"split_tokens must be a numpy array (np.memmap), got {type(split_tokens).__name__}")
-    if split_tokens.ndim != 1 or not np.issubdtype(split_tokens.dtype, np.integer):
-        raise ValueError(f"split_tokens must be a 1-D integer array, got shape {split_tokens.shape} "
-                         f"and dtype {split_tokens.dtype}")
+    shards = [split_tokens] if isinstance(split_tokens, np.ndarray) else split_tokens
+    if not isinstance(shards, (list, tuple)):
+        raise TypeError(f"split_tokens must be a numpy array (np.memmap) or a list of them, got "
+                        f"{type(split_tokens).__name__}")
+    for shard in shards:
+        if not isinstance(shard, np.ndarray):
+            raise TypeError(f"split_tokens must hold numpy arrays, got {type(shard).__name__}")
+        if shard.ndim != 1 or not np.issubdtype(shard.dtype, np.integer):
+            raise ValueError(f"split_tokens must be 1-D integer arrays, got shape {shard.shape} "
+                             f"and dtype {shard.dtype}")
     batch_size = _check_int("batch_size", batch_size)
     block_size = _check_int("block_size", block_size)
     _check_generator(generator)
-    n = len(split_tokens)
-    if n < block_size + 1:
+    windows = np.array([max(len(s) - block_size, 0) for s in shards], dtype=np.int64)  # starts per shard
+    total = int(windows.sum())
+    if total == 0:
+        n = max((len(s) for s in shards), default=0)
         hint = f"use block_size <= {n - 1}" if n >= 2 else "use a longer corpus"
-        raise ValueError(f"the split has {n} tokens, too few for block_size={block_size} (a window needs "
-                         f"block_size + 1 = {block_size + 1} tokens); {hint}")
-    starts = torch.randint(n - block_size, (batch_size,), generator=generator).numpy()
-    windows = split_tokens[starts[:, None] + np.arange(block_size + 1)]  # (B, block_size + 1)
-    windows = torch.from_numpy(np.asarray(windows, dtype=np.int64))
-    x = windows[:, :-1].contiguous()
-    y = windows[:, 1:].contiguous()
+        what = f"the split has {n} tokens" if len(shards) <= 1 else f"the split's longest shard has {n} tokens"
+        raise ValueError(f"{what}, too few for block_size={block_size} (a window needs block_size + 1 = "
+                         f"{block_size + 1} tokens); {hint}")
+    draws = torch.randint(total, (batch_size,), generator=generator).numpy()
+    ends = np.cumsum(windows)
+    which = np.searchsorted(ends, draws, side="right")  # the shard of each draw
+    starts = draws - (ends[which] - windows[which])
+    rows = np.stack([shards[k][s:s + block_size + 1] for k, s in zip(which.tolist(), starts.tolist())])
+    rows = torch.from_numpy(rows.astype(np.int64))  # (B, block_size + 1)
+    x = rows[:, :-1].contiguous()
+    y = rows[:, 1:].contiguous()
     return _to_device(x, device), _to_device(y, device)
-

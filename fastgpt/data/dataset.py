@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from ._common import _check_int
-from .corpora import PreparedData, prepare_default, prepare_text
+from .corpora import PreparedData, ShardedCorpus, open_corpus, prepare_default, prepare_text
 from .tasks import AdditionTask, SortTask
 from .tokenizers import CharTokenizer, Tokenizer, _given_kind
 
@@ -15,12 +15,13 @@ __all__ = ["TextDataset", "TaskDataset", "load_dataset", "DATASET_NAMES"]
 
 
 class TextDataset:
-    """A prepared text corpus: random windows of any ``block_size`` from its train or val split."""
+    """A prepared text corpus (one file's cache or a sharded directory): random windows of any
+    ``block_size`` from its train or val split."""
 
     is_task = False
     block_size = None  # any block size up to the split's length works
 
-    def __init__(self, name: str, data: PreparedData):
+    def __init__(self, name: str, data: PreparedData | ShardedCorpus):
         self.name = name
         self.data = data
 
@@ -40,8 +41,8 @@ class TextDataset:
         return self.data.get_batch(split, batch_size, block_size, generator, device)
 
     def __repr__(self):
-        return (f"TextDataset({self.name!r}, tokenizer={self.tokenizer!r}, train_tokens={len(self.data.train)}, "
-                f"val_tokens={len(self.data.val)})")
+        return (f"TextDataset({self.name!r}, tokenizer={self.tokenizer!r}, "
+                f"train_tokens={self.data.num_tokens('train')}, val_tokens={self.data.num_tokens('val')})")
 
 
 class TaskDataset:
@@ -92,20 +93,23 @@ class TaskDataset:
 
 _TASKS = {"addition": AdditionTask, "sort": SortTask}
 DATASET_NAMES = ("default", *_TASKS)
-"""Names :func:`load_dataset` knows; anything else must be the path of a text file."""
+"""Names :func:`load_dataset` knows; anything else must be the path of a text file or of a prepared corpus."""
 
 
 def load_dataset(name_or_path, tokenizer_kind: str = "char", cache_dir=None, val_fraction: float = 0.1,
                  tokenizer: Tokenizer | None = None, **task_options) -> TextDataset | TaskDataset:
-    """The dataset called ``name_or_path``: ``"default"``, ``"addition"``, ``"sort"`` or a text file's path.
+    """The dataset called ``name_or_path``: ``"default"``, ``"addition"``, ``"sort"``, a text file's path,
+    or a directory prepared by ``python -m fastgpt.prepare``.
 
-    ``"default"`` is :func:`prepare_default` (the standard library's Python source); a path is
-    :func:`prepare_text`; both tokenized with ``tokenizer_kind`` and cached under ``cache_dir``.
+    ``"default"`` is :func:`prepare_default` (the standard library's Python source); a file's path is
+    :func:`prepare_text`; both tokenized with ``tokenizer_kind`` and cached under ``cache_dir``. A
+    directory is :func:`open_corpus`: it brings its own tokenizer (``tokenizer_kind`` and
+    ``cache_dir`` do not apply) and must hold validation tokens.
     The tasks take their options as keyword arguments (``digits=`` for addition, ``length=`` and
     ``alphabet=`` for sort) and have their own character vocabularies, so ``tokenizer_kind`` must be
     ``"char"`` for them. Names win over files of the same name in the current directory.
-    ``tokenizer`` (a checkpoint's, when finetuning) is used instead of a new one; a task accepts
-    only its own.
+    ``tokenizer`` (a checkpoint's, when finetuning) is used instead of a new one; a task or a
+    prepared directory accepts only its own.
 
     Raises:
         ValueError: the name is unknown and no such file exists (the message lists the names).
@@ -129,7 +133,24 @@ def load_dataset(name_or_path, tokenizer_kind: str = "char", cache_dir=None, val
     if name == "default":
         return TextDataset("default", prepare_default(cache_dir, tokenizer_kind, val_fraction, tokenizer=tokenizer))
     path = Path(name_or_path)
+    if path.is_dir():
+        return TextDataset(path.resolve().name, _open_corpus_for_training(path, tokenizer))
     if path.exists():
         return TextDataset(path.name, prepare_text(path, tokenizer_kind, cache_dir, val_fraction, tokenizer))
     raise ValueError(f"unknown dataset {str(name_or_path)!r}: expected one of {list(DATASET_NAMES)} "
-                     "or the path of an existing UTF-8 text file")
+                     "or the path of an existing UTF-8 text file or of a directory prepared by python -m "
+                     "fastgpt.prepare")
+
+
+def _open_corpus_for_training(directory: Path, tokenizer: Tokenizer | None) -> ShardedCorpus:
+    """:func:`open_corpus`, checked against a given tokenizer and for a validation split to evaluate on."""
+    corpus = open_corpus(directory)
+    if tokenizer is not None and tokenizer != corpus.tokenizer:
+        raise ValueError(f"{directory} was prepared with {corpus.tokenizer!r}, not the given tokenizer {tokenizer!r} "
+                         "(a checkpoint's token ids only mean the same with the same tokenizer)")
+    if corpus.num_tokens("val") == 0:
+        meta = corpus.meta
+        raise ValueError(f"{directory} has no validation tokens: none of its {meta['splits']['train']['documents']} "
+                         f"documents fell into the val split (val_fraction {meta['val_fraction']}); prepare it "
+                         "again with a larger --val_fraction")
+    return corpus
