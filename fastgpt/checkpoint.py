@@ -27,14 +27,17 @@ def atomic_writer(path: str | os.PathLike) -> Iterator[BinaryIO]:
     """A binary file whose content replaces ``path`` at once when the ``with`` block ends normally.
 
     Writes go to a temporary file (``.<name>.<random>.tmp``) in ``path``'s directory, which must
-    exist; at the end of the block it is flushed to disk and renamed over ``path``, so readers see
-    the old file or the whole new one, never a part. When the block raises (KeyboardInterrupt
-    included) the temporary file is removed and ``path`` is left as it was.
+    exist, with the permissions of any new file (0666 less the umask); at the end of the block it
+    is flushed to disk and renamed over ``path``, so readers see the old file or the whole new
+    one, never a part. When the block raises (KeyboardInterrupt included) the temporary file is
+    removed and ``path`` is left as it was; a process killed outright leaves it behind, for
+    :func:`stale_temp_files` to find.
     """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~_umask())  # mkstemp's 0600 would keep others from reading it
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -42,6 +45,19 @@ def atomic_writer(path: str | os.PathLike) -> Iterator[BinaryIO]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    """The process's umask (reading it means setting it, so it is set straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def stale_temp_files(directory: str | os.PathLike, name_pattern: str) -> list[Path]:
+    """The temporary files that :func:`atomic_writer` left in ``directory`` for targets whose names
+    match the glob ``name_pattern`` (its process was killed before it could finish or clean up)."""
+    return sorted(Path(directory).glob(f".{name_pattern}.*.tmp"))
 
 
 def save(path: str | os.PathLike, state: dict) -> Path:
