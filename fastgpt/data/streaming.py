@@ -243,12 +243,13 @@ def _file_pieces(index: int, source: Source, stream, raw, chunk_bytes: int, prog
 
 
 def _tasks(pieces: Iterator[_Piece], chunk_bytes: int) -> Iterator[list[_Piece]]:
-    """Pieces grouped into tasks of at least ``chunk_bytes`` (many small files make one task)."""
+    """Pieces grouped into tasks of about ``chunk_bytes``: many small files make one task, and a
+    piece of a large file (a little under ``chunk_bytes``, cut at a line) makes one alone."""
     task, size = [], 0
     for piece in pieces:
         task.append(piece)
         size += len(piece.data)
-        if size >= chunk_bytes:
+        if size >= chunk_bytes // 2:
             yield task
             task, size = [], 0
     if task:
