@@ -17,14 +17,19 @@ from fastgpt.data.streaming import prepare_corpus
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command's options; their defaults are :func:`prepare_corpus`'s."""
     defaults = {name: p.default for name, p in inspect.signature(prepare_corpus).parameters.items()}
-    parser = argparse.ArgumentParser(prog="python -m fastgpt.prepare", description=__doc__.splitlines()[0].strip("`"),
+    parser = argparse.ArgumentParser(prog="python -m fastgpt.prepare",
+                                     description="Tokenize a corpus too big for memory into uint16 shards and "
+                                                 "meta.json, for python train.py --dataset DIR.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     parser.add_argument("sources", nargs="+", metavar="SOURCE",
                         help="a .txt, .md or .jsonl file (optionally .gz), a directory (searched recursively) "
                              "or a glob pattern (quote it)")
-    parser.add_argument("--out", required=True, help="output directory; an earlier corpus there is replaced")
-    parser.add_argument("--tokenizer", choices=["gpt2", "char"], default=defaults["tokenizer"])
+    parser.add_argument("--out", required=True, metavar="DIR",
+                        help="output directory; an earlier corpus there is replaced")
+    parser.add_argument("--tokenizer", choices=["gpt2", "char"], default=defaults["tokenizer"],
+                        help="GPT-2's BPE, or one token per character of the corpus")
     parser.add_argument("--workers", type=int, default=defaults["workers"],
                         help="tokenizing processes (1: the main process)")
     parser.add_argument("--text_field", "--text-field", default=defaults["text_field"],

@@ -112,7 +112,9 @@ def load_dataset(name_or_path, tokenizer_kind: str = "char", cache_dir=None, val
     prepared directory accepts only its own.
 
     Raises:
-        ValueError: the name is unknown and no such file exists (the message lists the names).
+        ValueError: the name is unknown and no such file exists (the message lists the names); a
+            directory is not a finished corpus, has no validation tokens, or has another tokenizer
+            than the given one.
     """
     if not isinstance(name_or_path, (str, os.PathLike)):
         raise TypeError(f"name_or_path must be a str or os.PathLike, got {type(name_or_path).__name__}")

@@ -274,6 +274,7 @@ class _Encoder:
 
     @functools.cached_property
     def tokenizer(self) -> Tokenizer:
+        """Built where it is used: in each worker, from ``tokenizer_dict``."""
         return tokenizer_from_dict(self.tokenizer_dict)
 
     def characters(self, task: list[_Piece]) -> set[str]:
