@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -26,32 +26,25 @@ REQUIRED_KEYS = ("model", "model_config", "step")
 def atomic_writer(path: str | os.PathLike) -> Iterator[BinaryIO]:
     """A binary file whose content replaces ``path`` at once when the ``with`` block ends normally.
 
-    Writes go to a temporary file (``.<name>.<random>.tmp``) in ``path``'s directory, which must
-    exist, with the permissions of any new file (0666 less the umask); at the end of the block it
-    is flushed to disk and renamed over ``path``, so readers see the old file or the whole new
-    one, never a part. When the block raises (KeyboardInterrupt included) the temporary file is
-    removed and ``path`` is left as it was; a process killed outright leaves it behind, for
-    :func:`stale_temp_files` to find.
+    Writes go to a new file with a random name (``.<name>.<16 hex digits>.tmp``) in ``path``'s
+    directory, which must exist, with the permissions of any new file (0666 less the umask); at
+    the end of the block it is flushed to disk and renamed over ``path``, so readers see the old
+    file or the whole new one, never a part. When the block raises (KeyboardInterrupt included)
+    the temporary file is removed and ``path`` is left as it was; a process killed outright leaves
+    it behind, for :func:`stale_temp_files` to find.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    # Created inside the try, so an interruption at any point after it exists still removes it.
     try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o666 & ~_umask())  # mkstemp's 0600 would keep others from reading it
+        with open(tmp, "xb") as f:  # "x": a new file, never one that is already there
             yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
-
-
-def _umask() -> int:
-    """The process's umask (reading it means setting it, so it is set straight back)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def stale_temp_files(directory: str | os.PathLike, name_pattern: str) -> list[Path]:

@@ -242,7 +242,7 @@ def test_sigint_stops_the_command_and_leaves_no_corpus(tmp_path):
     assert proc.returncode == 130, err
     assert "interrupted" in err and "starts clean" in err
     names = sorted(p.name for p in out.iterdir())
-    assert "meta.json" not in names and not [n for n in names if n.endswith(".tmp")]
+    assert "meta.json" not in names and not [n for n in names if n.endswith(".tmp")], (names, err)
     assert all((out / n).stat().st_size == 200_000 for n in names)
 
 

@@ -446,8 +446,11 @@ class _ShardWriter:
                 self._finish(None, None, None)
 
     def _finish(self, *exc_info) -> None:
-        writer, self._writer, self._file = self._writer, None, None
-        writer.__exit__(*exc_info)  # renames the shard into place, or removes it on an exception
+        # Renames the shard into place, or removes it on an exception. The writer is forgotten only
+        # afterwards: if an interruption stops this call, __exit__ passes it on to the writer again,
+        # which is harmless once the writer has finished.
+        self._writer.__exit__(*exc_info)
+        self._writer = self._file = None
         if exc_info[0] is None:
             self.shards.append({"file": shard_name(self.split, len(self.shards)), "tokens": self._count})
 
