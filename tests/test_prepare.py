@@ -340,12 +340,16 @@ def open_corpus_char(tmp_path):
     return open_corpus(tmp_path / "c")
 
 
-def test_train_from_a_prepared_directory_and_resume_exactly(tmp_path):
+def test_train_from_a_prepared_directory_and_resume_exactly(tmp_path, capsys):
     rng = random.Random(4)
     for i in range(40):
         write(tmp_path / "src" / f"{i:02d}.txt", random_text(rng, 40))
     assert prepare_command.main([str(tmp_path / "src"), "--out", str(tmp_path / "corpus"), "--tokenizer", "char",
                                  "--val_fraction", "0.2", "--shard_tokens", "5000"]) == 0
+    out, err = capsys.readouterr()
+    assert re.search(r"pass 1 of 2 \(characters\): .* MB/s\n", err)  # the progress line, on stderr
+    assert re.search(r"pass 2 of 2 \(tokens\): [0-9.]+/[0-9.]+ MB \(100%\) [0-9.]+ MB/s, [0-9,]+ tokens", err)
+    assert re.search(r"40 file\(s\), [0-9.]+ MB in [0-9.]+ s: [0-9.]+ MB/s with 1 worker\(s\)", out)
     meta = json.loads((tmp_path / "corpus" / "meta.json").read_text())
     assert len(meta["splits"]["train"]["shards"]) > 3 and meta["splits"]["val"]["tokens"] > 100
     tiny = ["--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--block_size", "16", "--batch_size", "4",

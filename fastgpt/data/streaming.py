@@ -476,8 +476,9 @@ def _start_clean(directory: Path) -> None:
 
 
 class _Progress:
-    """A status line on stderr: bytes read of the total, MB/s, tokens written. Redrawn in place on
-    a terminal (at most five times a second); elsewhere printed every 10 s, so logs stay short."""
+    """A status line on stderr: bytes read of the total, MB/s, and tokens written once there are
+    any. Redrawn in place on a terminal (at most five times a second); elsewhere printed every
+    10 s, so logs stay short."""
 
     def __init__(self, total_bytes: int, label: str, enabled: bool):
         self.total, self.label, self.enabled = total_bytes, label, enabled
@@ -493,7 +494,7 @@ class _Progress:
         self._shown = now
         mb = self.read / 1e6
         line = (f"{self.label}: {mb:,.1f}/{self.total / 1e6:,.1f} MB ({100 * self.read / max(self.total, 1):.0f}%) "
-                f"{mb / max(now - self.start, 1e-9):.1f} MB/s, {self.tokens:,} tokens")
+                f"{mb / max(now - self.start, 1e-9):.1f} MB/s" + (f", {self.tokens:,} tokens" if self.tokens else ""))
         if self._live:
             print("\r" + line, end="\n" if final else "", file=sys.stderr, flush=True)
         else:
