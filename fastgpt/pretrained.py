@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from fastgpt.checkpoint import atomic_path
+from fastgpt.checkpoint import atomic_writer
 from fastgpt.data import GPT2Tokenizer
 from fastgpt.model import GPT, LAYER_NORM_EPS, GPTConfig
 
@@ -146,9 +146,10 @@ def save(model: GPT, path: str | os.PathLike) -> Path:
 
     ``transformers.GPT2LMHeadModel.from_pretrained(path)`` then computes the same outputs.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save as safetensors_bytes
 
     directory = Path(path)
+    directory.mkdir(parents=True, exist_ok=True)
     config = model.config
     tensors = {}
     for name, tensor in model.state_dict().items():
@@ -166,10 +167,10 @@ def save(model: GPT, path: str | os.PathLike) -> Path:
         "resid_pdrop": config.dropout, "embd_pdrop": config.dropout, "attn_pdrop": config.dropout,
         **{field: values[0] for field, values in GPT2_FUNCTION.items()},
     }
-    with atomic_path(directory / "model.safetensors") as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
-    with atomic_path(directory / "config.json") as tmp:
-        tmp.write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
+    with atomic_writer(directory / "model.safetensors") as f:
+        f.write(safetensors_bytes(tensors, metadata={"format": "pt"}))
+    with atomic_writer(directory / "config.json") as f:
+        f.write((json.dumps(hf_config, indent=2) + "\n").encode("utf-8"))
     return directory
 
 

@@ -41,8 +41,9 @@ class TrainConfig:
     """Everything about a run except the model's shape (see :class:`fastgpt.model.GPTConfig`)."""
 
     # data
-    dataset: str = "default"        # "default" (Python's own stdlib source), "addition", "sort", or a text file
-    tokenizer: str = "char"         # "char" or "gpt2" (text datasets)
+    dataset: str = "default"        # "default" (Python's own stdlib source), "addition", "sort", a text file,
+                                    # or a directory from python -m fastgpt.prepare (big corpora)
+    tokenizer: str = "char"         # "char" or "gpt2" (text files; a prepared directory has its own)
     data_dir: str = "data_cache"    # where prepared token files are cached
     # output
     out_dir: str = "out"            # checkpoints (last.pt, best.pt) and metrics.jsonl
@@ -655,7 +656,8 @@ def build_parser() -> argparse.ArgumentParser:
         kind = {"int | None": int, "str | None": str}.get(f.type, {"int": int, "float": float, "str": str,
                                                                       "bool": bool}.get(f.type))
         _add_option(run, f.name, kind, f.default, help_extra="one of " + ", ".join(DATASET_NAMES) +
-                    " or a text file's path" if f.name == "dataset" else "")
+                    ", a text file's path, or a directory from python -m fastgpt.prepare"
+                    if f.name == "dataset" else "")
     return parser
 
 

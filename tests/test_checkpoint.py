@@ -1,4 +1,7 @@
 """fastgpt.checkpoint: atomic writes, round trips, and clear errors for files that are not checkpoints."""
+import os
+import stat
+
 import pytest
 import torch
 
@@ -63,3 +66,15 @@ def test_other_pytorch_file(tmp_path):
 def test_incomplete_state_is_refused_on_save(tmp_path):
     with pytest.raises(ValueError, match="missing model_config, step"):
         checkpoint.save(tmp_path / "x.pt", {"model": {}})
+
+
+def test_written_files_get_the_permissions_of_any_new_file(tmp_path):
+    mask = os.umask(0o027)
+    try:
+        path = checkpoint.save(tmp_path / "last.pt", state())
+        with checkpoint.atomic_writer(tmp_path / "data.bin") as f:
+            f.write(b"\x01\x02")
+    finally:
+        os.umask(mask)
+    assert stat.S_IMODE(path.stat().st_mode) == stat.S_IMODE((tmp_path / "data.bin").stat().st_mode) == 0o640
+    assert (tmp_path / "data.bin").read_bytes() == b"\x01\x02"

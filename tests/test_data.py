@@ -1,5 +1,6 @@
 """fastgpt.data: tokenizers (char and offline GPT-2), prepared token files and their cache, batches,
 the synthetic addition and sort tasks with their held-out problems, and load_dataset."""
+import contextlib
 import json
 import os
 import subprocess
@@ -13,6 +14,7 @@ import torch
 
 import kernels
 from fastgpt import data
+from fastgpt.data import corpora
 from fastgpt.data import (AdditionTask, CharTokenizer, GPT2Tokenizer, SortTask, get_batch, load_dataset,
                           prepare_text, tokenizer_from_dict)
 
@@ -168,17 +170,19 @@ def test_interrupted_prepare_is_never_trusted(tmp_path, monkeypatch):
     src = write_text(tmp_path / "src.txt", "0123456789" * 30)
     first = prepare_text(src, cache_dir=tmp_path / "cache")
     write_text(src, "9876543210" * 30)
-    real_write = data._atomic_write
+    real_writer = corpora.atomic_writer
 
-    def crash_on_val(path, payload):
-        if path.name == "val.bin":
-            raise KeyboardInterrupt
-        real_write(path, payload)
+    @contextlib.contextmanager
+    def crash_on_val(path):
+        with real_writer(path) as f:
+            yield f
+            if path.name == "val.bin":
+                raise KeyboardInterrupt
 
-    monkeypatch.setattr(data, "_atomic_write", crash_on_val)
+    monkeypatch.setattr(corpora, "atomic_writer", crash_on_val)
     with pytest.raises(KeyboardInterrupt):
         prepare_text(src, cache_dir=tmp_path / "cache")
-    monkeypatch.setattr(data, "_atomic_write", real_write)
+    monkeypatch.undo()
     assert sorted(p.name for p in first.directory.iterdir()) == ["train.bin", "val.bin"]  # no meta, no temp files
     redone = prepare_text(src, cache_dir=tmp_path / "cache")
     assert redone.tokenizer.decode(np.concatenate([redone.train, redone.val])) == "9876543210" * 30
@@ -255,6 +259,29 @@ def test_get_batch_uses_the_whole_split_including_its_last_token():
         _, y = get_batch(tokens, 4, 5, g)
         seen.update(y[:, -1].tolist())
     assert seen == {5}
+
+
+def test_get_batch_across_shards_keeps_each_window_inside_one_shard():
+    # Token values tell the shard: 0.., 1000.. (too short for a window), 2000..
+    shards = [np.arange(100, dtype=np.uint16), np.arange(1000, 1005, dtype=np.uint16),
+              np.arange(2000, 2300, dtype=np.uint16)]
+    g = gen(5)
+    state = g.get_state()
+    xs = torch.cat([get_batch(shards, 64, 8, g)[0] for _ in range(50)])  # 3200 windows
+    assert torch.equal(xs, xs[:, :1] + torch.arange(8))  # contiguous: never across a shard boundary
+    first = xs[:, 0]
+    in_a, in_c = (first < 100), (first >= 2000)
+    assert bool((in_a | in_c).all())  # the short shard is never drawn
+    assert bool((xs[in_a] < 100).all()) and bool((xs[in_c] < 2300).all())
+    # Shards are drawn in proportion to their windows: 92 and 292 of 384.
+    assert abs(in_a.float().mean().item() - 92 / 384) < 0.03
+    assert set(first[in_a].tolist()) == set(range(92))  # every window start of the shard occurs
+    g.set_state(state)
+    assert torch.equal(get_batch(shards, 64, 8, g)[0], xs[:64])  # reproducible from the generator state
+    # One shard in a list draws exactly what the bare array draws.
+    assert torch.equal(get_batch([shards[2]], 16, 8, gen(1))[0], get_batch(shards[2], 16, 8, gen(1))[0])
+    with pytest.raises(ValueError, match=r"the split's longest shard has 300 tokens, too few for block_size=300"):
+        get_batch(shards, 2, 300, gen())
 
 
 def test_get_batch_on_a_split_shorter_than_a_block_names_block_size(tmp_path):
