@@ -12,7 +12,7 @@ For each fused op (attention, LayerNorm, GELU MLP), forward and backward, three 
                attention and LayerNorm are single fused ops, so this row shows what those already save.
 
 Each count, with the op's FLOPs, gives a roofline time ``max(bytes / bandwidth, FLOPs / peak)`` on an
-H100 SXM and an A100 SXM (dense 16-bit tensor-core peaks). Real kernels reach neither roof, launch
+H100 SXM and an H200 (dense 16-bit tensor-core peaks). Real kernels reach neither roof, launch
 overheads are ignored and caches are not perfect: the times are lower bounds under stated
 assumptions, and their ratios say where fusion saves memory traffic. No GPU was used.
 
@@ -28,13 +28,11 @@ import sys
 import torch
 
 from bench import ops
+from fastgpt import perf
 from kernels import _dispatch
 
-# Data-sheet figures: HBM bandwidth (bytes/s) and dense bfloat16/float16 tensor-core FLOP/s.
-GPUS = {
-    "H100 SXM": {"bandwidth": 3.35e12, "flops": 989e12},
-    "A100 SXM": {"bandwidth": 2.0e12, "flops": 312e12},
-}
+# The GPUs the model is computed for (data-sheet figures from fastgpt.perf).
+GPUS = {name: perf.gpu_named(name) for name in ("H100 SXM", "H200")}
 # float16 runs in the interpreter; bfloat16 moves the same bytes and has the same tensor-core peak.
 DTYPE = torch.float16
 SHAPES = {
@@ -52,8 +50,7 @@ def model_flops(case: ops.OpCase, provider: str, pass_name: str) -> float:
     twice its forward (four matmuls, no recomputation); the fused ones skip the masked half."""
     if case.op == "attention" and provider == "naive":
         d = case.dims
-        forward = 4 * d["B"] * d["H"] * d["T"] ** 2 * d["D"]  # both matmuls over the full T x T
-        return forward * (2.0 if pass_name == "backward" else 1.0)
+        return perf.attention_flops(d["B"], d["H"], d["T"], d["D"], causal=False) * ops.PASS_FACTORS[pass_name]
     return ops.flops(case, pass_name) or 0.0
 
 
@@ -94,7 +91,7 @@ def run(size: str, log=print) -> list[dict]:
                 row = {"op": op, "shape": case.shape_label, "dtype": str(DTYPE).removeprefix("torch."),
                        "pass": pass_name, "provider": provider, **counted, "flops": work}
                 for gpu, spec in GPUS.items():
-                    row[f"{gpu} time_s"] = max(counted["bytes"] / spec["bandwidth"], work / spec["flops"])
+                    row[f"{gpu} time_s"] = max(counted["bytes"] / spec.bandwidth, work / spec.bf16_flops)
                 rows.append(row)
     return rows
 

@@ -9,9 +9,9 @@ Providers:
 ``triton``     ``kernels.<op>`` under the ``triton`` backend, only on a CUDA device; on a CPU the row
                says so instead of timing Triton's interpreter.
 
-Work per call, to turn times into rates: attention counts ``4 B H T^2 D`` FLOPs forward (the two
-matmuls), halved because it is causal, and 2.5 times that backward; the MLP ``4 M C Hd`` forward
-and twice that backward; LayerNorm is memory-bound and counts the bytes an ideal kernel moves
+Work per call, to turn times into rates, from :mod:`fastgpt.perf`: attention counts the FLOPs of
+its two matmuls over the causal half of the scores, the MLP those of its two matmuls, twice that
+backward; LayerNorm is memory-bound and counts the bytes an ideal kernel moves
 (forward reads x and writes y, backward reads x and dy and writes dx).
 """
 from __future__ import annotations
@@ -28,6 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import kernels
 from bench import measure, train_step
 from bench.naive import masked_head_attention
+from fastgpt import perf
 
 OPS = ("attention", "layer_norm", "gelu_mlp")
 PROVIDERS = ("naive", "reference", "triton")
@@ -193,15 +194,17 @@ def pass_fns(case: OpCase, provider: str, inputs: dict) -> dict:
 # --------------------------------------------------------------------------- work per call
 
 
+PASS_FACTORS = {"forward": 1, "backward": perf.BACKWARD_FACTOR, "forward+backward": 1 + perf.BACKWARD_FACTOR}
+
+
 def flops(case: OpCase, pass_name: str) -> float | None:
-    """FLOPs of one call (None for LayerNorm, which is rated in bytes); attention counts the causal
-    half of the scores."""
-    d, scale = case.dims, {"forward": 1.0, "backward": 2.0, "forward+backward": 3.0}[pass_name]
+    """FLOPs one call needs (:mod:`fastgpt.perf`: attention the causal half of the scores; None for
+    LayerNorm, which is rated in bytes)."""
+    d, factor = case.dims, PASS_FACTORS[pass_name]
     if case.op == "attention":
-        fwd = 2 * d["B"] * d["H"] * d["T"] ** 2 * d["D"]
-        return fwd * {"forward": 1.0, "backward": 2.5, "forward+backward": 3.5}[pass_name]
+        return perf.attention_flops(d["B"], d["H"], d["T"], d["D"]) * factor
     if case.op == "gelu_mlp":
-        return 4 * d["M"] * d["C"] * d["Hd"] * scale
+        return 2 * perf.matmul_flops(d["M"], d["C"], d["Hd"]) * factor
     return None
 
 

@@ -21,6 +21,7 @@ import torch
 import kernels
 from bench import measure
 from bench.naive import NaiveConfig, NaiveGPT
+from fastgpt import perf
 from fastgpt.model import GPT, GPTConfig
 from fastgpt.train import autocast_context, peak_flops, resolve_dtype
 
@@ -67,15 +68,11 @@ def build(side: str, shape: dict, context: int, dropout: float, device: torch.de
 
 
 def needed_flops_per_token(model, context: int) -> int:
-    """Training FLOPs a causal model of this shape needs per token, for MFU: 6 per weight that takes
-    part in a matmul, plus per layer 6 C T for the causal half of the two attention matmuls.
-
-    fastgpt's own MFU (:meth:`fastgpt.model.GPT.estimate_flops_per_token`) counts the full T x T
-    scores, as the PaLM paper does; with kernels that skip the masked half that can exceed 100%.
-    Both sides are rated with this one formula, whatever they execute.
-    """
+    """Training FLOPs a causal model of this shape needs per token, for MFU
+    (:func:`fastgpt.perf.training_flops_per_token`, as in training): every side is rated with this
+    one formula, whatever it executes."""
     cfg = model.config
-    return 6 * model.num_params() + 6 * cfg.n_layer * cfg.n_embd * context
+    return perf.training_flops_per_token(perf.linear_weights(model), cfg.n_layer, cfg.n_embd, context)
 
 
 def fastgpt_backend(device: torch.device) -> str:

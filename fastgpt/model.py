@@ -296,25 +296,6 @@ class GPT(nn.Module):
         fused = {"fused": True} if device_type in ("cuda", "cpu") else {}
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **fused)
 
-    def estimate_flops_per_token(self, seq_len: int | None = None) -> int:
-        """Floating-point operations to train on one token (forward and backward), for MFU.
-
-        ``6 * N + 12 * L * H * Q * T`` (PaLM paper, appendix B), where N = :meth:`num_params` (non-embedding),
-        L = n_layer, H = n_head, Q = head size, T = ``seq_len`` (default block_size):
-
-        - every parameter takes part in one multiply-add per token forward (2 FLOPs) and two backward
-          (the input and the weight gradient, 4 FLOPs): 6 N;
-        - attention's two matmuls per layer, q @ k^T and weights @ v, each cost 2 * T * H * Q FLOPs
-          per token forward and twice that backward: 3 * 2 * 2 * T * H * Q = 12 H Q T per layer.
-
-        The full T x T score matrix is counted, not the causal half, as is customary. MFU is then
-        ``flops_per_token * tokens_per_second / peak_flops``.
-        """
-        cfg = self.config
-        T = cfg.block_size if seq_len is None else seq_len
-        head_size = cfg.n_embd // cfg.n_head
-        return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_head * head_size * T
-
 
 def _check_tokens(name: str, tokens, block_size: int | None) -> tuple[int, int]:
     """``tokens`` is a (B, T) int64 tensor with 1 <= T (<= block_size if given); returns (B, T)."""

@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import kernels
-from fastgpt import checkpoint, pretrained
+from fastgpt import checkpoint, perf, pretrained
 from fastgpt.data import DATASET_NAMES, load_dataset, tokenizer_from_dict
 from fastgpt.model import GPT, GPTConfig
 
@@ -113,17 +113,6 @@ PRESETS = {
     "gpt2-1558m": dict(n_layer=48, n_head=25, n_embd=1600, learning_rate=2e-4, min_lr=2e-5, **_GPT2_TRAINING),
 }
 MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias")
-
-# Dense bf16/fp16 tensor-core peaks (FLOP/s) by device name, for MFU.
-GPU_PEAK_FLOPS = {
-    "H100 SXM": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 756e12, "H200": 989e12,
-    "A100": 312e12, "A10G": 70e12, "A10": 125e12, "L40S": 362e12, "L4": 121e12, "A6000": 155e12,
-    "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12,
-}
-# Device names (torch.cuda.get_device_name) that hold no key of GPU_PEAK_FLOPS, or a wrong one: the
-# H100 SXM names its memory ("NVIDIA H100 80GB HBM3") and would otherwise match the PCIe card's "H100".
-GPU_NAME_ALIASES = {"H100 80GB HBM3": "H100 SXM"}
-
 
 class TrainingError(RuntimeError):
     """The run cannot go on (a non-finite loss); the last good checkpoint is kept."""
@@ -227,15 +216,13 @@ def _grad_scaler(device: torch.device, dtype: str) -> torch.amp.GradScaler:
 
 
 def peak_flops(device: torch.device, dtype: str) -> float:
-    """Peak FLOP/s for MFU: a table of NVIDIA GPUs; on a CPU, measured once with a large matmul."""
+    """Peak FLOP/s for MFU: the data sheet's on NVIDIA GPUs (:data:`fastgpt.perf.GPUS`; NaN for one
+    not listed); on a CPU, measured once with a large matmul."""
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for alias, key in GPU_NAME_ALIASES.items():
-            name = name.replace(alias, key)
-        for key in sorted(GPU_PEAK_FLOPS, key=len, reverse=True):
-            if key in name:
-                return GPU_PEAK_FLOPS[key] / (1 if dtype != "float32" else 16)  # fp32 without TF32
-        return float("nan")
+        spec = perf.gpu(torch.cuda.get_device_name(device))
+        if spec is None:
+            return float("nan")
+        return spec.bf16_flops / (perf.FLOAT32_FACTOR if dtype == "float32" else 1)
     n = 2048
     a, b = _random_matrices(n)
     ctx = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bfloat16" else contextlib.nullcontext()
@@ -505,7 +492,8 @@ def _train(cfg: TrainConfig, model_args: dict, explicit: frozenset, ddp: _Distri
         origin = f"step {start['step']} of its run" if "step" in start else "Hugging Face GPT-2 weights"
         say(f"initialised from {cfg.init_from} ({origin})")
     raw_model = model
-    flops_per_token = raw_model.estimate_flops_per_token(block_size)
+    flops_per_token = perf.training_flops_per_token(perf.linear_weights(raw_model), raw_model.config.n_layer,
+                                                    raw_model.config.n_embd, block_size)
     if cfg.compile:
         model = torch.compile(model)
     if ddp.world_size > 1:

@@ -115,7 +115,7 @@ def test_python_m_bench_tiny_writes_every_figure_and_the_plots(tmp_path):
         for pass_name in ("forward", "backward"):
             fused, naive = model[op, pass_name, "triton"], model[op, pass_name, "naive"]
             assert 0 < fused["bytes"] < naive["bytes"], (op, pass_name)  # fusion saves traffic (a model)
-            assert fused["H100 SXM time_s"] < fused["A100 SXM time_s"]
+            assert fused["H200 time_s"] <= fused["H100 SXM time_s"]  # the same roofs but for more bandwidth
     assert (tmp_path / "train_step.png").stat().st_size > 0 and (tmp_path / "ops_speedup.png").stat().st_size > 0
 
 

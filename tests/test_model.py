@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 import kernels
 from conftest import DEVICE, float32_tolerance
+from fastgpt import perf
 from fastgpt.model import GPT, GPTConfig
 from kernels import _dispatch, reference
 from kernels.tools.verify import assert_close_to_exact
@@ -183,9 +184,13 @@ def test_num_params_and_flops_per_token():
     total = sum(p.numel() for p in model.parameters())
     assert model.num_params(non_embedding=False) == total
     assert model.num_params() == total - 16 * 32
-    # 6 N + 12 L H Q T with L = 2, H = 2, Q = 16, T = block_size 16 (or the given seq_len).
-    assert model.estimate_flops_per_token() == 6 * model.num_params() + 12 * 2 * 2 * 16 * 16
-    assert model.estimate_flops_per_token(seq_len=4) == 6 * model.num_params() + 12 * 2 * 2 * 16 * 4
+    # The linear weights: per layer c_attn 3C^2, c_proj C^2, c_fc and the MLP's c_proj 4C^2 each, and
+    # the tied lm_head V C once. FLOPs per token: 6 per linear weight, and per layer 6 C T for the
+    # causal half of attention's two matmuls (C = 32, L = 2, V = 50).
+    linear = 2 * 12 * 32 * 32 + 50 * 32
+    assert perf.linear_weights(model) == linear
+    assert perf.training_flops_per_token(linear, 2, 32, 16) == 6 * linear + 6 * 2 * 32 * 16
+    assert perf.training_flops_per_token(linear, 2, 32, 4) == 6 * linear + 6 * 2 * 32 * 4
 
 
 def test_configure_optimizers_decays_only_matrices():
