@@ -83,13 +83,15 @@ class CausalSelfAttention(nn.Module):
         self.n_embd = config.n_embd
         self.dropout = config.dropout
 
-    def forward(self, x):
+    def forward(self, x, cache: KVCache | None = None, layer: int = 0):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # 3 x (B, T, C), views
         # Views, not copies: the heads are strided slices of c_attn's output.
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        if cache is not None:
+            k, v = cache.extend(layer, k, v)  # (B, nh, T_past + T, hs): the new queries are the last T
         y = kernels.attention(q, k, v, causal=True, dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
         return self.resid_dropout(self.c_proj(y))
@@ -119,10 +121,37 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x, cache: KVCache | None = None, layer: int = 0):
+        x = x + self.attn(self.ln_1(x), cache, layer)
         x = x + self.mlp(self.ln_2(x))
         return x
+
+
+class KVCache:
+    """The keys and values of every layer for the positions a generation has seen, so that each new
+    token runs the model over itself alone.
+
+    Holds (B, nh, block_size, hs) per layer, filled from the start; :meth:`extend` appends a step's
+    keys and values to a layer and returns the layer's keys and values so far, and ``length``
+    counts the positions held (advanced by :meth:`GPT.forward` after its last layer).
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.length = 0
+        self._keys: list[torch.Tensor] = []
+        self._values: list[torch.Tensor] = []
+
+    def extend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store ``k``, ``v`` (B, nh, T, hs) after the positions held; ``(keys, values)`` of all of them."""
+        end = self.length + k.shape[2]
+        if layer == len(self._keys):  # the first step: buffers of the step's shape, dtype and device
+            shape = (*k.shape[:2], self.capacity, k.shape[3])
+            self._keys.append(k.new_empty(shape))
+            self._values.append(v.new_empty(shape))
+        self._keys[layer][:, :, self.length:end] = k
+        self._values[layer][:, :, self.length:end] = v
+        return self._keys[layer][:, :, :end], self._values[layer][:, :, :end]
 
 
 class GPT(nn.Module):
@@ -182,7 +211,8 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, return_logits: bool = False):
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, return_logits: bool = False,
+                cache: KVCache | None = None):
         """The next-token logits, or the mean cross-entropy loss when ``targets`` are given.
 
         Args:
@@ -190,6 +220,9 @@ class GPT(nn.Module):
             targets: (B, T) int64 next-token ids, or None (default). Positions whose target is -1 are
                 left out of the loss (if every target is -1 the loss is NaN).
             return_logits: with targets, also return the (B, T, V) logits (default False).
+            cache: a :class:`KVCache` holding the keys and values of the positions before ``idx``
+                (which then continue them, ``cache.length + T <= block_size``); it is extended
+                with idx's. For generation: no targets.
 
         Returns:
             ``(logits, loss)``. Without targets: logits for the last position only, (B, 1, V), and
@@ -198,17 +231,24 @@ class GPT(nn.Module):
             (B, T, V) logits; with ``return_logits``, ``(logits, loss)``, logits (B, T, V) from the
             lm_head and the same loss computed from them.
         """
-        B, T = _check_tokens("idx", idx, self.config.block_size)
+        start = 0 if cache is None else cache.length
+        B, T = _check_tokens("idx", idx, self.config.block_size if cache is None else None)
+        if start + T > self.config.block_size:
+            raise ValueError(f"the cache holds {start} positions: {T} more exceed block_size={self.config.block_size}")
         if targets is not None:
+            if cache is not None:
+                raise ValueError("a KVCache serves generation: pass targets without one")
             _check_tokens("targets", targets, None)
             if targets.shape != idx.shape:
                 raise ValueError(f"targets must have idx's shape {tuple(idx.shape)}, got {tuple(targets.shape)}")
-        pos = torch.arange(T, dtype=torch.long, device=idx.device)  # (T,)
+        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
         tok_emb = self.transformer.wte(idx)  # (B, T, C)
         pos_emb = self.transformer.wpe(pos)  # (T, C)
         x = self.transformer.drop(tok_emb + pos_emb)  # (B, T, C)
-        for block in self.transformer.h:
-            x = block(x)  # (B, T, C)
+        for layer, block in enumerate(self.transformer.h):
+            x = block(x, cache, layer)  # (B, T, C)
+        if cache is not None:
+            cache.length += T
         x = self.transformer.ln_f(x)  # (B, T, C)
         if targets is None:
             return self.lm_head(x[:, [-1], :]), None  # (B, 1, V)
@@ -219,14 +259,19 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: int | None = None) -> torch.Tensor:
+                 top_k: int | None = None, use_cache: bool = True) -> torch.Tensor:
         """Append ``max_new_tokens`` sampled tokens to every row of ``idx``.
 
-        Each step feeds the model at most the last ``block_size`` tokens, divides the last position's
-        logits by ``temperature`` (finite, > 0; default 1.0; lower is more conservative), keeps
-        only the ``top_k`` most likely tokens if given (a positive int, capped at vocab_size; 1 is
-        greedy decoding) and samples from the softmax with torch's global RNG. Call ``eval()``
-        first unless you want dropout while sampling.
+        Each step divides the last position's logits by ``temperature`` (finite, > 0; default 1.0;
+        lower is more conservative), keeps only the ``top_k`` most likely tokens if given (a
+        positive int, capped at vocab_size; 1 is greedy decoding) and samples from the softmax with
+        torch's global RNG. Call ``eval()`` first unless you want dropout while sampling.
+
+        With ``use_cache`` (default) the keys and values of every position are kept
+        (:class:`KVCache`): one forward over the prompt, then one position per new token. Without it
+        every step runs the model over the whole context again. Either way the model sees at most
+        the last ``block_size`` tokens: once the sequence is longer, every step runs over that
+        window whole (its positions shift with each token, so no cache can serve it).
 
         Args:
             idx: (B, T0) int64 token ids, T0 >= 1 (may exceed block_size).
@@ -250,9 +295,12 @@ class GPT(nn.Module):
                 raise ValueError(f"top_k must be None or positive, got {top_k}")
             top_k = min(int(top_k), self.config.vocab_size)
         _check_tokens("idx", idx, None)
+        cache = KVCache(self.config.block_size) if use_cache else None
         for _ in range(max_new_tokens):
-            idx_cond = idx[:, -self.config.block_size:]  # (B, <= block_size)
-            logits, _ = self(idx_cond)  # (B, 1, V)
+            if cache is not None and idx.shape[1] <= self.config.block_size:
+                logits, _ = self(idx[:, cache.length:], cache=cache)  # the prompt, then one token a step
+            else:
+                logits, _ = self(idx[:, -self.config.block_size:])  # (B, 1, V)
             logits = logits[:, -1, :] / temperature  # (B, V)
             if top_k is not None:
                 kth_largest = torch.topk(logits, top_k).values[:, [-1]]  # (B, 1)

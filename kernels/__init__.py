@@ -72,15 +72,17 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     device.
 
     Args:
-        q, k, v: (B, H, T, D) floating tensors of one dtype and device, all of exactly the same
-            shape (queries and keys/values of different lengths are not supported); any strides.
-        causal: if True (default), position t attends only to positions <= t.
+        q: (B, H, T_Q, D) floating tensor; any strides.
+        k, v: (B, H, T_K, D) of q's dtype and device, T_K >= T_Q (T_K > T_Q: the queries are the
+            last T_Q positions, as for new tokens against a cache of keys and values); any strides.
+        causal: if True (default), query i (at position T_K - T_Q + i) attends only to keys at
+            positions <= its own: the causal mask is aligned at the bottom right, as in FlashAttention.
         dropout_p: probability of dropping an attention weight, in [0, 1) (default 0.0). Dropout is
             applied whenever ``dropout_p > 0``: pass 0.0 at evaluation time.
         softmax_scale: multiplier of the scores, finite and > 0; None (default) means 1 / sqrt(D).
 
     Returns:
-        (B, H, T, D) tensor of q's dtype (under autocast, of the autocast dtype: inputs are cast).
+        (B, H, T_Q, D) tensor of q's dtype (under autocast, of the autocast dtype: inputs are cast).
     """
     _checks.tensor("q", q)
     _checks.tensor("k", k)
@@ -89,8 +91,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
         raise ValueError(f"q must be 4-D (B, H, T, D), got shape {tuple(q.shape)}")
     if q.shape[-1] == 0:
         raise ValueError(f"q must have a non-empty head dimension D, got shape {tuple(q.shape)}")
-    _checks.shape("k", k, q.shape)
-    _checks.shape("v", v, q.shape)
+    if k.dim() != 4 or k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3] or k.shape[2] < q.shape[2]:
+        B, H, T, D = q.shape
+        raise ValueError(f"k must have shape ({B}, {H}, T_K, {D}) with T_K >= {T} (q's T), got {tuple(k.shape)}")
+    _checks.shape("v", v, k.shape)
     q, k, v = _autocast(None, q, k, v)
     _checks.same_device_and_dtype(q=q, k=k, v=v)
     _checks.probability("dropout_p", dropout_p)

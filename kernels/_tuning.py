@@ -6,29 +6,49 @@ config is, in this order:
 
 1. the config pinned for that kernel (:func:`use_configs`), when one is: tests run every config
    this way (Triton's interpreter cannot autotune), and benchmarks compare configs;
-2. in Triton's interpreter, which cannot time anything, the allowed config with the largest tiles
+2. for a launch over at most ``SMALL_TOKENS`` tokens (a generation step, a tiny batch), the allowed
+   config with the smallest tiles, untimed: such launches are latency-bound, and timing the
+   candidates would cost more than a good choice could save;
+3. in Triton's interpreter, which cannot time anything, the allowed config with the largest tiles
    (the fewest programs: the interpreter runs them one after another);
-3. on a GPU, Triton's autotuner's choice among the configs the op allows for these inputs.
+4. on a GPU, Triton's autotuner's choice among the configs the op allows for these inputs, timed
+   once per key: the kernels key on the token count rounded up to a power of two, so a training
+   run tunes once per shape class. Choices are kept on disk (:func:`cache_file`) per triton
+   version and GPU, and a later process starts from them instead of timing again.
 
-An op may allow only some of a kernel's configs for given inputs (say, tiles that do not fit a wide
-head dimension); a pinned config outside them is refused with a ValueError, never launched.
+:func:`tuned_configs` lists the choices made (or read from disk) in this process; pin one with
+:func:`use_configs`. An op may allow only some of a kernel's configs for given inputs (say, tiles
+that do not fit a wide head dimension); a pinned config outside them is refused with a
+ValueError, never launched.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
+import functools
+import hashlib
+import inspect
+import json
+import os
+import re
+from pathlib import Path
 from typing import Callable
 
-from . import _dispatch
+from . import _dispatch, _io
+
+SMALL_TOKENS = 64  # launches over this many tokens or fewer take the smallest tiles, untimed
+CACHE_DIR_ENV = "FASTGPT_AUTOTUNE_CACHE"  # a directory for the autotuning cache; "off" keeps none
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class Tunable:
     """An autotuned kernel: its name, its candidate configs and Triton's autotuner over them."""
 
     name: str
     tuner: object  # triton.runtime.autotuner.Autotuner
     configs: tuple
+    saved: int = -1  # entries of tuner.cache the disk cache holds; -1 before it was read
 
     @property
     def fn(self):
@@ -43,8 +63,9 @@ _pins: dict = {}  # kernel name -> triton.Config
 def autotuned(name: str, kernel, configs, key: list[str], prune: Callable | None = None) -> Tunable:
     """Register ``kernel`` (a @triton.jit function) as the autotuned kernel ``name``.
 
-    ``prune(configs, named_args)`` returns the configs allowed for a launch's arguments (all of
-    them when None); the autotuner times only those.
+    ``key`` names the arguments whose values key a tuning (Triton adds the dtypes of the tensors);
+    ``prune(configs, named_args)`` returns the configs allowed for a launch's arguments (all of them
+    when None): the autotuner times only those.
     """
     import triton  # not at module level: kernels imports this module with or without Triton
 
@@ -69,7 +90,7 @@ def use_configs(pins: dict):
 
     Pinned kernels launch with their pinned config, without autotuning; the others as usual. Names
     and configs are checked here; a pinned config that the op does not allow for some inputs
-    raises ValueError when such a launch comes.
+    raises ValueError when such a launch comes. :func:`kernels` lists the names and configs.
     """
     for name, config in pins.items():
         if name not in _REGISTRY:
@@ -100,24 +121,110 @@ def tile_size(config) -> int:
     return size
 
 
+def tuned_configs() -> list[tuple[str, tuple, str]]:
+    """``(kernel name, autotuning key, config)`` for every choice made or read from disk in this process.
+
+    A key holds the values of the kernel's key arguments (the token count's power-of-two bucket,
+    widths, flags) and then the dtypes of its tensors.
+    """
+    return [(name, key, describe(config)) for name, tunable in _REGISTRY.items()
+            for key, config in tunable.tuner.cache.items()]
+
+
 def _autotuner_can_time() -> bool:
     """Triton's autotuner times configs on a GPU; its interpreter cannot time anything."""
     return not _dispatch.INTERPRETED
 
 
-def launch(tunable: Tunable, grid_of: Callable, args: tuple, meta: dict, allowed=None) -> tuple:
+def launch(tunable: Tunable, grid_of: Callable, args: tuple, meta: dict, allowed=None, tokens: int | None = None
+           ) -> tuple:
     """``(kernel, grid, args, meta)``: one launch of ``tunable`` with the config chosen as the module says.
 
     ``grid_of(block_sizes)`` gives the grid for a config's kwargs; ``allowed`` lists the configs
-    the op allows for these inputs (default: all of them).
+    the op allows for these inputs (default: all of them); ``tokens`` is the launch's token count.
     """
     allowed = tunable.configs if allowed is None else allowed
     config = _pins.get(tunable.name)
     if config is not None and config not in allowed:
         raise ValueError(f"the config pinned for {tunable.name}, {config}, does not fit these inputs; "
                          f"allowed: {list(allowed)}")
+    if config is None and tokens is not None and tokens <= SMALL_TOKENS:
+        config = min(allowed, key=tile_size)
     if config is None and not _autotuner_can_time():
         config = max(allowed, key=tile_size)
     if config is None:
+        _sync_disk_cache(tunable)
         return tunable.tuner, grid_of, args, meta
     return tunable.fn, grid_of(config.kwargs), args, {**meta, **config.all_kwargs()}
+
+
+# --------------------------------------------------------------------------- the disk cache
+
+
+@functools.lru_cache(maxsize=1)
+def cache_file() -> Path | None:
+    """The file holding this process's autotuning choices: one per triton version and GPU, under
+    ``$FASTGPT_AUTOTUNE_CACHE`` (default ``~/.cache/fastgpt/autotune``); None when that is "off".
+    Decided once per process."""
+    import torch
+    import triton
+
+    directory = os.environ.get(CACHE_DIR_ENV) or str(Path.home() / ".cache" / "fastgpt" / "autotune")
+    if directory == "off":
+        return None
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", f"triton-{triton.__version__}-{device}")
+    return Path(directory) / f"{name}.json"
+
+
+def _read_cache(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):  # none yet, or damaged: tune again (and rewrite it)
+        return {}
+
+
+def _source_key(tunable: Tunable) -> str:
+    """The kernel's source hash (Triton's, which covers the functions it calls; the Python source's
+    in the interpreter): a changed kernel does not reuse an old kernel's choices."""
+    key = getattr(tunable.fn, "cache_key", None)
+    return key if key is not None else hashlib.sha256(inspect.getsource(tunable.fn.fn).encode()).hexdigest()
+
+
+def _sync_disk_cache(tunable: Tunable) -> None:
+    """Before the first GPU launch of ``tunable``, load its saved choices; when it has made new ones
+    since, save them. A choice is stored as its config's index and description, and loaded only
+    where both still match."""
+    if len(tunable.tuner.cache) == tunable.saved:
+        return
+    path = cache_file()
+    if path is None:
+        return
+    if tunable.saved < 0:
+        entry = _read_cache(path).get(tunable.name, {})
+        if entry.get("source") == _source_key(tunable):
+            for key, index, described in entry.get("choices", []):
+                if index < len(tunable.configs) and describe(tunable.configs[index]) == described:
+                    tunable.tuner.cache.setdefault(tuple(key), tunable.configs[index])
+    else:
+        _save(path, tunable)
+    tunable.saved = len(tunable.tuner.cache)
+
+
+def _save(path: Path, tunable: Tunable) -> None:
+    stored = _read_cache(path)
+    stored[tunable.name] = {"source": _source_key(tunable), "choices": [
+        [list(key), tunable.configs.index(config), describe(config)] for key, config in tunable.tuner.cache.items()]}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _io.atomic_writer(path) as f:
+        f.write(json.dumps(stored, indent=1).encode())
+
+
+@atexit.register
+def _save_new_choices() -> None:
+    """Choices made by a process's last launches are saved when it exits."""
+    for tunable in _REGISTRY.values():
+        if tunable.saved >= 0 and len(tunable.tuner.cache) != tunable.saved:
+            path = cache_file()
+            if path is not None:
+                _save(path, tunable)

@@ -20,7 +20,12 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, dropout_p: float = 0.0,
               softmax_scale: float | None = None) -> torch.Tensor:
-    """Scaled dot-product attention on (B, H, T, D) tensors through PyTorch's fused op."""
+    """Scaled dot-product attention on (B, H, T_Q, D) queries and (B, H, T_K, D) keys and values through
+    PyTorch's fused op; with T_Q < T_K the causal mask is aligned at the bottom right."""
+    T_Q, T_K = q.shape[-2], k.shape[-2]
+    if causal and T_Q != T_K:  # SDPA's is_causal aligns the mask at the top left
+        mask = torch.ones(T_Q, T_K, dtype=torch.bool, device=q.device).tril(diagonal=T_K - T_Q)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=softmax_scale)
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal, scale=softmax_scale)
 
 
@@ -30,16 +35,17 @@ def attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bo
     """Attention written out step by step: the oracle the fused versions are tested against.
 
     Computes in float32 (float64 for float64 inputs) and returns ``q.dtype``. ``dropout_mask`` is a
-    boolean keep-mask broadcastable to (B, H, T, T); kept weights are scaled by 1 / (1 - dropout_p).
-    Without a mask no dropout is applied, whatever ``dropout_p`` is.
+    boolean keep-mask broadcastable to (B, H, T_Q, T_K); kept weights are scaled by 1 / (1 - dropout_p).
+    Without a mask no dropout is applied, whatever ``dropout_p`` is. With T_Q < T_K the queries are
+    the last T_Q positions (causal mask aligned at the bottom right).
     """
     out_dtype, compute = q.dtype, torch.promote_types(q.dtype, torch.float32)
     q, k, v = q.to(compute), k.to(compute), v.to(compute)
-    T = q.shape[-2]
+    T_Q, T_K = q.shape[-2], k.shape[-2]
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
-    scores = (q @ k.transpose(-2, -1)) * scale  # (B, H, T, T)
+    scores = (q @ k.transpose(-2, -1)) * scale  # (B, H, T_Q, T_K)
     if causal:
-        future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(diagonal=1)
+        future = torch.ones(T_Q, T_K, dtype=torch.bool, device=q.device).triu(diagonal=T_K - T_Q + 1)
         scores = scores.masked_fill(future, float("-inf"))
     weights = torch.softmax(scores, dim=-1)
     if dropout_mask is not None:

@@ -32,6 +32,19 @@ def test_every_length(T, causal):
     assert_pass(attention_checks(1, 2, T, 64, FP16, causal, device=DEVICE))
 
 
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("T, keys", [(1, 1), (1, 17), (1, 100), (5, 64), (37, 100), (64, 257), (100, 101)])
+def test_fewer_queries_than_keys(T, keys, causal):
+    """The queries are the last T of ``keys`` positions (new tokens against a cache of keys and values):
+    causal masking is aligned at the bottom right, forward and backward."""
+    assert_pass(attention_checks(1, 2, T, 64, FP16, causal, keys=keys, device=DEVICE))
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+def test_fewer_queries_than_keys_in_every_dtype_with_dropout(dtype):
+    assert_pass(attention_checks(2, 2, 17, 32, dtype, keys=70, dropout_p=0.2, device=DEVICE))
+
+
 @pytest.mark.parametrize("D", [8, 16, 32, 48, 80, 96, 128])
 def test_every_head_dim(D):
     assert_pass(attention_checks(1, 2, 100, D, FP16, device=DEVICE))
@@ -81,6 +94,7 @@ def test_every_config(kind, tile):
         D = min(64, attn.max_block_d(tile, FP16, dropout=True))
         assert_pass(attention_checks(1, 2, 100, D, FP16, dropout_p=0.2, device=DEVICE))
         assert_pass(attention_checks(1, 1, 100, 32, FP16, causal=False, device=DEVICE))
+        assert_pass(attention_checks(1, 1, 70, 32, FP16, keys=130, device=DEVICE))
 
 
 def test_configs_cover_the_autotuner_and_are_pruned_by_head_dim_and_dropout():
@@ -289,8 +303,11 @@ def test_forward_memory_traffic_is_linear_in_T(capsys):
 class TestBadInput:
     def test_shape_mismatch(self, backend):
         q, k, v = qkv(T=4)
-        with kernels.use_backend(backend), pytest.raises(ValueError, match=r"k must have shape \(1, 2, 4, 16\)"):
+        with kernels.use_backend(backend), pytest.raises(ValueError, match=r"k must have shape \(1, 2, T_K, 16\) "
+                                                                           r"with T_K >= 4 \(q's T\), got \(1, 2, 3, 16\)"):
             kernels.attention(q, k[:, :, :3], v)
+        with kernels.use_backend(backend), pytest.raises(ValueError, match=r"v must have shape \(1, 2, 4, 16\)"):
+            kernels.attention(q, k, v[:, :1])
 
     def test_three_dimensional(self, backend):
         x = torch.randn(2, 5, 16, device=DEVICE)

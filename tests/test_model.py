@@ -160,7 +160,39 @@ def test_generate_crops_the_context_and_is_reproducible():
     assert first.shape == (2, 23) and first.dtype == torch.long
     assert torch.equal(first[:, :3], idx)
     assert torch.equal(first, second)
-    assert max(seen) == 8 and seen[:6] == [3, 4, 5, 6, 7, 8] and len(seen) == 40
+    # Without the cache every step runs the whole context, at most the last 8 tokens.
+    seen.clear()
+    model.generate(idx, 20, use_cache=False)
+    assert max(seen) == 8 and seen[:6] == [3, 4, 5, 6, 7, 8] and len(seen) == 20
+    # With it, the prompt, then one token a step until the context passes block_size; then the
+    # window of the last 8 tokens is run whole each step (its positions shift with every token).
+    seen.clear()
+    model.generate(idx, 20)
+    assert seen == [3, 1, 1, 1, 1, 1] + [8] * 14
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+@pytest.mark.parametrize("prompt, new", [(5, 20), (3, 40)], ids=["within-block", "past-block"])
+def test_greedy_generation_with_the_cache_equals_it_without(backend, prompt, new):
+    model = tiny_model(block_size=32).eval()
+    idx = tokens(2, prompt, seed=5)
+    with kernels.use_backend(backend):
+        cached = model.generate(idx, new, top_k=1)
+        uncached = model.generate(idx, new, top_k=1, use_cache=False)
+    assert torch.equal(cached, uncached)
+
+
+def test_a_cache_goes_with_generation_not_with_targets():
+    from fastgpt.model import KVCache
+
+    model = tiny_model(block_size=8)
+    cache = KVCache(8)
+    with pytest.raises(ValueError, match="a KVCache serves generation"):
+        model(tokens(1, 3), tokens(1, 3), cache=cache)
+    model.eval()(tokens(1, 6), cache=cache)
+    assert cache.length == 6
+    with pytest.raises(ValueError, match="the cache holds 6 positions: 3 more exceed block_size=8"):
+        model(tokens(1, 3), cache=cache)  # 6 held + 3 new > 8 positions
 
 
 def test_top_k_one_is_greedy():

@@ -4,6 +4,8 @@ On a GPU the config comes from Triton's autotuner, which times the configs the o
 path runs here in Triton's interpreter, with the autotuner's timer replaced by made-up timings
 (the interpreter cannot time anything): keys, pruning, the choice and the launch are Triton's own.
 """
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -101,3 +103,63 @@ def test_every_autotuned_kernel_is_registered_with_its_configs():
                                       "linear_cross_entropy.dx", "linear_cross_entropy.dweight"}
     assert _tuning.kernels()["attention.dq"] == tuple(tile.config for tile in attention._CONFIGS["dq"])
     assert _tuning.describe(gelu_mlp.CONFIGS[0]) == "128x128x32 warps=8 stages=3"
+
+
+def test_launches_over_a_few_tokens_take_the_smallest_tiles_untimed(gpu_path):
+    set_times, asked = gpu_path
+    for name in ("gelu_mlp.fwd", "gelu_mlp.dpre", "gelu_mlp.dweight"):
+        set_times(name, {c: 1.0 for c in gelu_mlp.CONFIGS})
+    assert_pass(gelu_mlp_checks(_tuning.SMALL_TOKENS, 48, 200, torch.float16, device=DEVICE))
+    assert all(asked[name] == [] for name in asked)
+
+
+def test_generation_tunes_for_the_prompt_and_never_after_its_first_token(gpu_path):
+    """With the cache every step after the prompt runs one token: few tokens, never timed."""
+    from fastgpt.model import GPT, GPTConfig
+
+    set_times, asked = gpu_path
+    for name, configs in _tuning.kernels().items():
+        set_times(name, {c: 1.0 for c in configs})
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50, block_size=96, n_layer=1, n_head=2, n_embd=32)).eval()
+    prompt = torch.randint(50, (1, 80))  # more than SMALL_TOKENS: the prompt's launches are tuned
+    model.generate(prompt, 1)
+    tuned_by_the_prompt = {name: len(configs) for name, configs in asked.items()}
+    assert sum(tuned_by_the_prompt.values()) > 0
+    model.generate(prompt, 8)
+    assert {name: len(configs) for name, configs in asked.items()} == tuned_by_the_prompt
+
+
+def test_choices_are_kept_on_disk_and_a_second_process_does_not_tune_again(tmp_path):
+    """Two processes share one cache directory: the first times the configs, the second reads its choices."""
+    from test_dispatch import run_python
+
+    script = f"""
+        import sys, torch
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        import conftest
+        import kernels
+        from kernels import _tuning
+        from kernels.ops import gelu_mlp
+        _tuning._autotuner_can_time = lambda: True  # the path a GPU takes (conftest runs the interpreter)
+        asked = []
+        tuner = _tuning._REGISTRY["gelu_mlp.fwd"].tuner
+        tuner._bench = lambda *args, config, **meta: asked.append(config) or [float(gelu_mlp.CONFIGS.index(config) + 1)] * 3
+        with kernels.use_configs({{"gelu_mlp.dpre": gelu_mlp.CONFIGS[0], "gelu_mlp.dweight": gelu_mlp.CONFIGS[0]}}):
+            x, w1, w2 = torch.randn(100, 16).half(), torch.randn(64, 16).half(), torch.randn(16, 64).half()
+            kernels.gelu_mlp(x, w1, None, w2, None)
+            kernels.gelu_mlp(torch.randn(120, 16).half(), w1, None, w2, None)  # the same bucket: no tuning
+        print(len(asked), _tuning.tuned_configs())
+    """
+    env = dict(FASTGPT_AUTOTUNE_CACHE=str(tmp_path), TRITON_INTERPRET=None)
+    first = run_python(script, **env)
+    assert first.returncode == 0, first.stderr
+    # The two GEMMs of the forward (fc and proj) each time the three configs once; the second
+    # call's token count falls in the same bucket (128).
+    assert first.stdout.startswith("6 [('gelu_mlp.fwd', (128, 64, 16")
+    files = list(tmp_path.glob("*.json"))
+    assert len(files) == 1 and "triton-" in files[0].name
+    second = run_python(script, **env)
+    assert second.returncode == 0, second.stderr
+    assert second.stdout.startswith("0 [('gelu_mlp.fwd', (128, 64, 16")  # read from disk, not timed
+    assert "128x128x32 warps=8 stages=3" in second.stdout

@@ -101,9 +101,9 @@ def tile_matmul(A_ptr, B_ptr, m_left, n_left, K, stride_am, stride_ak, stride_bk
     return acc, row_sums
 
 
-@triton.jit(do_not_specialize=["M_BUCKET", "K_BUCKET"])
+@triton.jit(do_not_specialize=["TOKENS_BUCKET"])
 def _matmul_kernel(
-    A_ptr, B_ptr, Bias_ptr, Out_ptr, RowSum_ptr, M, N, K, M_BUCKET, K_BUCKET,
+    A_ptr, B_ptr, Bias_ptr, Out_ptr, RowSum_ptr, M, N, K, TOKENS_BUCKET,
     stride_am, stride_ak, stride_bk, stride_bn, stride_om,
     HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr, ROW_SUMS: tl.constexpr, WIDE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -112,8 +112,8 @@ def _matmul_kernel(
 
     With ROW_SUMS the programs of the first tile column also write (or add, with ACCUMULATE) A's
     row sums over k to RowSum: a bias gradient when k runs over the tokens. Out and RowSum are
-    read and written by one program per element: no atomics, deterministic. M_BUCKET and K_BUCKET
-    only key the autotuner.
+    read and written by one program per element: no atomics, deterministic. TOKENS_BUCKET only
+    keys the autotuner (see :func:`bucket`).
     """
     row0, col0 = tile_start(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     a_tile = A_ptr + row0.to(tl.int64) * stride_am
@@ -146,6 +146,7 @@ def needs_wide(*tensors: torch.Tensor | None) -> bool:
 
 
 def bucket(n: int) -> int:
-    """``n`` rounded up to a power of two: the autotuners' key for a token count, so that a training
-    run tunes once per shape class instead of once per batch shape."""
+    """``n`` rounded up to a power of two: the autotuners' key for a token count (TOKENS_BUCKET),
+    whichever GEMM dimension the tokens are, so that a run tunes once per shape class instead of
+    once per batch shape or prompt length."""
     return triton.next_power_of_2(max(n, 1))

@@ -20,7 +20,11 @@ same mask, whatever its tile sizes; nothing of size (T, T) is stored. Every call
 (seed, offset) from torch's generator of the tensors' device (:func:`draw_rng_state`), so a run is
 reproducible under ``torch.manual_seed``.
 
-Limits: q, k and v of one shape (B, H, T, D) (self-attention lengths), D a multiple of 8 up to 128
+Queries may be fewer than keys (T_Q <= T_K, e.g. new tokens against a cache of keys and values):
+query i is then the position T_K - T_Q + i, and causal masking is aligned at the bottom right, as
+in FlashAttention.
+
+Limits: q (B, H, T_Q, D) and k, v (B, H, T_K, D) with T_Q <= T_K, D a multiple of 8 up to 128
 (padded inside the kernels to the next power of two, at least 16), float16 or bfloat16, or float32
 with D up to 64 while PyTorch's float32 matmuls use TF32 (the dots then run in TF32); any strides.
 """
@@ -119,24 +123,38 @@ def _dropout_keep(seed, offset, bh, rows, start_n, dropout_p, BLOCK_M: tl.conste
     return tl.reshape(tl.join(tl.join(k0, k2), tl.join(k1, k3)), [BLOCK_M, BLOCK_N])
 
 
+@triton.jit
+def _key_range(start_m, T_K, SHIFT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    """``(full_end, masked_end)`` of query tile ``start_m``: key tiles in [0, full_end) need no mask,
+    those in [full_end, masked_end) do (they cross the diagonal, or the ragged end of the keys);
+    causal query i sees the keys up to i + SHIFT."""
+    if CAUSAL:
+        full_end = (start_m * BLOCK_M + SHIFT) // BLOCK_N * BLOCK_N
+        masked_end = tl.minimum((start_m + 1) * BLOCK_M + SHIFT, T_K)
+    else:
+        full_end = (T_K // BLOCK_N) * BLOCK_N
+        masked_end = T_K
+    return full_end, masked_end
+
+
 # --------------------------------------------------------------------------- forward
 
 
 @triton.jit
 def _fwd_tiles(acc, l_i, m_i, q, K_ptr, V_ptr, stride_k_t, stride_k_d, stride_v_t, stride_v_d,
-               offs_m, offs_d, start, end, T, qk_scale, seed, offset, bh, dropout_p,
+               offs_m, offs_d, start, end, T_K, SHIFT, qk_scale, seed, offset, bh, dropout_p,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                MASKED: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr):
     """Fold the key tiles [start, end) into the running (acc, l, m); MASKED tiles apply the masks."""
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + offs_n
-        k = _load_tile(K_ptr, cols, offs_d, stride_k_t, stride_k_d, T, HEAD_DIM, BLOCK_D, MASKED)
+        k = _load_tile(K_ptr, cols, offs_d, stride_k_t, stride_k_d, T_K, HEAD_DIM, BLOCK_D, MASKED)
         s = tl.dot(q, tl.trans(k), input_precision="tf32") * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
         if MASKED:
-            valid = cols[None, :] < T
+            valid = cols[None, :] < T_K
             if CAUSAL:
-                valid = valid & (cols[None, :] <= offs_m[:, None])
+                valid = valid & (cols[None, :] <= offs_m[:, None] + SHIFT)
             s = tl.where(valid, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -144,7 +162,7 @@ def _fwd_tiles(acc, l_i, m_i, q, K_ptr, V_ptr, stride_k_t, stride_k_d, stride_v_
         l_i = l_i * alpha + tl.sum(p, 1)
         if DROPOUT:
             p = tl.where(_dropout_keep(seed, offset, bh, offs_m, start_n, dropout_p, BLOCK_M, BLOCK_N), p, 0.0)
-        v = _load_tile(V_ptr, cols, offs_d, stride_v_t, stride_v_d, T, HEAD_DIM, BLOCK_D, MASKED)
+        v = _load_tile(V_ptr, cols, offs_d, stride_v_t, stride_v_d, T_K, HEAD_DIM, BLOCK_D, MASKED)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision="tf32")
         m_i = m_new
     return acc, l_i, m_i
@@ -157,11 +175,13 @@ def _attention_fwd_kernel(
     stride_k_b, stride_k_h, stride_k_t, stride_k_d,
     stride_v_b, stride_v_h, stride_v_t, stride_v_d,
     stride_o_b, stride_o_h, stride_o_t, stride_o_d,
-    H, T, T_BUCKET, qk_scale, dropout_p,
+    H, T_Q, T_K, T_BUCKET, qk_scale, dropout_p,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # T_BUCKET only keys the autotuner (sequence lengths bucketed to powers of two).
+    # T_BUCKET only keys the autotuner (query lengths bucketed to powers of two). Query i sits at
+    # position i + SHIFT of the keys (the last T_Q of T_K): causal alignment at the bottom right.
+    SHIFT = T_K - T_Q
     start_m = tl.program_id(0)
     off_h = tl.program_id(1)
     off_b = tl.program_id(2)
@@ -170,34 +190,28 @@ def _attention_fwd_kernel(
     K_ptr = _head(K_ptr, off_b, off_h, stride_k_b, stride_k_h)
     V_ptr = _head(V_ptr, off_b, off_h, stride_v_b, stride_v_h)
     O_ptr = _head(O_ptr, off_b, off_h, stride_o_b, stride_o_h)
-    Lse_ptr += bh.to(tl.int64) * T
+    Lse_ptr += bh.to(tl.int64) * T_Q
 
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    q = _load_tile(Q_ptr, offs_m, offs_d, stride_q_t, stride_q_d, T, HEAD_DIM, BLOCK_D, True)
+    q = _load_tile(Q_ptr, offs_m, offs_d, stride_q_t, stride_q_d, T_Q, HEAD_DIM, BLOCK_D, True)
     seed, offset = _dropout_rng(Rng_ptr, DROPOUT)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    if CAUSAL:
-        # Key tiles before the query tile's first row need no mask; the rest up to its last row cross the diagonal.
-        full_end = (start_m * BLOCK_M) // BLOCK_N * BLOCK_N
-        masked_end = tl.minimum((start_m + 1) * BLOCK_M, T)
-    else:
-        full_end = (T // BLOCK_N) * BLOCK_N
-        masked_end = T
+    full_end, masked_end = _key_range(start_m, T_K, SHIFT, BLOCK_M, BLOCK_N, CAUSAL)
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K_ptr, V_ptr, stride_k_t, stride_k_d, stride_v_t, stride_v_d,
-                               offs_m, offs_d, 0, full_end, T, qk_scale, seed, offset, bh, dropout_p,
+                               offs_m, offs_d, 0, full_end, T_K, SHIFT, qk_scale, seed, offset, bh, dropout_p,
                                HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, False, CAUSAL, DROPOUT)
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K_ptr, V_ptr, stride_k_t, stride_k_d, stride_v_t, stride_v_d,
-                               offs_m, offs_d, full_end, masked_end, T, qk_scale, seed, offset, bh, dropout_p,
+                               offs_m, offs_d, full_end, masked_end, T_K, SHIFT, qk_scale, seed, offset, bh, dropout_p,
                                HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True, CAUSAL, DROPOUT)
     l_recip = 1.0 / l_i
     if DROPOUT:
         l_recip = l_recip / (1.0 - dropout_p)
-    _store_tile(O_ptr, acc * l_recip[:, None], offs_m, offs_d, stride_o_t, stride_o_d, T, HEAD_DIM, BLOCK_D)
-    tl.store(Lse_ptr + offs_m, m_i + tl.log2(l_i), mask=offs_m < T)
+    _store_tile(O_ptr, acc * l_recip[:, None], offs_m, offs_d, stride_o_t, stride_o_d, T_Q, HEAD_DIM, BLOCK_D)
+    tl.store(Lse_ptr + offs_m, m_i + tl.log2(l_i), mask=offs_m < T_Q)
 
 
 # --------------------------------------------------------------------------- backward
@@ -222,7 +236,7 @@ def _attention_bwd_preprocess_kernel(
     O_ptr, DO_ptr, Delta_ptr,
     stride_o_b, stride_o_h, stride_o_t, stride_o_d,
     stride_do_b, stride_do_h, stride_do_t, stride_do_d,
-    H, T,
+    H, T_Q,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     start_m = tl.program_id(0)
@@ -230,19 +244,19 @@ def _attention_bwd_preprocess_kernel(
     off_b = tl.program_id(2)
     O_ptr = _head(O_ptr, off_b, off_h, stride_o_b, stride_o_h)
     DO_ptr = _head(DO_ptr, off_b, off_h, stride_do_b, stride_do_h)
-    Delta_ptr += (off_b * H + off_h).to(tl.int64) * T
+    Delta_ptr += (off_b * H + off_h).to(tl.int64) * T_Q
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    o = _load_tile(O_ptr, offs_m, offs_d, stride_o_t, stride_o_d, T,
+    o = _load_tile(O_ptr, offs_m, offs_d, stride_o_t, stride_o_d, T_Q,
                    HEAD_DIM, BLOCK_D, True).to(tl.float32)
-    do = _load_tile(DO_ptr, offs_m, offs_d, stride_do_t, stride_do_d, T,
+    do = _load_tile(DO_ptr, offs_m, offs_d, stride_do_t, stride_do_d, T_Q,
                     HEAD_DIM, BLOCK_D, True).to(tl.float32)
-    tl.store(Delta_ptr + offs_m, tl.sum(o * do, 1), mask=offs_m < T)
+    tl.store(Delta_ptr + offs_m, tl.sum(o * do, 1), mask=offs_m < T_Q)
 
 
 @triton.jit
 def _dkdv_tiles(dk, dv, k, v, Q_ptr, DO_ptr, Lse_ptr, Delta_ptr, stride_q_t, stride_q_d, stride_do_t, stride_do_d,
-                n0, offs_d, start, end, T, qk_scale, seed, offset, bh, dropout_p,
+                n0, offs_d, start, end, T_Q, SHIFT, qk_scale, seed, offset, bh, dropout_p,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 MASKED: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr):
     """Add the query tiles [start, end) to the (dK, dV) of the key tile at ``n0``; tiles are (keys, queries)."""
@@ -250,19 +264,19 @@ def _dkdv_tiles(dk, dv, k, v, Q_ptr, DO_ptr, Lse_ptr, Delta_ptr, stride_q_t, str
     offs_m = tl.arange(0, BLOCK_M)
     for start_m in range(start, end, BLOCK_M):
         rows = start_m + offs_m
-        q = _load_tile(Q_ptr, rows, offs_d, stride_q_t, stride_q_d, T, HEAD_DIM, BLOCK_D, MASKED)
-        do = _load_tile(DO_ptr, rows, offs_d, stride_do_t, stride_do_d, T, HEAD_DIM, BLOCK_D, MASKED)
+        q = _load_tile(Q_ptr, rows, offs_d, stride_q_t, stride_q_d, T_Q, HEAD_DIM, BLOCK_D, MASKED)
+        do = _load_tile(DO_ptr, rows, offs_d, stride_do_t, stride_do_d, T_Q, HEAD_DIM, BLOCK_D, MASKED)
         if MASKED:
-            lse = tl.load(Lse_ptr + rows, mask=rows < T, other=0.0)
-            delta = tl.load(Delta_ptr + rows, mask=rows < T, other=0.0)
+            lse = tl.load(Lse_ptr + rows, mask=rows < T_Q, other=0.0)
+            delta = tl.load(Delta_ptr + rows, mask=rows < T_Q, other=0.0)
         else:
             lse = tl.load(Lse_ptr + rows)
             delta = tl.load(Delta_ptr + rows)
         p_t = tl.exp2(tl.dot(k, tl.trans(q), input_precision="tf32") * qk_scale - lse[None, :])  # (BLOCK_N, BLOCK_M)
         if MASKED:
-            valid = rows[None, :] < T
+            valid = rows[None, :] < T_Q
             if CAUSAL:
-                valid = valid & (rows[None, :] >= offs_n[:, None])
+                valid = valid & (rows[None, :] + SHIFT >= offs_n[:, None])
             p_t = tl.where(valid, p_t, 0.0)
         dp_t = tl.dot(v, tl.trans(do), input_precision="tf32")
         if DROPOUT:
@@ -285,10 +299,11 @@ def _attention_bwd_dkdv_kernel(
     stride_do_b, stride_do_h, stride_do_t, stride_do_d,
     stride_dk_b, stride_dk_h, stride_dk_t, stride_dk_d,
     stride_dv_b, stride_dv_h, stride_dv_t, stride_dv_d,
-    H, T, T_BUCKET, qk_scale, softmax_scale, dropout_p,
+    H, T_Q, T_K, T_BUCKET, qk_scale, softmax_scale, dropout_p,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    SHIFT = T_K - T_Q
     start_n = tl.program_id(0)
     off_h = tl.program_id(1)
     off_b = tl.program_id(2)
@@ -299,56 +314,57 @@ def _attention_bwd_dkdv_kernel(
     DO_ptr = _head(DO_ptr, off_b, off_h, stride_do_b, stride_do_h)
     DK_ptr = _head(DK_ptr, off_b, off_h, stride_dk_b, stride_dk_h)
     DV_ptr = _head(DV_ptr, off_b, off_h, stride_dv_b, stride_dv_h)
-    Lse_ptr += bh.to(tl.int64) * T
-    Delta_ptr += bh.to(tl.int64) * T
+    Lse_ptr += bh.to(tl.int64) * T_Q
+    Delta_ptr += bh.to(tl.int64) * T_Q
 
     n0 = start_n * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    k = _load_tile(K_ptr, offs_n, offs_d, stride_k_t, stride_k_d, T, HEAD_DIM, BLOCK_D, True)
-    v = _load_tile(V_ptr, offs_n, offs_d, stride_v_t, stride_v_d, T, HEAD_DIM, BLOCK_D, True)
+    k = _load_tile(K_ptr, offs_n, offs_d, stride_k_t, stride_k_d, T_K, HEAD_DIM, BLOCK_D, True)
+    v = _load_tile(V_ptr, offs_n, offs_d, stride_v_t, stride_v_d, T_K, HEAD_DIM, BLOCK_D, True)
     seed, offset = _dropout_rng(Rng_ptr, DROPOUT)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    full_end = (T // BLOCK_M) * BLOCK_M
+    full_end = (T_Q // BLOCK_M) * BLOCK_M
     if CAUSAL:
-        # Query tiles before the key tile see none of it; those up to its last key cross the diagonal.
-        diag_start = (n0 // BLOCK_M) * BLOCK_M
-        diag_end = tl.minimum(tl.cdiv(n0 + BLOCK_N - 1, BLOCK_M) * BLOCK_M, T)
+        # Query i sees key j when i + SHIFT >= j: query tiles before the key tile's first key see none
+        # of it; those up to its last key cross the diagonal; the later ones see all of it.
+        diag_start = tl.maximum(n0 - SHIFT, 0) // BLOCK_M * BLOCK_M
+        diag_end = tl.minimum(tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 - SHIFT, 0), BLOCK_M) * BLOCK_M, T_Q)
         dk, dv = _dkdv_tiles(dk, dv, k, v, Q_ptr, DO_ptr, Lse_ptr, Delta_ptr, stride_q_t, stride_q_d,
-                             stride_do_t, stride_do_d, n0, offs_d, diag_start, diag_end, T, qk_scale,
+                             stride_do_t, stride_do_d, n0, offs_d, diag_start, diag_end, T_Q, SHIFT, qk_scale,
                              seed, offset, bh, dropout_p, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True, CAUSAL, DROPOUT)
     else:
         diag_end = 0
     tail_start = tl.maximum(diag_end, full_end)
     dk, dv = _dkdv_tiles(dk, dv, k, v, Q_ptr, DO_ptr, Lse_ptr, Delta_ptr, stride_q_t, stride_q_d,
-                         stride_do_t, stride_do_d, n0, offs_d, diag_end, full_end, T, qk_scale,
+                         stride_do_t, stride_do_d, n0, offs_d, diag_end, full_end, T_Q, SHIFT, qk_scale,
                          seed, offset, bh, dropout_p, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, False, CAUSAL, DROPOUT)
     dk, dv = _dkdv_tiles(dk, dv, k, v, Q_ptr, DO_ptr, Lse_ptr, Delta_ptr, stride_q_t, stride_q_d,
-                         stride_do_t, stride_do_d, n0, offs_d, tail_start, T, T, qk_scale,
+                         stride_do_t, stride_do_d, n0, offs_d, tail_start, T_Q, T_Q, SHIFT, qk_scale,
                          seed, offset, bh, dropout_p, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True, CAUSAL, DROPOUT)
     if DROPOUT:
         dv = dv / (1.0 - dropout_p)
-    _store_tile(DK_ptr, dk * softmax_scale, offs_n, offs_d, stride_dk_t, stride_dk_d, T, HEAD_DIM, BLOCK_D)
-    _store_tile(DV_ptr, dv, offs_n, offs_d, stride_dv_t, stride_dv_d, T, HEAD_DIM, BLOCK_D)
+    _store_tile(DK_ptr, dk * softmax_scale, offs_n, offs_d, stride_dk_t, stride_dk_d, T_K, HEAD_DIM, BLOCK_D)
+    _store_tile(DV_ptr, dv, offs_n, offs_d, stride_dv_t, stride_dv_d, T_K, HEAD_DIM, BLOCK_D)
 
 
 @triton.jit
 def _dq_tiles(dq, q, do, lse, delta, K_ptr, V_ptr, stride_k_t, stride_k_d, stride_v_t, stride_v_d,
-              offs_m, offs_d, start, end, T, qk_scale, seed, offset, bh, dropout_p,
+              offs_m, offs_d, start, end, T_K, SHIFT, qk_scale, seed, offset, bh, dropout_p,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               MASKED: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr):
     """Add the key tiles [start, end) to the query tile's dQ."""
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + offs_n
-        k = _load_tile(K_ptr, cols, offs_d, stride_k_t, stride_k_d, T, HEAD_DIM, BLOCK_D, MASKED)
-        v = _load_tile(V_ptr, cols, offs_d, stride_v_t, stride_v_d, T, HEAD_DIM, BLOCK_D, MASKED)
+        k = _load_tile(K_ptr, cols, offs_d, stride_k_t, stride_k_d, T_K, HEAD_DIM, BLOCK_D, MASKED)
+        v = _load_tile(V_ptr, cols, offs_d, stride_v_t, stride_v_d, T_K, HEAD_DIM, BLOCK_D, MASKED)
         p = tl.exp2(tl.dot(q, tl.trans(k), input_precision="tf32") * qk_scale - lse[:, None])  # (BLOCK_M, BLOCK_N)
         if MASKED:
-            valid = cols[None, :] < T
+            valid = cols[None, :] < T_K
             if CAUSAL:
-                valid = valid & (cols[None, :] <= offs_m[:, None])
+                valid = valid & (cols[None, :] <= offs_m[:, None] + SHIFT)
             p = tl.where(valid, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision="tf32")
         if DROPOUT:
@@ -367,10 +383,11 @@ def _attention_bwd_dq_kernel(
     stride_v_b, stride_v_h, stride_v_t, stride_v_d,
     stride_do_b, stride_do_h, stride_do_t, stride_do_d,
     stride_dq_b, stride_dq_h, stride_dq_t, stride_dq_d,
-    H, T, T_BUCKET, qk_scale, softmax_scale, dropout_p,
+    H, T_Q, T_K, T_BUCKET, qk_scale, softmax_scale, dropout_p,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    SHIFT = T_K - T_Q
     start_m = tl.program_id(0)
     off_h = tl.program_id(1)
     off_b = tl.program_id(2)
@@ -380,30 +397,25 @@ def _attention_bwd_dq_kernel(
     V_ptr = _head(V_ptr, off_b, off_h, stride_v_b, stride_v_h)
     DO_ptr = _head(DO_ptr, off_b, off_h, stride_do_b, stride_do_h)
     DQ_ptr = _head(DQ_ptr, off_b, off_h, stride_dq_b, stride_dq_h)
-    Lse_ptr += bh.to(tl.int64) * T
-    Delta_ptr += bh.to(tl.int64) * T
+    Lse_ptr += bh.to(tl.int64) * T_Q
+    Delta_ptr += bh.to(tl.int64) * T_Q
 
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    q = _load_tile(Q_ptr, offs_m, offs_d, stride_q_t, stride_q_d, T, HEAD_DIM, BLOCK_D, True)
-    do = _load_tile(DO_ptr, offs_m, offs_d, stride_do_t, stride_do_d, T, HEAD_DIM, BLOCK_D, True)
-    lse = tl.load(Lse_ptr + offs_m, mask=offs_m < T, other=0.0)
-    delta = tl.load(Delta_ptr + offs_m, mask=offs_m < T, other=0.0)
+    q = _load_tile(Q_ptr, offs_m, offs_d, stride_q_t, stride_q_d, T_Q, HEAD_DIM, BLOCK_D, True)
+    do = _load_tile(DO_ptr, offs_m, offs_d, stride_do_t, stride_do_d, T_Q, HEAD_DIM, BLOCK_D, True)
+    lse = tl.load(Lse_ptr + offs_m, mask=offs_m < T_Q, other=0.0)
+    delta = tl.load(Delta_ptr + offs_m, mask=offs_m < T_Q, other=0.0)
     seed, offset = _dropout_rng(Rng_ptr, DROPOUT)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    if CAUSAL:
-        full_end = (start_m * BLOCK_M) // BLOCK_N * BLOCK_N
-        masked_end = tl.minimum((start_m + 1) * BLOCK_M, T)
-    else:
-        full_end = (T // BLOCK_N) * BLOCK_N
-        masked_end = T
+    full_end, masked_end = _key_range(start_m, T_K, SHIFT, BLOCK_M, BLOCK_N, CAUSAL)
     dq = _dq_tiles(dq, q, do, lse, delta, K_ptr, V_ptr, stride_k_t, stride_k_d, stride_v_t, stride_v_d,
-                   offs_m, offs_d, 0, full_end, T, qk_scale, seed, offset, bh, dropout_p,
+                   offs_m, offs_d, 0, full_end, T_K, SHIFT, qk_scale, seed, offset, bh, dropout_p,
                    HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, False, CAUSAL, DROPOUT)
     dq = _dq_tiles(dq, q, do, lse, delta, K_ptr, V_ptr, stride_k_t, stride_k_d, stride_v_t, stride_v_d,
-                   offs_m, offs_d, full_end, masked_end, T, qk_scale, seed, offset, bh, dropout_p,
+                   offs_m, offs_d, full_end, masked_end, T_K, SHIFT, qk_scale, seed, offset, bh, dropout_p,
                    HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True, CAUSAL, DROPOUT)
-    _store_tile(DQ_ptr, dq * softmax_scale, offs_m, offs_d, stride_dq_t, stride_dq_d, T, HEAD_DIM, BLOCK_D)
+    _store_tile(DQ_ptr, dq * softmax_scale, offs_m, offs_d, stride_dq_t, stride_dq_d, T_Q, HEAD_DIM, BLOCK_D)
 
 
 # --------------------------------------------------------------------------- launch configurations
@@ -474,7 +486,7 @@ def configs(kind: str, head_dim: int, dtype: torch.dtype, seq_len: int, dropout:
 
 def _autotuned(kind: str, kernel) -> _tuning.Tunable:
     def prune(candidates, args):
-        return configs(kind, args["HEAD_DIM"], args["Q_ptr"].dtype, args["T"], args["DROPOUT"])
+        return configs(kind, args["HEAD_DIM"], args["Q_ptr"].dtype, args["T_K"], args["DROPOUT"])
 
     return _tuning.autotuned(f"attention.{kind}", kernel, [tile.config for tile in _CONFIGS[kind]],
                              key=["T_BUCKET", "HEAD_DIM", "CAUSAL", "DROPOUT"], prune=prune)
@@ -489,7 +501,8 @@ _attention_bwd_dq = _autotuned("dq", _attention_bwd_dq_kernel)
 
 
 def why_unsupported(q, k, v) -> str | None:
-    """Why the kernels cannot take these (already validated, same-shape 4-D) inputs, or None."""
+    """Why the kernels cannot take these (already validated) inputs, or None: q (B, H, T_Q, D) and
+    k, v (B, H, T_K, D) with T_Q <= T_K."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dtype not in SUPPORTED_DTYPES:
             return f"{name} has dtype {t.dtype}; the attention kernels handle float16, bfloat16 and float32"
@@ -505,7 +518,7 @@ def why_unsupported(q, k, v) -> str | None:
     if B > MAX_GRID_DIM or H > MAX_GRID_DIM:
         return f"batch {B} or heads {H} exceed the kernels' grid limit of {MAX_GRID_DIM}"
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if max(T - 1, 0) * t.stride(2) + (D - 1) * t.stride(3) >= 2**31:
+        if max(t.shape[2] - 1, 0) * t.stride(2) + (D - 1) * t.stride(3) >= 2**31:
             return f"{name} spans 2^31 or more elements within one head; the kernels index a head with int32"
     return None
 
@@ -535,20 +548,21 @@ def _meta(q, causal: bool, dropout_p: float) -> dict:
 
 def forward_plan(q, k, v, rng, causal, dropout_p, softmax_scale):
     """Outputs ``(o, lse)`` and the launch ``(kernel, grid, args, meta)`` that fills them."""
-    B, H, T, D = q.shape
+    B, H, T_Q, D = q.shape
+    T_K = k.shape[2]
     o = torch.empty_like(q)  # q's dimension order: a (B, T, H, D) layout stays one
-    lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
+    lse = torch.empty((B, H, T_Q), dtype=torch.float32, device=q.device)
     if not o.numel():
         return (o, lse), []
     args = (q, k, v, o, lse, rng, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-            H, T, _t_bucket(T), softmax_scale * LOG2_E, dropout_p)
-    launch = _tuning.launch(_attention_fwd, lambda c: (triton.cdiv(T, c["BLOCK_M"]), H, B), args,
-                            _meta(q, causal, dropout_p), configs("fwd", D, q.dtype, T, dropout_p > 0))
+            H, T_Q, T_K, _t_bucket(T_Q), softmax_scale * LOG2_E, dropout_p)
+    launch = _tuning.launch(_attention_fwd, lambda c: (triton.cdiv(T_Q, c["BLOCK_M"]), H, B), args,
+                            _meta(q, causal, dropout_p), configs("fwd", D, q.dtype, T_K, dropout_p > 0), tokens=T_Q)
     return (o, lse), [launch]
 
 
 def preprocess_launch(o, do, delta):
-    """The launch that fills ``delta`` (B, H, T) with the row sums of ``do * o``."""
+    """The launch that fills ``delta`` (B, H, T_Q) with the row sums of ``do * o``."""
     B, H, T, D = o.shape
     return (_attention_bwd_preprocess_kernel, (triton.cdiv(T, PREPROCESS_BLOCK_M), H, B),
             (o, do, delta, *o.stride(), *do.stride(), H, T),
@@ -557,23 +571,24 @@ def preprocess_launch(o, do, delta):
 
 def backward_plan(do, q, k, v, o, lse, rng, causal, dropout_p, softmax_scale):
     """Outputs ``(dq, dk, dv)`` and the launches that fill them: delta, then dK/dV, then dQ."""
-    B, H, T, D = q.shape
+    B, H, T_Q, D = q.shape
+    T_K = k.shape[2]
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     if not q.numel():
         return (dq, dk, dv), []
-    delta = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
+    delta = torch.empty((B, H, T_Q), dtype=torch.float32, device=q.device)
     meta = _meta(q, causal, dropout_p)
-    scales = (softmax_scale * LOG2_E, softmax_scale, dropout_p)
+    lengths = (H, T_Q, T_K, _t_bucket(T_Q), softmax_scale * LOG2_E, softmax_scale, dropout_p)
     dkdv = _tuning.launch(
-        _attention_bwd_dkdv, lambda c: (triton.cdiv(T, c["BLOCK_N"]), H, B),
+        _attention_bwd_dkdv, lambda c: (triton.cdiv(T_K, c["BLOCK_N"]), H, B),
         (q, k, v, do, dk, dv, lse, delta, rng, *q.stride(), *k.stride(), *v.stride(), *do.stride(),
-         *dk.stride(), *dv.stride(), H, T, _t_bucket(T), *scales),
-        meta, configs("dkdv", D, q.dtype, T, dropout_p > 0))
+         *dk.stride(), *dv.stride(), *lengths),
+        meta, configs("dkdv", D, q.dtype, T_K, dropout_p > 0), tokens=T_Q)
     dq_launch = _tuning.launch(
-        _attention_bwd_dq, lambda c: (triton.cdiv(T, c["BLOCK_M"]), H, B),
+        _attention_bwd_dq, lambda c: (triton.cdiv(T_Q, c["BLOCK_M"]), H, B),
         (q, k, v, do, dq, lse, delta, rng, *q.stride(), *k.stride(), *v.stride(), *do.stride(),
-         *dq.stride(), H, T, _t_bucket(T), *scales),
-        meta, configs("dq", D, q.dtype, T, dropout_p > 0))
+         *dq.stride(), *lengths),
+        meta, configs("dq", D, q.dtype, T_K, dropout_p > 0), tokens=T_Q)
     return (dq, dk, dv), [preprocess_launch(o, do, delta), dkdv, dq_launch]
 
 

@@ -59,9 +59,11 @@ from ._gemm import CONFIGS, GROUP_M, bucket, needs_wide, tile_matmul, tile_offse
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-# Autotuning is keyed on M rounded up to a power of two (not the exact token count, which would
-# re-tune for every prompt length while sampling), N and K.
-_TUNE_KEY = ["M_BUCKET", "N", "K"]
+# Autotuning is keyed on the token count rounded up to a power of two (not the exact count, which
+# would tune again for every batch shape and prompt length) and the other two dimensions: the token
+# count is M in the forward and dpre GEMMs, K in the weight-gradient GEMMs.
+_TOKENS_MN_KEY = ["TOKENS_BUCKET", "N", "K"]
+_TOKENS_K_KEY = ["M", "N", "TOKENS_BUCKET"]
 
 _SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
 _GELU_CUBIC = tl.constexpr(0.044715)
@@ -78,9 +80,9 @@ def _gelu_tanh(z):
     return z * s, s, t * r * r
 
 
-@triton.jit(do_not_specialize=["M_BUCKET"])
+@triton.jit(do_not_specialize=["TOKENS_BUCKET"])
 def _gelu_mlp_fwd_kernel(
-    A_ptr, B_ptr, Bias_ptr, Out_ptr, Pre_ptr, M, N, K, M_BUCKET,
+    A_ptr, B_ptr, Bias_ptr, Out_ptr, Pre_ptr, M, N, K, TOKENS_BUCKET,
     stride_am, stride_ak, stride_bk, stride_bn, stride_om,
     HAS_BIAS: tl.constexpr, GELU: tl.constexpr, STORE_PRE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -104,9 +106,9 @@ def _gelu_mlp_fwd_kernel(
     tl.store(Out_ptr + tile + offsets, acc.to(Out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit(do_not_specialize=["M_BUCKET"])
+@triton.jit(do_not_specialize=["TOKENS_BUCKET"])
 def _gelu_mlp_bwd_dpre_kernel(
-    DOut_ptr, W_ptr, Pre_ptr, DPre_ptr, Act_ptr, M, N, K, M_BUCKET,
+    DOut_ptr, W_ptr, Pre_ptr, DPre_ptr, Act_ptr, M, N, K, TOKENS_BUCKET,
     stride_dom, stride_dok, stride_wk, stride_wn, stride_pm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     WIDE: tl.constexpr,
@@ -137,9 +139,9 @@ def _dpre_epilogue(dact, Pre_ptr, DPre_ptr, Act_ptr, m_left, n_left, stride_pm,
     tl.store(Act_ptr + offsets, act.to(Act_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit(do_not_specialize=["M_BUCKET"])
+@triton.jit(do_not_specialize=["TOKENS_BUCKET"])
 def _gelu_mlp_bwd_dweight_kernel(
-    A_ptr, B_ptr, DW_ptr, DBias_ptr, M, N, K, M_BUCKET,
+    A_ptr, B_ptr, DW_ptr, DBias_ptr, M, N, K, TOKENS_BUCKET,
     stride_am, stride_ak, stride_bk, stride_bn, stride_dwm,
     BIAS_GRAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -161,9 +163,9 @@ def _gelu_mlp_bwd_dweight_kernel(
     tl.store(DW_ptr + row0.to(tl.int64) * stride_dwm + col0 + offsets, acc.to(DW_ptr.dtype.element_ty), mask=mask)
 
 
-_fwd = _tuning.autotuned("gelu_mlp.fwd", _gelu_mlp_fwd_kernel, CONFIGS, _TUNE_KEY)
-_bwd_dpre = _tuning.autotuned("gelu_mlp.dpre", _gelu_mlp_bwd_dpre_kernel, CONFIGS, _TUNE_KEY)
-_bwd_dweight = _tuning.autotuned("gelu_mlp.dweight", _gelu_mlp_bwd_dweight_kernel, CONFIGS, _TUNE_KEY)
+_fwd = _tuning.autotuned("gelu_mlp.fwd", _gelu_mlp_fwd_kernel, CONFIGS, _TOKENS_MN_KEY)
+_bwd_dpre = _tuning.autotuned("gelu_mlp.dpre", _gelu_mlp_bwd_dpre_kernel, CONFIGS, _TOKENS_MN_KEY)
+_bwd_dweight = _tuning.autotuned("gelu_mlp.dweight", _gelu_mlp_bwd_dweight_kernel, CONFIGS, _TOKENS_K_KEY)
 
 
 def why_unsupported(x, fc_weight, fc_bias=None, proj_weight=None, proj_bias=None) -> str | None:
@@ -198,8 +200,9 @@ def _gemm(kernel, m, n, k, operands, strides, meta):
         return (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
 
     wide = needs_wide(*(t for t in operands if isinstance(t, torch.Tensor)))
-    return _tuning.launch(kernel, grid, (*operands, m, n, k, bucket(m), *strides),
-                          dict(meta, GROUP_M=GROUP_M, WIDE=wide))
+    tokens = k if kernel is _bwd_dweight else m
+    return _tuning.launch(kernel, grid, (*operands, m, n, k, bucket(tokens), *strides),
+                          dict(meta, GROUP_M=GROUP_M, WIDE=wide), tokens=tokens)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:

@@ -57,10 +57,10 @@ MODE_LSE, MODE_DLOGITS = 0, 1
 SLOT_N = min(c.kwargs["BLOCK_N"] for c in CONFIGS)  # columns per (max, sum) slot: the narrowest tile
 
 
-@triton.jit(do_not_specialize=["M_BUCKET"])
+@triton.jit(do_not_specialize=["TOKENS_BUCKET"])
 def _lce_logits_kernel(
     X_ptr, W_ptr, Bias_ptr, T_ptr, Max_ptr, Sum_ptr, TLogit_ptr, Lse_ptr, Scale_ptr, DZ_ptr,
-    M, N, K, M_BUCKET, ignore_index,
+    M, N, K, TOKENS_BUCKET, ignore_index,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_t, stride_pm, stride_dzm,
     HAS_BIAS: tl.constexpr, MODE: tl.constexpr, WIDE: tl.constexpr, SLOT_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -130,10 +130,21 @@ def _lce_reduce_kernel(Max_ptr, Sum_ptr, TLogit_ptr, T_ptr, Lse_ptr, Loss_ptr, M
     tl.store(Loss_ptr + rows, tl.where(ignored, 0.0, lse - target_logit), mask=row_ok)
 
 
-_LOGITS_KEY = ["M_BUCKET", "N", "K", "MODE"]
-_logits = _tuning.autotuned("linear_cross_entropy.logits", _lce_logits_kernel, CONFIGS, _LOGITS_KEY)
-_dx = _tuning.autotuned("linear_cross_entropy.dx", _matmul_kernel, CONFIGS, ["M_BUCKET", "N", "K"])
-_dweight = _tuning.autotuned("linear_cross_entropy.dweight", _matmul_kernel, CONFIGS, ["M", "N", "K_BUCKET"])
+# The 64 x 128 tile on 4 warps holds too many float32 values live in the dz epilogue: 8 B of spills on
+# sm_80 under triton 3.5 (none under 3.6 to 3.9), so float32 logits leave it out.
+_FLOAT32_LOGITS_CONFIGS = [c for c in CONFIGS if c is not CONFIGS[1]]
+
+
+def logits_configs(dtype: torch.dtype) -> list:
+    """The configs the logits kernel may run with in ``dtype``."""
+    return _FLOAT32_LOGITS_CONFIGS if dtype == torch.float32 else list(CONFIGS)
+
+
+_LOGITS_KEY = ["TOKENS_BUCKET", "N", "K", "MODE"]
+_logits = _tuning.autotuned("linear_cross_entropy.logits", _lce_logits_kernel, CONFIGS, _LOGITS_KEY,
+                            prune=lambda candidates, args: logits_configs(args["X_ptr"].dtype))
+_dx = _tuning.autotuned("linear_cross_entropy.dx", _matmul_kernel, CONFIGS, ["TOKENS_BUCKET", "N", "K"])
+_dweight = _tuning.autotuned("linear_cross_entropy.dweight", _matmul_kernel, CONFIGS, ["M", "N", "TOKENS_BUCKET"])
 
 
 def why_unsupported(x, weight, bias=None, targets=None) -> str | None:
@@ -167,7 +178,7 @@ def _logits_launch(x, weight, bias, targets, ignore_index, mode, pairs=(None, No
     args = (x, weight, bias, targets, pair_max, pair_sum, tlogit, lse, scale, dz, m, n, k, bucket(m), ignore_index,
             x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), targets.stride(0),
             0 if pair_max is None else pair_max.stride(0), 0 if dz is None else dz.stride(0))
-    return _tuning.launch(_logits, _grid(m, n), args, meta)
+    return _tuning.launch(_logits, _grid(m, n), args, meta, logits_configs(x.dtype), tokens=m)
 
 
 def loss_plan(x, weight, bias, targets, ignore_index: int):
@@ -209,15 +220,16 @@ def accumulate_plan(dz, x, weight, dx, dweight, dbias):
         return []
     dx_launch = _tuning.launch(
         _dx, _grid(m, c),
-        (dz, weight, None, dx, None, m, c, n, bucket(m), 0, dz.stride(0), dz.stride(1), weight.stride(0),
+        (dz, weight, None, dx, None, m, c, n, bucket(m), dz.stride(0), dz.stride(1), weight.stride(0),
          weight.stride(1), dx.stride(0)),
-        dict(HAS_BIAS=False, ACCUMULATE=False, ROW_SUMS=False, WIDE=needs_wide(dz, weight, dx), GROUP_M=GROUP_M))
+        dict(HAS_BIAS=False, ACCUMULATE=False, ROW_SUMS=False, WIDE=needs_wide(dz, weight, dx), GROUP_M=GROUP_M),
+        tokens=m)
     dweight_launch = _tuning.launch(
         _dweight, _grid(n, c),
-        (dz, x, None, dweight, dbias, n, c, m, 0, bucket(m), dz.stride(1), dz.stride(0), x.stride(0), x.stride(1),
+        (dz, x, None, dweight, dbias, n, c, m, bucket(m), dz.stride(1), dz.stride(0), x.stride(0), x.stride(1),
          dweight.stride(0)),
         dict(HAS_BIAS=False, ACCUMULATE=True, ROW_SUMS=dbias is not None, WIDE=needs_wide(dz, x, dweight),
-             GROUP_M=GROUP_M))
+             GROUP_M=GROUP_M), tokens=m)
     return [dx_launch, dweight_launch]
 
 

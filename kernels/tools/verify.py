@@ -277,12 +277,13 @@ def attention_scales(q, k, v, dout, causal, softmax_scale=None, keep=None, dropo
     With P the attention weights, W = P * keep / (1 - p), dP = (dO V^T) * keep / (1 - p) and delta
     the row sums of P * dP, the kernels sum W |V| for out, W^T |dO| for dv, and P (|dP| + |delta|)
     times |K| (for dq) or |Q| (for dk): the subtraction dP - delta cancels at the size of its terms
-    (exactly, when one key holds all the weight). One (T, T) matrix per head at a time.
+    (exactly, when one key holds all the weight). One (T_Q, T_K) matrix per head at a time.
     """
-    B, H, T, D = q.shape
+    B, H, T_Q, D = q.shape
+    T_K = k.shape[2]
     scale = D**-0.5 if softmax_scale is None else softmax_scale
     found = dict.fromkeys(("out", "dq", "dk", "dv"), 0.0)
-    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+    future = torch.ones(T_Q, T_K, dtype=torch.bool, device=q.device).triu(T_K - T_Q + 1)
     for b in range(B):
         for h in range(H):
             qh, kh, vh, doh = (t[b, h].detach().double() for t in (q, k, v, dout))
@@ -300,14 +301,19 @@ def attention_scales(q, k, v, dout, causal, softmax_scale=None, keep=None, dropo
     return found
 
 
-def attention_inputs(B, H, T, D, dtype, *, layout=None, device="cpu", seed=0) -> dict:
+def attention_inputs(B, H, T, D, dtype, *, layout=None, keys=None, device="cpu", seed=0) -> dict:
     """Attention's arguments for :func:`attention_checks` (empty tensors on the ``meta`` device):
-    ``{"qkv": (B, T, 3, H, D)}`` with ``layout="qkv"``, else contiguous ``q``, ``k``, ``v``."""
+    ``{"qkv": (B, T, 3, H, D)}`` with ``layout="qkv"``, else contiguous ``q``, ``k``, ``v``. With
+    ``keys`` (T_K >= T) the queries are the last T of T_K positions."""
+    if keys is not None and layout == "qkv":
+        raise ValueError("a fused qkv layout has as many queries as keys: keys must be None")
     gen = torch.Generator().manual_seed(seed)
-    fused = _normal(gen, device, B, T, 3, H, D).to(device=device, dtype=dtype)
+    fused = _normal(gen, device, B, T if keys is None else keys, 3, H, D).to(device=device, dtype=dtype)
     if layout == "qkv":
         return {"qkv": fused.requires_grad_()}
-    return {name: fused[:, :, i].transpose(1, 2).contiguous().requires_grad_() for i, name in enumerate("qkv")}
+    tensors = {name: fused[:, :, i].transpose(1, 2).contiguous() for i, name in enumerate("qkv")}
+    tensors["q"] = tensors["q"][:, :, tensors["q"].shape[2] - T:].contiguous()
+    return {name: t.requires_grad_() for name, t in tensors.items()}
 
 
 def _split_qkv(tensors: dict) -> tuple:
@@ -318,23 +324,24 @@ def _split_qkv(tensors: dict) -> tuple:
 
 
 def attention_checks(B, H, T, D, dtype, causal=True, *, dropout_p=0.0, softmax_scale=None, layout=None,
-                     device="cpu", seed=0) -> list[Check]:
+                     keys=None, device="cpu", seed=0) -> list[Check]:
     """Attention forward and dq, dk, dv for (B, H, T, D) inputs, atol scales from :func:`attention_scales`.
 
     ``layout="qkv"`` passes q, k and v as the three strided slices of one fused (B, T, 3, H, D)
-    tensor, as the GPT model does, and checks the fused gradient ``dqkv``. With ``dropout_p > 0``
+    tensor, as the GPT model does, and checks the fused gradient ``dqkv``. ``keys`` (T_K > T) gives
+    keys and values of that length, the queries being the last T positions. With ``dropout_p > 0``
     the PyTorch runs apply the kernel's own keep-mask (drawn from the same seed and materialised by
     :func:`kernels.tools.dropout.dropout_mask`) through :func:`kernels.reference.attention_math`.
     """
     from kernels.tools import dropout  # launches a Triton kernel: imported only once Triton is known to work
 
-    inputs = attention_inputs(B, H, T, D, dtype, layout=layout, device=device, seed=seed)
+    inputs = attention_inputs(B, H, T, D, dtype, layout=layout, keys=keys, device=device, seed=seed)
     keep = None
     if dropout_p:
         with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
             torch.manual_seed(seed)
             rng = _dispatch.kernel_module("attention").draw_rng_state(device)
-            keep = dropout.dropout_mask(rng, (B, H, T, D), dropout_p)
+            keep = dropout.dropout_mask(rng, (B, H, T, D), dropout_p, keys=keys)
 
     def attention(**tensors):
         q, k, v = _split_qkv(tensors)
@@ -351,7 +358,8 @@ def attention_checks(B, H, T, D, dtype, causal=True, *, dropout_p=0.0, softmax_s
         scales["dqkv"] = max(scales["dq"], scales["dk"], scales["dv"])
     if tf32_in_force(dtype, device):
         scales = {name: value * TF32_EPS / torch.finfo(dtype).eps for name, value in scales.items()}
-    label = (f"({B},{H},{T},{D}){' causal' if causal else ''}{f' p={dropout_p}' if dropout_p else ''}"
+    label = (f"({B},{H},{T},{D}){f' T_K={keys}' if keys else ''}{' causal' if causal else ''}"
+             f"{f' p={dropout_p}' if dropout_p else ''}"
              f"{f' scale={softmax_scale}' if softmax_scale else ''}{f' {layout}' if layout else ''}")
     return check_op("attention", label, attention, inputs, seed, scales)
 
@@ -437,7 +445,7 @@ class Case:
         """Why the op's kernel does not take this case, decided on ``meta`` tensors: nothing is computed."""
         inputs = {"layer_norm": layer_norm_inputs, "gelu_mlp": gelu_mlp_inputs, "attention": attention_inputs,
                   "linear_cross_entropy": linear_cross_entropy_inputs}[self.op]
-        shared = {k: v for k, v in self.kwargs.items() if k in ("view", "layout")}
+        shared = {k: v for k, v in self.kwargs.items() if k in ("view", "layout", "keys")}
         # The inputs functions take the leading arguments: not attention's causal, nor the loss's reduction.
         positional = self.args[:{"attention": 5, "linear_cross_entropy": 6}.get(self.op, len(self.args))]
         tensors = inputs(*positional, **shared, device="meta")
@@ -487,6 +495,8 @@ def cases(grid: str, dtypes) -> list[Case]:
         found += [Case("attention", (1, 2, T, 64, dtype)) for T in lengths]
         found += [Case("attention", (1, 2, 100, D, dtype, False)) for D in widths]
         found.append(Case("attention", (1, 2, 64, 64, dtype, False), {"softmax_scale": 0.3, "layout": "qkv"}))
+        # Queries fewer than keys (new tokens against a cache): one query, and a ragged block.
+        found += [Case("attention", (1, 2, T, 64, dtype), {"keys": 100}) for T in (1, 37)]
         found += [Case("attention", (2, 2, 64, 32, dtype, causal), {"dropout_p": 0.1}) for causal in (True, False)]
         if big:
             found.append(Case("attention", (4, 12, 1024, 64, dtype), {"layout": "qkv"}))
