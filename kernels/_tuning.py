@@ -12,9 +12,10 @@ config is, in this order:
 3. in Triton's interpreter, which cannot time anything, the allowed config with the largest tiles
    (the fewest programs: the interpreter runs them one after another);
 4. on a GPU, Triton's autotuner's choice among the configs the op allows for these inputs, timed
-   once per key: the kernels key on the token count rounded up to a power of two, so a training
-   run tunes once per shape class. Choices are kept on disk (:func:`cache_file`) per triton
-   version and GPU, and a later process starts from them instead of timing again.
+   once per launch key: the ops key on the token count rounded up to a power of two, so a training
+   run tunes once per shape class. Later launches of the key go straight to the kernel. Choices
+   are kept on disk (:func:`cache_file`) per triton version and GPU, and a later process starts
+   from them instead of timing again.
 
 :func:`tuned_configs` lists the choices made (or read from disk) in this process; pin one with
 :func:`use_configs`. An op may allow only some of a kernel's configs for given inputs (say, tiles
@@ -23,7 +24,6 @@ ValueError, never launched.
 """
 from __future__ import annotations
 
-import atexit
 import contextlib
 import dataclasses
 import functools
@@ -43,12 +43,15 @@ CACHE_DIR_ENV = "FASTGPT_AUTOTUNE_CACHE"  # a directory for the autotuning cache
 
 @dataclasses.dataclass
 class Tunable:
-    """An autotuned kernel: its name, its candidate configs and Triton's autotuner over them."""
+    """An autotuned kernel: its name, its candidate configs, Triton's autotuner over them, and the
+    choices made so far (by this process's autotuner, or read from disk), by launch key."""
 
     name: str
     tuner: object  # triton.runtime.autotuner.Autotuner
     configs: tuple
-    saved: int = -1  # entries of tuner.cache the disk cache holds; -1 before it was read
+    restore: tuple = ()  # arguments the kernel adds into: timing runs it many times
+    chosen: dict = dataclasses.field(default_factory=dict)  # launch key -> triton.Config
+    loaded: bool = False  # whether the disk cache's choices were read
 
     @property
     def fn(self):
@@ -60,12 +63,14 @@ _REGISTRY: dict[str, Tunable] = {}
 _pins: dict = {}  # kernel name -> triton.Config
 
 
-def autotuned(name: str, kernel, configs, key: list[str], prune: Callable | None = None) -> Tunable:
+def autotuned(name: str, kernel, configs, key: list[str], prune: Callable | None = None,
+              restore: tuple[str, ...] = ()) -> Tunable:
     """Register ``kernel`` (a @triton.jit function) as the autotuned kernel ``name``.
 
     ``key`` names the arguments whose values key a tuning (Triton adds the dtypes of the tensors);
     ``prune(configs, named_args)`` returns the configs allowed for a launch's arguments (all of them
-    when None): the autotuner times only those.
+    when None): the autotuner times only those. ``restore`` names the tensor arguments the kernel
+    may add into (rather than overwrite): a tuning launch puts them back as they were after timing.
     """
     import triton  # not at module level: kernels imports this module with or without Triton
 
@@ -75,7 +80,7 @@ def autotuned(name: str, kernel, configs, key: list[str], prune: Callable | None
         prune_by = {"early_config_prune": lambda candidates, named_args, **kwargs:
                     prune(candidates, {**named_args, **kwargs})}
     tuner = triton.autotune(configs=list(configs), key=key, prune_configs_by=prune_by)(kernel)
-    _REGISTRY[name] = Tunable(name, tuner, tuple(configs))
+    _REGISTRY[name] = Tunable(name, tuner, tuple(configs), tuple(restore))
     return _REGISTRY[name]
 
 
@@ -122,13 +127,13 @@ def tile_size(config) -> int:
 
 
 def tuned_configs() -> list[tuple[str, tuple, str]]:
-    """``(kernel name, autotuning key, config)`` for every choice made or read from disk in this process.
+    """``(kernel name, launch key, config)`` for every choice made or read from disk in this process.
 
-    A key holds the values of the kernel's key arguments (the token count's power-of-two bucket,
-    widths, flags) and then the dtypes of its tensors.
+    A launch key holds what the op keys a kernel's tuning on (the token count's power-of-two
+    bucket, widths, the dtype) and then the kernel's flags.
     """
     return [(name, key, describe(config)) for name, tunable in _REGISTRY.items()
-            for key, config in tunable.tuner.cache.items()]
+            for key, config in tunable.chosen.items()]
 
 
 def _autotuner_can_time() -> bool:
@@ -136,12 +141,15 @@ def _autotuner_can_time() -> bool:
     return not _dispatch.INTERPRETED
 
 
-def launch(tunable: Tunable, grid_of: Callable, args: tuple, meta: dict, allowed=None, tokens: int | None = None
-           ) -> tuple:
+def launch(tunable: Tunable, grid_of: Callable, args: tuple, meta: dict, key: tuple, allowed=None,
+           tokens: int | None = None) -> tuple:
     """``(kernel, grid, args, meta)``: one launch of ``tunable`` with the config chosen as the module says.
 
-    ``grid_of(block_sizes)`` gives the grid for a config's kwargs; ``allowed`` lists the configs
-    the op allows for these inputs (default: all of them); ``tokens`` is the launch's token count.
+    ``grid_of(block_sizes)`` gives the grid for a config's kwargs; ``key`` is what the launch's best
+    config depends on (a token count's bucket, widths, the dtype: the kernel's flags are added);
+    ``allowed`` lists the configs the op allows for these inputs (default: all of them); ``tokens``
+    is the launch's token count. Once a key has its config, a launch costs a dict lookup here: the
+    kernel is launched directly, past Triton's autotuner (and its key of every argument's dtype).
     """
     allowed = tunable.configs if allowed is None else allowed
     config = _pins.get(tunable.name)
@@ -153,9 +161,47 @@ def launch(tunable: Tunable, grid_of: Callable, args: tuple, meta: dict, allowed
     if config is None and not _autotuner_can_time():
         config = max(allowed, key=tile_size)
     if config is None:
-        _sync_disk_cache(tunable)
-        return tunable.tuner, grid_of, args, meta
-    return tunable.fn, grid_of(config.kwargs), args, {**meta, **config.all_kwargs()}
+        if not tunable.loaded:
+            _load_disk_cache(tunable)
+        key = (*key, *meta.values())
+        config = tunable.chosen.get(key)
+        if config is None:
+            return _TuneOnce(tunable, key), grid_of, args, meta
+    return tunable.fn, grid_of(config.kwargs), args, {**meta, **_launch_options(config)}
+
+
+@functools.lru_cache(maxsize=None)
+def _launch_options(config) -> dict:
+    """A config's block sizes and launch options as keyword arguments (built once per config)."""
+    return config.all_kwargs()
+
+
+class _TuneOnce:
+    """A launch of a key with no config yet: Triton's autotuner times the allowed configs and launches
+    the fastest, which is then the key's choice, kept on disk.
+
+    Timing runs every config many times: a kernel that adds into an output (``Tunable.restore``)
+    would add each run's result. Those outputs are copied first and put back after the timing, and
+    the chosen config then makes the one launch that counts.
+    """
+
+    def __init__(self, tunable: Tunable, key: tuple):
+        self.tunable, self.key = tunable, key
+
+    def __getitem__(self, grid_of):
+        def tune_and_launch(*args, **meta):
+            tunable = self.tunable
+            named = dict(zip(tunable.tuner.arg_names, args))
+            saved = [(named[name], named[name].clone()) for name in tunable.restore if named.get(name) is not None]
+            tunable.tuner[grid_of](*args, **meta)
+            best = tunable.tuner.best_config
+            tunable.chosen[self.key] = best
+            _save_disk_cache(tunable)
+            if saved:
+                for tensor, copy in saved:
+                    tensor.copy_(copy)
+                tunable.fn[grid_of(best.kwargs)](*args, **meta, **_launch_options(best))
+        return tune_and_launch
 
 
 # --------------------------------------------------------------------------- the disk cache
@@ -191,40 +237,27 @@ def _source_key(tunable: Tunable) -> str:
     return key if key is not None else hashlib.sha256(inspect.getsource(tunable.fn.fn).encode()).hexdigest()
 
 
-def _sync_disk_cache(tunable: Tunable) -> None:
-    """Before the first GPU launch of ``tunable``, load its saved choices; when it has made new ones
-    since, save them. A choice is stored as its config's index and description, and loaded only
-    where both still match."""
-    if len(tunable.tuner.cache) == tunable.saved:
+def _load_disk_cache(tunable: Tunable) -> None:
+    """Take the choices the disk cache holds for ``tunable``: a choice is stored as its config's index
+    and description, and taken only where both still match (and the kernel's source)."""
+    tunable.loaded = True
+    path = cache_file()
+    entry = {} if path is None else _read_cache(path).get(tunable.name, {})
+    if entry.get("source") != _source_key(tunable):
         return
+    for key, index, described in entry.get("choices", []):
+        if index < len(tunable.configs) and describe(tunable.configs[index]) == described:
+            tunable.chosen.setdefault(tuple(key), tunable.configs[index])
+
+
+def _save_disk_cache(tunable: Tunable) -> None:
+    """Write ``tunable``'s choices into the disk cache (the other kernels' entries kept)."""
     path = cache_file()
     if path is None:
         return
-    if tunable.saved < 0:
-        entry = _read_cache(path).get(tunable.name, {})
-        if entry.get("source") == _source_key(tunable):
-            for key, index, described in entry.get("choices", []):
-                if index < len(tunable.configs) and describe(tunable.configs[index]) == described:
-                    tunable.tuner.cache.setdefault(tuple(key), tunable.configs[index])
-    else:
-        _save(path, tunable)
-    tunable.saved = len(tunable.tuner.cache)
-
-
-def _save(path: Path, tunable: Tunable) -> None:
     stored = _read_cache(path)
     stored[tunable.name] = {"source": _source_key(tunable), "choices": [
-        [list(key), tunable.configs.index(config), describe(config)] for key, config in tunable.tuner.cache.items()]}
+        [list(key), tunable.configs.index(config), describe(config)] for key, config in tunable.chosen.items()]}
     path.parent.mkdir(parents=True, exist_ok=True)
     with _io.atomic_writer(path) as f:
         f.write(json.dumps(stored, indent=1).encode())
-
-
-@atexit.register
-def _save_new_choices() -> None:
-    """Choices made by a process's last launches are saved when it exits."""
-    for tunable in _REGISTRY.values():
-        if tunable.saved >= 0 and len(tunable.tuner.cache) != tunable.saved:
-            path = cache_file()
-            if path is not None:
-                _save(path, tunable)

@@ -230,4 +230,6 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
                          ignore_index: int = -100, reduction: str = "mean") -> torch.Tensor:
     """:func:`linear_cross_entropy_unfused`'s function on (N, C) rows, never holding more than
     ``MAX_CHUNK_LOGITS`` logits: the fallback of the Triton kernels."""
-    return _LinearCrossEntropy.apply(x, weight, bias, targets, ignore_index, reduction)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+        return _LinearCrossEntropy.apply(x, weight, bias, targets, ignore_index, reduction)
+    return linear_cross_entropy_forward(TorchChunks, x, weight, bias, targets, ignore_index, reduction, False)[0]

@@ -9,6 +9,8 @@ import os
 # The interpreter runs tl.dot as a NumPy matmul on one small tile at a time; OpenBLAS's worker
 # threads make that hundreds of times slower on a loaded 2-core machine. Read when NumPy loads.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+# Tests never read or write the user's autotuning cache (tests of the cache give it a directory).
+os.environ["FASTGPT_AUTOTUNE_CACHE"] = "off"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

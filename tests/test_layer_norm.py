@@ -85,6 +85,8 @@ def test_backward_as_planned_for_a_gpu_with_132_multiprocessors(rows, width):
     (dx, dweight, dbias), launches = ln.backward_plan(dy, x, weight, True, mean, rstd, sms=132)
     programs = launches[0][1][0]
     assert programs == rows // 2  # min(rows, 4 * 132 or 132) programs, 2 rows each
+    reduce_programs = launches[1][1][0]
+    assert reduce_programs == {768: 24, 8193: 129}[width]  # 32 and 64 columns each: at least 132 programs, or 32 columns
     run(((dx, dweight, dbias), launches))
     leaves = [t.double().requires_grad_() for t in (x, weight, bias)]
     expected = torch.autograd.grad(torch.nn.functional.layer_norm(leaves[0], (width,), *leaves[1:]), leaves, dy.double())

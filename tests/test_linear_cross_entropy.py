@@ -124,7 +124,8 @@ def test_offsets_past_2_31_elements_use_int64():
 
 
 class _LargestTensor(TorchDispatchMode):
-    """Records the most elements any tensor created by an aten op had."""
+    """Records the most elements any tensor created by an aten op had (views and in-place ops, such
+    as the interpreter's copies of kernel arguments, create none)."""
 
     def __init__(self):
         super().__init__()
@@ -132,6 +133,8 @@ class _LargestTensor(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        if func.is_view or func.__name__.split(".")[0].endswith("_"):
+            return out
         for t in out if isinstance(out, (tuple, list)) else (out,):
             if isinstance(t, torch.Tensor):
                 self.largest = max(self.largest, t.numel())
@@ -152,6 +155,21 @@ def test_never_more_than_a_chunk_of_logits_exists(monkeypatch, backend):
     with _LargestTensor() as unfused:
         reference.linear_cross_entropy_unfused(x, weight, None, targets).backward()
     assert unfused.largest == rows * vocab
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_a_loss_without_gradients_makes_none(monkeypatch, backend):
+    """Under no_grad (evaluation) the reduced loss does not precompute a weight gradient, even for
+    a weight that requires one."""
+    monkeypatch.setattr(reference, "MAX_CHUNK_LOGITS", 16 * 1000)
+    rows, width, vocab = 200, 32, 1000
+    x = torch.randn(rows, width, device=DEVICE, requires_grad=True)
+    weight = torch.randn(vocab, width, device=DEVICE, requires_grad=True)
+    targets = torch.randint(vocab, (rows,), device=DEVICE)
+    with kernels.use_backend(backend), torch.no_grad(), _LargestTensor() as seen:
+        loss = kernels.linear_cross_entropy(x, weight, targets)
+    assert seen.largest < vocab * width
+    assert not loss.requires_grad
 
 
 @pytest.mark.skipif(not _dispatch.INTERPRETED, reason="counts bytes in Triton's interpreter")

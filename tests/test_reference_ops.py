@@ -1,5 +1,6 @@
 """kernels.attention and kernels.gelu_mlp on their PyTorch path: oracles, validation, backend policy."""
 import math
+import re
 
 import pytest
 import torch
@@ -120,12 +121,19 @@ class TestAttentionBadInput:
         with pytest.raises(ValueError, match=r"q must be 4-D \(B, H, T, D\), got shape \(2, 5, 8\)"):
             kernels.attention(x, x, x)
 
-    @pytest.mark.parametrize("name", ["k", "v"])
-    def test_shape_mismatch(self, name):
-        q, k, v = qkv(T=4)
-        args = {"q": q, "k": k, "v": v, name: torch.randn(2, 3, 5, 8)}
-        with pytest.raises(ValueError, match=rf"{name} must have shape \(2, 3, 4, 8\), got \(2, 3, 5, 8\)"):
-            kernels.attention(**args)
+    @pytest.mark.parametrize("shape", [(2, 3, 3, 8), (2, 4, 4, 8), (2, 3, 4, 16), (3, 4, 8)])
+    def test_keys_shape_mismatch(self, shape):
+        """k must match q's B, H and D and have at least q's T (fewer queries than keys is allowed)."""
+        q, _, _ = qkv(T=4)
+        k = torch.randn(*shape)
+        with pytest.raises(ValueError, match=rf"k must have shape \(2, 3, T_K, 8\) with T_K >= 4 \(q's T\), "
+                                             rf"got {re.escape(str(shape))}"):
+            kernels.attention(q, k, k)
+
+    def test_values_shape_mismatch(self):
+        q, k, _ = qkv(T=4)
+        with pytest.raises(ValueError, match=r"v must have shape \(2, 3, 4, 8\), got \(2, 3, 5, 8\)"):
+            kernels.attention(q, k, torch.randn(2, 3, 5, 8))
 
     def test_empty_head_dim(self):
         x = torch.randn(1, 1, 3, 0)

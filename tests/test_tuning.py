@@ -13,7 +13,7 @@ import kernels
 from conftest import DEVICE
 from kernels import _dispatch, _tuning
 from kernels.ops import attention, gelu_mlp
-from kernels.tools.verify import assert_pass, attention_checks, gelu_mlp_checks
+from kernels.tools.verify import assert_pass, attention_checks, gelu_mlp_checks, linear_cross_entropy_checks
 
 pytestmark = pytest.mark.skipif(not _dispatch.INTERPRETED, reason="runs the GPU path in Triton's interpreter")
 
@@ -26,6 +26,8 @@ def gpu_path(monkeypatch):
     ``asked[name]``.
     """
     monkeypatch.setattr(_tuning, "_autotuner_can_time", lambda: True)
+    for tunable in _tuning._REGISTRY.values():  # no choices from earlier tests
+        monkeypatch.setattr(tunable, "chosen", {})
     asked = {}
 
     def set_times(name, times):
@@ -55,6 +57,44 @@ def test_the_autotuner_times_every_config_and_launches_the_fastest(gpu_path):
         assert set(asked[name]) == set(gelu_mlp.CONFIGS)
         assert tuner.best_config == fastest
         assert fastest in tuner.cache.values()
+
+
+@pytest.fixture
+def timing_runs_the_kernels(monkeypatch):
+    """The GPU path with a timer that runs each timed config three times, as a real timer runs it
+    many times (the autotuner's hooks around each run included), and times every config equal."""
+    monkeypatch.setattr(_tuning, "_autotuner_can_time", lambda: True)
+
+    def run_three_times(kernel_call, quantiles):
+        for _ in range(3):
+            kernel_call()
+        return [1.0] * len(quantiles)
+
+    for tunable in _tuning._REGISTRY.values():
+        tunable.tuner.cache.clear()
+        monkeypatch.setattr(tunable, "chosen", {})
+        monkeypatch.setattr(tunable.tuner, "_do_bench", run_three_times)
+    yield
+    for tunable in _tuning._REGISTRY.values():
+        tunable.tuner.cache.clear()
+
+
+@pytest.mark.parametrize("case", ["gelu_mlp", "attention", "linear_cross_entropy"])
+def test_timing_a_tuning_launch_leaves_the_results_as_one_launch_would(timing_runs_the_kernels, case):
+    """Timing launches every config several times; outputs a kernel adds into (the fused loss's
+    weight gradient, accumulated over chunks of rows) must come out as after one launch."""
+    if case == "gelu_mlp":
+        assert_pass(gelu_mlp_checks(70, 48, 200, torch.float16, device=DEVICE))
+    elif case == "attention":
+        assert_pass(attention_checks(1, 2, 80, 32, torch.float16, device=DEVICE))
+    else:
+        from kernels import reference
+
+        # several chunks of rows, so the weight gradient is added into chunk after chunk
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(reference, "MAX_CHUNK_LOGITS", 80 * 300)
+            assert_pass(linear_cross_entropy_checks(200, 48, 300, torch.float16, device=DEVICE))
+    assert any(tunable.chosen for tunable in _tuning._REGISTRY.values())
 
 
 def test_the_autotuner_times_only_the_configs_the_op_allows(gpu_path):
@@ -135,9 +175,10 @@ def test_choices_are_kept_on_disk_and_a_second_process_does_not_tune_again(tmp_p
     from test_dispatch import run_python
 
     script = f"""
-        import sys, torch
+        import os, sys, torch
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         import conftest
+        os.environ["FASTGPT_AUTOTUNE_CACHE"] = {str(tmp_path)!r}  # (conftest turns the cache off)
         import kernels
         from kernels import _tuning
         from kernels.ops import gelu_mlp
@@ -151,7 +192,7 @@ def test_choices_are_kept_on_disk_and_a_second_process_does_not_tune_again(tmp_p
             kernels.gelu_mlp(torch.randn(120, 16).half(), w1, None, w2, None)  # the same bucket: no tuning
         print(len(asked), _tuning.tuned_configs())
     """
-    env = dict(FASTGPT_AUTOTUNE_CACHE=str(tmp_path), TRITON_INTERPRET=None)
+    env = dict(TRITON_INTERPRET=None)
     first = run_python(script, **env)
     assert first.returncode == 0, first.stderr
     # The two GEMMs of the forward (fc and proj) each time the three configs once; the second

@@ -36,3 +36,34 @@ def tf32_enabled() -> bool:
     in full precision needs the whole tiles in registers: the kernels' tiles would spill.
     """
     return torch.backends.cuda.matmul.fp32_precision == "tf32"
+
+
+def eager_function(forward, setup_context, backward):
+    """An op's forward with its autograd, called directly: what the public functions call outside
+    torch.compile. Each op is also a ``torch.library`` custom op, which torch.compile needs to keep
+    the kernels in one graph; but the library's dispatch of a custom op costs several times the rest
+    of a call on the host, so eager calls take this path instead, with the same ``setup_context``
+    and ``backward`` (run only when a gradient is needed). Gradients of outputs that feed nothing
+    arrive in ``backward`` as None (none are made of zeros).
+    """
+    class Function(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *inputs):
+            ctx.set_materialize_grads(False)
+            outputs = forward(*inputs)
+            setup_context(ctx, inputs, outputs)
+            return outputs
+
+    Function.backward = staticmethod(backward)
+
+    def call(*inputs):
+        if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs):
+            return Function.apply(*inputs)
+        return forward(*inputs)
+
+    return call
+
+
+def traced_or_eager(op, function):
+    """``op`` (a custom op) while torch.compile traces, else ``function`` (its body, called directly)."""
+    return op if torch.compiler.is_compiling() else function

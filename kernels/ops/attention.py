@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from .. import _tuning
-from ._common import FLOAT32_NEEDS_TF32, run, tf32_enabled
+from ._common import FLOAT32_NEEDS_TF32, eager_function, run, tf32_enabled, traced_or_eager
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 128
@@ -540,6 +540,11 @@ def _t_bucket(seq_len: int) -> int:
     return triton.next_power_of_2(max(seq_len, 1))
 
 
+def _key(q, k) -> tuple:
+    """What a launch's best config depends on, besides the kernel's flags: the lengths' buckets and the dtype."""
+    return _t_bucket(q.shape[2]), _t_bucket(k.shape[2]), str(q.dtype)
+
+
 def _meta(q, causal: bool, dropout_p: float) -> dict:
     """The constexpr arguments shared by the forward and backward kernels."""
     D = q.shape[-1]
@@ -557,7 +562,8 @@ def forward_plan(q, k, v, rng, causal, dropout_p, softmax_scale):
     args = (q, k, v, o, lse, rng, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
             H, T_Q, T_K, _t_bucket(T_Q), softmax_scale * LOG2_E, dropout_p)
     launch = _tuning.launch(_attention_fwd, lambda c: (triton.cdiv(T_Q, c["BLOCK_M"]), H, B), args,
-                            _meta(q, causal, dropout_p), configs("fwd", D, q.dtype, T_K, dropout_p > 0), tokens=T_Q)
+                            _meta(q, causal, dropout_p), _key(q, k), configs("fwd", D, q.dtype, T_K, dropout_p > 0),
+                            tokens=T_Q)
     return (o, lse), [launch]
 
 
@@ -583,37 +589,40 @@ def backward_plan(do, q, k, v, o, lse, rng, causal, dropout_p, softmax_scale):
         _attention_bwd_dkdv, lambda c: (triton.cdiv(T_K, c["BLOCK_N"]), H, B),
         (q, k, v, do, dk, dv, lse, delta, rng, *q.stride(), *k.stride(), *v.stride(), *do.stride(),
          *dk.stride(), *dv.stride(), *lengths),
-        meta, configs("dkdv", D, q.dtype, T_K, dropout_p > 0), tokens=T_Q)
+        meta, _key(q, k), configs("dkdv", D, q.dtype, T_K, dropout_p > 0), tokens=T_Q)
     dq_launch = _tuning.launch(
         _attention_bwd_dq, lambda c: (triton.cdiv(T_Q, c["BLOCK_M"]), H, B),
         (q, k, v, do, dq, lse, delta, rng, *q.stride(), *k.stride(), *v.stride(), *do.stride(),
          *dq.stride(), *lengths),
-        meta, configs("dq", D, q.dtype, T_K, dropout_p > 0), tokens=T_Q)
+        meta, _key(q, k), configs("dq", D, q.dtype, T_K, dropout_p > 0), tokens=T_Q)
     return (dq, dk, dv), [preprocess_launch(o, do, delta), dkdv, dq_launch]
 
 
 # --------------------------------------------------------------------------- autograd and torch.compile
 
-# Registered as custom ops so torch.compile treats the kernels as opaque calls instead of breaking
-# the graph on them; autograd is attached to the forward op.
-@torch.library.custom_op("fastgpt::attention", mutates_args=())
-def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rng: torch.Tensor | None, causal: bool,
-                 dropout_p: float, softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rng: torch.Tensor | None, causal: bool,
+             dropout_p: float, softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward: ``(o, lse)``, lse the per-row log-sum-exp (base 2, of the scaled scores) in float32."""
     return run(forward_plan(q, k, v, rng, causal, dropout_p, softmax_scale))
+
+
+def _backward_impl(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                   lse: torch.Tensor, rng: torch.Tensor | None, causal: bool, dropout_p: float,
+                   softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv)`` from the output gradient and the forward's saved tensors."""
+    return run(backward_plan(do, q, k, v, o, lse, rng, causal, dropout_p, softmax_scale))
+
+
+# Registered as custom ops so torch.compile treats the kernels as opaque calls instead of breaking
+# the graph on them; autograd is attached to the forward op. Eager calls skip the registration's
+# dispatch (see kernels.ops._common.eager_function).
+attention_op = torch.library.custom_op("fastgpt::attention", _forward, mutates_args=())
+attention_backward_op = torch.library.custom_op("fastgpt::attention_backward", _backward_impl, mutates_args=())
 
 
 @attention_op.register_fake
 def _(q, k, v, rng, causal, dropout_p, softmax_scale):
     return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
-
-
-@torch.library.custom_op("fastgpt::attention_backward", mutates_args=())
-def attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-                          lse: torch.Tensor, rng: torch.Tensor | None, causal: bool, dropout_p: float,
-                          softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dq, dk, dv)`` from the output gradient and the forward's saved tensors."""
-    return run(backward_plan(do, q, k, v, o, lse, rng, causal, dropout_p, softmax_scale))
 
 
 @attention_backward_op.register_fake
@@ -629,16 +638,20 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, do, _dlse):
+    if do is None:  # o feeds nothing that needs a gradient
+        return None, None, None, None, None, None, None
     q, k, v, o, lse, rng = ctx.saved_tensors
-    dq, dk, dv = attention_backward_op(do, q, k, v, o, lse, rng, ctx.causal, ctx.dropout_p, ctx.softmax_scale)
+    dq, dk, dv = traced_or_eager(attention_backward_op, _backward_impl)(do, q, k, v, o, lse, rng, ctx.causal,
+                                                                         ctx.dropout_p, ctx.softmax_scale)
     return dq, dk, dv, None, None, None, None
 
 
 attention_op.register_autograd(_backward, setup_context=_setup_context)
+_attention_eager = eager_function(_forward, _setup_context, _backward)
 
 
 def attention(q, k, v, causal: bool, dropout_p: float, softmax_scale: float | None):
     """The kernels' attention with autograd (inputs validated by :func:`kernels.attention`)."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     rng = draw_rng_state(q.device) if dropout_p > 0 else None
-    return attention_op(q, k, v, rng, bool(causal), float(dropout_p), scale)[0]
+    return traced_or_eager(attention_op, _attention_eager)(q, k, v, rng, bool(causal), float(dropout_p), scale)[0]

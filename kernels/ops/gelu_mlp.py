@@ -54,7 +54,7 @@ import triton
 import triton.language as tl
 
 from .. import _tuning
-from ._common import FLOAT32_NEEDS_TF32, run, tf32_enabled
+from ._common import FLOAT32_NEEDS_TF32, eager_function, run, tf32_enabled, traced_or_eager
 from ._gemm import CONFIGS, GROUP_M, bucket, needs_wide, tile_matmul, tile_offsets, tile_start
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -201,8 +201,10 @@ def _gemm(kernel, m, n, k, operands, strides, meta):
 
     wide = needs_wide(*(t for t in operands if isinstance(t, torch.Tensor)))
     tokens = k if kernel is _bwd_dweight else m
+    key = (bucket(tokens), n, k, str(operands[0].dtype)) if kernel is not _bwd_dweight else \
+        (m, n, bucket(tokens), str(operands[0].dtype))
     return _tuning.launch(kernel, grid, (*operands, m, n, k, bucket(tokens), *strides),
-                          dict(meta, GROUP_M=GROUP_M, WIDE=wide), tokens=tokens)
+                          dict(meta, GROUP_M=GROUP_M, WIDE=wide), key, tokens=tokens)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -262,32 +264,35 @@ def backward_plan(dout, x, fc_weight, proj_weight, pre, has_fc_bias: bool, has_p
     return (dx, dfc_weight, dfc_bias, dproj_weight, dproj_bias), [launch for launch in launches if launch is not None]
 
 
-# Registered as custom ops so torch.compile treats the kernels as opaque calls instead of breaking
-# the graph on them; autograd is attached to the forward op.
-@torch.library.custom_op("fastgpt::gelu_mlp", mutates_args=())
-def gelu_mlp_op(x: torch.Tensor, fc_weight: torch.Tensor, fc_bias: torch.Tensor | None, proj_weight: torch.Tensor,
-                proj_bias: torch.Tensor | None, keep_pre: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _forward(x: torch.Tensor, fc_weight: torch.Tensor, fc_bias: torch.Tensor | None, proj_weight: torch.Tensor,
+             proj_bias: torch.Tensor | None, keep_pre: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward on ``x`` (..., C): ``(out, pre)``, pre (rows, H) kept for the backward (empty unless keep_pre)."""
     out, pre = run(forward_plan(_rows(x), fc_weight, fc_bias, proj_weight, proj_bias, keep_pre))
     return out.view(x.shape), pre
 
 
-@gelu_mlp_op.register_fake
-def _(x, fc_weight, fc_bias, proj_weight, proj_bias, keep_pre):
-    pre = x.new_empty((x.shape[:-1].numel(), fc_weight.shape[0]) if keep_pre else (0,))
-    return torch.empty_like(x, memory_format=torch.contiguous_format), pre
-
-
-@torch.library.custom_op("fastgpt::gelu_mlp_backward", mutates_args=())
-def gelu_mlp_backward_op(dout: torch.Tensor, x: torch.Tensor, fc_weight: torch.Tensor, proj_weight: torch.Tensor,
-                         pre: torch.Tensor, has_fc_bias: bool, has_proj_bias: bool
-                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _backward_impl(dout: torch.Tensor, x: torch.Tensor, fc_weight: torch.Tensor, proj_weight: torch.Tensor,
+                   pre: torch.Tensor, has_fc_bias: bool, has_proj_bias: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dx, dfc_weight, dfc_bias, dproj_weight, dproj_bias)``; an absent bias gets an empty gradient."""
     dx, dfc_weight, dfc_bias, dproj_weight, dproj_bias = run(
         backward_plan(_rows(dout), _rows(x), fc_weight, proj_weight, pre, has_fc_bias, has_proj_bias))
     absent = x.new_empty(0)
     return (dx.view(x.shape), dfc_weight, absent if dfc_bias is None else dfc_bias, dproj_weight,
             absent.clone() if dproj_bias is None else dproj_bias)
+
+
+# Registered as custom ops so torch.compile treats the kernels as opaque calls instead of breaking
+# the graph on them; autograd is attached to the forward op. Eager calls skip the registration's
+# dispatch (see kernels.ops._common.eager_function).
+gelu_mlp_op = torch.library.custom_op("fastgpt::gelu_mlp", _forward, mutates_args=())
+gelu_mlp_backward_op = torch.library.custom_op("fastgpt::gelu_mlp_backward", _backward_impl, mutates_args=())
+
+
+@gelu_mlp_op.register_fake
+def _(x, fc_weight, fc_bias, proj_weight, proj_bias, keep_pre):
+    pre = x.new_empty((x.shape[:-1].numel(), fc_weight.shape[0]) if keep_pre else (0,))
+    return torch.empty_like(x, memory_format=torch.contiguous_format), pre
 
 
 @gelu_mlp_backward_op.register_fake
@@ -305,19 +310,22 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, dout, _dpre):
+    if dout is None:  # out feeds nothing that needs a gradient
+        return None, None, None, None, None, None
     x, fc_weight, proj_weight, pre = ctx.saved_tensors
     has_fc_bias, has_proj_bias = ctx.has_biases
-    dx, dfc_weight, dfc_bias, dproj_weight, dproj_bias = gelu_mlp_backward_op(
+    dx, dfc_weight, dfc_bias, dproj_weight, dproj_bias = traced_or_eager(gelu_mlp_backward_op, _backward_impl)(
         dout, x, fc_weight, proj_weight, pre, has_fc_bias, has_proj_bias)
     return (dx, dfc_weight, dfc_bias if has_fc_bias else None, dproj_weight,
             dproj_bias if has_proj_bias else None, None)
 
 
 gelu_mlp_op.register_autograd(_backward, setup_context=_setup_context)
+_gelu_mlp_eager = eager_function(_forward, _setup_context, _backward)
 
 
 def gelu_mlp(x, fc_weight, fc_bias, proj_weight, proj_bias):
     """The kernels' MLP with autograd (inputs validated by :func:`kernels.gelu_mlp`)."""
     keep_pre = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, fc_weight, fc_bias, proj_weight, proj_bias))
-    return gelu_mlp_op(x, fc_weight, fc_bias, proj_weight, proj_bias, keep_pre)[0]
+    return traced_or_eager(gelu_mlp_op, _gelu_mlp_eager)(x, fc_weight, fc_bias, proj_weight, proj_bias, keep_pre)[0]

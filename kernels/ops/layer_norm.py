@@ -17,11 +17,13 @@ programs in a fixed order. No atomics or locks: the result is deterministic run 
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from ._common import run
+from ._common import eager_function, run, traced_or_eager
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_ONE_BLOCK_N = 8192  # widest row held in registers; wider rows use the chunked kernels
@@ -29,7 +31,9 @@ MIN_BLOCK_N = 128
 LOOP_BLOCK_N = 2048
 LOOP_NUM_WARPS = 8
 MAX_ROWS_PER_PROGRAM = 16  # rows whose dweight/dbias one backward program sums sequentially
-REDUCE_BLOCK_G, REDUCE_BLOCK_N, REDUCE_NUM_WARPS = 32, 128, 4
+# The weight-gradient reduction: each program sums a BLOCK_G x BLOCK_N tile of the partial sums at a
+# time, REDUCE_TILE elements, over a column block of REDUCE_MIN_N to REDUCE_MAX_N columns.
+REDUCE_TILE, REDUCE_MIN_N, REDUCE_MAX_N, REDUCE_NUM_WARPS = 4096, 32, 128, 4
 
 
 @triton.jit
@@ -212,6 +216,7 @@ def supports(x, weight=None, bias=None) -> bool:
     return why_unsupported(x, weight, bias) is None
 
 
+@functools.lru_cache(maxsize=None)
 def block_config(n: int) -> tuple[int, int, bool]:
     """``(BLOCK_N, num_warps, ONE_BLOCK)`` for rows of ``n`` elements: the one launch heuristic."""
     if n <= MAX_ONE_BLOCK_N:
@@ -252,6 +257,15 @@ def backward_programs(m: int, n: int, sms: int | None) -> int:
     return max(1, min(m, max(target, triton.cdiv(m, MAX_ROWS_PER_PROGRAM))))
 
 
+def reduce_block_n(n: int, sms: int | None) -> int:
+    """Columns per program of the weight-gradient reduction: as few as fill a GPU of ``sms``
+    multiprocessors with programs (a column block each), down to ``REDUCE_MIN_N`` (128-byte rows of
+    float32 partial sums); ``REDUCE_MAX_N`` without a GPU (the interpreter: fewer programs)."""
+    if sms is None:
+        return REDUCE_MAX_N
+    return max(REDUCE_MIN_N, min(REDUCE_MAX_N, triton.next_power_of_2(triton.cdiv(n, sms))))
+
+
 def forward_plan(x, weight, bias, eps):
     """Outputs ``(y, mean, rstd)`` for ``x`` (rows, N) and the launches that fill them.
 
@@ -283,7 +297,8 @@ def backward_plan(dy, x, weight, has_bias, mean, rstd, sms: int | None = None):
     if m == 0:
         return (dx, dweight, dbias), []
     block, num_warps, one_block = block_config(n)
-    rows_per_program = triton.cdiv(m, backward_programs(m, n, sm_count(x.device) if sms is None else sms))
+    sms = sm_count(x.device) if sms is None else sms
+    rows_per_program = triton.cdiv(m, backward_programs(m, n, sms))
     assert rows_per_program <= MAX_ROWS_PER_PROGRAM
     programs = triton.cdiv(m, rows_per_program)
     dw_partial = torch.empty((programs, n), dtype=torch.float32, device=x.device) if has_weight else None
@@ -296,22 +311,35 @@ def backward_plan(dy, x, weight, has_bias, mean, rstd, sms: int | None = None):
         dict(BLOCK_N=block, ONE_BLOCK=one_block, MAX_ROWS=MAX_ROWS_PER_PROGRAM, num_warps=num_warps, **flags),
     )]
     if has_weight or has_bias:
+        reduce_n = reduce_block_n(n, sms)
         launches.append((
-            _layer_norm_bwd_dwdb_kernel, (triton.cdiv(n, REDUCE_BLOCK_N),),
+            _layer_norm_bwd_dwdb_kernel, (triton.cdiv(n, reduce_n),),
             (dw_partial, db_partial, dweight, dbias, programs, n),
-            dict(BLOCK_G=REDUCE_BLOCK_G, BLOCK_N=REDUCE_BLOCK_N, num_warps=REDUCE_NUM_WARPS, **flags),
+            dict(BLOCK_G=REDUCE_TILE // reduce_n, BLOCK_N=reduce_n, num_warps=REDUCE_NUM_WARPS, **flags),
         ))
     return (dx, dweight, dbias), launches
 
 
-# Registered as custom ops so torch.compile treats the kernels as opaque calls instead of breaking
-# the graph on them; autograd is attached to the forward op.
-@torch.library.custom_op("fastgpt::layer_norm", mutates_args=())
-def layer_norm_op(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-                  eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+             eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward on ``x`` (..., N): ``(y, mean, rstd)``, the statistics per row in float32."""
     y, mean, rstd = run(forward_plan(_as_rows(x), weight, bias, eps))
     return y.view(x.shape), mean, rstd
+
+
+def _backward_impl(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, mean: torch.Tensor,
+                   rstd: torch.Tensor, has_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dx, dweight, dbias)``; an absent weight or bias gets an empty gradient."""
+    dx, dweight, dbias = run(backward_plan(_as_rows(dy), _as_rows(x), weight, has_bias, mean, rstd))
+    absent = x.new_empty(0)
+    return dx.view(x.shape), absent if dweight is None else dweight, absent.clone() if dbias is None else dbias
+
+
+# Registered as custom ops so torch.compile treats the kernels as opaque calls instead of breaking
+# the graph on them; autograd is attached to the forward op. Eager calls skip the registration's
+# dispatch (see kernels.ops._common.eager_function).
+layer_norm_op = torch.library.custom_op("fastgpt::layer_norm", _forward, mutates_args=())
+layer_norm_backward_op = torch.library.custom_op("fastgpt::layer_norm_backward", _backward_impl, mutates_args=())
 
 
 @layer_norm_op.register_fake
@@ -319,15 +347,6 @@ def _(x, weight, bias, eps):
     rows = x.numel() // x.shape[-1]
     stats = x.new_empty(rows, dtype=torch.float32)
     return torch.empty_like(x, memory_format=torch.contiguous_format), stats, torch.empty_like(stats)
-
-
-@torch.library.custom_op("fastgpt::layer_norm_backward", mutates_args=())
-def layer_norm_backward_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, mean: torch.Tensor,
-                           rstd: torch.Tensor, has_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dx, dweight, dbias)``; an absent weight or bias gets an empty gradient."""
-    dx, dweight, dbias = run(backward_plan(_as_rows(dy), _as_rows(x), weight, has_bias, mean, rstd))
-    absent = x.new_empty(0)
-    return dx.view(x.shape), absent if dweight is None else dweight, absent.clone() if dbias is None else dbias
 
 
 @layer_norm_backward_op.register_fake
@@ -345,14 +364,18 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, dy, _dmean, _drstd):
+    if dy is None:  # y feeds nothing that needs a gradient
+        return None, None, None, None
     x, weight, mean, rstd = ctx.saved_tensors
-    dx, dweight, dbias = layer_norm_backward_op(dy, x, weight, mean, rstd, ctx.has_bias)
+    dx, dweight, dbias = traced_or_eager(layer_norm_backward_op, _backward_impl)(dy, x, weight, mean, rstd,
+                                                                                 ctx.has_bias)
     return dx, None if weight is None else dweight, dbias if ctx.has_bias else None, None
 
 
 layer_norm_op.register_autograd(_backward, setup_context=_setup_context)
+_layer_norm_eager = eager_function(_forward, _setup_context, _backward)
 
 
 def layer_norm(x, weight, bias, eps):
     """The kernels' LayerNorm with autograd (inputs validated by :func:`kernels.layer_norm`)."""
-    return layer_norm_op(x, weight, bias, eps)[0]
+    return traced_or_eager(layer_norm_op, _layer_norm_eager)(x, weight, bias, eps)[0]

@@ -48,7 +48,7 @@ import triton
 import triton.language as tl
 
 from .. import _tuning, reference
-from ._common import FLOAT32_NEEDS_TF32, run, tf32_enabled
+from ._common import FLOAT32_NEEDS_TF32, eager_function, run, tf32_enabled, traced_or_eager
 from ._gemm import CONFIGS, GROUP_M, _matmul_kernel, bucket, needs_wide, tile_matmul, tile_offsets, tile_start
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -141,10 +141,15 @@ def logits_configs(dtype: torch.dtype) -> list:
 
 
 _LOGITS_KEY = ["TOKENS_BUCKET", "N", "K", "MODE"]
+# A tile writes the (max, sum) slot of its first column only; the slots past it in a wide tile keep
+# their empty (-inf, 0): a tuning launch restores them after timing configs of other widths.
 _logits = _tuning.autotuned("linear_cross_entropy.logits", _lce_logits_kernel, CONFIGS, _LOGITS_KEY,
-                            prune=lambda candidates, args: logits_configs(args["X_ptr"].dtype))
+                            prune=lambda candidates, args: logits_configs(args["X_ptr"].dtype),
+                            restore=("Max_ptr", "Sum_ptr"))
 _dx = _tuning.autotuned("linear_cross_entropy.dx", _matmul_kernel, CONFIGS, ["TOKENS_BUCKET", "N", "K"])
-_dweight = _tuning.autotuned("linear_cross_entropy.dweight", _matmul_kernel, CONFIGS, ["M", "N", "TOKENS_BUCKET"])
+# dweight (and dbias) accumulate over the chunks of rows: a tuning launch restores them after timing.
+_dweight = _tuning.autotuned("linear_cross_entropy.dweight", _matmul_kernel, CONFIGS, ["M", "N", "TOKENS_BUCKET"],
+                             restore=("Out_ptr", "RowSum_ptr"))
 
 
 def why_unsupported(x, weight, bias=None, targets=None) -> str | None:
@@ -178,7 +183,8 @@ def _logits_launch(x, weight, bias, targets, ignore_index, mode, pairs=(None, No
     args = (x, weight, bias, targets, pair_max, pair_sum, tlogit, lse, scale, dz, m, n, k, bucket(m), ignore_index,
             x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), targets.stride(0),
             0 if pair_max is None else pair_max.stride(0), 0 if dz is None else dz.stride(0))
-    return _tuning.launch(_logits, _grid(m, n), args, meta, logits_configs(x.dtype), tokens=m)
+    return _tuning.launch(_logits, _grid(m, n), args, meta, (bucket(m), n, k, str(x.dtype)), logits_configs(x.dtype),
+                          tokens=m)
 
 
 def loss_plan(x, weight, bias, targets, ignore_index: int):
@@ -223,13 +229,13 @@ def accumulate_plan(dz, x, weight, dx, dweight, dbias):
         (dz, weight, None, dx, None, m, c, n, bucket(m), dz.stride(0), dz.stride(1), weight.stride(0),
          weight.stride(1), dx.stride(0)),
         dict(HAS_BIAS=False, ACCUMULATE=False, ROW_SUMS=False, WIDE=needs_wide(dz, weight, dx), GROUP_M=GROUP_M),
-        tokens=m)
+        (bucket(m), c, n, str(dz.dtype)), tokens=m)
     dweight_launch = _tuning.launch(
         _dweight, _grid(n, c),
         (dz, x, None, dweight, dbias, n, c, m, bucket(m), dz.stride(1), dz.stride(0), x.stride(0), x.stride(1),
          dweight.stride(0)),
         dict(HAS_BIAS=False, ACCUMULATE=True, ROW_SUMS=dbias is not None, WIDE=needs_wide(dz, x, dweight),
-             GROUP_M=GROUP_M), tokens=m)
+             GROUP_M=GROUP_M), (n, c, bucket(m), str(dz.dtype)), tokens=m)
     return [dx_launch, dweight_launch]
 
 
@@ -252,12 +258,9 @@ class TritonChunks:
         run((None, accumulate_plan(dz, x, weight, dx, dweight, dbias)))
 
 
-# Registered as custom ops so torch.compile treats the kernels as opaque calls instead of breaking
-# the graph on them; autograd is attached to the forward op.
-@torch.library.custom_op("fastgpt::linear_cross_entropy", mutates_args=())
-def linear_cross_entropy_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
-                            ignore_index: int, reduction: str, precompute: bool
-                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+             ignore_index: int, reduction: str, precompute: bool
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(loss, lse, dx, dweight, dbias)`` for x (N, C); the gradients (of a unit output gradient)
     only when ``precompute``, else empty, like an absent bias's."""
     loss, lse, grads = reference.linear_cross_entropy_forward(TritonChunks, x, weight, bias, targets, ignore_index,
@@ -265,6 +268,23 @@ def linear_cross_entropy_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
     absent = x.new_empty(0)
     dx, dweight, dbias = grads if grads is not None else (absent, absent.clone(), None)
     return loss, lse, dx, dweight, absent.clone() if dbias is None else dbias
+
+
+def _backward_impl(dloss: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                   targets: torch.Tensor, lse: torch.Tensor,
+                   ignore_index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dx, dweight, dbias)`` of reduction "none" given the per-row output gradient ``dloss`` (N,)."""
+    dx, dweight, dbias = reference.linear_cross_entropy_gradients(TritonChunks, x, weight, bias, targets, lse,
+                                                                  dloss, ignore_index)
+    return dx, dweight, x.new_empty(0) if dbias is None else dbias
+
+
+# Registered as custom ops so torch.compile treats the kernels as opaque calls instead of breaking
+# the graph on them; autograd is attached to the forward op. Eager calls skip the registration's
+# dispatch (see kernels.ops._common.eager_function).
+linear_cross_entropy_op = torch.library.custom_op("fastgpt::linear_cross_entropy", _forward, mutates_args=())
+linear_cross_entropy_backward_op = torch.library.custom_op("fastgpt::linear_cross_entropy_backward", _backward_impl,
+                                                           mutates_args=())
 
 
 @linear_cross_entropy_op.register_fake
@@ -275,16 +295,6 @@ def _(x, weight, bias, targets, ignore_index, reduction, precompute):
     dweight = torch.empty_like(weight, memory_format=torch.contiguous_format) if precompute else x.new_empty(0)
     dbias = bias.new_empty(bias.shape) if precompute and bias is not None else x.new_empty(0)
     return loss, lse, dx, dweight, dbias
-
-
-@torch.library.custom_op("fastgpt::linear_cross_entropy_backward", mutates_args=())
-def linear_cross_entropy_backward_op(dloss: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-                                     bias: torch.Tensor | None, targets: torch.Tensor, lse: torch.Tensor,
-                                     ignore_index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dx, dweight, dbias)`` of reduction "none" given the per-row output gradient ``dloss`` (N,)."""
-    dx, dweight, dbias = reference.linear_cross_entropy_gradients(TritonChunks, x, weight, bias, targets, lse,
-                                                                  dloss, ignore_index)
-    return dx, dweight, x.new_empty(0) if dbias is None else dbias
 
 
 @linear_cross_entropy_backward_op.register_fake
@@ -305,14 +315,18 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, dloss, _dlse, _ddx, _ddweight, _ddbias):
+    if dloss is None:  # the loss feeds nothing that needs a gradient
+        return None, None, None, None, None, None, None
     if ctx.precompute:  # reduced loss: dloss is a scalar that scales the gradients the forward made
         dx, dweight, dbias = (t * dloss.to(t.dtype) for t in ctx.saved_tensors)
     else:
-        dx, dweight, dbias = linear_cross_entropy_backward_op(dloss, *ctx.saved_tensors, ctx.ignore_index)
+        dx, dweight, dbias = traced_or_eager(linear_cross_entropy_backward_op, _backward_impl)(
+            dloss, *ctx.saved_tensors, ctx.ignore_index)
     return dx, dweight, dbias if ctx.has_bias else None, None, None, None, None
 
 
 linear_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
+_linear_cross_entropy_eager = eager_function(_forward, _setup_context, _backward)
 
 
 def linear_cross_entropy(x, weight, bias, targets, ignore_index: int, reduction: str):
@@ -320,4 +334,5 @@ def linear_cross_entropy(x, weight, bias, targets, ignore_index: int, reduction:
     :func:`kernels.linear_cross_entropy`)."""
     precompute = reduction != "none" and torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias))
-    return linear_cross_entropy_op(x, weight, bias, targets, ignore_index, reduction, precompute)[0]
+    op = traced_or_eager(linear_cross_entropy_op, _linear_cross_entropy_eager)
+    return op(x, weight, bias, targets, ignore_index, reduction, precompute)[0]

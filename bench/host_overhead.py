@@ -1,0 +1,219 @@
+"""``python -m bench.host_overhead``: what each op costs the CPU on the Triton path, apart from its kernels.
+
+A GPU runs a kernel while the CPU prepares the next launch; where the CPU takes longer than the GPU,
+the GPU waits. This measures the CPU's part per call of every public op, forward and backward, on
+this machine: validation, dispatch, the ``torch.library`` custom-op and autograd layers, the launch
+plans, and the autotuner's key and cache lookup (the path a GPU takes on every call after its
+first). It runs the ops on CPU tensors in Triton's interpreter with every kernel launch replaced by a
+stub that returns at once, so it leaves out the kernels and Triton's own launcher (argument
+binding and the driver's launch), which only a GPU runs: ``python -m bench.gpu_report`` times a
+bare launch there.
+
+Beside it: the ``torch`` backend's cost over calling the PyTorch op it runs directly (the same op,
+one layer of validation and dispatch more), and the kernel launches of one GPT-2 124M training step (forward
+and backward), counted with the stubbed launches.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+REPEATS = {"tiny": 20, "full": 300}
+
+
+def _per_call(fn, repeats: int, rounds: int = 5) -> float:
+    """Seconds per call of ``fn()``: the median over ``rounds`` of ``repeats`` calls each, after a warm-up."""
+    for _ in range(3):
+        fn()
+    samples = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        samples.append((time.perf_counter() - start) / repeats)
+    return statistics.median(samples)
+
+
+@contextlib.contextmanager
+def stubbed_launches():
+    """Every interpreted kernel launch returns at once; yields a list that counts the launches, and
+    takes the autotuner's path with its choices made once (all configs timed equal)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from kernels import _tuning
+
+    launches = []
+    originals = InterpretedFunction.run, _tuning._autotuner_can_time, _tuning.cache_file
+    InterpretedFunction.run = lambda self, *args, **kwargs: launches.append(self)
+    _tuning._autotuner_can_time = lambda: True
+    _tuning.cache_file = lambda: None  # these made-up choices are never kept on disk
+    chosen = {}
+    for name, tunable in _tuning._REGISTRY.items():
+        tunable.tuner._bench = lambda *args, config, **meta: [1.0, 1.0, 1.0]
+        chosen[name], tunable.chosen = tunable.chosen, {}
+    try:
+        yield launches
+    finally:
+        InterpretedFunction.run, _tuning._autotuner_can_time, _tuning.cache_file = originals
+        for name, tunable in _tuning._REGISTRY.items():
+            del tunable.tuner._bench  # the instance attribute set above: the class's method shows again
+            tunable.chosen = chosen[name]
+
+
+def op_calls(tokens: int, vocab: int = 128, device="cpu") -> dict:
+    """Per op: ``(kernels call, the PyTorch op the torch backend runs, inputs)`` at GPT-2 124M's widths
+    over ``tokens`` tokens (bfloat16, as in training under autocast). The vocabulary is smaller than
+    GPT-2's by default: on a CPU, zeroing and copying its 77 MB weight gradient would be counted as
+    host time, where a GPU runs it as a kernel."""
+    import kernels
+    from kernels import reference
+
+    dtype = torch.bfloat16
+    gen = torch.Generator().manual_seed(0)
+
+    def leaf(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(device=device, dtype=dtype).requires_grad_()
+
+    C, H = 768, 12
+    T = min(tokens, 1024)
+    B = max(1, tokens // T)
+    x, w, b = leaf(tokens, C), leaf(C), leaf(C)
+    q, k, v = leaf(B, H, T, C // H), leaf(B, H, T, C // H), leaf(B, H, T, C // H)
+    w1, b1, w2, b2 = leaf(4 * C, C, scale=0.02), leaf(4 * C), leaf(C, 4 * C, scale=0.02), leaf(C)
+    wte = leaf(vocab, C, scale=0.02)
+    targets = torch.randint(vocab, (tokens,), generator=gen).to(device)
+    return {
+        "layer_norm": (lambda: kernels.layer_norm(x, w, b), lambda: reference.layer_norm(x, w, b), (x, w, b)),
+        "attention": (lambda: kernels.attention(q, k, v), lambda: reference.attention(q, k, v), (q, k, v)),
+        "gelu_mlp": (lambda: kernels.gelu_mlp(x, w1, b1, w2, b2), lambda: reference.gelu_mlp(x, w1, b1, w2, b2),
+                     (x, w1, b1, w2, b2)),
+        "linear_cross_entropy": (lambda: kernels.linear_cross_entropy(x, wte, targets),
+                                 lambda: reference.linear_cross_entropy(x, wte, None, targets), (x, wte)),
+    }
+
+
+def host_costs(tokens: int, repeats: int) -> list[dict]:
+    """Per op and direction: the Triton path's CPU cost per call (launches stubbed) and its launches."""
+    import kernels
+
+    rows = []
+    with stubbed_launches() as launches, kernels.use_backend("triton"):
+        for op, (call, _, inputs) in op_calls(tokens).items():
+            out = call()
+            dy = torch.ones_like(out)
+
+            def backward():
+                return torch.autograd.grad(out, inputs, dy, retain_graph=True)
+
+            for direction, fn in (("forward", call), ("backward", backward)):
+                launches.clear()
+                fn()
+                per_call_launches = len(launches)
+                seconds = _per_call(fn, repeats)
+                rows.append({"op": op, "direction": direction, "tokens": tokens, "launches": per_call_launches,
+                             "host_us": seconds * 1e6,
+                             "host_us_per_launch": seconds * 1e6 / max(per_call_launches, 1)})
+    return rows
+
+
+def torch_backend_costs(repeats: int) -> list[dict]:
+    """Per op: ``kernels.<op>`` on the torch backend against calling the PyTorch op it runs directly,
+    on tiny tensors (where the call, not the arithmetic, is what takes the time)."""
+    import kernels
+
+    rows = []
+    with kernels.use_backend("torch"), torch.no_grad():
+        for op, (call, direct, _) in op_calls(2).items():
+            ours, theirs = _per_call(call, repeats), _per_call(direct, repeats)
+            rows.append({"op": op, "kernels_us": ours * 1e6, "pytorch_us": theirs * 1e6,
+                         "overhead_us": (ours - theirs) * 1e6})
+    return rows
+
+
+def step_launches(batch: int, seq_len: int, config=None) -> dict:
+    """Kernel launches of one training step (forward and backward) of GPT-2 124M (or ``config``),
+    counted with every launch stubbed (nothing is computed by the kernels)."""
+    import kernels
+    from fastgpt.model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(config or GPTConfig())
+    idx = torch.randint(model.config.vocab_size, (batch, seq_len))
+    with stubbed_launches() as launches, kernels.use_backend("triton"), torch.autocast("cpu", dtype=torch.bfloat16):
+        _, loss = model(idx, idx)
+        forward = len(launches)
+        loss.backward()
+    by_kernel = {}
+    for fn in launches:
+        name = getattr(fn, "__name__", None) or getattr(getattr(fn, "fn", None), "__name__", repr(fn))
+        by_kernel[name] = by_kernel.get(name, 0) + 1
+    return {"batch": batch, "seq_len": seq_len, "forward": forward, "backward": len(launches) - forward,
+            "total": len(launches), "by_kernel": by_kernel}
+
+
+def run(size: str) -> dict:
+    """Every figure of this benchmark: the host costs, the torch backend's overhead, the step's launches."""
+    from kernels import _dispatch
+
+    if not _dispatch.INTERPRETED:
+        raise RuntimeError("the host overhead is measured in Triton's interpreter: run it with TRITON_INTERPRET=1 "
+                           "(python -m bench does)")
+    repeats = REPEATS[size]
+    tiny = size == "tiny"
+    from fastgpt.model import GPTConfig
+
+    config = GPTConfig(n_layer=2, n_embd=64, n_head=2, vocab_size=100) if tiny else GPTConfig()
+    return {"host": host_costs(128, repeats), "torch_backend": torch_backend_costs(repeats),
+            "step_launches": step_launches(1 if tiny else 16, 64 if tiny else 1024, config)}
+
+
+def in_child(size: str) -> dict:
+    """:func:`run` in a child process with Triton's interpreter on (as ``python -m bench`` needs)."""
+    env = {"OPENBLAS_NUM_THREADS": "1", **os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-m", "bench.host_overhead", "--size", size, "--json"], env=env,
+                          capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"the host-overhead benchmark failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout)
+
+
+def table(results: dict) -> list[str]:
+    """The figures as text tables."""
+    lines = [f"{'op':<21} {'direction':<9} {'launches':>8} {'host us/call':>12} {'us/launch':>9}"]
+    for r in results["host"]:
+        lines.append(f"{r['op']:<21} {r['direction']:<9} {r['launches']:>8} {r['host_us']:>12.1f} "
+                     f"{r['host_us_per_launch']:>9.1f}")
+    lines += ["", f"{'op':<21} {'kernels (torch backend) us':>26} {'PyTorch op us':>13} {'overhead us':>11}"]
+    for r in results["torch_backend"]:
+        lines.append(f"{r['op']:<21} {r['kernels_us']:>26.1f} {r['pytorch_us']:>13.1f} {r['overhead_us']:>11.1f}")
+    s = results["step_launches"]
+    lines += ["", f"kernel launches of one training step (B={s['batch']}, T={s['seq_len']}): {s['forward']} forward + "
+                  f"{s['backward']} backward = {s['total']}",
+              "  " + ", ".join(f"{name} {n}" for name, n in sorted(s["by_kernel"].items()))]
+    return lines
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.host_overhead", description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=sorted(REPEATS), default="full")
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON instead of tables")
+    args = parser.parse_args(argv)
+    try:
+        results = run(args.size)
+    except RuntimeError as exc:
+        print(f"python -m bench.host_overhead: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(results) if args.json else "\n".join(table(results)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
