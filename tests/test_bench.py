@@ -11,7 +11,7 @@ import torch
 
 import kernels
 from bench import __main__ as bench_main
-from bench import measure, ops, train_step
+from bench import gpu_model, measure, ops, train_step
 from bench.naive import MultiHeadAttention, NaiveConfig, NaiveGPT
 from conftest import DEVICE
 from kernels import _dispatch, reference
@@ -62,14 +62,24 @@ def test_naive_gpt_loss_starts_near_uniform_and_backpropagates():
 
 
 @pytest.mark.parametrize("op", ops.OPS)
-def test_naive_ops_compute_the_reference_functions(op):
+def test_the_baseline_ops_compute_the_reference_functions(op):
     case = ops.OpCase(op, ops.SHAPES["tiny"][op])
     inputs = ops.make_inputs(case, "cpu")
-    naive, ref = ops.forward(case, "naive", inputs), ops.forward(case, "reference", inputs)
-    torch.testing.assert_close(naive, ref, rtol=1e-4, atol=1e-5)
-    grads = [torch.autograd.grad(out, list(inputs.values()), torch.ones_like(out)) for out in (naive, ref)]
+    base, ref = ops.forward(case, ops.baseline(op), inputs), ops.forward(case, "reference", inputs)
+    torch.testing.assert_close(base, ref, rtol=1e-4, atol=1e-5)
+    wrt = [t for t in inputs.values() if t.requires_grad]
+    grads = [torch.autograd.grad(out, wrt, torch.ones_like(out)) for out in (base, ref)]
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_the_loss_is_compared_with_the_unfused_one_and_the_other_ops_with_the_naive_ones():
+    assert {op: ops.providers(op) for op in ops.OPS} == {
+        "attention": ("naive", "reference", "triton"), "layer_norm": ("naive", "reference", "triton"),
+        "gelu_mlp": ("naive", "reference", "triton"), "linear_cross_entropy": ("unfused", "reference", "triton")}
+    assert ops.SHAPES["quick"]["linear_cross_entropy"] == dict(M=512, C=768, V=50257)
+    case = ops.OpCase("linear_cross_entropy", ops.SHAPES["tiny"]["linear_cross_entropy"])
+    assert ops.flops(case, "forward+backward") == 3 * 2 * 64 * 32 * 128
 
 
 def test_bad_options_are_refused(capsys):
@@ -97,7 +107,7 @@ def test_python_m_bench_tiny_writes_every_figure_and_the_plots(tmp_path):
 
     op_rows = results["ops"]
     assert {(r["op"], r["provider"], r["pass"]) for r in op_rows} == {
-        (o, p, s) for o in ops.OPS for p in ops.PROVIDERS for s in ops.PASSES}
+        (o, p, s) for o in ops.OPS for p in ops.providers(o) for s in ops.PASSES}
     for r in op_rows:
         if r["provider"] == "triton" and not torch.cuda.is_available():
             assert r["status"] == ops.NEEDS_GPU  # never the interpreter or the fallback timed as "triton"
@@ -111,7 +121,7 @@ def test_python_m_bench_tiny_writes_every_figure_and_the_plots(tmp_path):
     assert {r["compared"] for r in results["train_step_ratios"]} == {"defaults", "same precision"}
 
     model = {(r["op"], r["pass"], r["provider"]): r for r in results["gpu_model"]}
-    for op in ops.OPS:
+    for op in gpu_model.SHAPES["tiny"]:
         for pass_name in ("forward", "backward"):
             fused, naive = model[op, pass_name, "triton"], model[op, pass_name, "naive"]
             assert 0 < fused["bytes"] < naive["bytes"], (op, pass_name)  # fusion saves traffic (a model)
