@@ -1,13 +1,14 @@
-"""``python -m bench``: per-op and end-to-end benchmarks against the naive lecture model, and the GPU model.
+"""``python -m bench``: per-op and end-to-end benchmarks against the naive lecture model and plain PyTorch, and the GPU model.
 
 Runs what this machine can run, side by side in one process: the per-op benchmarks
-(:mod:`bench.ops`), one training step of the naive lecture model against fastgpt
-(:mod:`bench.train_step`), and the byte-counting model of GPU speed (:mod:`bench.gpu_model`, in a
-child process with Triton's interpreter on). Prints tables, writes ``results.json`` (the machine and
-every figure) and PNG plots into ``--out``.
+(:mod:`bench.ops`), training steps of the naive lecture model, plain PyTorch and fastgpt
+(:mod:`bench.train_step`), GPT-2 124M's step with the fused loss against the unfused one
+(:func:`bench.train_step.run_gpt2`), and the byte-counting model of GPU speed
+(:mod:`bench.gpu_model`, in a child process with Triton's interpreter on). Prints tables, writes
+``results.json`` (the machine and every figure) and PNG plots into ``--out``.
 
-Sizes: ``--quick`` (about a minute or two on a 2-core CPU), the default full run, and ``--tiny``
-(seconds; keeps the code working, its figures mean nothing).
+Sizes: ``--quick``, the default full run, and ``--tiny`` (seconds; keeps the code working, its
+figures mean nothing).
 """
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ from bench import gpu_model, measure, ops, train_step
 # The end-to-end targets: fastgpt's default training step against the naive model's (ratios).
 SPEEDUP_TARGETS = {256: 2.5, 1024: 3.0}
 MEMORY_TARGET = (1024, 1 / 3)  # at this context, fastgpt's peak step memory at most this fraction
+# GPT-2 124M at the largest batch timed: the fused loss's peak step memory at most this fraction of the unfused one's.
+GPT2_MEMORY_TARGET = 0.6
 DEFAULT_ROUNDS = {"tiny": 1, "quick": 3, "full": 7}
 
 
@@ -42,8 +45,9 @@ def parse_args(argv=None):
                         help="dropout of both models in the training step (default: %(default)s)")
     parser.add_argument("--profile", choices=train_step.PRECISIONS,
                         help="also profile two training steps of each side in this precision at the first context")
-    parser.add_argument("--skip", action="append", choices=("ops", "train", "model"), default=[],
-                        help="leave out a part (repeatable)")
+    parser.add_argument("--skip", action="append", choices=("ops", "train", "gpt2", "model"), default=[],
+                        help="leave out a part: the per-op benchmarks, the lecture-shape training steps, "
+                             "GPT-2's fused against unfused loss, the GPU model (repeatable)")
     args = parser.parse_args(argv)
     if args.rounds is not None and args.rounds < 1:
         parser.error(f"--rounds must be at least 1, got {args.rounds}")
@@ -85,29 +89,33 @@ def ops_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def _ratio_cells(r: dict) -> str:
+    memory = "-" if r["memory_ratio"] is None else f"{r['memory_ratio']:.2f}"
+    spread = f"{r['speedup_min']:.2f}-{r['speedup_max']:.2f}x"
+    return f"{r['speedup']:>7.2f}x {spread:>13} {memory:>7}"
+
+
 def train_table(rows: list[dict], ratio_rows: list[dict]) -> list[str]:
     lines = [f"{'T':>5} {'B':>3} {'side':<8} {'precision':<10} {'tokens/s':>9} {'MFU':>6} {'peak MiB':>9}"]
     for r in rows:
         lines.append(f"{r['context']:>5} {r['batch']:>3} {r['side']:<8} "
                      f"{r['precision'] + (' *' if r['default'] else ''):<10} {r['tokens_per_s']:>9.0f} "
                      f"{r['mfu']:>6.1%} {_mib(r['peak_memory_bytes']):>9}")
-    lines.append("(* the side's default precision)")
+    lines.append("(* the side's default precision; plain PyTorch is compared at the same precision only)")
     lines.append("")
-    lines.append(f"{'T':>5} {'compared':<15} {'fastgpt':<9} {'naive':<9} {'speed-up':>8} {'(rounds)':>13} "
-                 f"{'memory':>7}")
+    lines.append(f"{'T':>5} {'fastgpt vs':<10} {'compared':<15} {'fastgpt':<9} {'other':<9} {'speed-up':>8} "
+                 f"{'(rounds)':>13} {'memory':>7}")
     for r in ratio_rows:
-        memory = "-" if r["memory_ratio"] is None else f"{r['memory_ratio']:.2f}"
-        spread = f"{r['speedup_min']:.2f}-{r['speedup_max']:.2f}x"
-        lines.append(f"{r['context']:>5} {r['compared']:<15} {r['fastgpt']:<9} {r['naive']:<9} "
-                     f"{r['speedup']:>7.2f}x {spread:>13} {memory:>7}")
-    lines.append("(speed-up: median over rounds of naive time / fastgpt time in the same round, and its range; "
-                 "memory: fastgpt's peak / naive's)")
+        lines.append(f"{r['context']:>5} {r['baseline']:<10} {r['compared']:<15} {r['fastgpt']:<9} "
+                     f"{r['baseline_precision']:<9} {_ratio_cells(r)}")
+    lines.append("(speed-up: median over rounds of the other side's time / fastgpt's in the same round, and its "
+                 "range; memory: fastgpt's peak / the other side's)")
     return lines
 
 
 def target_lines(ratio_rows: list[dict]) -> list[str]:
-    """Each target, met or missed, from the default-against-default ratios."""
-    defaults = {r["context"]: r for r in ratio_rows if r["compared"] == "defaults"}
+    """Each target, met or missed, from the default-against-default ratios with the naive model."""
+    defaults = {r["context"]: r for r in ratio_rows if r["baseline"] == "naive" and r["compared"] == "defaults"}
     lines = []
     for context, target in SPEEDUP_TARGETS.items():
         if context in defaults:
@@ -119,6 +127,24 @@ def target_lines(ratio_rows: list[dict]) -> list[str]:
         lines.append(f"target: peak memory <= {fraction:.3f} of naive at T={context}: {got:.3f}, "
                      f"{'met' if got <= fraction else 'MISSED'}")
     return lines
+
+
+def gpt2_table(rows: list[dict], ratio_rows: list[dict]) -> list[str]:
+    lines = [f"{'B':>3} {'loss':<8} {'tokens/s':>9} {'peak MiB':>9}"]
+    for r in rows:
+        lines.append(f"{r['batch']:>3} {r['variant']:<8} {r['tokens_per_s']:>9.0f} {_mib(r['peak_memory_bytes']):>9}")
+    lines += ["", f"{'B':>3} {'speed-up':>8} {'(rounds)':>13} {'memory':>7}"]
+    lines += [f"{r['batch']:>3} {_ratio_cells(r)}" for r in ratio_rows]
+    lines.append("(speed-up: unfused time / fused time, paired by round; memory: the fused loss's peak / the "
+                 "unfused one's)")
+    return lines
+
+
+def gpt2_target_line(ratio_rows: list[dict]) -> str:
+    """The GPT-2 memory target at the largest batch measured."""
+    r = max(ratio_rows, key=lambda row: row["batch"])
+    return (f"target: GPT-2 124M peak memory, fused loss <= {GPT2_MEMORY_TARGET} of unfused at B={r['batch']}: "
+            f"{r['memory_ratio']:.3f}, {'met' if r['memory_ratio'] <= GPT2_MEMORY_TARGET else 'MISSED'}")
 
 
 def model_table(rows: list[dict]) -> list[str]:
@@ -221,6 +247,16 @@ def main(argv=None) -> int:
                        f"median of {rounds}:", *train_table(results["train_step"], results["train_step_ratios"])]
         if args.size != "tiny":
             report += target_lines(results["train_step_ratios"])
+    if "gpt2" not in args.skip:
+        results["gpt2_step"] = train_step.run_gpt2(args.size, device, rounds)
+        results["gpt2_step_ratios"] = train_step.gpt2_ratios(results["gpt2_step"])
+        first = results["gpt2_step"][0]
+        report += ["", f"GPT-2 124M training step{' (tiny shape)' if args.size == 'tiny' else ''}, T={first['context']}, "
+                       f"{first['precision']} autocast, kernels' backend {first['backend']}: the fused loss "
+                       f"(model(idx, targets)) against the unfused one (return_logits=True), median of "
+                       f"{len(first['times_s'])}:", *gpt2_table(results["gpt2_step"], results["gpt2_step_ratios"])]
+        if args.size != "tiny":
+            report.append(gpt2_target_line(results["gpt2_step_ratios"]))
     if args.profile:
         context, batch = train_step.CONTEXTS[args.size][0]
         results["profile"] = train_step.profile(args.size, device, args.profile, args.dropout)
