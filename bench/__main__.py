@@ -1,28 +1,25 @@
-"""``python -m bench``: per-op and end-to-end benchmarks against the naive lecture model and plain PyTorch, and the GPU model.
+"""``python -m bench``: per-op and end-to-end benchmarks against the naive lecture model and plain PyTorch, and the step model.
 
 Runs what this machine can run, side by side in one process: the per-op benchmarks
 (:mod:`bench.ops`), training steps of the naive lecture model, plain PyTorch and fastgpt
 (:mod:`bench.train_step`), GPT-2 124M's step with the fused loss against the unfused one
-(:func:`bench.train_step.run_gpt2`), and the byte-counting model of GPU speed
-(:mod:`bench.gpu_model`, in a child process with Triton's interpreter on). Prints tables, writes
-``results.json`` (the machine and every figure) and PNG plots into ``--out``.
+(:func:`bench.train_step.run_gpt2`), and prints the model of a GPU step (:mod:`bench.step_model`,
+formulas, no measurement). Prints tables, writes ``results.json`` (the machine and every figure)
+and PNG plots into ``--out``.
 
 Sizes: ``--quick``, the default full run, and ``--tiny`` (seconds; keeps the code working, its
-figures mean nothing).
+figures mean nothing); README.md says how long each takes on a 2-core CPU.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
-from bench import gpu_model, measure, ops, train_step
+from bench import measure, ops, step_model, train_step
 
 # The end-to-end targets: fastgpt's default training step against the naive model's (ratios).
 SPEEDUP_TARGETS = {256: 2.5, 1024: 3.0}
@@ -47,25 +44,13 @@ def parse_args(argv=None):
                         help="also profile two training steps of each side in this precision at the first context")
     parser.add_argument("--skip", action="append", choices=("ops", "train", "gpt2", "model"), default=[],
                         help="leave out a part: the per-op benchmarks, the lecture-shape training steps, "
-                             "GPT-2's fused against unfused loss, the GPU model (repeatable)")
+                             "GPT-2's fused against unfused loss, the step model (repeatable)")
     args = parser.parse_args(argv)
     if args.rounds is not None and args.rounds < 1:
         parser.error(f"--rounds must be at least 1, got {args.rounds}")
     if not 0 <= args.dropout < 1:
         parser.error(f"--dropout must be in [0, 1), got {args.dropout}")
     return args
-
-
-def run_gpu_model(size: str) -> list[dict]:
-    """:func:`bench.gpu_model.run` in a child process with Triton's interpreter on."""
-    env = {"OPENBLAS_NUM_THREADS": "1", **os.environ, "TRITON_INTERPRET": "1"}
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "model.json"
-        proc = subprocess.run([sys.executable, "-m", "bench.gpu_model", "--size", "tiny" if size == "tiny" else "model",
-                               "--json", str(path)], env=env, stderr=subprocess.PIPE, text=True)
-        if proc.returncode:
-            raise RuntimeError(f"the GPU model failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-        return json.loads(path.read_text())
 
 
 # --------------------------------------------------------------------------- tables
@@ -147,19 +132,37 @@ def gpt2_target_line(ratio_rows: list[dict]) -> str:
             f"{r['memory_ratio']:.3f}, {'met' if r['memory_ratio'] <= GPT2_MEMORY_TARGET else 'MISSED'}")
 
 
-def model_table(rows: list[dict]) -> list[str]:
-    gpus = list(gpu_model.GPUS)
-    # "/ triton": the provider's modelled time over the fused kernels' on the same GPU.
-    lines = [f"{'op':<11} {'shape':<20} {'pass':<9} {'provider':<10} {'MB':>8} {'GFLOP':>8} "
-             + " ".join(f"{gpu + ' us':>12}" for gpu in gpus) + " "
-             + " ".join(f"{gpu.split()[0] + ' / triton':>14}" for gpu in gpus)]
-    fused = {(r["op"], r["pass"]): r for r in rows if r["provider"] == "triton"}
-    for r in rows:
-        base = fused[r["op"], r["pass"]]
-        times = " ".join(f"{r[gpu + ' time_s'] * 1e6:>12.2f}" for gpu in gpus)
-        speedups = " ".join(f"{r[gpu + ' time_s'] / base[gpu + ' time_s']:>13.1f}x" for gpu in gpus)
-        lines.append(f"{r['op']:<11} {r['shape']:<20} {r['pass']:<9} {r['provider']:<10} {r['bytes'] / 1e6:>8.3f} "
-                     f"{r['flops'] / 1e9:>8.3f} {times} {speedups}")
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f}"
+
+
+def model_tables(projection: dict) -> list[str]:
+    """The step model's tables: time per op group and GPU, bytes and FLOPs, memory, and the ratios."""
+    builds, gpus = projection["builds"], step_model.MODEL_GPUS
+    columns = [(b, g) for b in step_model.BUILDS for g in gpus]
+    width = 13
+    head = f"{'':<18}" + "".join(f"{b + ' ' + g.split()[0]:>{width}}" for b, g in columns)
+    lines = ["Where the time goes (ms):", head]
+    for group in (*step_model.GROUPS, "step"):
+        lines.append(f"{group:<18}" + "".join(
+            f"{builds[b]['gpus'][g]['groups'][group]['seconds'] * 1e3:>{width}.2f}" for b, g in columns))
+    for label, fmt in (("tokens/s", lambda x: f"{x['tokens_per_s']:.0f}"), ("MFU", lambda x: f"{x['mfu']:.1%}")):
+        lines.append(f"{label:<18}" + "".join(f"{fmt(builds[b]['gpus'][g]):>{width}}" for b, g in columns))
+    groups = {b: builds[b]["gpus"][gpus[0]]["groups"] for b in step_model.BUILDS}
+    lines += ["", "Bytes moved (GB), FLOPs executed (TFLOP) and kernel launches, per step:",
+              f"{'':<18}" + "".join(f"{b:>27}" for b in step_model.BUILDS),
+              f"{'':<18}" + f"{'GB':>9}{'TFLOP':>9}{'launches':>9}" * len(step_model.BUILDS)]
+    for group in (*step_model.GROUPS, "step"):
+        lines.append(f"{group:<18}" + "".join(
+            f"{groups[b][group]['bytes'] / 1e9:>9.2f}{groups[b][group]['flops'] / 1e12:>9.2f}"
+            f"{groups[b][group]['launches']:>9}" for b in step_model.BUILDS))
+    lines += ["", "Where the memory goes (GiB):", f"{'':<28}" + "".join(f"{b:>{width}}" for b in step_model.BUILDS)]
+    for key in builds["plain"]["memory"]:
+        lines.append(f"{key:<28}" + "".join(f"{_gib(builds[b]['memory'][key]):>{width}}" for b in step_model.BUILDS))
+    lines.append("")
+    for other, r in projection["ratios"].items():
+        speed = ", ".join(f"{r['speedup'][g]:.2f}x on {g}" for g in gpus)
+        lines.append(f"fastgpt against {other} (modelled): tokens/s {speed}; peak memory {r['memory']:.2f}x")
     return lines
 
 
@@ -264,10 +267,14 @@ def main(argv=None) -> int:
             report += ["", f"Profile: {side}, two training steps, {args.profile}, T={context} B={batch} "
                            f"(top ops by self time):", table]
     if "model" not in args.skip:
-        print("  GPU model: counting bytes in Triton's interpreter (child process)", flush=True)
-        results["gpu_model"] = run_gpu_model(args.size)
-        report += ["", "GPU model (NOT measured: interpreter byte counts and data-sheet roofs; lower bounds):",
-                   *model_table(results["gpu_model"])]
+        results["step_model"] = step_model.project()
+        shape = results["step_model"]["shape"]
+        report += ["", f"Step model (NOT measured: a model of a GPU step from every kernel's FLOPs and bytes, "
+                       f"see bench/step_model.py): GPT-2 124M, B={shape['batch']} T={shape['seq_len']}, bfloat16 "
+                       f"autocast; matmuls at {step_model.TENSOR_CORE_EFFICIENCY:.0%} of the dense bfloat16 peak, "
+                       f"bytes at {step_model.BANDWIDTH_EFFICIENCY:.0%} of HBM bandwidth, "
+                       f"{step_model.LAUNCH_SECONDS * 1e6:.0f} us per launch; data-sheet H100 SXM and H200",
+                   *model_tables(results["step_model"])]
     report += ["", f"peak memory: {results['memory_method']}"]
     print("\n".join(report))
     (out / "results.json").write_text(json.dumps(results, indent=1))
