@@ -51,9 +51,9 @@ CONTEXTS = {
 
 # GPT-2 124M: the fused loss against the unfused one (``return_logits``), at T=1024 and these batch
 # sizes (tiny: the tiny shape at T=32). On the 2-core CPU these figures come from, an unfused step
-# takes about 11 s per sequence and needs about 0.9 GiB more per sequence: B=4 is the largest power
+# needs about 1 GiB more per sequence (1.2, 2.2, 4.2 GiB at B=1, 2, 4): B=4 is the largest power
 # of two within a budget of 6 GiB beyond the model and its AdamW state (1.5 GiB) on a machine of
-# 23 GiB shared with other jobs. A step takes seconds to a minute, so at most two timed rounds.
+# 23 GiB shared with other jobs. A step takes 4 to 25 s there, so at most two timed rounds.
 GPT2_VARIANTS = {"fused": False, "unfused": True}  # variant -> return_logits
 GPT2_CONTEXT = {"tiny": 32, "quick": 1024, "full": 1024}
 GPT2_BATCHES = {"tiny": (1, 2), "quick": (4,), "full": (1, 2, 4)}
