@@ -161,26 +161,31 @@ def run_step(build: str, s: step_model.Shape) -> dict[str, Counts]:
     return counts
 
 
-@pytest.fixture(scope="module")
+@contextlib.contextmanager
 def small_chunks():
+    """The fused loss in chunks of :data:`SMALL_CHUNK_LOGITS` logits: in the kernels and in the model."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(reference, "MAX_CHUNK_LOGITS", SMALL_CHUNK_LOGITS)
         yield
 
 
 @pytest.fixture(scope="module")
-def counted(small_chunks):
+def counted():
     """Every build's step at :data:`SMALL`, counted once for the tests below."""
     previous = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny shapes: threads only cost synchronisation
     try:
-        return {build: run_step(build, SMALL) for build in step_model.BUILDS}
+        with small_chunks():
+            return {build: run_step(build, SMALL) for build in step_model.BUILDS}
     finally:
         torch.set_num_threads(previous)
 
 
 def modelled(build: str, phase: str, where: str) -> list[step_model.Op]:
-    return [op for op in step_model.ops(build, SMALL, float32_softmax=False) if op.phase == phase and op.where == where]
+    """The model's ops of ``build`` at :data:`SMALL` (CPU autocast's softmax) in ``phase``, run ``where``."""
+    with small_chunks():
+        step = step_model.ops(build, SMALL, float32_softmax=False)
+    return [op for op in step if op.phase == phase and op.where == where]
 
 
 def assert_close(got, expected, what):
@@ -222,7 +227,7 @@ def test_the_gemm_flops_are_the_flop_counters(counted, build, phase):
 
 
 @needs_interpreter
-def test_the_fused_losss_host_side_pytorch_ops_are_the_modelled_ones(small_chunks):
+def test_the_fused_losss_host_side_pytorch_ops_are_the_modelled_ones():
     # Inside fastgpt's kernel op, hidden from the whole step's count: run its forward directly.
     from kernels.ops import linear_cross_entropy as lce
 
@@ -232,7 +237,7 @@ def test_the_fused_losss_host_side_pytorch_ops_are_the_modelled_ones(small_chunk
     weight = (torch.randn(v, c, generator=gen) * 0.02).bfloat16()
     targets = torch.randint(v, (n,), generator=gen)
     counts = Counts()
-    with counting_kernels(lambda: Counts()), window(counts):
+    with small_chunks(), counting_kernels(lambda: Counts()), window(counts):
         reference.linear_cross_entropy_forward(lce.TritonChunks, x, weight, None, targets, -1, "mean", True)
     ops = modelled("fastgpt", "forward", "kernel host")
     assert_close(counts.torch_loaded, sum(op.count * op.reads for op in ops), "bytes read")
@@ -285,6 +290,7 @@ def test_projections_for_gpt2_on_h100_and_h200():
     assert projection["shape"] == dict(batch=16, seq_len=1024, n_layer=12, n_head=12, n_embd=768, vocab_size=50304)
     builds = projection["builds"]
     assert builds["plain"]["parameters"] == builds["fastgpt"]["parameters"] == 124_475_904
+    assert step_model.loss_chunks(step_model.Shape.gpt2())[0] == 13  # 16384 rows, at most 2^26 logits a chunk
     for build in step_model.BUILDS:
         h100, h200 = (builds[build]["gpus"][g] for g in step_model.MODEL_GPUS)
         assert h200["tokens_per_s"] >= h100["tokens_per_s"]  # the same tensor-core peak, more bandwidth
