@@ -7,8 +7,8 @@ Runs what this machine can run, side by side in one process: the per-op benchmar
 formulas, no measurement). Prints tables, writes ``results.json`` (the machine and every figure)
 and PNG plots into ``--out``.
 
-Sizes: ``--quick``, the default full run, and ``--tiny`` (seconds; keeps the code working, its
-figures mean nothing); README.md says how long each takes on a 2-core CPU.
+Sizes: ``--quick`` (fewer rounds; GPT-2 at one batch), the default full run (16 minutes on a
+2-core CPU), and ``--tiny`` (seconds; keeps the code working, its figures mean nothing).
 """
 from __future__ import annotations
 
