@@ -1,31 +1,31 @@
-"""``python -m bench``: per-op and end-to-end benchmarks against the naive lecture model, and the GPU model.
+"""``python -m bench``: per-op and end-to-end benchmarks against the naive lecture model and plain PyTorch, and the step model.
 
 Runs what this machine can run, side by side in one process: the per-op benchmarks
-(:mod:`bench.ops`), one training step of the naive lecture model against fastgpt
-(:mod:`bench.train_step`), and the byte-counting model of GPU speed (:mod:`bench.gpu_model`, in a
-child process with Triton's interpreter on). Prints tables, writes ``results.json`` (the machine and
-every figure) and PNG plots into ``--out``.
+(:mod:`bench.ops`), training steps of the naive lecture model, plain PyTorch and fastgpt
+(:mod:`bench.train_step`), GPT-2 124M's step with the fused loss against the unfused one
+(:func:`bench.train_step.run_gpt2`), and prints the model of a GPU step (:mod:`bench.step_model`,
+formulas, no measurement). Prints tables, writes ``results.json`` (the machine and every figure)
+and PNG plots into ``--out``.
 
-Sizes: ``--quick`` (about a minute or two on a 2-core CPU), the default full run, and ``--tiny``
-(seconds; keeps the code working, its figures mean nothing).
+Sizes: ``--quick`` (fewer rounds; GPT-2 at one batch), the default full run (16 minutes on a
+2-core CPU), and ``--tiny`` (seconds; keeps the code working, its figures mean nothing).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
-from bench import gpu_model, measure, ops, train_step
+from bench import measure, ops, step_model, train_step
 
 # The end-to-end targets: fastgpt's default training step against the naive model's (ratios).
 SPEEDUP_TARGETS = {256: 2.5, 1024: 3.0}
 MEMORY_TARGET = (1024, 1 / 3)  # at this context, fastgpt's peak step memory at most this fraction
+# GPT-2 124M at the largest batch timed: the fused loss's peak step memory at most this fraction of the unfused one's.
+GPT2_MEMORY_TARGET = 0.6
 DEFAULT_ROUNDS = {"tiny": 1, "quick": 3, "full": 7}
 
 
@@ -42,26 +42,15 @@ def parse_args(argv=None):
                         help="dropout of both models in the training step (default: %(default)s)")
     parser.add_argument("--profile", choices=train_step.PRECISIONS,
                         help="also profile two training steps of each side in this precision at the first context")
-    parser.add_argument("--skip", action="append", choices=("ops", "train", "model"), default=[],
-                        help="leave out a part (repeatable)")
+    parser.add_argument("--skip", action="append", choices=("ops", "train", "gpt2", "model"), default=[],
+                        help="leave out a part: the per-op benchmarks, the lecture-shape training steps, "
+                             "GPT-2's fused against unfused loss, the step model (repeatable)")
     args = parser.parse_args(argv)
     if args.rounds is not None and args.rounds < 1:
         parser.error(f"--rounds must be at least 1, got {args.rounds}")
     if not 0 <= args.dropout < 1:
         parser.error(f"--dropout must be in [0, 1), got {args.dropout}")
     return args
-
-
-def run_gpu_model(size: str) -> list[dict]:
-    """:func:`bench.gpu_model.run` in a child process with Triton's interpreter on."""
-    env = {"OPENBLAS_NUM_THREADS": "1", **os.environ, "TRITON_INTERPRET": "1"}
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "model.json"
-        proc = subprocess.run([sys.executable, "-m", "bench.gpu_model", "--size", "tiny" if size == "tiny" else "model",
-                               "--json", str(path)], env=env, stderr=subprocess.PIPE, text=True)
-        if proc.returncode:
-            raise RuntimeError(f"the GPU model failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-        return json.loads(path.read_text())
 
 
 # --------------------------------------------------------------------------- tables
@@ -72,10 +61,10 @@ def _mib(n: int) -> str:
 
 
 def ops_table(rows: list[dict]) -> list[str]:
-    lines = [f"{'op':<11} {'shape':<20} {'pass':<17} {'provider':<10} {'ms':>9} {'TFLOP/s':>8} {'GB/s':>7} "
+    lines = [f"{'op':<20} {'shape':<20} {'pass':<17} {'provider':<10} {'ms':>9} {'TFLOP/s':>8} {'GB/s':>7} "
              f"{'peak MiB':>9}  note"]
     for r in rows:
-        head = f"{r['op']:<11} {r['shape']:<20} {r['pass']:<17} {r['provider']:<10}"
+        head = f"{r['op']:<20} {r['shape']:<20} {r['pass']:<17} {r['provider']:<10}"
         if r["status"] != "measured":
             lines.append(f"{head} {'-':>9} {'-':>8} {'-':>7} {'-':>9}  {r['status']}")
             continue
@@ -85,29 +74,33 @@ def ops_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def _ratio_cells(r: dict) -> str:
+    memory = "-" if r["memory_ratio"] is None else f"{r['memory_ratio']:.2f}"
+    spread = f"{r['speedup_min']:.2f}-{r['speedup_max']:.2f}x"
+    return f"{r['speedup']:>7.2f}x {spread:>13} {memory:>7}"
+
+
 def train_table(rows: list[dict], ratio_rows: list[dict]) -> list[str]:
     lines = [f"{'T':>5} {'B':>3} {'side':<8} {'precision':<10} {'tokens/s':>9} {'MFU':>6} {'peak MiB':>9}"]
     for r in rows:
         lines.append(f"{r['context']:>5} {r['batch']:>3} {r['side']:<8} "
                      f"{r['precision'] + (' *' if r['default'] else ''):<10} {r['tokens_per_s']:>9.0f} "
                      f"{r['mfu']:>6.1%} {_mib(r['peak_memory_bytes']):>9}")
-    lines.append("(* the side's default precision)")
+    lines.append("(* the side's default precision; plain PyTorch is compared at the same precision only)")
     lines.append("")
-    lines.append(f"{'T':>5} {'compared':<15} {'fastgpt':<9} {'naive':<9} {'speed-up':>8} {'(rounds)':>13} "
-                 f"{'memory':>7}")
+    lines.append(f"{'T':>5} {'fastgpt vs':<10} {'compared':<15} {'fastgpt':<9} {'other':<9} {'speed-up':>8} "
+                 f"{'(rounds)':>13} {'memory':>7}")
     for r in ratio_rows:
-        memory = "-" if r["memory_ratio"] is None else f"{r['memory_ratio']:.2f}"
-        spread = f"{r['speedup_min']:.2f}-{r['speedup_max']:.2f}x"
-        lines.append(f"{r['context']:>5} {r['compared']:<15} {r['fastgpt']:<9} {r['naive']:<9} "
-                     f"{r['speedup']:>7.2f}x {spread:>13} {memory:>7}")
-    lines.append("(speed-up: median over rounds of naive time / fastgpt time in the same round, and its range; "
-                 "memory: fastgpt's peak / naive's)")
+        lines.append(f"{r['context']:>5} {r['baseline']:<10} {r['compared']:<15} {r['fastgpt']:<9} "
+                     f"{r['baseline_precision']:<9} {_ratio_cells(r)}")
+    lines.append("(speed-up: median over rounds of the other side's time / fastgpt's in the same round, and its "
+                 "range; memory: fastgpt's peak / the other side's)")
     return lines
 
 
 def target_lines(ratio_rows: list[dict]) -> list[str]:
-    """Each target, met or missed, from the default-against-default ratios."""
-    defaults = {r["context"]: r for r in ratio_rows if r["compared"] == "defaults"}
+    """Each target, met or missed, from the default-against-default ratios with the naive model."""
+    defaults = {r["context"]: r for r in ratio_rows if r["baseline"] == "naive" and r["compared"] == "defaults"}
     lines = []
     for context, target in SPEEDUP_TARGETS.items():
         if context in defaults:
@@ -121,19 +114,55 @@ def target_lines(ratio_rows: list[dict]) -> list[str]:
     return lines
 
 
-def model_table(rows: list[dict]) -> list[str]:
-    gpus = list(gpu_model.GPUS)
-    # "/ triton": the provider's modelled time over the fused kernels' on the same GPU.
-    lines = [f"{'op':<11} {'shape':<20} {'pass':<9} {'provider':<10} {'MB':>8} {'GFLOP':>8} "
-             + " ".join(f"{gpu + ' us':>12}" for gpu in gpus) + " "
-             + " ".join(f"{gpu.split()[0] + ' / triton':>14}" for gpu in gpus)]
-    fused = {(r["op"], r["pass"]): r for r in rows if r["provider"] == "triton"}
+def gpt2_table(rows: list[dict], ratio_rows: list[dict]) -> list[str]:
+    lines = [f"{'B':>3} {'loss':<8} {'tokens/s':>9} {'peak MiB':>9}"]
     for r in rows:
-        base = fused[r["op"], r["pass"]]
-        times = " ".join(f"{r[gpu + ' time_s'] * 1e6:>12.2f}" for gpu in gpus)
-        speedups = " ".join(f"{r[gpu + ' time_s'] / base[gpu + ' time_s']:>13.1f}x" for gpu in gpus)
-        lines.append(f"{r['op']:<11} {r['shape']:<20} {r['pass']:<9} {r['provider']:<10} {r['bytes'] / 1e6:>8.3f} "
-                     f"{r['flops'] / 1e9:>8.3f} {times} {speedups}")
+        lines.append(f"{r['batch']:>3} {r['variant']:<8} {r['tokens_per_s']:>9.0f} {_mib(r['peak_memory_bytes']):>9}")
+    lines += ["", f"{'B':>3} {'speed-up':>8} {'(rounds)':>13} {'memory':>7}"]
+    lines += [f"{r['batch']:>3} {_ratio_cells(r)}" for r in ratio_rows]
+    lines.append("(speed-up: unfused time / fused time, paired by round; memory: the fused loss's peak / the "
+                 "unfused one's)")
+    return lines
+
+
+def gpt2_target_line(ratio_rows: list[dict]) -> str:
+    """The GPT-2 memory target at the largest batch measured."""
+    r = max(ratio_rows, key=lambda row: row["batch"])
+    return (f"target: GPT-2 124M peak memory, fused loss <= {GPT2_MEMORY_TARGET} of unfused at B={r['batch']}: "
+            f"{r['memory_ratio']:.3f}, {'met' if r['memory_ratio'] <= GPT2_MEMORY_TARGET else 'MISSED'}")
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f}"
+
+
+def model_tables(projection: dict) -> list[str]:
+    """The step model's tables: time per op group and GPU, bytes and FLOPs, memory, and the ratios."""
+    builds, gpus = projection["builds"], step_model.MODEL_GPUS
+    columns = [(b, g) for b in step_model.BUILDS for g in gpus]
+    width = 13
+    head = f"{'':<18}" + "".join(f"{b + ' ' + g.split()[0]:>{width}}" for b, g in columns)
+    lines = ["Where the time goes (ms):", head]
+    for group in (*step_model.GROUPS, "step"):
+        lines.append(f"{group:<18}" + "".join(
+            f"{builds[b]['gpus'][g]['groups'][group]['seconds'] * 1e3:>{width}.2f}" for b, g in columns))
+    for label, fmt in (("tokens/s", lambda x: f"{x['tokens_per_s']:.0f}"), ("MFU", lambda x: f"{x['mfu']:.1%}")):
+        lines.append(f"{label:<18}" + "".join(f"{fmt(builds[b]['gpus'][g]):>{width}}" for b, g in columns))
+    groups = {b: builds[b]["gpus"][gpus[0]]["groups"] for b in step_model.BUILDS}
+    lines += ["", "Bytes moved (GB), FLOPs executed (TFLOP) and kernel launches, per step:",
+              f"{'':<18}" + "".join(f"{b:>27}" for b in step_model.BUILDS),
+              f"{'':<18}" + f"{'GB':>9}{'TFLOP':>9}{'launches':>9}" * len(step_model.BUILDS)]
+    for group in (*step_model.GROUPS, "step"):
+        lines.append(f"{group:<18}" + "".join(
+            f"{groups[b][group]['bytes'] / 1e9:>9.2f}{groups[b][group]['flops'] / 1e12:>9.2f}"
+            f"{groups[b][group]['launches']:>9}" for b in step_model.BUILDS))
+    lines += ["", "Where the memory goes (GiB):", f"{'':<28}" + "".join(f"{b:>{width}}" for b in step_model.BUILDS)]
+    for key in builds["plain"]["memory"]:
+        lines.append(f"{key:<28}" + "".join(f"{_gib(builds[b]['memory'][key]):>{width}}" for b in step_model.BUILDS))
+    lines.append("")
+    for other, r in projection["ratios"].items():
+        speed = ", ".join(f"{r['speedup'][g]:.2f}x on {g}" for g in gpus)
+        lines.append(f"fastgpt against {other} (modelled): tokens/s {speed}; peak memory {r['memory']:.2f}x")
     return lines
 
 
@@ -176,15 +205,15 @@ def plot(results: dict, out: Path) -> list[Path] | None:
         paths.append(_save(fig, out / "train_step.png"))
     measured = [r for r in results.get("ops") or [] if r["status"] == "measured"]
     if measured:
-        naive = {(r["op"], r["pass"]): r["time_s"] for r in measured if r["provider"] == "naive"}
+        base = {(r["op"], r["pass"]): r["time_s"] for r in measured if r["provider"] == ops.baseline(r["op"])}
         short = {"forward": "fwd", "backward": "bwd", "forward+backward": "fwd+bwd"}
-        bars = [(f"{r['op']}\n{short[r['pass']]}\n{r['provider']}", naive[r["op"], r["pass"]] / r["time_s"])
-                for r in measured if r["provider"] != "naive"]
+        bars = [(f"{r['op']}\n{short[r['pass']]}\n{r['provider']}", base[r["op"], r["pass"]] / r["time_s"])
+                for r in measured if r["provider"] != ops.baseline(r["op"])]
         fig, axis = plt.subplots(figsize=(max(6, 0.7 * len(bars)), 4))
         axis.bar(range(len(bars)), [b[1] for b in bars])
         axis.axhline(1.0, color="grey", linewidth=0.8)
         axis.set_xticks(range(len(bars)), [b[0] for b in bars], fontsize=6)
-        axis.set_ylabel("speed-up over the naive ops (x)")
+        axis.set_ylabel("speed-up over the naive ops, or the unfused loss (x)")
         axis.set_title(f"per op, {measured[0]['dtype']}, {machine}", fontsize=9)
         paths.append(_save(fig, out / "ops_speedup.png"))
     return paths
@@ -221,6 +250,16 @@ def main(argv=None) -> int:
                        f"median of {rounds}:", *train_table(results["train_step"], results["train_step_ratios"])]
         if args.size != "tiny":
             report += target_lines(results["train_step_ratios"])
+    if "gpt2" not in args.skip:
+        results["gpt2_step"] = train_step.run_gpt2(args.size, device, rounds)
+        results["gpt2_step_ratios"] = train_step.gpt2_ratios(results["gpt2_step"])
+        first = results["gpt2_step"][0]
+        report += ["", f"GPT-2 124M training step{' (tiny shape)' if args.size == 'tiny' else ''}, T={first['context']}, "
+                       f"{first['precision']} autocast, kernels' backend {first['backend']}: the fused loss "
+                       f"(model(idx, targets)) against the unfused one (return_logits=True), median of "
+                       f"{len(first['times_s'])}:", *gpt2_table(results["gpt2_step"], results["gpt2_step_ratios"])]
+        if args.size != "tiny":
+            report.append(gpt2_target_line(results["gpt2_step_ratios"]))
     if args.profile:
         context, batch = train_step.CONTEXTS[args.size][0]
         results["profile"] = train_step.profile(args.size, device, args.profile, args.dropout)
@@ -228,10 +267,14 @@ def main(argv=None) -> int:
             report += ["", f"Profile: {side}, two training steps, {args.profile}, T={context} B={batch} "
                            f"(top ops by self time):", table]
     if "model" not in args.skip:
-        print("  GPU model: counting bytes in Triton's interpreter (child process)", flush=True)
-        results["gpu_model"] = run_gpu_model(args.size)
-        report += ["", "GPU model (NOT measured: interpreter byte counts and data-sheet roofs; lower bounds):",
-                   *model_table(results["gpu_model"])]
+        results["step_model"] = step_model.project()
+        shape = results["step_model"]["shape"]
+        report += ["", f"Step model (NOT measured: a model of a GPU step from every kernel's FLOPs and bytes, "
+                       f"see bench/step_model.py): GPT-2 124M, B={shape['batch']} T={shape['seq_len']}, bfloat16 "
+                       f"autocast; matmuls at {step_model.TENSOR_CORE_EFFICIENCY:.0%} of the dense bfloat16 peak, "
+                       f"bytes at {step_model.BANDWIDTH_EFFICIENCY:.0%} of HBM bandwidth, "
+                       f"{step_model.LAUNCH_SECONDS * 1e6:.0f} us per launch; data-sheet H100 SXM and H200",
+                   *model_tables(results["step_model"])]
     report += ["", f"peak memory: {results['memory_method']}"]
     print("\n".join(report))
     (out / "results.json").write_text(json.dumps(results, indent=1))

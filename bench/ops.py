@@ -1,16 +1,22 @@
-"""Per-op benchmarks: attention, LayerNorm and the GELU MLP, forward, backward and both, per provider.
+"""Per-op benchmarks: attention, LayerNorm, the GELU MLP and the lm_head's loss, forward, backward and both, per provider.
 
-Providers:
+Providers (each op is timed with three: its baseline, the reference and Triton; see :func:`providers`):
 
-``naive``      what the lecture's model does: attention one head at a time through (T, T) score
-               matrices (:func:`bench.naive.masked_head_attention`); LayerNorm and the tanh GELU
-               written out as separate elementwise ops.
-``reference``  ``kernels.<op>`` under the ``torch`` backend: the PyTorch reference (fastgpt's fallback).
+``naive``      the baseline of attention, LayerNorm and the MLP: what the lecture's model does,
+               attention one head at a time through (T, T) score matrices
+               (:func:`bench.naive.masked_head_attention`), LayerNorm and the tanh GELU written out
+               as separate elementwise ops.
+``unfused``    the baseline of ``linear_cross_entropy``: ``F.linear`` then ``F.cross_entropy``, all
+               (N, V) logits at once, as plain PyTorch code writes a GPT's loss
+               (:func:`kernels.reference.linear_cross_entropy_unfused`).
+``reference``  ``kernels.<op>`` under the ``torch`` backend: the PyTorch reference (fastgpt's fallback;
+               for the loss, the chunked PyTorch version that never holds all the logits).
 ``triton``     ``kernels.<op>`` under the ``triton`` backend, only on a CUDA device; on a CPU the row
                says so instead of timing Triton's interpreter.
 
 Work per call, to turn times into rates, from :mod:`fastgpt.perf`: attention counts the FLOPs of
-its two matmuls over the causal half of the scores, the MLP those of its two matmuls, twice that
+its two matmuls over the causal half of the scores, the MLP those of its two matmuls, the loss
+that of the lm_head's matmul (its softmax is a few FLOPs per logit against 2C), twice that
 backward; LayerNorm is memory-bound and counts the bytes an ideal kernel moves
 (forward reads x and writes y, backward reads x and dy and writes dx).
 """
@@ -29,25 +35,38 @@ import kernels
 from bench import measure, train_step
 from bench.naive import masked_head_attention
 from fastgpt import perf
+from kernels import reference
 
-OPS = ("attention", "layer_norm", "gelu_mlp")
-PROVIDERS = ("naive", "reference", "triton")
+OPS = ("attention", "layer_norm", "gelu_mlp", "linear_cross_entropy")
 PASSES = ("forward", "backward", "forward+backward")
 NEEDS_GPU = "needs a CUDA GPU"
 
 # One shape per op and run size; at full size the widths are the lecture model's (6 heads of 64,
 # 384 wide, MLP 4x) at context 1024, where the naive model's (T, T) matrices dominate; "gpt2" is a
-# GPT-2 124M training step's (batch 16, context 1024, 12 heads of 64, 768 wide), for GPUs.
+# GPT-2 124M training step's (batch 16, context 1024, 12 heads of 64, 768 wide), for GPUs. The
+# loss always has GPT-2's width and vocabulary (C=768, V=50257) but at tiny size, with as many
+# rows as a CPU computes in seconds (M=512, 2048), and a GPT-2 step's 16384 rows for GPUs.
+GPT2_VOCAB = 50257
 SHAPES = {
     "tiny": {"attention": dict(B=1, H=2, T=32, D=16), "layer_norm": dict(M=64, N=32),
-             "gelu_mlp": dict(M=64, C=32, Hd=128)},
+             "gelu_mlp": dict(M=64, C=32, Hd=128), "linear_cross_entropy": dict(M=64, C=32, V=128)},
     "quick": {"attention": dict(B=1, H=6, T=1024, D=64), "layer_norm": dict(M=1024, N=384),
-              "gelu_mlp": dict(M=1024, C=384, Hd=1536)},
+              "gelu_mlp": dict(M=1024, C=384, Hd=1536), "linear_cross_entropy": dict(M=512, C=768, V=GPT2_VOCAB)},
     "full": {"attention": dict(B=4, H=6, T=1024, D=64), "layer_norm": dict(M=4096, N=384),
-             "gelu_mlp": dict(M=4096, C=384, Hd=1536)},
+             "gelu_mlp": dict(M=4096, C=384, Hd=1536), "linear_cross_entropy": dict(M=2048, C=768, V=GPT2_VOCAB)},
     "gpt2": {"attention": dict(B=16, H=12, T=1024, D=64), "layer_norm": dict(M=16384, N=768),
-             "gelu_mlp": dict(M=16384, C=768, Hd=3072)},
+             "gelu_mlp": dict(M=16384, C=768, Hd=3072), "linear_cross_entropy": dict(M=16384, C=768, V=GPT2_VOCAB)},
 }
+
+
+def baseline(op: str) -> str:
+    """The provider fastgpt's op is compared with: ``unfused`` for the loss, ``naive`` for the others."""
+    return "unfused" if op == "linear_cross_entropy" else "naive"
+
+
+def providers(op: str) -> tuple[str, str, str]:
+    """The providers timed for ``op``: its baseline, the reference and Triton."""
+    return baseline(op), "reference", "triton"
 
 
 def timing_dtype(device: torch.device) -> torch.dtype:
@@ -80,7 +99,7 @@ class OpCase:
 
 
 def make_inputs(case: OpCase, device, seed: int = 0) -> dict[str, torch.Tensor]:
-    """The op's tensor arguments, every one requiring grad, drawn from a private generator."""
+    """The op's tensor arguments, the floating ones requiring grad, drawn from a private generator."""
     gen = torch.Generator().manual_seed(seed)
 
     def randn(*shape, scale=1.0):
@@ -96,6 +115,10 @@ def make_inputs(case: OpCase, device, seed: int = 0) -> dict[str, torch.Tensor]:
         return {"x": randn(d["M"], d["C"]), "fc_weight": randn(d["Hd"], d["C"], scale=d["C"] ** -0.5),
                 "fc_bias": randn(d["Hd"], scale=0.1), "proj_weight": randn(d["C"], d["Hd"], scale=d["Hd"] ** -0.5),
                 "proj_bias": randn(d["C"], scale=0.1)}
+    if case.op == "linear_cross_entropy":
+        # GPT-2's initialisation (std 0.02) of the tied lm_head; the final LayerNorm's output is about unit.
+        return {"x": randn(d["M"], d["C"]), "weight": randn(d["V"], d["C"], scale=0.02),
+                "targets": torch.randint(d["V"], (d["M"],), generator=gen).to(device)}
     raise ValueError(f"unknown op {case.op!r}: expected one of {', '.join(OPS)}")
 
 
@@ -127,14 +150,20 @@ def naive_gelu_mlp(x, fc_weight, fc_bias, proj_weight, proj_bias):
     return F.linear(h, proj_weight, proj_bias)
 
 
-_NAIVE = {"attention": naive_attention, "layer_norm": naive_layer_norm, "gelu_mlp": naive_gelu_mlp}
+def unfused_linear_cross_entropy(x, weight, targets):
+    """The lm_head and its mean loss as plain PyTorch writes them: every (N, V) logit, then ``F.cross_entropy``."""
+    return reference.linear_cross_entropy_unfused(x, weight, None, targets)
+
+
+_BASELINES = {"attention": naive_attention, "layer_norm": naive_layer_norm, "gelu_mlp": naive_gelu_mlp,
+              "linear_cross_entropy": unfused_linear_cross_entropy}
 _BACKEND = {"reference": "torch", "triton": "triton"}
 
 
 def forward(case: OpCase, provider: str, inputs: dict):
     """One forward call of ``case.op`` by ``provider`` (autograd records it)."""
-    if provider == "naive":
-        return _NAIVE[case.op](**inputs)
+    if provider == baseline(case.op):
+        return _BASELINES[case.op](**inputs)
     with kernels.use_backend(_BACKEND[provider]):
         return getattr(kernels, case.op)(**inputs)
 
@@ -174,8 +203,9 @@ def unavailable(case: OpCase, provider: str, inputs: dict, device: torch.device)
 
 def pass_fns(case: OpCase, provider: str, inputs: dict) -> dict:
     """``{pass: callable}``: forward (recording the graph, as in training); backward of one recorded
-    forward (gradients returned, not accumulated); forward then backward."""
-    wrt = list(inputs.values())
+    forward (gradients returned, not accumulated); forward then backward. Gradients are taken with
+    respect to the inputs that require them (not the loss's targets)."""
+    wrt = [t for t in inputs.values() if t.requires_grad]
     out = forward(case, provider, inputs)
     grad_out = torch.randn_like(out)
 
@@ -198,13 +228,15 @@ PASS_FACTORS = {"forward": 1, "backward": perf.BACKWARD_FACTOR, "forward+backwar
 
 
 def flops(case: OpCase, pass_name: str) -> float | None:
-    """FLOPs one call needs (:mod:`fastgpt.perf`: attention the causal half of the scores; None for
-    LayerNorm, which is rated in bytes)."""
+    """FLOPs one call needs (:mod:`fastgpt.perf`: attention the causal half of the scores, the loss
+    its lm_head matmul; None for LayerNorm, which is rated in bytes)."""
     d, factor = case.dims, PASS_FACTORS[pass_name]
     if case.op == "attention":
         return perf.attention_flops(d["B"], d["H"], d["T"], d["D"]) * factor
     if case.op == "gelu_mlp":
         return 2 * perf.matmul_flops(d["M"], d["C"], d["Hd"]) * factor
+    if case.op == "linear_cross_entropy":
+        return perf.matmul_flops(d["M"], d["C"], d["V"]) * factor
     return None
 
 
@@ -229,13 +261,13 @@ def run(size: str, device: torch.device, dtype: torch.dtype, rounds: int, log=pr
     for op in OPS:
         case = OpCase(op, SHAPES[size][op], dtype)
         inputs = make_inputs(case, device)
-        reasons = {p: unavailable(case, p, inputs, device) for p in PROVIDERS}
-        runnable = [p for p in PROVIDERS if reasons[p] is None]
+        reasons = {p: unavailable(case, p, inputs, device) for p in providers(op)}
+        runnable = [p for p in providers(op) if reasons[p] is None]
         fns = {p: pass_fns(case, p, inputs) for p in runnable}
         for pass_name in PASSES:
             log(f"  {op} {pass_name}: {', '.join(runnable)}")
             times = measure.interleaved_times({p: fns[p][pass_name] for p in runnable}, device, rounds)
-            for provider in PROVIDERS:
+            for provider in providers(op):
                 row = {"op": op, "shape": case.shape_label, "dtype": str(dtype).removeprefix("torch."),
                        "provider": provider, "pass": pass_name}
                 if reasons[provider] is not None:

@@ -25,8 +25,7 @@ DTYPE = ops.timing_dtype(DEVICE)
 
 
 @pytest.mark.parametrize("pass_name", ops.PASSES)
-@pytest.mark.parametrize("provider", ops.PROVIDERS)
-@pytest.mark.parametrize("op", ops.OPS)
+@pytest.mark.parametrize("op, provider", [(op, provider) for op in ops.OPS for provider in ops.providers(op)])
 def test_op(benchmark, op, provider, pass_name):
     case = ops.OpCase(op, ops.SHAPES[SIZE][op], DTYPE)
     inputs = ops.make_inputs(case, DEVICE)

@@ -1,16 +1,24 @@
-"""End to end: one training step of the naive lecture model against fastgpt's GPT at the same shape.
+"""End to end: training steps of fastgpt's GPT against the naive lecture model and plain PyTorch.
 
 A step is what a training loop does per batch: forward with the loss, backward, AdamW step, zero
-the gradients. Both models have the lecture's shape (6 layers, 6 heads of 64, 384 wide, 65
-symbols) at each context length; fastgpt's runs through :mod:`kernels` with the Triton kernels on a
-GPU (the ``triton`` backend, so a fallback would raise instead of being timed) and the PyTorch
-references on a CPU (the ``torch`` backend). Dropout is off on both sides unless asked for, so
-that the two do the same arithmetic; the lecture's own runs used 0.2.
+the gradients. Three sides, all with the lecture's shape (6 layers, 6 heads of 64, 384 wide, 65
+symbols) at each context length (:func:`run`): the naive lecture model (:mod:`bench.naive`), the
+same GPT-2 architecture in plain PyTorch (:mod:`bench.plain`: SDPA, ``F.layer_norm``, linear + GELU
++ linear, logits + ``F.cross_entropy``), and fastgpt's GPT, which runs through :mod:`kernels` with
+the Triton kernels on a GPU (the ``triton`` backend, so a fallback would raise instead of being
+timed) and the PyTorch references on a CPU (the ``torch`` backend). Dropout is off on every side
+unless asked for, so that they do the same arithmetic; the lecture's own runs used 0.2.
 
-Each side is timed in float32 and in bfloat16 autocast, all variants of one context length
-interleaved round by round (:func:`bench.measure.interleaved_times`). A side's *default* precision
-is what it trains in out of the box: float32 for the lecture's code, and for fastgpt what
-``--dtype auto`` picks on this machine (:func:`fastgpt.train.resolve_dtype`).
+Each side is timed in float32 and in the low precision's autocast, all variants of one context
+length interleaved round by round (:func:`bench.measure.interleaved_times`). A side's *default*
+precision is what it trains in out of the box: float32 for the lecture's code, and for fastgpt
+what ``--dtype auto`` picks on this machine (:func:`fastgpt.train.resolve_dtype`); plain PyTorch
+is compared with fastgpt at the same precision only.
+
+GPT-2 124M (:func:`run_gpt2`): fastgpt's GPT with :class:`fastgpt.model.GPTConfig`'s defaults at
+T=1024 in the low precision's autocast (bfloat16 on a CPU), its fused loss (``model(idx, targets)``, which never holds the
+(B, T, V) logits) against the same model with the lm_head's logits and ``F.cross_entropy``
+(``model(idx, targets, return_logits=True)``): peak memory and tokens/s of a step.
 """
 from __future__ import annotations
 
@@ -21,11 +29,13 @@ import torch
 import kernels
 from bench import measure
 from bench.naive import NaiveConfig, NaiveGPT
+from bench.plain import PlainGPT
 from fastgpt import perf
 from fastgpt.model import GPT, GPTConfig
 from fastgpt.train import autocast_context, peak_flops, resolve_dtype
 
-SIDES = ("naive", "fastgpt")
+SIDES = ("naive", "plain", "fastgpt")
+BASELINES = ("naive", "plain")  # the sides fastgpt is compared with
 PRECISIONS = ("float32", "bfloat16", "float16")
 LECTURE_SHAPE = dict(vocab_size=65, n_layer=6, n_head=6, n_embd=384)
 TINY_SHAPE = dict(vocab_size=65, n_layer=2, n_head=2, n_embd=32)
@@ -39,6 +49,16 @@ CONTEXTS = {
     "full": [(256, 8), (1024, 2), (2048, 1)],
 }
 
+# GPT-2 124M: the fused loss against the unfused one (``return_logits``), at T=1024 and these batch
+# sizes (tiny: the tiny shape at T=32). On the 2-core CPU these figures come from, an unfused step
+# needs about 1 GiB more per sequence (1.2, 2.2, 4.2 GiB at B=1, 2, 4): B=4 is the largest power
+# of two within a budget of 6 GiB beyond the model and its AdamW state (1.5 GiB) on a machine of
+# 23 GiB shared with other jobs. A step takes 4 to 25 s there, so at most two timed rounds.
+GPT2_VARIANTS = {"fused": False, "unfused": True}  # variant -> return_logits
+GPT2_CONTEXT = {"tiny": 32, "quick": 1024, "full": 1024}
+GPT2_BATCHES = {"tiny": (1, 2), "quick": (4,), "full": (1, 2, 4)}
+GPT2_MAX_ROUNDS = 2
+
 
 def precisions(device: torch.device) -> list[str]:
     """The precisions timed on ``device``: float32, and bfloat16 autocast where the device has it
@@ -49,18 +69,19 @@ def precisions(device: torch.device) -> list[str]:
 
 
 def default_precisions(device: torch.device) -> dict[str, str]:
-    """Each side's out-of-the-box precision on ``device``."""
+    """The out-of-the-box precision on ``device`` of the naive side and of fastgpt (plain PyTorch has none)."""
     return {"naive": "float32", "fastgpt": resolve_dtype("auto", device)}
 
 
 def build(side: str, shape: dict, context: int, dropout: float, device: torch.device, seed: int = 0):
-    """``(model, optimizer)`` of ``side`` ("naive" or "fastgpt") with ``shape``, in training mode."""
+    """``(model, optimizer)`` of ``side`` (one of :data:`SIDES`) with ``shape``, in training mode."""
     torch.manual_seed(seed)
     if side == "naive":
         model = NaiveGPT(NaiveConfig(block_size=context, dropout=dropout, **shape)).to(device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)  # as in the lecture
-    elif side == "fastgpt":
-        model = GPT(GPTConfig(block_size=context, dropout=dropout, bias=True, **shape)).to(device)
+    elif side in ("plain", "fastgpt"):
+        model_class = PlainGPT if side == "plain" else GPT
+        model = model_class(GPTConfig(block_size=context, dropout=dropout, bias=True, **shape)).to(device)
         optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), device.type)
     else:
         raise ValueError(f"unknown side {side!r}: expected one of {', '.join(SIDES)}")
@@ -81,11 +102,13 @@ def fastgpt_backend(device: torch.device) -> str:
 
 
 def step_fn(side: str, model, optimizer, idx, targets, precision: str, device: torch.device,
-            backend: str | None = None):
+            backend: str | None = None, return_logits: bool = False):
     """A callable running one training step (forward, backward, AdamW, zero_grad).
 
     ``backend`` is the kernels' backend fastgpt's model runs under (default
-    :func:`fastgpt_backend`); the naive model always runs PyTorch's nn modules.
+    :func:`fastgpt_backend`); the naive and plain models always run PyTorch's own ops.
+    ``return_logits`` makes fastgpt's model form the (B, T, V) logits and take ``F.cross_entropy``
+    of them instead of its fused loss.
     """
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "float16")
     if side != "fastgpt":
@@ -93,9 +116,11 @@ def step_fn(side: str, model, optimizer, idx, targets, precision: str, device: t
     elif backend is None:
         backend = fastgpt_backend(device)
 
+    kwargs = {"return_logits": True} if return_logits else {}
+
     def step():
         with kernels.use_backend(backend), autocast_context(device, precision):
-            _, loss = model(idx, targets)
+            _, loss = model(idx, targets, **kwargs)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
@@ -141,8 +166,8 @@ def run(size: str, device: torch.device, rounds: int, dropout: float = 0.0, log=
     """Time every (side, precision) at every context length of ``size``; one row per variant.
 
     Rows hold tokens/s (median over ``rounds``), MFU (:func:`needed_flops_per_token`) against the
-    machine's peak for that precision, peak memory of one step, and which precision is the side's
-    default.
+    machine's peak for that precision, peak memory of one step, and whether the precision is the
+    side's default (:func:`default_precisions`).
     """
     shape = TINY_SHAPE if size == "tiny" else LECTURE_SHAPE
     defaults = default_precisions(device)
@@ -163,38 +188,85 @@ def run(size: str, device: torch.device, rounds: int, dropout: float = 0.0, log=
             seconds = measure.median(times[side, precision])
             tokens_per_s = batch * context / seconds
             rows.append({
-                "side": side, "precision": precision, "default": defaults[side] == precision,
+                "side": side, "precision": precision, "default": defaults.get(side) == precision,
                 "context": context, "batch": batch, "dropout": dropout, "time_s": seconds,
                 "times_s": times[side, precision],
                 "tokens_per_s": tokens_per_s, "mfu": flops_per_token[side] * tokens_per_s / peaks[precision],
                 "peak_memory_bytes": measure.peak_memory(step, device),
-                "backend": fastgpt_backend(device) if side == "fastgpt" else "torch (nn modules)",
+                "backend": fastgpt_backend(device) if side == "fastgpt" else "torch (PyTorch's own ops)",
             })
         del steps
     return rows
 
 
 def ratios(rows: list[dict]) -> list[dict]:
-    """fastgpt against naive per context: speed-up and peak-memory ratio, same precision and defaults.
+    """fastgpt against each baseline side per context: speed-up and peak-memory ratio, at the same
+    precision, and against the naive side also default against default.
 
-    The speed-up is the median over rounds of the paired ratio naive time / fastgpt time, each pair
-    timed in the same round (so drifts of the machine's speed cancel), with its range over rounds.
+    The speed-up is the median over rounds of the paired ratio baseline time / fastgpt time, each
+    pair timed in the same round (so drifts of the machine's speed cancel), with its range over
+    rounds; the memory ratio is fastgpt's peak over the baseline's.
     """
     by = {(r["context"], r["side"], r["precision"]): r for r in rows}
     default = {r["side"]: r["precision"] for r in rows if r["default"]}
     out = []
     for context in sorted({r["context"] for r in rows}):
-        pairs = [("defaults", default["fastgpt"], default["naive"])]
-        pairs += [("same precision", p, p) for p in PRECISIONS if (context, "fastgpt", p) in by]
-        for compared, fast_precision, naive_precision in pairs:
-            fast, naive = by[context, "fastgpt", fast_precision], by[context, "naive", naive_precision]
-            memory = (fast["peak_memory_bytes"] / naive["peak_memory_bytes"]
-                      if fast["peak_memory_bytes"] and naive["peak_memory_bytes"] else None)
-            paired = [n / f for n, f in zip(naive["times_s"], fast["times_s"])]
-            out.append({"context": context, "compared": compared, "fastgpt": fast_precision,
-                        "naive": naive_precision, "speedup": measure.median(paired), "speedup_min": min(paired),
-                        "speedup_max": max(paired), "memory_ratio": memory})
+        for baseline in BASELINES:
+            pairs = [("defaults", default["fastgpt"], default[baseline])] if baseline in default else []
+            pairs += [("same precision", p, p) for p in PRECISIONS if (context, "fastgpt", p) in by]
+            for compared, fast_precision, base_precision in pairs:
+                fast, base = by[context, "fastgpt", fast_precision], by[context, baseline, base_precision]
+                out.append({"context": context, "baseline": baseline, "compared": compared,
+                            "fastgpt": fast_precision, "baseline_precision": base_precision,
+                            **paired_ratios(base, fast)})
     return out
+
+
+def paired_ratios(base: dict, fast: dict) -> dict:
+    """Speed-up of ``fast`` over ``base`` (median and range over rounds of the paired time ratios)
+    and the ratio of their peak memories (None when either is unknown)."""
+    paired = [b / f for b, f in zip(base["times_s"], fast["times_s"])]
+    memory = (fast["peak_memory_bytes"] / base["peak_memory_bytes"]
+              if fast["peak_memory_bytes"] and base["peak_memory_bytes"] else None)
+    return {"speedup": measure.median(paired), "speedup_min": min(paired), "speedup_max": max(paired),
+            "memory_ratio": memory}
+
+
+def run_gpt2(size: str, device: torch.device, rounds: int, log=print) -> list[dict]:
+    """GPT-2 124M's training step with the fused loss and with the unfused one, per batch of
+    :data:`GPT2_BATCHES` (one row per batch and variant): tokens/s (median of ``rounds``, at most
+    :data:`GPT2_MAX_ROUNDS`, the variants interleaved) and peak memory of a step.
+
+    Both variants train one model and optimizer, so the figures differ only by the loss; the
+    tiny size uses the tiny shape. fastgpt's kernels run as in :func:`run` (:func:`fastgpt_backend`).
+    """
+    shape = TINY_SHAPE if size == "tiny" else GPT2_SHAPE
+    context, rounds = GPT2_CONTEXT[size], min(rounds, GPT2_MAX_ROUNDS)
+    precision = precisions(device)[-1]
+    model, optimizer = build("fastgpt", shape, context, 0.0, device)
+    rows = []
+    for batch in GPT2_BATCHES[size]:
+        idx, targets = random_batch(shape, context, batch, device)
+        steps = {variant: step_fn("fastgpt", model, optimizer, idx, targets, precision, device,
+                                  return_logits=unfused)
+                 for variant, unfused in GPT2_VARIANTS.items()}
+        log(f"  GPT-2 step T={context} B={batch}: fused and unfused loss, {rounds} round(s)")
+        times = measure.interleaved_times(steps, device, rounds)
+        for variant, step in steps.items():
+            seconds = measure.median(times[variant])
+            rows.append({"variant": variant, "context": context, "batch": batch, "precision": precision,
+                         "backend": fastgpt_backend(device), "time_s": seconds, "times_s": times[variant],
+                         "tokens_per_s": batch * context / seconds,
+                         "peak_memory_bytes": measure.peak_memory(step, device)})
+    return rows
+
+
+def gpt2_ratios(rows: list[dict]) -> list[dict]:
+    """Per batch, the fused loss against the unfused one (:func:`paired_ratios`)."""
+    by = {(r["batch"], r["variant"]): r for r in rows}
+    return [{"batch": batch, "context": by[batch, "fused"]["context"],
+             **paired_ratios(by[batch, "unfused"], by[batch, "fused"])}
+            for batch in sorted({r["batch"] for r in rows})]
 
 
 def profile(size: str, device: torch.device, precision: str, dropout: float = 0.0, top: int = 12) -> dict[str, str]:

@@ -1,5 +1,5 @@
-"""The benchmarks: the naive baseline computes the same functions as the references, and
-``python -m bench`` runs end to end (tiny shapes; no timing is asserted)."""
+"""The benchmarks: the naive baseline and plain PyTorch compute the same functions as the
+references and fastgpt, and ``python -m bench`` runs end to end (tiny shapes; no timing is asserted)."""
 import json
 import os
 import subprocess
@@ -13,7 +13,9 @@ import kernels
 from bench import __main__ as bench_main
 from bench import measure, ops, train_step
 from bench.naive import MultiHeadAttention, NaiveConfig, NaiveGPT
+from bench.plain import PlainGPT
 from conftest import DEVICE
+from fastgpt.model import GPT, GPTConfig
 from kernels import _dispatch, reference
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,14 +64,56 @@ def test_naive_gpt_loss_starts_near_uniform_and_backpropagates():
 
 
 @pytest.mark.parametrize("op", ops.OPS)
-def test_naive_ops_compute_the_reference_functions(op):
+def test_the_baseline_ops_compute_the_reference_functions(op):
     case = ops.OpCase(op, ops.SHAPES["tiny"][op])
     inputs = ops.make_inputs(case, "cpu")
-    naive, ref = ops.forward(case, "naive", inputs), ops.forward(case, "reference", inputs)
-    torch.testing.assert_close(naive, ref, rtol=1e-4, atol=1e-5)
-    grads = [torch.autograd.grad(out, list(inputs.values()), torch.ones_like(out)) for out in (naive, ref)]
+    base, ref = ops.forward(case, ops.baseline(op), inputs), ops.forward(case, "reference", inputs)
+    torch.testing.assert_close(base, ref, rtol=1e-4, atol=1e-5)
+    wrt = [t for t in inputs.values() if t.requires_grad]
+    grads = [torch.autograd.grad(out, wrt, torch.ones_like(out)) for out in (base, ref)]
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_the_loss_is_compared_with_the_unfused_one_and_the_other_ops_with_the_naive_ones():
+    assert {op: ops.providers(op) for op in ops.OPS} == {
+        "attention": ("naive", "reference", "triton"), "layer_norm": ("naive", "reference", "triton"),
+        "gelu_mlp": ("naive", "reference", "triton"), "linear_cross_entropy": ("unfused", "reference", "triton")}
+    assert ops.SHAPES["quick"]["linear_cross_entropy"] == dict(M=512, C=768, V=50257)
+    case = ops.OpCase("linear_cross_entropy", ops.SHAPES["tiny"]["linear_cross_entropy"])
+    assert ops.flops(case, "forward+backward") == 3 * 2 * 64 * 32 * 128
+
+
+def test_plain_pytorch_computes_fastgpts_function_given_the_same_weights():
+    config = GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32)
+    torch.manual_seed(0)
+    fast = GPT(config)
+    plain = PlainGPT(config)
+    assert set(plain.state_dict()) == set(fast.state_dict())
+    plain.load_state_dict(fast.state_dict())
+    assert plain.transformer.wte.weight is plain.lm_head.weight  # tied, as fastgpt's
+    idx = torch.randint(50, (2, 13), generator=torch.Generator().manual_seed(1))
+    targets = torch.randint(50, (2, 13), generator=torch.Generator().manual_seed(2))
+    with kernels.use_backend("torch"):
+        fast_logits, fast_loss = fast(idx, targets, return_logits=True)
+        fast_loss.backward()
+    logits, loss = plain(idx, targets)
+    loss.backward()
+    torch.testing.assert_close(logits, fast_logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss, fast_loss, rtol=1e-5, atol=1e-6)
+    fast_grads = dict(fast.named_parameters())
+    for name, p in plain.named_parameters():
+        torch.testing.assert_close(p.grad, fast_grads[name].grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_plain_pytorch_starts_from_fastgpts_initial_weights():
+    config = GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32)
+    torch.manual_seed(0)
+    fast = GPT(config)
+    torch.manual_seed(0)
+    plain = PlainGPT(config)
+    for (name, a), b in zip(fast.state_dict().items(), plain.state_dict().values()):
+        assert torch.equal(a, b), name
 
 
 def test_bad_options_are_refused(capsys):
@@ -91,13 +135,13 @@ def test_python_m_bench_tiny_writes_every_figure_and_the_plots(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "bench", "--tiny", "--out", str(tmp_path)], cwd=ROOT, env=_env(),
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "GPU model (NOT measured" in proc.stdout
+    assert "Step model (NOT measured" in proc.stdout and "fastgpt against plain (modelled)" in proc.stdout
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["machine"]["torch"] == torch.__version__ and results["machine"]["cpu_cores"] >= 1
 
     op_rows = results["ops"]
     assert {(r["op"], r["provider"], r["pass"]) for r in op_rows} == {
-        (o, p, s) for o in ops.OPS for p in ops.PROVIDERS for s in ops.PASSES}
+        (o, p, s) for o in ops.OPS for p in ops.providers(o) for s in ops.PASSES}
     for r in op_rows:
         if r["provider"] == "triton" and not torch.cuda.is_available():
             assert r["status"] == ops.NEEDS_GPU  # never the interpreter or the fallback timed as "triton"
@@ -105,25 +149,22 @@ def test_python_m_bench_tiny_writes_every_figure_and_the_plots(tmp_path):
             assert r["status"] == "measured" and r["time_s"] > 0
 
     train = results["train_step"]
-    assert {(r["side"], r["precision"]) for r in train} >= {("naive", "float32"), ("fastgpt", "float32")}
+    assert {(r["side"], r["precision"]) for r in train} == {
+        (side, p) for side in ("naive", "plain", "fastgpt") for p in ("float32", "bfloat16")}
     assert all(r["tokens_per_s"] > 0 and r["mfu"] > 0 for r in train)
-    assert sum(r["default"] for r in train) == 2 * len({r["context"] for r in train})
-    assert {r["compared"] for r in results["train_step_ratios"]} == {"defaults", "same precision"}
+    assert sum(r["default"] for r in train) == 2 * len({r["context"] for r in train})  # plain has none
+    assert {(r["baseline"], r["compared"]) for r in results["train_step_ratios"]} == {
+        ("naive", "defaults"), ("naive", "same precision"), ("plain", "same precision")}
 
-    model = {(r["op"], r["pass"], r["provider"]): r for r in results["gpu_model"]}
-    for op in ops.OPS:
-        for pass_name in ("forward", "backward"):
-            fused, naive = model[op, pass_name, "triton"], model[op, pass_name, "naive"]
-            assert 0 < fused["bytes"] < naive["bytes"], (op, pass_name)  # fusion saves traffic (a model)
-            assert fused["H200 time_s"] <= fused["H100 SXM time_s"]  # the same roofs but for more bandwidth
+    gpt2 = results["gpt2_step"]
+    assert {(r["batch"], r["variant"]) for r in gpt2} == {(b, v) for b in train_step.GPT2_BATCHES["tiny"]
+                                                          for v in ("fused", "unfused")}
+    assert all(r["tokens_per_s"] > 0 and r["peak_memory_bytes"] > 0 for r in gpt2)
+    assert [r["batch"] for r in results["gpt2_step_ratios"]] == list(train_step.GPT2_BATCHES["tiny"])
+
+    model = results["step_model"]
+    assert set(model["builds"]) == {"naive", "plain", "fastgpt"} and model["shape"]["batch"] == 16
     assert (tmp_path / "train_step.png").stat().st_size > 0 and (tmp_path / "ops_speedup.png").stat().st_size > 0
-
-
-def test_gpu_model_refuses_to_run_without_the_interpreter():
-    proc = subprocess.run([sys.executable, "-m", "bench.gpu_model", "--size", "tiny"], cwd=ROOT,
-                          env=_env(TRITON_INTERPRET="0"), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2
-    assert "run it with TRITON_INTERPRET=1" in proc.stderr
 
 
 def test_pytest_benchmark_file_runs_every_op_provider_and_pass():

@@ -52,7 +52,7 @@ def test_the_tiny_report_runs_every_stage_and_writes_json_and_markdown(tmp_path)
     assert [r["op"] for r in determinism] == ["layer_norm", "attention", "attention dropout 0.1", "gelu_mlp"]
     assert all(r["equal"] for r in determinism)
     ops_rows = stages["ops"]["figures"]["rows"]
-    assert {r["provider"] for r in ops_rows} == {"naive", "reference", "triton"}
+    assert {r["provider"] for r in ops_rows} == {"naive", "unfused", "reference", "triton"}
     train = stages["train"]["figures"]
     assert len(train["rows"]) == 2 * len(gpu_report.TRAIN_DROPOUTS) * len(gpu_report.TRAIN_BACKENDS)
     assert all(r["tokens_per_s"] > 0 and r["first_step_s"] > 0 for r in train["rows"])
