@@ -3,7 +3,8 @@
 Each function validates its inputs, asks :mod:`kernels._dispatch` whether the Triton kernel runs
 on them, and calls either the kernel (:mod:`kernels.ops`) or the PyTorch version in
 :mod:`kernels.reference`. Choose the policy with ``FASTGPT_BACKEND=auto|triton|torch``,
-:func:`set_backend` or :func:`use_backend`; pin the launch configuration of an autotuned kernel with
+:func:`set_backend` or :func:`use_backend`. See the autotuner's choices with :func:`tuned_configs`,
+and pin the launch configuration of an autotuned kernel (one of :func:`candidate_configs`) with
 :func:`use_configs`. The tools that check the kernels (:mod:`kernels.tools`) are not imported here.
 """
 from __future__ import annotations
@@ -12,10 +13,10 @@ import torch
 
 from . import _checks, _dispatch, reference
 from ._dispatch import BACKENDS, KernelUnavailableError, get_backend, set_backend, use_backend
-from ._tuning import use_configs
+from ._tuning import candidate_configs, tuned_configs, use_configs
 
 __all__ = ["layer_norm", "attention", "gelu_mlp", "linear_cross_entropy", "BACKENDS", "get_backend", "set_backend", "use_backend",
-           "use_configs", "KernelUnavailableError"]
+           "use_configs", "tuned_configs", "candidate_configs", "KernelUnavailableError"]
 
 
 def _autocast(dtype: torch.dtype | None, *tensors: torch.Tensor | None) -> tuple:

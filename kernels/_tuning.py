@@ -84,8 +84,9 @@ def autotuned(name: str, kernel, configs, key: list[str], prune: Callable | None
     return _REGISTRY[name]
 
 
-def kernels() -> dict[str, tuple]:
-    """Every autotuned kernel's name and its candidate configs (for tests and reports)."""
+def candidate_configs() -> dict[str, tuple]:
+    """Every autotuned kernel's name and its candidate configs (``triton.Config``), in the order
+    the ops list them: the configs :func:`use_configs` may pin."""
     return {name: tunable.configs for name, tunable in _REGISTRY.items()}
 
 
@@ -95,7 +96,7 @@ def use_configs(pins: dict):
 
     Pinned kernels launch with their pinned config, without autotuning; the others as usual. Names
     and configs are checked here; a pinned config that the op does not allow for some inputs
-    raises ValueError when such a launch comes. :func:`kernels` lists the names and configs.
+    raises ValueError when such a launch comes. :func:`candidate_configs` lists the names and configs.
     """
     for name, config in pins.items():
         if name not in _REGISTRY:

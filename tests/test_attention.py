@@ -109,6 +109,8 @@ def test_configs_cover_the_autotuner_and_are_pruned_by_head_dim_and_dropout():
                         limit = tile.max_d_fp32 if dtype == torch.float32 else tile.max_d
                         if dropout:
                             limit = min(limit, tile.max_d_dropout)
+                            if dtype == torch.float32 and tile.max_d_dropout_fp32 is not None:
+                                limit = min(limit, tile.max_d_dropout_fp32)
                         assert (tile.config in allowed) == (attn.block_d(D) <= limit), (kind, D, dtype, tile)
         # Short sequences keep only tiles of up to 64 (one config at least).
         assert all(max(c.kwargs.values()) <= 64 for c in attn.configs(kind, 64, FP16, 17, False))
@@ -120,9 +122,9 @@ def test_a_pruned_config_cannot_be_forced():
     with kernels.use_configs({"attention.dkdv": big}), kernels.use_backend("triton"), \
             pytest.raises(ValueError, match="does not fit"):
         kernels.attention(q, k, v).sum().backward()
-    fwd_128 = next(tile.config for tile in attn._CONFIGS["fwd"] if tile.max_d_dropout < tile.max_d)
-    q, k, v = qkv(T=17, D=64, dtype=FP16)
-    with kernels.use_configs({"attention.fwd": fwd_128}), kernels.use_backend("triton"), \
+    narrower_with_dropout = next(tile for tile in attn._CONFIGS["fwd"] if tile.max_d_dropout < tile.max_d)
+    q, k, v = qkv(T=17, D=narrower_with_dropout.max_d, dtype=FP16)
+    with kernels.use_configs({"attention.fwd": narrower_with_dropout.config}), kernels.use_backend("triton"), \
             pytest.raises(ValueError, match="does not fit"):
         kernels.attention(q, k, v, dropout_p=0.1)
 

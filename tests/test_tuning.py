@@ -138,10 +138,10 @@ def test_pins_name_known_kernels_and_their_own_configs_and_are_undone():
 
 
 def test_every_autotuned_kernel_is_registered_with_its_configs():
-    assert set(_tuning.kernels()) == {"attention.fwd", "attention.dkdv", "attention.dq", "gelu_mlp.fwd",
-                                      "gelu_mlp.dpre", "gelu_mlp.dweight", "linear_cross_entropy.logits",
-                                      "linear_cross_entropy.dx", "linear_cross_entropy.dweight"}
-    assert _tuning.kernels()["attention.dq"] == tuple(tile.config for tile in attention._CONFIGS["dq"])
+    assert set(_tuning.candidate_configs()) == {
+        "attention.fwd", "attention.dkdv", "attention.dq", "gelu_mlp.fwd", "gelu_mlp.dpre", "gelu_mlp.dweight",
+        "linear_cross_entropy.logits", "linear_cross_entropy.dx", "linear_cross_entropy.dweight"}
+    assert _tuning.candidate_configs()["attention.dq"] == tuple(tile.config for tile in attention._CONFIGS["dq"])
     assert _tuning.describe(gelu_mlp.CONFIGS[0]) == "128x128x32 warps=8 stages=3"
 
 
@@ -158,7 +158,7 @@ def test_generation_tunes_for_the_prompt_and_never_after_its_first_token(gpu_pat
     from fastgpt.model import GPT, GPTConfig
 
     set_times, asked = gpu_path
-    for name, configs in _tuning.kernels().items():
+    for name, configs in _tuning.candidate_configs().items():
         set_times(name, {c: 1.0 for c in configs})
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=50, block_size=96, n_layer=1, n_head=2, n_embd=32)).eval()
@@ -195,9 +195,9 @@ def test_choices_are_kept_on_disk_and_a_second_process_does_not_tune_again(tmp_p
     env = dict(TRITON_INTERPRET=None)
     first = run_python(script, **env)
     assert first.returncode == 0, first.stderr
-    # The two GEMMs of the forward (fc and proj) each time the three configs once; the second
-    # call's token count falls in the same bucket (128).
-    assert first.stdout.startswith("6 [('gelu_mlp.fwd', (128, 64, 16")
+    # The two GEMMs of the forward (fc and proj) each time every config once; the second call's
+    # token count falls in the same bucket (128).
+    assert first.stdout.startswith(f"{2 * len(gelu_mlp.CONFIGS)} [('gelu_mlp.fwd', (128, 64, 16")
     files = list(tmp_path.glob("*.json"))
     assert len(files) == 1 and "triton-" in files[0].name
     second = run_python(script, **env)

@@ -21,13 +21,19 @@ import triton.language as tl
 
 GROUP_M = 8  # tile rows per program group (L2 reuse of the B panel)
 
-# The autotuned configs of the GEMM kernels: large tiles for many tokens, a narrower one, and small
-# tiles (with a deeper K step) for few tokens, where more programs are needed to fill the GPU. Each
-# fits shared memory on sm_80 and sm_90 in float32 (TF32) too.
+# The autotuned configs of the GEMM kernels: large tiles for many tokens, a narrower one, small tiles
+# (with a deeper K step) for few tokens, where more programs are needed to fill the GPU, and the
+# 128 x 128 x 64 tile on 8 warps that Triton's matmul tutorials run on an H100 (BLOCK_K 64 halves
+# the K loop's steps; wgmma on sm_90a). Each compiles for sm_80 and sm_90a in every dtype (float32:
+# TF32) with no spills and within shared memory (``python -m kernels.tools.compile_report``). Left
+# out, as compiled: the tutorials' 128 x 256 x 64 (8 warps) and 128 x 128 x 64 on 4 warps, which
+# spill in the fused epilogues (GELU and its derivative, the loss's softmax) and in dW's
+# accumulation, and exceed shared memory in float32.
 CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=4, num_stages=4),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
 ]
 MAX_BLOCK = max(max(c.kwargs.values()) for c in CONFIGS)
 

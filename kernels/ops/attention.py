@@ -426,33 +426,41 @@ class Tile(NamedTuple):
     config: triton.Config
     max_d: int          # 16-bit inputs
     max_d_fp32: int     # float32 inputs
-    max_d_dropout: int  # with dropout, any dtype: the Philox keep-mask takes registers too
+    max_d_dropout: int  # with dropout: the Philox keep-mask takes registers too
+    max_d_dropout_fp32: int | None = None  # float32 with dropout, where lower than both limits above
 
 
 # The limits keep every config within registers (no spills) and shared memory on sm_80 and sm_90a
 # under every supported triton, as checked by ``python -m kernels.tools.compile_report --op
-# attention`` (registers differ between triton releases: under triton 3.6 the 128 x 64 forward and
-# dq tiles spill with dropout at D = 64, under 3.8 and 3.9 they do not). On sm_90a a tl.dot uses
-# wgmma only when its M (the first tile dimension) is at least 64 rows per warpgroup, so every
-# program's own tile has at least 64 rows.
+# attention`` (registers differ between triton releases). On sm_90a a tl.dot uses wgmma only when
+# its M (the first tile dimension) is at least 64 rows per warpgroup, so every program's own tile
+# has at least 64 rows. The forward offers the 128-row tiles of FlashAttention-2 and Triton's
+# attention tutorial (128 x 64, 128 x 128); these kernels hold the query tile and the accumulator
+# in registers, so they take 8 warps where the tutorial takes 4 (on 4 warps they spill from D = 64,
+# as do the tutorial's backward tiles, dK/dV 32 x 128 and dQ 128 x 32, beyond the limits below).
 _CONFIGS = {
     # BLOCK_M query rows per program, BLOCK_N keys per inner step.
+    # 64 x 64 spills in float32 at D = 64 with causal masking on sm_80; 64 x 32 covers that case.
     "fwd": [
-        Tile(triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3), 128, 64, 128),
-        Tile(triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2), 64, 64, 32),
+        Tile(triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3), 128, 32, 128),
+        Tile(triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=3), 64, 64, 64),
+        Tile(triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3), 128, 64, 64, 32),
+        Tile(triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=3), 64, 64, 16),
     ],
-    # BLOCK_N keys per program, BLOCK_M query rows per inner step. Larger tiles (BLOCK_M x BLOCK_N =
-    # 64 x 128 with 8 warps, or 64 x 64 with 4) spill at D >= 64 on sm_80.
+    # BLOCK_N keys per program, BLOCK_M query rows per inner step.
     "dkdv": [
         Tile(triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=8, num_stages=2), 128, 32, 128),
         Tile(triton.Config({"BLOCK_M": 32, "BLOCK_N": 128}, num_warps=8, num_stages=2), 64, 32, 64),
         Tile(triton.Config({"BLOCK_M": 16, "BLOCK_N": 64}, num_warps=8, num_stages=2), 64, 64, 64),
+        Tile(triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=8, num_stages=3), 64, 16, 16),
     ],
-    # BLOCK_M query rows per program, BLOCK_N keys per inner step.
-    # 128 x 64 in float32 with dropout spills on sm_80 from D = 32 on.
+    # BLOCK_M query rows per program, BLOCK_N keys per inner step. 64 x 32 spills in float32 with
+    # dropout at D = 64 on sm_80 under triton 3.5; 64 x 16 covers that case.
     "dq": [
-        Tile(triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2), 128, 64, 128),
-        Tile(triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2), 64, 16, 32),
+        Tile(triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2), 128, 64, 128, 32),
+        Tile(triton.Config({"BLOCK_M": 64, "BLOCK_N": 16}, num_warps=4, num_stages=2), 64, 64, 64),
+        Tile(triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=4, num_stages=3), 64, 32, 16),
+        Tile(triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3), 64, 32, 32, 16),
     ],
 }
 KINDS = tuple(_CONFIGS)
@@ -466,8 +474,12 @@ def block_d(head_dim: int) -> int:
 
 def max_block_d(tile: Tile, dtype: torch.dtype, dropout: bool) -> int:
     """The largest padded head dimension ``tile`` may run at in ``dtype``, with or without dropout."""
-    limit = tile.max_d if dtype.itemsize <= 2 else tile.max_d_fp32
-    return min(limit, tile.max_d_dropout) if dropout else limit
+    if dtype.itemsize <= 2:
+        limit, with_dropout = tile.max_d, tile.max_d_dropout
+    else:
+        limit = tile.max_d_fp32
+        with_dropout = tile.max_d_dropout if tile.max_d_dropout_fp32 is None else tile.max_d_dropout_fp32
+    return min(limit, with_dropout) if dropout else limit
 
 
 def configs(kind: str, head_dim: int, dtype: torch.dtype, seq_len: int, dropout: bool) -> list[triton.Config]:
