@@ -58,7 +58,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # The kernel test files the ``tests`` stage runs on the GPU; a new op's test file belongs here.
 TEST_FILES = ("tests/test_layer_norm.py", "tests/test_attention.py", "tests/test_gelu_mlp.py",
-              "tests/test_tuning.py", "tests/test_dispatch.py", "tests/test_traffic.py")
+              "tests/test_linear_cross_entropy.py", "tests/test_tuning.py", "tests/test_dispatch.py",
+              "tests/test_traffic.py")
 # ``--tiny``: the tests whose names hold this (one per op: the determinism tests).
 TINY_TESTS = "deterministic"
 
@@ -270,7 +271,7 @@ def stage_tests(run: StageRun) -> str | None:
 
 def determinism_cases(size: str, dtype: torch.dtype) -> list[tuple[str, object, Callable]]:
     """``(label, bench.ops.OpCase, function)`` for every op's backward: LayerNorm, attention with and
-    without dropout, the GELU MLP, at the shapes of ``bench.ops.SHAPES[size]``."""
+    without dropout, the GELU MLP, the fused loss, at the shapes of ``bench.ops.SHAPES[size]``."""
     import kernels
     from bench import ops
 
@@ -283,22 +284,25 @@ def determinism_cases(size: str, dtype: torch.dtype) -> list[tuple[str, object, 
         ("attention dropout 0.1", case("attention"),
          lambda q, k, v: kernels.attention(q, k, v, causal=True, dropout_p=0.1)),
         ("gelu_mlp", case("gelu_mlp"), kernels.gelu_mlp),
+        ("linear_cross_entropy", case("linear_cross_entropy"), kernels.linear_cross_entropy),
     ]
 
 
 def backward_twice(fn, inputs: dict, seed: int = 0) -> list[dict]:
     """Two runs of ``fn(**inputs)`` and its backward on the ``triton`` backend, each after
-    ``torch.manual_seed(seed)`` (dropout draws the same mask): ``{"out": ..., "d<input>": ...}`` each."""
+    ``torch.manual_seed(seed)`` (dropout draws the same mask): ``{"out": ..., "d<input>": ...}`` each,
+    for the inputs that require a gradient."""
     import kernels
 
+    leaves = {name: t for name, t in inputs.items() if t.requires_grad}
     runs = []
     for _ in range(2):
         torch.manual_seed(seed)
         with kernels.use_backend("triton"):
             out = fn(**inputs)
             dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out)
-            grads = torch.autograd.grad(out, list(inputs.values()), dout)
-        runs.append({"out": out, **{f"d{name}": g for name, g in zip(inputs, grads)}})
+            grads = torch.autograd.grad(out, list(leaves.values()), dout)
+        runs.append({"out": out, **{f"d{name}": g for name, g in zip(leaves, grads)}})
     return runs
 
 
@@ -459,13 +463,13 @@ def sanitizer_calls(dtype: torch.dtype) -> list[tuple[str, dict, Callable]]:
     import kernels
     from bench import ops
     from kernels import _tuning
-    from kernels.ops import attention
+    from kernels.ops import attention, linear_cross_entropy
 
     def backward(fn, case, **kwargs):
         def call(device):
             inputs = ops.make_inputs(case, device)
             out = fn(**inputs, **kwargs)
-            torch.autograd.grad(out, list(inputs.values()), torch.ones_like(out))
+            torch.autograd.grad(out, [t for t in inputs.values() if t.requires_grad], torch.ones_like(out))
         return call
 
     def pinned(label, allowed: dict, call):
@@ -486,9 +490,15 @@ def sanitizer_calls(dtype: torch.dtype) -> list[tuple[str, dict, Callable]]:
         calls += pinned(f"attention causal={causal} dropout={dropout} D={D}", allowed,
                         backward(kernels.attention, ops.OpCase("attention", dict(B=1, H=2, T=T, D=D), dtype),
                                  causal=causal, dropout_p=dropout))
-    mlp = {name: configs for name, configs in _tuning.kernels().items() if name.startswith("gelu_mlp.")}
+    mlp = {name: configs for name, configs in _tuning.candidate_configs().items() if name.startswith("gelu_mlp.")}
     mlp_case = ops.OpCase("gelu_mlp", dict(M=100, C=64, Hd=256), dtype)
     calls += pinned("gelu_mlp", mlp, backward(kernels.gelu_mlp, mlp_case))
+    # ragged in rows and vocabulary for every tile; the logits kernel takes the configs of its dtype
+    loss = {name: configs for name, configs in _tuning.candidate_configs().items()
+            if name.startswith("linear_cross_entropy.")}
+    loss["linear_cross_entropy.logits"] = linear_cross_entropy.logits_configs(dtype)
+    loss_case = ops.OpCase("linear_cross_entropy", dict(M=100, C=64, V=300), dtype)
+    calls += pinned("linear_cross_entropy", loss, backward(kernels.linear_cross_entropy, loss_case))
     return calls
 
 
@@ -517,7 +527,7 @@ def stage_sanitizer_target(run: StageRun) -> str | None:
             print(f"{label}: ok", flush=True)
         run.record(device=str(device), dtype=str(dtype).removeprefix("torch."), calls=len(done) + len(failed),
                    failed=failed)
-    uncovered = sorted(f"{name} {_tuning.describe(config)}" for name, configs in _tuning.kernels().items()
+    uncovered = sorted(f"{name} {_tuning.describe(config)}" for name, configs in _tuning.candidate_configs().items()
                        for config in configs if (name, _tuning.describe(config)) not in covered)
     uncovered += [f"layer_norm {config}" for config in layer_norm.launch_configs() if config not in layer_norm_widths()]
     run.record(uncovered=uncovered)

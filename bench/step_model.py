@@ -427,7 +427,6 @@ def _fastgpt_loss(fwd: _Ops, bwd: _Ops, s: Shape):
             where=host, launches=4)
     fwd.cast("dW to bfloat16", g, v * c, where=host)
     bwd.add("loss grad ones_like", g, 0, F32)
-    bwd.add("autograd zeros for unused outputs (lse, dx, dW)", g, 0, n * F32 + (n * c + v * c) * LOW, launches=3)
     bwd.add("dloss casts", g, 2 * F32, 2 * LOW, launches=2)
     bwd.add("dx *= dloss", g, n * c * LOW + LOW, n * c * LOW)
     bwd.add("dW *= dloss", g, v * c * LOW + LOW, v * c * LOW)
@@ -457,12 +456,10 @@ def _fastgpt(s: Shape) -> list[Op]:
             L, where="triton")
     _fastgpt_loss(fwd, bwd, s)
 
-    bwd.add("autograd zeros for unused outputs (mean, rstd)", "layer norm", 0, 2 * n * F32, count=norms, launches=2)
     bwd.add("_layer_norm_bwd_dx_kernel", "layer norm", (2 * n * c + 2 * n + c) * F32, n * c * F32 + 2 * partials,
             count=norms, where="triton")
     bwd.add("_layer_norm_bwd_dwdb_kernel", "layer norm", 2 * partials, 2 * c * F32, count=norms, where="triton")
     bwd.residual_backward(s)
-    bwd.add("autograd zeros for the unused output pre", "MLP", 0, n * h * LOW, count=L)
     bwd.add("_gelu_mlp_bwd_dpre_kernel", "MLP", (n * c + c * h + n * h) * LOW, 2 * n * h * LOW,
             perf.matmul_flops(n, c, h), L, where="triton")
     bwd.add("_gelu_mlp_bwd_dweight_kernel dW2, db2", "MLP", (n * c + n * h) * LOW, (c * h + c) * LOW,
@@ -474,7 +471,6 @@ def _fastgpt(s: Shape) -> list[Op]:
     for name, elements in (("proj_bias", c), ("proj_weight", c * h), ("fc_bias", h), ("fc_weight", h * c),
                            ("x", n * c)):
         bwd.cast(f"MLP d{name} to float32", "MLP", elements, L, to_low=False)
-    bwd.add("autograd zeros for the unused output lse", "attention core", 0, lse, count=L)
     bwd.add("_attention_bwd_preprocess_kernel", "attention core", 2 * n * c * LOW, lse, count=L, where="triton")
     bwd.add("_attention_bwd_dkdv_kernel", "attention core", 4 * n * c * LOW + 2 * lse, 2 * n * c * LOW,
             FASTGPT_ATTENTION_DKDV_FACTOR * attention, L, where="triton")

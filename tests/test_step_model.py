@@ -200,7 +200,9 @@ def assert_close(got, expected, what):
 @pytest.mark.parametrize("build", step_model.BUILDS)
 def test_the_pytorch_ops_bytes_are_the_counted_ones(counted, build, phase):
     c = counted[build][phase]
-    ops = modelled(build, phase, "torch")
+    # fastgpt's kernel ops are called directly (not through torch.library's dispatch): the PyTorch
+    # ops around their launches count with the step's.
+    ops = modelled(build, phase, "torch") + modelled(build, phase, "kernel host")
     assert_close(c.torch_loaded, sum(op.count * op.reads for op in ops), f"{build} {phase} bytes read")
     assert_close(c.torch_stored, sum(op.count * op.writes for op in ops), f"{build} {phase} bytes written")
 
