@@ -3,9 +3,11 @@
 Runs what this machine can run, side by side in one process: the per-op benchmarks
 (:mod:`bench.ops`), training steps of the naive lecture model, plain PyTorch and fastgpt
 (:mod:`bench.train_step`), GPT-2 124M's step with the fused loss against the unfused one
-(:func:`bench.train_step.run_gpt2`), and prints the model of a GPU step (:mod:`bench.step_model`,
-formulas, no measurement). Prints tables, writes ``results.json`` (the machine and every figure)
-and PNG plots into ``--out``.
+(:func:`bench.train_step.run_gpt2`), generation with and without the KV cache
+(:mod:`bench.generate`), the host cost of each op's Triton path
+(:mod:`bench.host_overhead`, in a child process with Triton's interpreter on), and prints the
+model of a GPU step (:mod:`bench.step_model`, formulas, no measurement). Prints tables, writes
+``results.json`` (the machine and every figure) and PNG plots into ``--out``.
 
 Sizes: ``--quick`` (fewer rounds; GPT-2 at one batch), the default full run (16 minutes on a
 2-core CPU), and ``--tiny`` (seconds; keeps the code working, its figures mean nothing).
@@ -19,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from bench import measure, ops, step_model, train_step
+from bench import generate, host_overhead, measure, ops, step_model, train_step
 
 # The end-to-end targets: fastgpt's default training step against the naive model's (ratios).
 SPEEDUP_TARGETS = {256: 2.5, 1024: 3.0}
@@ -42,9 +44,10 @@ def parse_args(argv=None):
                         help="dropout of both models in the training step (default: %(default)s)")
     parser.add_argument("--profile", choices=train_step.PRECISIONS,
                         help="also profile two training steps of each side in this precision at the first context")
-    parser.add_argument("--skip", action="append", choices=("ops", "train", "gpt2", "model"), default=[],
-                        help="leave out a part: the per-op benchmarks, the lecture-shape training steps, "
-                             "GPT-2's fused against unfused loss, the step model (repeatable)")
+    parser.add_argument("--skip", action="append", choices=("ops", "train", "gpt2", "generate", "host", "model"),
+                        default=[], help="leave out a part: the per-op benchmarks, the lecture-shape training "
+                        "steps, GPT-2's fused against unfused loss, generation with and without the KV cache, "
+                        "the host overhead, the step model (repeatable)")
     args = parser.parse_args(argv)
     if args.rounds is not None and args.rounds < 1:
         parser.error(f"--rounds must be at least 1, got {args.rounds}")
@@ -266,6 +269,22 @@ def main(argv=None) -> int:
         for side, table in results["profile"].items():
             report += ["", f"Profile: {side}, two training steps, {args.profile}, T={context} B={batch} "
                            f"(top ops by self time):", table]
+    if "generate" not in args.skip:
+        results["generate"] = generate.run(args.size, device)
+        report += ["", "Generation (greedy; the same tokens with and without the KV cache), median of "
+                       f"{results['generate'][0]['rounds']}:", *generate.table(results["generate"])]
+    if "host" not in args.skip:
+        from kernels import _dispatch
+
+        if _dispatch.NO_TRITON_REASON is None:
+            results["host_overhead"] = host_overhead.in_child("tiny" if args.size == "tiny" else "full")
+            report += ["", "Host overhead of the Triton path per call, launches stubbed (bench/host_overhead.py; "
+                           "Triton's own launcher excluded: python -m bench.gpu_report times it on a GPU), "
+                           "microseconds:", *host_overhead.table(results["host_overhead"])]
+            if args.size != "tiny":
+                report += host_overhead.target_lines(results["host_overhead"])
+        else:
+            report += ["", f"Host overhead: not measured ({_dispatch.NO_TRITON_REASON})"]
     if "model" not in args.skip:
         results["step_model"] = step_model.project()
         shape = results["step_model"]["shape"]

@@ -27,6 +27,9 @@ import time
 import torch
 
 REPEATS = {"tiny": 20, "full": 300}
+# Targets: each op's host path (launches excluded) and the torch backend's cost over the PyTorch op.
+HOST_TARGET_US = 10.0
+TORCH_BACKEND_TARGET_US = 5.0
 
 
 def _per_call(fn, repeats: int, rounds: int = 5) -> float:
@@ -168,6 +171,7 @@ def run(size: str) -> dict:
                            "(python -m bench does)")
     repeats = REPEATS[size]
     tiny = size == "tiny"
+    torch.set_num_threads(1)  # the host path is one thread's work; more only add synchronisation
     from fastgpt.model import GPTConfig
 
     config = GPTConfig(n_layer=2, n_embd=64, n_head=2, vocab_size=100) if tiny else GPTConfig()
@@ -201,6 +205,20 @@ def table(results: dict) -> list[str]:
     return lines
 
 
+def target_lines(results: dict) -> list[str]:
+    """Whether each op and direction meets the host-path target, and each op the torch backend's."""
+    lines = []
+    for r in results["host"]:
+        met = r["host_us"] <= HOST_TARGET_US
+        lines.append(f"target: {r['op']} {r['direction']} host path <= {HOST_TARGET_US:.0f} us beyond its launches: "
+                     f"{r['host_us']:.1f} us, {'met' if met else 'MISSED'}")
+    for r in results["torch_backend"]:
+        met = r["overhead_us"] <= TORCH_BACKEND_TARGET_US
+        lines.append(f"target: {r['op']} on the torch backend <= {TORCH_BACKEND_TARGET_US:.0f} us over the PyTorch op: "
+                     f"{r['overhead_us']:.1f} us, {'met' if met else 'MISSED'}")
+    return lines
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.host_overhead", description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=sorted(REPEATS), default="full")
@@ -211,7 +229,7 @@ def main(argv=None) -> int:
     except RuntimeError as exc:
         print(f"python -m bench.host_overhead: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps(results) if args.json else "\n".join(table(results)))
+    print(json.dumps(results) if args.json else "\n".join(table(results) + [""] + target_lines(results)))
     return 0
 
 

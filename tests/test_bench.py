@@ -162,6 +162,15 @@ def test_python_m_bench_tiny_writes_every_figure_and_the_plots(tmp_path):
     assert all(r["tokens_per_s"] > 0 and r["peak_memory_bytes"] > 0 for r in gpt2)
     assert [r["batch"] for r in results["gpt2_step_ratios"]] == list(train_step.GPT2_BATCHES["tiny"])
 
+    [gen] = results["generate"]
+    assert gen["cache_tokens_per_s"] > 0 and gen["no_cache_tokens_per_s"] > 0 and gen["speedup"] > 0
+
+    if _dispatch.NO_TRITON_REASON is None:
+        host = results["host_overhead"]
+        assert {(r["op"], r["direction"]) for r in host["host"]} == {(o, d) for o in ops.OPS
+                                                                     for d in ("forward", "backward")}
+        assert "Host overhead of the Triton path" in proc.stdout
+
     model = results["step_model"]
     assert set(model["builds"]) == {"naive", "plain", "fastgpt"} and model["shape"]["batch"] == 16
     assert (tmp_path / "train_step.png").stat().st_size > 0 and (tmp_path / "ops_speedup.png").stat().st_size > 0
