@@ -9,8 +9,9 @@ Runs what this machine can run, side by side in one process: the per-op benchmar
 model of a GPU step (:mod:`bench.step_model`, formulas, no measurement). Prints tables, writes
 ``results.json`` (the machine and every figure) and PNG plots into ``--out``.
 
-Sizes: ``--quick`` (fewer rounds; GPT-2 at one batch), the default full run (16 minutes on a
-2-core CPU), and ``--tiny`` (seconds; keeps the code working, its figures mean nothing).
+Sizes: ``--quick`` (fewer rounds; GPT-2 at one batch), the default full run (about 23 minutes on
+a 2-core CPU: 16 for the parts before generation, 7 for generation, measured apart), and ``--tiny``
+(seconds; keeps the code working, its figures mean nothing).
 """
 from __future__ import annotations
 

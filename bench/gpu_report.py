@@ -463,7 +463,7 @@ def sanitizer_calls(dtype: torch.dtype) -> list[tuple[str, dict, Callable]]:
     import kernels
     from bench import ops
     from kernels import _tuning
-    from kernels.ops import attention, linear_cross_entropy
+    from kernels.ops import attention, gelu_mlp, linear_cross_entropy
 
     def backward(fn, case, **kwargs):
         def call(device):
@@ -493,6 +493,10 @@ def sanitizer_calls(dtype: torch.dtype) -> list[tuple[str, dict, Callable]]:
     mlp = {name: configs for name, configs in _tuning.candidate_configs().items() if name.startswith("gelu_mlp.")}
     mlp_case = ops.OpCase("gelu_mlp", dict(M=100, C=64, Hd=256), dtype)
     calls += pinned("gelu_mlp", mlp, backward(kernels.gelu_mlp, mlp_case))
+    # 8192 tokens: on a GPU the weight gradients run in two K slices and a reduction (_tuning.split_k)
+    split_case = ops.OpCase("gelu_mlp", dict(M=8192, C=64, Hd=256), dtype)
+    calls += pinned("gelu_mlp split-K", dict(mlp, **{"gelu_mlp.dweight": gelu_mlp.SPLIT_CONFIGS}),
+                    backward(kernels.gelu_mlp, split_case))
     # ragged in rows and vocabulary for every tile; the logits kernel takes the configs of its dtype
     loss = {name: configs for name, configs in _tuning.candidate_configs().items()
             if name.startswith("linear_cross_entropy.")}

@@ -77,6 +77,67 @@ def test_every_config_with_many_tiles(config):
         assert_pass(gelu_mlp_checks(1100, 16, 72, torch.float16, device=DEVICE))
 
 
+@pytest.fixture
+def gpu_split(monkeypatch):
+    """The split-K path a GPU takes for weight gradients over many tokens, at test sizes: a GPU of
+    64 SMs, slices of one token or more (so 100 tokens of a 200 x 48 weight take 8 slices, 5 take 4)."""
+    monkeypatch.setattr(gm, "sm_count", lambda device: 64)
+    monkeypatch.setattr(_tuning, "SPLIT_MIN_TOKENS", 1)
+
+
+def test_split_k_fills_two_waves_of_a_gpu_only_where_the_tiles_do_not():
+    # GPT-2 124M's dW1 / dW2 (144 tiles of 128 x 128) on a 132-SM GPU: two slices from 8192 tokens on.
+    assert [_tuning.split_k(3072, 768, tokens, 132) for tokens in (4096, 8191, 8192, 16384, 65536)] == [1, 1, 2, 2, 2]
+    assert _tuning.split_k(3072, 768, 16384, None) == 1  # the interpreter
+    assert _tuning.split_k(8192, 2048, 65536, 132) == 1  # 1024 tiles: enough programs already
+    assert _tuning.split_k(128, 128, 10**6, 132) == _tuning.MAX_SPLIT_K  # one tile, a long reduction
+    assert _tuning.split_k(256, 256, 20000, 132) == 4  # 4 tiles: slices kept at 4096 tokens or more
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("biases", [(True, True), (False, True), (False, False)], ids=["both", "proj", "none"])
+@pytest.mark.parametrize("rows", [100, 5])  # 5 tokens: all in the first slice, the other three empty
+def test_split_k_weight_gradients(gpu_split, rows, biases, dtype):
+    assert _tuning.split_k(200, 48, rows, 64) == (8 if rows == 100 else 4)
+    launched = []
+    original = gm.run
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(gm, "run", lambda plan: launched.extend(k for k, *_ in plan[1]) or original(plan))
+        assert_pass(gelu_mlp_checks(rows, 48, 200, dtype, biases, device=DEVICE))
+    assert launched.count(gm._gelu_mlp_bwd_split_reduce_kernel) == 2
+
+
+@pytest.mark.parametrize("config", gm.SPLIT_CONFIGS, ids=[_tuning.describe(c).replace(" ", "-")
+                                                            for c in gm.SPLIT_CONFIGS])
+def test_every_config_with_split_k(gpu_split, config):
+    # 1100 tokens in 8 slices of whole BLOCK_K steps, the last one short.
+    with every_gemm(config):
+        assert_pass(gelu_mlp_checks(1100, 16, 72, torch.float16, device=DEVICE))
+
+
+def test_split_k_leaves_out_the_config_that_spills_there(gpu_split):
+    left_out = [c for c in gm.CONFIGS if c not in gm.SPLIT_CONFIGS]
+    assert len(left_out) == 1 and len(gm.SPLIT_CONFIGS) == len(gm.CONFIGS) - 1
+    w = mlp_inputs(rows=100, width=48, hidden=200)
+    with kernels.use_configs({"gelu_mlp.dweight": left_out[0]}), kernels.use_backend("triton"), \
+            pytest.raises(ValueError, match="does not fit"):
+        kernels.gelu_mlp(**w).sum().backward()
+
+
+def test_split_k_backward_is_deterministic(gpu_split):
+    w = mlp_inputs(rows=64, width=48, hidden=200)
+    assert_backward_deterministic(kernels.gelu_mlp, list(w.values()), torch.randn(64, 48, device=DEVICE))
+
+
+@pytest.mark.parametrize("split", [0, -2, 1.5, True])
+def test_a_bad_split_is_refused(split):
+    w = mlp_inputs(rows=4, requires_grad=False)
+    pre = torch.empty(4, 64, device=DEVICE)
+    with pytest.raises(ValueError, match="split must be a positive int"):
+        gm.backward_plan(torch.empty(4, 16, device=DEVICE), w["x"], w["fc_weight"], w["proj_weight"], pre, True,
+                         True, split=split)
+
+
 def test_pinned_config_must_be_one_of_the_configs():
     import triton
 
@@ -116,17 +177,27 @@ def test_leading_dimensions_and_broadcast_output_gradient():
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="allocates 4 GiB of storage (untouched on a CPU)")
-def test_offsets_past_2_31_elements_use_int64():
-    """x's rows 2^30 elements apart: a tile's own offsets pass 2^31, so they are computed in int64."""
+@pytest.mark.parametrize("split", [False, True], ids=["whole", "split-k"])
+def test_offsets_past_2_31_elements_use_int64(split, request):
+    """x's rows 2^30 elements apart: a tile's own offsets pass 2^31, so they are computed in int64;
+    with split-K the slices' starts along the rows too, in the weight gradients' backward."""
+    if split:
+        request.getfixturevalue("gpu_split")
     w = mlp_inputs(rows=3, width=16, hidden=64, dtype=torch.float16, requires_grad=False)
     storage = torch.empty(2 * (2**30 + 16) + 16, dtype=torch.float16)
     x = storage.as_strided((3, 16), (2**30 + 16, 1))
     x.copy_(w["x"])
     assert gm.needs_wide(x)
+    leaves = [t.requires_grad_() for t in (x, *list(w.values())[1:])]
+    dout = torch.randn(3, 16, dtype=torch.float16)
     with kernels.use_backend("triton"):
-        got = kernels.gelu_mlp(x, w["fc_weight"], w["fc_bias"], w["proj_weight"], w["proj_bias"])
-    expected = kernels.reference.gelu_mlp(*(t.float() for t in w.values()))
+        got = kernels.gelu_mlp(*leaves)
+        grads = torch.autograd.grad(got, leaves, dout)
+    exact = [t.detach().float().requires_grad_() for t in leaves]
+    expected = kernels.reference.gelu_mlp(*exact)
     torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=2e-2)
+    for got_grad, want in zip(grads, torch.autograd.grad(expected, exact, dout.float())):
+        torch.testing.assert_close(got_grad.float(), want, rtol=2e-2, atol=2e-2)
 
 
 def test_empty_batch():

@@ -20,7 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import kernels
 from bench import step_model, train_step
 from fastgpt import perf
-from kernels import _dispatch, reference
+from kernels import _dispatch, _tuning, reference
 
 needs_interpreter = pytest.mark.skipif(not _dispatch.INTERPRETED, reason="counts bytes in Triton's interpreter")
 
@@ -260,6 +260,12 @@ def test_the_launch_facts_the_formulas_use_are_the_kernels():
     # At GPT-2's 16384 rows the backward runs one program per 16 rows on an H100 or H200 (132 SMs) too.
     rows = step_model.Shape.gpt2().tokens
     assert layer_norm.backward_programs(rows, 768, 132) == rows // step_model.LAYER_NORM_ROWS_PER_PROGRAM
+    # There the MLP's weight gradients run in two K slices and a reduction; at the tests' small shapes in one.
+    names = [op.name for op in step_model.ops("fastgpt", step_model.Shape.gpt2()) if op.phase == "backward"]
+    assert "_gelu_mlp_bwd_dweight_kernel dW1, db1, 2 K slices" in names
+    assert "_gelu_mlp_bwd_split_reduce_kernel dW1, db1" in names
+    assert _tuning.split_k(4 * 768, 768, rows, step_model.GPU_SMS) == 2
+    assert _tuning.split_k(4 * SMALL.n_embd, SMALL.n_embd, SMALL.tokens, step_model.GPU_SMS) == 1
 
 
 @pytest.mark.parametrize("build", step_model.BUILDS)

@@ -1,6 +1,8 @@
 """Host-side helpers that the op modules share."""
 from __future__ import annotations
 
+import functools
+
 import torch
 
 # Why float32 inputs fall back while TF32 is off (see tf32_enabled).
@@ -21,6 +23,14 @@ def run(plan):
     for kernel, grid, args, meta in launches:
         kernel[grid](*args, **meta)
     return outputs
+
+
+@functools.lru_cache(maxsize=None)
+def sm_count(device: torch.device) -> int | None:
+    """Streaming multiprocessors of a CUDA ``device``; None elsewhere (Triton's interpreter)."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 # torch.compile cannot trace the flag's getter; the decision it feeds (kernel or PyTorch op, which

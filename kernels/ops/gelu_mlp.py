@@ -22,13 +22,21 @@ t = exp(-2|u|) in (0, 1] (it never overflows):
 Backward, with dout (M, C) the gradient of out:
 
     dpre  = (dout @ W2) * gelu'(pre)               _gelu_mlp_bwd_dpre_kernel (also re-writes act = gelu(pre))
-    dW2   = dout^T @ act,   db2 = sum_rows(dout)   _gelu_mlp_bwd_dweight_kernel
-    dW1   = dpre^T @ x,     db1 = sum_rows(dpre)   _gelu_mlp_bwd_dweight_kernel
+    dW2   = dout^T @ act,   db2 = sum_rows(dout)   _gelu_mlp_bwd_dweight_kernel (+ split reduce)
+    dW1   = dpre^T @ x,     db1 = sum_rows(dpre)   _gelu_mlp_bwd_dweight_kernel (+ split reduce)
     dx    = dpre @ W1                              _gelu_mlp_fwd_kernel (no epilogue)
 
 The weight-gradient GEMMs reduce over the M tokens, so a bias gradient is the row sum of their
 first operand over the same reduction: the programs of the first tile column add up the tiles
 they load anyway. No extra pass over dout or dpre, no atomics, deterministic.
+
+Split-K. A weight gradient is small against its reduction: GPT-2 124M's dW1 is 3072 x 768, 144
+tiles of 128 x 128, over 16384 tokens at batch 16, so on a 132-SM GPU it runs as one full wave and
+a second of 12 tiles. Where the tiles would fill fewer than two waves
+(``kernels._tuning.split_k``), the tokens are cut into SPLIT_K slices: grid axis 1 picks the
+slice, each program writes its tile's float32 partial sums (and bias partials) to a workspace,
+and _gelu_mlp_bwd_split_reduce_kernel adds the slices up in slice order. No atomics: the result
+is the same on every run.
 
 What the forward keeps for the backward, and why. The backward needs gelu'(pre) for dpre and act
 for dW2, both (M, H), 4x the size of x. PyTorch's unfused MLP keeps both (linear saves act, gelu
@@ -54,7 +62,7 @@ import triton
 import triton.language as tl
 
 from .. import _tuning
-from ._common import FLOAT32_NEEDS_TF32, eager_function, run, tf32_enabled, traced_or_eager
+from ._common import FLOAT32_NEEDS_TF32, eager_function, run, sm_count, tf32_enabled, traced_or_eager
 from ._gemm import CONFIGS, GROUP_M, bucket, needs_wide, tile_matmul, tile_offsets, tile_start
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -139,28 +147,62 @@ def _dpre_epilogue(dact, Pre_ptr, DPre_ptr, Act_ptr, m_left, n_left, stride_pm,
     tl.store(Act_ptr + offsets, act.to(Act_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit(do_not_specialize=["TOKENS_BUCKET"])
+@triton.jit(do_not_specialize=["TOKENS_BUCKET", "SLICE"])
 def _gelu_mlp_bwd_dweight_kernel(
-    A_ptr, B_ptr, DW_ptr, DBias_ptr, M, N, K, TOKENS_BUCKET,
+    A_ptr, B_ptr, DW_ptr, DBias_ptr, Partial_ptr, M, N, K, TOKENS_BUCKET, SLICE,
     stride_am, stride_ak, stride_bk, stride_bn, stride_dwm,
-    BIAS_GRAD: tl.constexpr,
+    BIAS_GRAD: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     WIDE: tl.constexpr,
 ):
-    """DW = A @ B, K being the tokens; with BIAS_GRAD, DBias = A summed over K (by the first tile column)."""
+    """DW = A @ B, K being the tokens; with BIAS_GRAD, DBias = A summed over K (by the first tile column).
+
+    With SPLIT_K > 1, program (tile, s) covers the s-th of SPLIT_K slices of K (whole BLOCK_K steps)
+    and writes its float32 partials to Partial[s] instead: SLICE elements a slice, DW's M x N first
+    (row-major), then the M bias sums.
+    """
     row0, col0 = tile_start(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     a_tile = A_ptr + row0.to(tl.int64) * stride_am
     b_tile = B_ptr + col0.to(tl.int64) * stride_bn
+    k_len = K
+    if SPLIT_K > 1:
+        per_split = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+        k0 = tl.program_id(1) * per_split
+        k_len = tl.minimum(K - k0, per_split)  # the last slices may be short or empty
+        a_tile += k0.to(tl.int64) * stride_ak
+        b_tile += k0.to(tl.int64) * stride_bk
+    # (The outputs' addresses are formed after the K loop: nothing more held in registers through it.)
     if BIAS_GRAD and col0 == 0:
-        acc, row_sums = tile_matmul(a_tile, b_tile, M - row0, N - col0, K, stride_am, stride_ak, stride_bk,
+        acc, row_sums = tile_matmul(a_tile, b_tile, M - row0, N - col0, k_len, stride_am, stride_ak, stride_bk,
                                      stride_bn, BLOCK_M, BLOCK_N, BLOCK_K, True, WIDE)
         rm = tl.arange(0, BLOCK_M)
-        tl.store(DBias_ptr + row0 + rm, row_sums.to(DBias_ptr.dtype.element_ty), mask=rm < M - row0)
+        bias_ptrs = DBias_ptr + row0 + rm
+        if SPLIT_K > 1:  # the slice ends with the M bias sums
+            bias_ptrs = Partial_ptr + tl.program_id(1).to(tl.int64) * SLICE + (SLICE - M) + row0 + rm
+        tl.store(bias_ptrs, row_sums.to(bias_ptrs.dtype.element_ty), mask=rm < M - row0)
     else:
-        acc, _ = tile_matmul(a_tile, b_tile, M - row0, N - col0, K, stride_am, stride_ak, stride_bk,
+        acc, _ = tile_matmul(a_tile, b_tile, M - row0, N - col0, k_len, stride_am, stride_ak, stride_bk,
                               stride_bn, BLOCK_M, BLOCK_N, BLOCK_K, False, WIDE)
+    out_ptr = DW_ptr
+    if SPLIT_K > 1:
+        out_ptr = Partial_ptr + tl.program_id(1).to(tl.int64) * SLICE
+        stride_dwm = N
     offsets, mask = tile_offsets(M - row0, N - col0, stride_dwm, BLOCK_M, BLOCK_N, WIDE)
-    tl.store(DW_ptr + row0.to(tl.int64) * stride_dwm + col0 + offsets, acc.to(DW_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + row0.to(tl.int64) * stride_dwm + col0 + offsets, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["MN", "SLICE"])
+def _gelu_mlp_bwd_split_reduce_kernel(Partial_ptr, DW_ptr, DBias_ptr, MN, SLICE,
+                                      SPLIT_K: tl.constexpr, BIAS_GRAD: tl.constexpr, BLOCK: tl.constexpr):
+    """DW (contiguous, MN elements) and DBias: the SPLIT_K slices of Partial added up in slice order."""
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = offsets < SLICE
+    total = tl.zeros((BLOCK,), dtype=tl.float32)
+    for split in tl.static_range(SPLIT_K):
+        total += tl.load(Partial_ptr + split * SLICE.to(tl.int64) + offsets, mask=inside, other=0.0)
+    tl.store(DW_ptr + offsets, total.to(DW_ptr.dtype.element_ty), mask=offsets < MN)
+    if BIAS_GRAD:
+        tl.store(DBias_ptr + (offsets - MN), total.to(DBias_ptr.dtype.element_ty), mask=inside & (offsets >= MN))
 
 
 _fwd = _tuning.autotuned("gelu_mlp.fwd", _gelu_mlp_fwd_kernel, CONFIGS, _TOKENS_MN_KEY)
@@ -183,28 +225,52 @@ def why_unsupported(x, fc_weight, fc_bias=None, proj_weight=None, proj_bias=None
     return None
 
 
+SPLIT_REDUCE_BLOCK = 1024  # elements per program of the split-K reduction
+# The configs of a weight gradient in K slices: 64 x 128 x 32 on 4 warps spills there (28 B on sm_80
+# under triton 3.9, ``python -m kernels.tools.compile_report``), where it does not without a split.
+SPLIT_CONFIGS = [c for c in CONFIGS if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) != (64, 128, 4)]
+
+
 def supports(x, fc_weight, fc_bias=None, proj_weight=None, proj_bias=None) -> bool:
     """Whether the Triton kernels handle these inputs (see :func:`why_unsupported`)."""
     return why_unsupported(x, fc_weight, fc_bias, proj_weight, proj_bias) is None
 
 
-def _gemm(kernel, m, n, k, operands, strides, meta):
+def _gemm(kernel, m, n, k, operands, strides, meta, split=1, extra_args=()):
     """A launch ``(kernel, grid, args, meta)`` of an (m, n, k) GEMM kernel, or None when its output is empty.
 
-    With k == 0 it still launches: it writes the bias, or zeros.
+    With k == 0 it still launches: it writes the bias, or zeros. ``split``: the grid's second axis
+    (a weight gradient's K slices); ``extra_args`` follow the token bucket.
     """
     if not m or not n:
         return None
 
     def grid(cfg):
-        return (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+        return (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]), split)
 
     wide = needs_wide(*(t for t in operands if isinstance(t, torch.Tensor)))
     tokens = k if kernel is _bwd_dweight else m
     key = (bucket(tokens), n, k, str(operands[0].dtype)) if kernel is not _bwd_dweight else \
         (m, n, bucket(tokens), str(operands[0].dtype))
-    return _tuning.launch(kernel, grid, (*operands, m, n, k, bucket(tokens), *strides),
-                          dict(meta, GROUP_M=GROUP_M, WIDE=wide), key, tokens=tokens)
+    return _tuning.launch(kernel, grid, (*operands, m, n, k, bucket(tokens), *extra_args, *strides),
+                          dict(meta, GROUP_M=GROUP_M, WIDE=wide), key, SPLIT_CONFIGS if split > 1 else None,
+                          tokens=tokens)
+
+
+def _weight_gradient(a, b, dweight, dbias, m, n, k, strides, split):
+    """The launches that fill ``dweight`` (m, n), a (m, k) GEMM over k tokens with operands ``a`` and
+    ``b``, and ``dbias`` (or None): one, or with ``split`` > 1 the split kernel and its reduction."""
+    slice_elements = m * n + (m if dbias is not None else 0)
+    # Without a split the kernel writes dweight itself and never touches the workspace argument.
+    partials = torch.empty((split, slice_elements), dtype=torch.float32, device=a.device) if split > 1 else dweight
+    meta = dict(BIAS_GRAD=dbias is not None, SPLIT_K=split)
+    launches = [_gemm(_bwd_dweight, m, n, k, (a, b, dweight, dbias, partials), strides, meta, split,
+                      (slice_elements,))]
+    if split > 1 and m and n:
+        launches.append((_gelu_mlp_bwd_split_reduce_kernel, (triton.cdiv(slice_elements, SPLIT_REDUCE_BLOCK),),
+                         (partials, dweight, dbias, m * n, slice_elements),
+                         dict(SPLIT_K=split, BIAS_GRAD=dbias is not None, BLOCK=SPLIT_REDUCE_BLOCK)))
+    return launches
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -232,10 +298,18 @@ def forward_plan(x, fc_weight, fc_bias, proj_weight, proj_bias, keep_pre: bool):
     return (out, pre), [launch for launch in (fc, proj) if launch is not None]
 
 
-def backward_plan(dout, x, fc_weight, proj_weight, pre, has_fc_bias: bool, has_proj_bias: bool):
-    """Outputs ``(dx, dfc_weight, dfc_bias, dproj_weight, dproj_bias)`` (absent biases: None) and launches."""
+def backward_plan(dout, x, fc_weight, proj_weight, pre, has_fc_bias: bool, has_proj_bias: bool,
+                  split: int | None = None):
+    """Outputs ``(dx, dfc_weight, dfc_bias, dproj_weight, dproj_bias)`` (absent biases: None) and launches.
+
+    ``split``: the K slices of both weight gradients (default: ``_tuning.split_k`` for x's device).
+    """
     m, c = x.shape
     h = fc_weight.shape[0]
+    if split is None:
+        split = _tuning.split_k(h, c, m, sm_count(x.device))
+    elif isinstance(split, bool) or not isinstance(split, int) or split < 1:
+        raise ValueError(f"split must be a positive int, got {split!r}")
     new = dict(dtype=x.dtype, device=x.device)
     dpre = torch.empty((m, h), **new)
     act = torch.empty((m, h), **new)
@@ -249,13 +323,13 @@ def backward_plan(dout, x, fc_weight, proj_weight, pre, has_fc_bias: bool, has_p
         _gemm(_bwd_dpre, m, h, c, (dout, proj_weight, pre, dpre, act),
               (dout.stride(0), dout.stride(1), proj_weight.stride(0), proj_weight.stride(1), pre.stride(0)), {}),
         # dW2 = dout^T @ act, db2 = sum_rows(dout)
-        _gemm(_bwd_dweight, c, h, m, (dout, act, dproj_weight, dproj_bias),
-              (dout.stride(1), dout.stride(0), act.stride(0), act.stride(1), dproj_weight.stride(0)),
-              dict(BIAS_GRAD=has_proj_bias)),
+        *_weight_gradient(dout, act, dproj_weight, dproj_bias, c, h, m,
+                          (dout.stride(1), dout.stride(0), act.stride(0), act.stride(1), dproj_weight.stride(0)),
+                          split),
         # dW1 = dpre^T @ x, db1 = sum_rows(dpre)
-        _gemm(_bwd_dweight, h, c, m, (dpre, x, dfc_weight, dfc_bias),
-              (dpre.stride(1), dpre.stride(0), x.stride(0), x.stride(1), dfc_weight.stride(0)),
-              dict(BIAS_GRAD=has_fc_bias)),
+        *_weight_gradient(dpre, x, dfc_weight, dfc_bias, h, c, m,
+                          (dpre.stride(1), dpre.stride(0), x.stride(0), x.stride(1), dfc_weight.stride(0)),
+                          split),
         # dx = dpre @ W1
         _gemm(_fwd, m, c, h, (dpre, fc_weight, None, dx, None),
               (dpre.stride(0), dpre.stride(1), fc_weight.stride(0), fc_weight.stride(1), dx.stride(0)),

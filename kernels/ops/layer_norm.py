@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import eager_function, run, traced_or_eager
+from ._common import eager_function, run, sm_count, traced_or_eager
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_ONE_BLOCK_N = 8192  # widest row held in registers; wider rows use the chunked kernels
@@ -235,13 +235,6 @@ def _as_rows(t: torch.Tensor) -> torch.Tensor:
     """``t`` as (rows, last dim) with unit column stride; a view when the layout allows."""
     rows = t.reshape(-1, t.shape[-1])
     return rows if rows.stride(-1) == 1 else rows.contiguous()
-
-
-def sm_count(device: torch.device) -> int | None:
-    """Streaming multiprocessors of a CUDA ``device``; None elsewhere (Triton's interpreter)."""
-    if device.type != "cuda":
-        return None
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def backward_programs(m: int, n: int, sms: int | None) -> int:

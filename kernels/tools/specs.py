@@ -129,9 +129,11 @@ def gelu_mlp_specs():
     config in float16 also the launches that change without biases and in the inference forward
     (pre not written), and all of them for widths C=100, H=400, whose rows are not 16-byte aligned
     (so no 128-bit loads are possible there); and the launches that read x with int64 offsets.
+    Every config that split-K takes also writes a weight gradient's float32 partials in two K
+    slices (float32 the largest), and the first config's launch of the slices' reduction.
     """
     def specs(config, dtype, m=256, c=128, h=512, biases=True, keep_pre=True, note="", roles=None, largest=False,
-              wide=False):
+              wide=False, split=1):
         # wide: x's rows 2^24 elements apart, so a tile's own offsets pass 2^31 (never touched).
         x = torch.empty(m, 2**24 if wide else c, dtype=dtype)[:, :c]
         fc_weight, proj_weight = torch.empty(h, c, dtype=dtype), torch.empty(c, h, dtype=dtype)
@@ -143,19 +145,31 @@ def gelu_mlp_specs():
             launches = list(zip(_FORWARD_ROLES, forward))
             if keep_pre:
                 _, backward = gelu_mlp.backward_plan(torch.empty_like(out), x, fc_weight, proj_weight, pre, biases,
-                                                     biases)
-                launches += [(role, launch) for role, launch in zip(_BACKWARD_ROLES, backward)
-                             if role != "dfc_weight" or wide]
+                                                     biases, split=split)
+                roles_in_order, role = iter(_BACKWARD_ROLES), None
+                for launch in backward:  # a split weight gradient is followed by its reduction
+                    reduces = launch[0] is gelu_mlp._gelu_mlp_bwd_split_reduce_kernel
+                    role = f"{role} reduce" if reduces else next(roles_in_order)
+                    if not role.startswith("dfc_weight") or wide:
+                        launches.append((role, launch))
         for role, (kernel, _, args, meta) in launches:
             if roles is not None and role not in roles:
                 continue
-            label = f"{role} {_tuning.describe(config)} {_dtype_name(dtype)}{note}"
-            yield CompileSpec(kernel, label, args, meta, uses_tensor_cores=True, largest=largest)
+            gemm = kernel is not gelu_mlp._gelu_mlp_bwd_split_reduce_kernel
+            launch = _tuning.describe(config) if gemm else f"SPLIT_K={meta['SPLIT_K']} BLOCK={meta['BLOCK']}"
+            label = f"{role} {launch} {_dtype_name(dtype)}{note}"
+            yield CompileSpec(kernel, label, args, meta, largest=largest, uses_tensor_cores=gemm)
 
     first = gelu_mlp.CONFIGS[0]
     for config in gelu_mlp.CONFIGS:
         yield from specs(config, torch.float16)
         yield from specs(config, torch.float32, largest=True)
+    # A weight gradient in K slices writes float32 partials: another epilogue.
+    for config in gelu_mlp.SPLIT_CONFIGS:
+        split_roles = ("dproj_weight", "dproj_weight reduce") if config is first else ("dproj_weight",)
+        for dtype in (torch.float16, torch.float32):
+            yield from specs(config, dtype, note=" split-K", roles=split_roles, largest=dtype == torch.float32,
+                             split=2)
     yield from specs(first, torch.bfloat16)
     # Only the launches these flags change: dpre and dx never take a bias, proj never keeps pre.
     yield from specs(first, torch.float16, biases=False, note=" no biases", roles=("fc", "proj", "dproj_weight"))
@@ -163,6 +177,8 @@ def gelu_mlp_specs():
     yield from specs(first, torch.float16, c=100, h=400, note=" C=100 H=400")
     yield from specs(first, torch.float16, m=16, note=" int64 offsets", roles=("fc", "dfc_weight"), wide=True,
                      largest=True)
+    yield from specs(first, torch.float16, m=16, note=" int64 offsets split-K", roles=("dfc_weight",), wide=True,
+                     largest=True, split=2)
 
 
 # --------------------------------------------------------------------------- linear + cross-entropy
