@@ -175,3 +175,21 @@ def test_torch_compile_keeps_the_kernel_in_one_graph():
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     for g, e in zip(grads, (x.grad, weight.grad, bias.grad)):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
+
+
+def test_the_sm_count_is_the_cuda_devices_and_none_elsewhere(monkeypatch):
+    from types import SimpleNamespace
+
+    from kernels.ops import _common
+
+    asked = []
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device: asked.append(device) or SimpleNamespace(multi_processor_count=132))
+    _common.sm_count.cache_clear()
+    try:
+        cuda = torch.device("cuda", 0)
+        assert _common.sm_count(cuda) == 132 and _common.sm_count(cuda) == 132
+        assert asked == [cuda]  # asked once per device, then cached
+        assert _common.sm_count(torch.device("cpu")) is None
+    finally:
+        _common.sm_count.cache_clear()
