@@ -188,7 +188,8 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
         raise ValueError(f"reduction must be one of {', '.join(map(repr, reference.REDUCTIONS))}, got {reduction!r}")
     x, weight, bias = _autocast(None, x, weight, bias)
     _checks.same_device_and_dtype(x=x, weight=weight, bias=bias)
-    rows, flat_targets = x.reshape(-1, x.shape[-1]), targets.reshape(-1)
+    rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    flat_targets = targets if targets.dim() == 1 else targets.reshape(-1)
     if _dispatch.use_kernel("linear_cross_entropy", rows, weight, bias, flat_targets):
         loss = _dispatch.kernel_module("linear_cross_entropy").linear_cross_entropy(
             rows, weight, bias, flat_targets, int(ignore_index), reduction)

@@ -18,14 +18,17 @@ def tensor(name: str, t, *, optional: bool = False) -> None:
 
 
 def same_device_and_dtype(**tensors) -> None:
-    """All the given (non-None) tensors share one device and one dtype."""
-    named = [(name, t) for name, t in tensors.items() if t is not None]
-    first_name, first = named[0]
-    for name, t in named[1:]:
-        if t.device != first.device:
-            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}")
-        if t.dtype != first.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but {first_name} has dtype {first.dtype}")
+    """All the given (non-None) tensors share one device and one dtype with the first, which is not None."""
+    items = iter(tensors.items())
+    first_name, first = next(items)  # the op's main input, never None
+    device, dtype = first.device, first.dtype
+    for name, t in items:
+        if t is None:
+            continue
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device} but {first_name} is on {device}")
+        if t.dtype != dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but {first_name} has dtype {dtype}")
 
 
 def shape(name: str, t, expected: tuple) -> None:
@@ -48,7 +51,10 @@ def class_targets(name: str, t, shape: tuple, device: torch.device, classes: int
         raise ValueError(f"{name} must have shape {tuple(shape)} (x's leading dimensions), got {tuple(t.shape)}")
     if t.device != device:
         raise ValueError(f"{name} is on {t.device} but x is on {device}")
-    if t.device.type == "cpu" and not torch.compiler.is_compiling():
+    if t.device.type != "cpu" or not t.numel() or torch.compiler.is_compiling():
+        return
+    low, high = (int(v) for v in torch.aminmax(t))
+    if low < 0 or high >= classes:  # out of range, or ignore_index: find one that is not ignore_index
         bad = (t != ignore_index) & ((t < 0) | (t >= classes))
         if bad.any():
             position = tuple(int(i) for i in bad.nonzero()[0])

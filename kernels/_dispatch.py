@@ -118,9 +118,9 @@ def _why_not(op: str, tensors) -> str | None:
         return "this op has no Triton kernel yet"
     if NO_TRITON_REASON is not None:
         return NO_TRITON_REASON
-    devices = {t.device.type for t in tensors if t is not None}
-    if devices != {"cuda"} and not (INTERPRETED and devices == {"cpu"}):
-        return (f"the tensors are on {', '.join(sorted(devices))}; the Triton kernels need CUDA tensors "
+    first = tensors[0]  # the public functions have checked that the tensors share its device
+    if not (first.is_cuda or (INTERPRETED and first.is_cpu)):
+        return (f"the tensors are on {first.device.type}; the Triton kernels need CUDA tensors "
                 f"(or CPU tensors with Triton's interpreter on: TRITON_INTERPRET=1 before import)")
     return _modules[op].why_unsupported(*tensors)
 
@@ -128,7 +128,8 @@ def _why_not(op: str, tensors) -> str | None:
 def use_kernel(op: str, *tensors: torch.Tensor | None) -> bool:
     """Whether ``op`` runs its Triton kernel on these tensors under the current policy.
 
-    ``tensors`` are the op's tensor arguments (``None`` for absent optional ones). Raises
+    ``tensors`` are the op's tensor arguments (``None`` for absent optional ones; the first is
+    present), validated to share one device. Raises
     :class:`KernelUnavailableError` under the ``triton`` policy when the kernel cannot run.
     """
     if _backend == "torch":

@@ -173,19 +173,19 @@ def launch(tunable: Tunable, grid_of: Callable, args: tuple, meta: dict, key: tu
 
     ``grid_of(block_sizes)`` gives the grid for a config's kwargs; ``key`` is what the launch's best
     config depends on (a token count's bucket, widths, the dtype: the kernel's flags are added);
-    ``allowed`` lists the configs the op allows for these inputs (default: all of them); ``tokens``
+    ``allowed`` is the tuple of configs the op allows for these inputs (default: all of them); ``tokens``
     is the launch's token count. Once a key has its config, a launch costs a dict lookup here: the
     kernel is launched directly, past Triton's autotuner (and its key of every argument's dtype).
     """
     allowed = tunable.configs if allowed is None else allowed
-    config = _pins.get(tunable.name)
+    config = _pins.get(tunable.name) if _pins else None
     if config is not None and config not in allowed:
         raise ValueError(f"the config pinned for {tunable.name}, {config}, does not fit these inputs; "
                          f"allowed: {list(allowed)}")
     if config is None and tokens is not None and tokens <= SMALL_TOKENS:
-        config = min(allowed, key=tile_size)
+        config = _smallest_and_largest(allowed)[0]
     if config is None and not _autotuner_can_time():
-        config = max(allowed, key=tile_size)
+        config = _smallest_and_largest(allowed)[1]
     if config is None:
         if not tunable.loaded:
             _load_disk_cache(tunable)
@@ -196,10 +196,27 @@ def launch(tunable: Tunable, grid_of: Callable, args: tuple, meta: dict, key: tu
     return tunable.fn, grid_of(config.kwargs), args, {**meta, **_launch_options(config)}
 
 
-@functools.lru_cache(maxsize=None)
+# Memos keyed by the identity of long-lived objects (the ops' config tuples and configs), each
+# entry holding its object so that the identity stays its own: a triton.Config hashes by building
+# a dict of all its fields, which would cost more than what is looked up.
+_extremes: dict[int, tuple] = {}
+_options: dict[int, tuple] = {}
+
+
+def _smallest_and_largest(allowed: tuple) -> tuple:
+    """The configs of ``allowed`` with the smallest and the largest tiles (the first of equals)."""
+    entry = _extremes.get(id(allowed))
+    if entry is None or entry[0] is not allowed:
+        entry = _extremes[id(allowed)] = allowed, (min(allowed, key=tile_size), max(allowed, key=tile_size))
+    return entry[1]
+
+
 def _launch_options(config) -> dict:
     """A config's block sizes and launch options as keyword arguments (built once per config)."""
-    return config.all_kwargs()
+    entry = _options.get(id(config))
+    if entry is None or entry[0] is not config:
+        entry = _options[id(config)] = config, config.all_kwargs()
+    return entry[1]
 
 
 class _TuneOnce:

@@ -111,17 +111,22 @@ def linear_cross_entropy_forward(chunks, x, weight, bias, targets, ignore_index:
     gradient when ``precompute`` (a reduced loss), else None; lse (N,) float32 serves a later backward.
     """
     n = x.shape[0]
-    losses = torch.empty(n, dtype=_loss_dtype(x.dtype), device=x.device)
-    lse = torch.empty(n, dtype=_loss_dtype(x.dtype), device=x.device)
-    scales = _row_scales(targets, ignore_index, reduction, None, lse.dtype) if precompute else None
+    scales = _row_scales(targets, ignore_index, reduction, None, _loss_dtype(x.dtype)) if precompute else None
     grads = _zero_gradients(x, weight, bias) if precompute else None
     step = chunk_rows(n, weight.shape[0])
-    for start in range(0, n, step):
-        rows = slice(start, start + step)
-        losses[rows], lse[rows], dz = chunks.loss(x[rows], weight, bias, targets[rows], ignore_index,
-                                                  None if scales is None else scales[rows])
+    if step >= n:  # one chunk: the whole tensors, no slices or copies
+        losses, lse, dz = chunks.loss(x, weight, bias, targets, ignore_index, scales)
         if dz is not None:
-            chunks.accumulate(dz, x[rows], weight, grads[0][rows], grads[1], grads[2])
+            chunks.accumulate(dz, x, weight, *grads)
+    else:
+        losses = torch.empty(n, dtype=_loss_dtype(x.dtype), device=x.device)
+        lse = torch.empty(n, dtype=_loss_dtype(x.dtype), device=x.device)
+        for start in range(0, n, step):
+            rows = slice(start, start + step)
+            losses[rows], lse[rows], dz = chunks.loss(x[rows], weight, bias, targets[rows], ignore_index,
+                                                      None if scales is None else scales[rows])
+            if dz is not None:
+                chunks.accumulate(dz, x[rows], weight, grads[0][rows], grads[1], grads[2])
     if reduction == "none":
         loss = losses
     else:
@@ -138,10 +143,14 @@ def linear_cross_entropy_gradients(chunks, x, weight, bias, targets, lse, dloss,
     scales = _row_scales(targets, ignore_index, "none", dloss, lse.dtype)
     dx, dweight, dbias = _zero_gradients(x, weight, bias)
     step = chunk_rows(n, weight.shape[0])
-    for start in range(0, n, step):
-        rows = slice(start, start + step)
-        dz = chunks.dlogits(x[rows], weight, bias, targets[rows], lse[rows], scales[rows], ignore_index)
-        chunks.accumulate(dz, x[rows], weight, dx[rows], dweight, dbias)
+    if step >= n:  # one chunk: the whole tensors, no slices
+        dz = chunks.dlogits(x, weight, bias, targets, lse, scales, ignore_index)
+        chunks.accumulate(dz, x, weight, dx, dweight, dbias)
+    else:
+        for start in range(0, n, step):
+            rows = slice(start, start + step)
+            dz = chunks.dlogits(x[rows], weight, bias, targets[rows], lse[rows], scales[rows], ignore_index)
+            chunks.accumulate(dz, x[rows], weight, dx[rows], dweight, dbias)
     return _finish_gradients(dx, dweight, dbias, weight, bias)
 
 

@@ -8,6 +8,7 @@ import kernels
 from conftest import ALL_DTYPES, DEVICE, assert_backward_deterministic, float32_tolerance
 from kernels import _dispatch, _tuning
 from kernels.ops import gelu_mlp as gm
+from kernels.ops._gemm import needs_wide
 from kernels.tools.verify import assert_close_to_exact, assert_pass, gelu_mlp_checks
 
 ROWS = [1, 7, 100, 257]
@@ -176,6 +177,21 @@ def test_leading_dimensions_and_broadcast_output_gradient():
         assert_close_to_exact(g, lg, eg, name)
 
 
+def test_contiguous_leading_dimensions_reach_the_kernels_as_they_are():
+    """A contiguous (B, T, C) input needs no (rows, C) view: the GEMMs get it with its row strides."""
+    from kernels.ops._common import run
+
+    w = mlp_inputs(width=16, hidden=40, requires_grad=False)
+    x = torch.randn(2, 3, 16)
+    params = [w["fc_weight"], w["fc_bias"], w["proj_weight"], w["proj_bias"]]
+    (out, pre), launches = plan = gm.forward_plan(x, *params, keep_pre=True)
+    assert launches[0][2][0] is x and out.shape == x.shape and pre.shape == (6, 40)
+    run(plan)
+    torch.testing.assert_close(out, kernels.reference.gelu_mlp(x, *params), rtol=2e-3, atol=2e-3)
+    assert not any(meta["WIDE"] for *_, meta in launches)
+    assert not needs_wide(torch.empty(2, 4096, 4096, device="meta"))  # rows 4096 apart, whatever the batch
+
+
 @pytest.mark.skipif(DEVICE == "cuda", reason="allocates 4 GiB of storage (untouched on a CPU)")
 @pytest.mark.parametrize("split", [False, True], ids=["whole", "split-k"])
 def test_offsets_past_2_31_elements_use_int64(split, request):
@@ -187,7 +203,8 @@ def test_offsets_past_2_31_elements_use_int64(split, request):
     storage = torch.empty(2 * (2**30 + 16) + 16, dtype=torch.float16)
     x = storage.as_strided((3, 16), (2**30 + 16, 1))
     x.copy_(w["x"])
-    assert gm.needs_wide(x)
+    _, launches = gm.forward_plan(x, *list(w.values())[1:], keep_pre=False)
+    assert [meta["WIDE"] for *_, meta in launches] == [True, False]  # x's tiles, then the hidden layer's
     leaves = [t.requires_grad_() for t in (x, *list(w.values())[1:])]
     dout = torch.randn(3, 16, dtype=torch.float16)
     with kernels.use_backend("triton"):

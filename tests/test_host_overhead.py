@@ -32,7 +32,8 @@ def test_a_tiny_run_measures_every_op_both_ways_and_counts_a_steps_launches():
     assert set(host) == {(op, d) for op in ops for d in ("forward", "backward")}
     assert [host[op, "forward"]["launches"] for op in ops] == [1, 1, 2, 5]  # LCE: loss, merge, dz, dx, dW
     assert host["attention", "backward"]["launches"] == 3  # delta, dK/dV, dQ
-    assert all(r["host_us"] > 0 for r in results["host"])
+    assert all(r["host_us"] > 0 and r["floor_us"] > 0 for r in results["host"])
+    assert all(r["beyond_floor_us"] == pytest.approx(r["host_us"] - r["floor_us"]) for r in results["host"])
     assert [r["op"] for r in results["torch_backend"]] == list(ops)
     step = results["step_launches"]
     assert step["total"] == step["forward"] + step["backward"] == sum(step["by_kernel"].values())

@@ -62,6 +62,25 @@ def test_leading_dimensions_and_transposed_input():
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_contiguous_leading_dimensions_reach_the_kernels_as_they_are():
+    """A contiguous (B, T, N) input needs no (rows, N) view: the kernels get it and write y in its shape."""
+    from kernels.ops._common import run
+
+    x, weight, bias = torch.randn(2, 3, 40), torch.randn(40), torch.randn(40)
+    (y, mean, rstd), [(_, grid, args, _)] = plan = ln.forward_plan(x, weight, bias, 1e-5)
+    assert args[0] is x and y.shape == x.shape and grid == (6,) and mean.shape == (6,)
+    run(plan)
+    torch.testing.assert_close(y, torch.nn.functional.layer_norm(x, (40,), weight, bias))
+    dy = torch.randn(2, 3, 40)
+    (dx, dweight, dbias), launches = ln.backward_plan(dy, x, weight, True, mean, rstd)
+    assert launches[0][2][:2] == (x, dy) and dx.shape == x.shape
+    run(((dx, dweight, dbias), launches))
+    leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    expected = torch.autograd.grad(torch.nn.functional.layer_norm(leaves[0], (40,), *leaves[1:]), leaves, dy)
+    for got, want in zip((dx, dweight, dbias), expected):
+        torch.testing.assert_close(got, want)
+
+
 def test_large_mean_is_numerically_stable():
     # A one-pass E[x^2] - E[x]^2 variance loses everything here; the kernels must not.
     x = 1e4 + torch.randn(2, 8193, device=DEVICE, dtype=torch.float32)

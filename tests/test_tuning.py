@@ -111,7 +111,7 @@ def test_the_autotuner_times_only_the_configs_the_op_allows(gpu_path):
     set_times("attention.fwd", times)
     assert_pass(attention_checks(1, 1, 100, 64, torch.float16, dropout_p=0.1, device=DEVICE))
     allowed = attention.configs("fwd", 64, torch.float16, 100, dropout=True)
-    assert asked["attention.fwd"] == ([] if len(allowed) == 1 else allowed)
+    assert asked["attention.fwd"] == ([] if len(allowed) == 1 else list(allowed))
 
 
 def test_a_pin_overrides_the_autotuner(gpu_path):
@@ -204,3 +204,17 @@ def test_choices_are_kept_on_disk_and_a_second_process_does_not_tune_again(tmp_p
     assert second.returncode == 0, second.stderr
     assert second.stdout.startswith("0 [('gelu_mlp.fwd', (128, 64, 16")  # read from disk, not timed
     assert "128x128x32 warps=8 stages=3" in second.stdout
+
+
+def test_host_side_rounding_agrees_with_triton():
+    """The ops' plans round with kernels.ops._common's cdiv and next_power_of_2 (plain Python, no
+    constexpr_function call): the same numbers as Triton's."""
+    import triton
+
+    from kernels.ops._common import cdiv, next_power_of_2
+
+    for n in [*range(0, 300), 1023, 1024, 1025, 2**31 - 1, 2**31, 2**40 + 3]:
+        assert next_power_of_2(max(n, 1)) == triton.next_power_of_2(max(n, 1)), n
+        for d in (1, 3, 16, 128):
+            assert cdiv(n, d) == triton.cdiv(n, d), (n, d)
+    assert next_power_of_2(0) == 1

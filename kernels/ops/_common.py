@@ -13,6 +13,17 @@ FLOAT32_NEEDS_TF32 = (
     "torch.set_float32_matmul_precision('high')) to use the kernels")
 
 
+def cdiv(a: int, b: int) -> int:
+    """``a / b`` rounded up, for positive ``b``: a host-side ``triton.cdiv`` (which newer tritons
+    make a ``constexpr_function``, costing microseconds a call from Python)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The least power of two >= ``n`` (1 for ``n`` <= 1): a host-side ``triton.next_power_of_2``."""
+    return 1 << (n - 1).bit_length() if n > 1 else 1
+
+
 def run(plan):
     """Launch a plan's kernels in order and return its outputs.
 

@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import next_power_of_2
+
 GROUP_M = 8  # tile rows per program group (L2 reuse of the B panel)
 
 # The autotuned configs of the GEMM kernels: large tiles for many tokens, a narrower one, small tiles
@@ -145,14 +147,19 @@ def _matmul_kernel(
     tl.store(out_ptrs, acc.to(Out_ptr.dtype.element_ty), mask=mask)
 
 
+# A tile's own offsets in an operand can pass 2^31 when its row and column strides add up to this.
+WIDE_STRIDES = 2**31 // MAX_BLOCK
+
+
 def needs_wide(*tensors: torch.Tensor | None) -> bool:
-    """Whether a tile's own offsets in one of these operands can pass 2^31 (strides adding up to
-    2^31 / MAX_BLOCK elements or more): then the GEMM kernels compute them in int64 (``WIDE``)."""
-    return any(t is not None and sum(t.stride()) * MAX_BLOCK >= 2**31 for t in tensors)
+    """Whether a tile's own offsets in one of these operands can pass 2^31 (the strides of its last
+    two dimensions, those of its (rows, columns) view, adding up to ``WIDE_STRIDES`` or more): then
+    the GEMM kernels compute them in int64 (``WIDE``)."""
+    return any(t is not None and sum(t.stride()[-2:]) >= WIDE_STRIDES for t in tensors)
 
 
 def bucket(n: int) -> int:
     """``n`` rounded up to a power of two: the autotuners' key for a token count (TOKENS_BUCKET),
     whichever GEMM dimension the tokens are, so that a run tunes once per shape class instead of
     once per batch shape or prompt length."""
-    return triton.next_power_of_2(max(n, 1))
+    return next_power_of_2(n)

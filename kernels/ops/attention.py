@@ -30,6 +30,7 @@ with D up to 64 while PyTorch's float32 matmuls use TF32 (the dots then run in T
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -38,7 +39,8 @@ import triton
 import triton.language as tl
 
 from .. import _tuning
-from ._common import FLOAT32_NEEDS_TF32, eager_function, run, tf32_enabled, traced_or_eager
+from ._common import (FLOAT32_NEEDS_TF32, cdiv, eager_function, next_power_of_2, run, tf32_enabled,
+                      traced_or_eager)
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 128
@@ -469,7 +471,7 @@ MIN_TILE = 64  # tiles up to this size are always allowed; larger ones only when
 
 def block_d(head_dim: int) -> int:
     """The head dimension the kernels compute with: the next power of two, at least 16 (tl.dot's minimum K)."""
-    return max(16, triton.next_power_of_2(head_dim))
+    return max(16, next_power_of_2(head_dim))
 
 
 def max_block_d(tile: Tile, dtype: torch.dtype, dropout: bool) -> int:
@@ -482,23 +484,28 @@ def max_block_d(tile: Tile, dtype: torch.dtype, dropout: bool) -> int:
     return min(limit, with_dropout) if dropout else limit
 
 
-def configs(kind: str, head_dim: int, dtype: torch.dtype, seq_len: int, dropout: bool) -> list[triton.Config]:
+def configs(kind: str, head_dim: int, dtype: torch.dtype, seq_len: int, dropout: bool) -> tuple[triton.Config, ...]:
     """The configs of kernel ``kind`` ("fwd", "dkdv" or "dq") that may run on these inputs.
 
     Configs whose tiles do not fit the padded head dimension (see :func:`max_block_d`) are pruned,
     as are tiles larger than the sequence needs (beyond ``MIN_TILE``). Never empty for inputs the
     kernels support: at worst the first fitting config.
     """
+    return _configs(kind, head_dim, dtype, max(MIN_TILE, next_power_of_2(seq_len)), bool(dropout))
+
+
+@functools.lru_cache(maxsize=None)
+def _configs(kind: str, head_dim: int, dtype: torch.dtype, longest: int, dropout: bool) -> tuple[triton.Config, ...]:
+    """:func:`configs` for tiles up to ``longest`` (decided once per shape class)."""
     width = block_d(head_dim)
     fitting = [tile.config for tile in _CONFIGS[kind] if width <= max_block_d(tile, dtype, dropout)]
-    longest = max(MIN_TILE, triton.next_power_of_2(max(seq_len, 1)))
-    short = [c for c in fitting if max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) <= longest]
-    return short or fitting[:1]
+    short = tuple(c for c in fitting if max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) <= longest)
+    return short or tuple(fitting[:1])
 
 
 def _autotuned(kind: str, kernel) -> _tuning.Tunable:
     def prune(candidates, args):
-        return configs(kind, args["HEAD_DIM"], args["Q_ptr"].dtype, args["T_K"], args["DROPOUT"])
+        return list(configs(kind, args["HEAD_DIM"], args["Q_ptr"].dtype, args["T_K"], args["DROPOUT"]))
 
     return _tuning.autotuned(f"attention.{kind}", kernel, [tile.config for tile in _CONFIGS[kind]],
                              key=["T_BUCKET", "HEAD_DIM", "CAUSAL", "DROPOUT"], prune=prune)
@@ -549,7 +556,7 @@ def draw_rng_state(device) -> torch.Tensor:
 
 
 def _t_bucket(seq_len: int) -> int:
-    return triton.next_power_of_2(max(seq_len, 1))
+    return next_power_of_2(seq_len)
 
 
 def _key(q, k) -> tuple:
@@ -559,8 +566,17 @@ def _key(q, k) -> tuple:
 
 def _meta(q, causal: bool, dropout_p: float) -> dict:
     """The constexpr arguments shared by the forward and backward kernels."""
-    D = q.shape[-1]
-    return dict(HEAD_DIM=D, BLOCK_D=block_d(D), CAUSAL=causal, DROPOUT=dropout_p > 0)
+    return _meta_of(q.shape[-1], causal, dropout_p > 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _meta_of(head_dim: int, causal: bool, dropout: bool) -> dict:
+    return dict(HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim), CAUSAL=causal, DROPOUT=dropout)
+
+
+@functools.lru_cache(maxsize=None)
+def _preprocess_meta(head_dim: int) -> dict:
+    return dict(HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim), BLOCK_M=PREPROCESS_BLOCK_M, num_warps=4)
 
 
 def forward_plan(q, k, v, rng, causal, dropout_p, softmax_scale):
@@ -573,7 +589,7 @@ def forward_plan(q, k, v, rng, causal, dropout_p, softmax_scale):
         return (o, lse), []
     args = (q, k, v, o, lse, rng, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
             H, T_Q, T_K, _t_bucket(T_Q), softmax_scale * LOG2_E, dropout_p)
-    launch = _tuning.launch(_attention_fwd, lambda c: (triton.cdiv(T_Q, c["BLOCK_M"]), H, B), args,
+    launch = _tuning.launch(_attention_fwd, lambda c: (cdiv(T_Q, c["BLOCK_M"]), H, B), args,
                             _meta(q, causal, dropout_p), _key(q, k), configs("fwd", D, q.dtype, T_K, dropout_p > 0),
                             tokens=T_Q)
     return (o, lse), [launch]
@@ -582,9 +598,8 @@ def forward_plan(q, k, v, rng, causal, dropout_p, softmax_scale):
 def preprocess_launch(o, do, delta):
     """The launch that fills ``delta`` (B, H, T_Q) with the row sums of ``do * o``."""
     B, H, T, D = o.shape
-    return (_attention_bwd_preprocess_kernel, (triton.cdiv(T, PREPROCESS_BLOCK_M), H, B),
-            (o, do, delta, *o.stride(), *do.stride(), H, T),
-            dict(HEAD_DIM=D, BLOCK_D=block_d(D), BLOCK_M=PREPROCESS_BLOCK_M, num_warps=4))
+    return (_attention_bwd_preprocess_kernel, (cdiv(T, PREPROCESS_BLOCK_M), H, B),
+            (o, do, delta, *o.stride(), *do.stride(), H, T), _preprocess_meta(D))
 
 
 def backward_plan(do, q, k, v, o, lse, rng, causal, dropout_p, softmax_scale):
@@ -598,12 +613,12 @@ def backward_plan(do, q, k, v, o, lse, rng, causal, dropout_p, softmax_scale):
     meta = _meta(q, causal, dropout_p)
     lengths = (H, T_Q, T_K, _t_bucket(T_Q), softmax_scale * LOG2_E, softmax_scale, dropout_p)
     dkdv = _tuning.launch(
-        _attention_bwd_dkdv, lambda c: (triton.cdiv(T_K, c["BLOCK_N"]), H, B),
+        _attention_bwd_dkdv, lambda c: (cdiv(T_K, c["BLOCK_N"]), H, B),
         (q, k, v, do, dk, dv, lse, delta, rng, *q.stride(), *k.stride(), *v.stride(), *do.stride(),
          *dk.stride(), *dv.stride(), *lengths),
         meta, _key(q, k), configs("dkdv", D, q.dtype, T_K, dropout_p > 0), tokens=T_Q)
     dq_launch = _tuning.launch(
-        _attention_bwd_dq, lambda c: (triton.cdiv(T_Q, c["BLOCK_M"]), H, B),
+        _attention_bwd_dq, lambda c: (cdiv(T_Q, c["BLOCK_M"]), H, B),
         (q, k, v, do, dq, lse, delta, rng, *q.stride(), *k.stride(), *v.stride(), *do.stride(),
          *dq.stride(), *lengths),
         meta, _key(q, k), configs("dq", D, q.dtype, T_K, dropout_p > 0), tokens=T_Q)

@@ -57,13 +57,16 @@ needed the forward does not write pre at all.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 from .. import _tuning
-from ._common import FLOAT32_NEEDS_TF32, eager_function, run, sm_count, tf32_enabled, traced_or_eager
-from ._gemm import CONFIGS, GROUP_M, bucket, needs_wide, tile_matmul, tile_offsets, tile_start
+from ._common import (FLOAT32_NEEDS_TF32, cdiv, eager_function, run, sm_count, tf32_enabled,
+                      traced_or_eager)
+from ._gemm import CONFIGS, GROUP_M, WIDE_STRIDES, bucket, tile_matmul, tile_offsets, tile_start
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -228,7 +231,7 @@ def why_unsupported(x, fc_weight, fc_bias=None, proj_weight=None, proj_bias=None
 SPLIT_REDUCE_BLOCK = 1024  # elements per program of the split-K reduction
 # The configs of a weight gradient in K slices: 64 x 128 x 32 on 4 warps spills there (28 B on sm_80
 # under triton 3.9, ``python -m kernels.tools.compile_report``), where it does not without a split.
-SPLIT_CONFIGS = [c for c in CONFIGS if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) != (64, 128, 4)]
+SPLIT_CONFIGS = tuple(c for c in CONFIGS if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) != (64, 128, 4))
 
 
 def supports(x, fc_weight, fc_bias=None, proj_weight=None, proj_bias=None) -> bool:
@@ -246,9 +249,12 @@ def _gemm(kernel, m, n, k, operands, strides, meta, split=1, extra_args=()):
         return None
 
     def grid(cfg):
-        return (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]), split)
+        return (cdiv(m, cfg["BLOCK_M"]) * cdiv(n, cfg["BLOCK_N"]), split)
 
-    wide = needs_wide(*(t for t in operands if isinstance(t, torch.Tensor)))
+    # The operands' tile offsets: A's and B's by their strides, the outputs' (and pre's, act's) by
+    # their row stride and unit column stride; bias offsets stay within a tile.
+    stride_am, stride_ak, stride_bk, stride_bn, stride_om = strides
+    wide = max(stride_am + stride_ak, stride_bk + stride_bn, stride_om + 1) >= WIDE_STRIDES
     tokens = k if kernel is _bwd_dweight else m
     key = (bucket(tokens), n, k, str(operands[0].dtype)) if kernel is not _bwd_dweight else \
         (m, n, bucket(tokens), str(operands[0].dtype))
@@ -267,45 +273,62 @@ def _weight_gradient(a, b, dweight, dbias, m, n, k, strides, split):
     launches = [_gemm(_bwd_dweight, m, n, k, (a, b, dweight, dbias, partials), strides, meta, split,
                       (slice_elements,))]
     if split > 1 and m and n:
-        launches.append((_gelu_mlp_bwd_split_reduce_kernel, (triton.cdiv(slice_elements, SPLIT_REDUCE_BLOCK),),
+        launches.append((_gelu_mlp_bwd_split_reduce_kernel, (cdiv(slice_elements, SPLIT_REDUCE_BLOCK),),
                          (partials, dweight, dbias, m * n, slice_elements),
                          dict(SPLIT_K=split, BIAS_GRAD=dbias is not None, BLOCK=SPLIT_REDUCE_BLOCK)))
     return launches
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """``t`` (..., C) as (rows, C): a view when the layout allows (any strides are fine for the kernels)."""
-    return t.reshape(-1, t.shape[-1])
+def _rows(t: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
+    """``(tensor, rows, row stride, column stride)``: ``t`` (..., C) as rows of C for the kernels,
+    which see only its data pointer and these strides: ``t`` itself when contiguous (no view made),
+    else a (rows, C) view when the layout allows, or a copy (any strides are fine for the kernels)."""
+    c = t.shape[-1]
+    if t.is_contiguous():
+        return t, t.numel() // c, c, 1
+    rows = t.reshape(-1, c)
+    return rows, rows.shape[0], rows.stride(0), rows.stride(1)
+
+
+@functools.lru_cache(maxsize=None)
+def _fwd_meta(has_bias: bool, gelu: bool, store_pre: bool) -> dict:
+    return dict(HAS_BIAS=has_bias, GELU=gelu, STORE_PRE=store_pre)
 
 
 def forward_plan(x, fc_weight, fc_bias, proj_weight, proj_bias, keep_pre: bool):
-    """Outputs ``(out, pre)`` for ``x`` (M, C) and the two launches that fill them.
+    """Outputs ``(out, pre)`` for ``x`` (..., C) and the two launches that fill them.
 
-    ``pre`` (M, H) is empty unless ``keep_pre``. A launch is ``(kernel, grid, args, meta)`` (see
-    :func:`kernels.ops._common.run`); the config is chosen by :mod:`kernels._tuning`.
+    ``out`` has x's shape (contiguous); ``pre`` (rows, H) is empty unless ``keep_pre``. A launch
+    is ``(kernel, grid, args, meta)`` (see :func:`kernels.ops._common.run`); the config is chosen
+    by :mod:`kernels._tuning`.
     """
-    m, c = x.shape
+    c = x.shape[-1]
     h = fc_weight.shape[0]
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    x, m, stride_xm, stride_xk = _rows(x)
     act = torch.empty((m, h), dtype=x.dtype, device=x.device)
     pre = torch.empty((m, h) if keep_pre else (0,), dtype=x.dtype, device=x.device)
-    out = torch.empty((m, c), dtype=x.dtype, device=x.device)
     fc = _gemm(_fwd, m, h, c, (x, fc_weight, fc_bias, act, pre if keep_pre else None),
-               (x.stride(0), x.stride(1), fc_weight.stride(1), fc_weight.stride(0), act.stride(0)),
-               dict(HAS_BIAS=fc_bias is not None, GELU=True, STORE_PRE=keep_pre))
+               (stride_xm, stride_xk, fc_weight.stride(1), fc_weight.stride(0), h),
+               _fwd_meta(fc_bias is not None, True, keep_pre))
     proj = _gemm(_fwd, m, c, h, (act, proj_weight, proj_bias, out, None),
-                 (act.stride(0), act.stride(1), proj_weight.stride(1), proj_weight.stride(0), out.stride(0)),
-                 dict(HAS_BIAS=proj_bias is not None, GELU=False, STORE_PRE=False))
+                 (h, 1, proj_weight.stride(1), proj_weight.stride(0), c),
+                 _fwd_meta(proj_bias is not None, False, False))
     return (out, pre), [launch for launch in (fc, proj) if launch is not None]
 
 
 def backward_plan(dout, x, fc_weight, proj_weight, pre, has_fc_bias: bool, has_proj_bias: bool,
                   split: int | None = None):
-    """Outputs ``(dx, dfc_weight, dfc_bias, dproj_weight, dproj_bias)`` (absent biases: None) and launches.
+    """Outputs ``(dx, dfc_weight, dfc_bias, dproj_weight, dproj_bias)`` (absent biases: None) and launches,
+    for dout and x (..., C) and pre (rows, H); dx has x's shape (contiguous).
 
     ``split``: the K slices of both weight gradients (default: ``_tuning.split_k`` for x's device).
     """
-    m, c = x.shape
+    c = x.shape[-1]
     h = fc_weight.shape[0]
+    dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+    x, m, stride_xm, stride_xk = _rows(x)
+    dout, _, stride_dm, stride_dk = _rows(dout)
     if split is None:
         split = _tuning.split_k(h, c, m, sm_count(x.device))
     elif isinstance(split, bool) or not isinstance(split, int) or split < 1:
@@ -313,7 +336,6 @@ def backward_plan(dout, x, fc_weight, proj_weight, pre, has_fc_bias: bool, has_p
     new = dict(dtype=x.dtype, device=x.device)
     dpre = torch.empty((m, h), **new)
     act = torch.empty((m, h), **new)
-    dx = torch.empty((m, c), **new)
     dfc_weight = torch.empty((h, c), **new)
     dproj_weight = torch.empty((c, h), **new)
     dfc_bias = torch.empty(h, **new) if has_fc_bias else None
@@ -321,19 +343,16 @@ def backward_plan(dout, x, fc_weight, proj_weight, pre, has_fc_bias: bool, has_p
     launches = [
         # dpre = (dout @ W2) * gelu'(pre); act = gelu(pre)
         _gemm(_bwd_dpre, m, h, c, (dout, proj_weight, pre, dpre, act),
-              (dout.stride(0), dout.stride(1), proj_weight.stride(0), proj_weight.stride(1), pre.stride(0)), {}),
+              (stride_dm, stride_dk, proj_weight.stride(0), proj_weight.stride(1), pre.stride(0)), {}),
         # dW2 = dout^T @ act, db2 = sum_rows(dout)
         *_weight_gradient(dout, act, dproj_weight, dproj_bias, c, h, m,
-                          (dout.stride(1), dout.stride(0), act.stride(0), act.stride(1), dproj_weight.stride(0)),
-                          split),
+                          (stride_dk, stride_dm, h, 1, dproj_weight.stride(0)), split),
         # dW1 = dpre^T @ x, db1 = sum_rows(dpre)
         *_weight_gradient(dpre, x, dfc_weight, dfc_bias, h, c, m,
-                          (dpre.stride(1), dpre.stride(0), x.stride(0), x.stride(1), dfc_weight.stride(0)),
-                          split),
+                          (1, h, stride_xm, stride_xk, dfc_weight.stride(0)), split),
         # dx = dpre @ W1
         _gemm(_fwd, m, c, h, (dpre, fc_weight, None, dx, None),
-              (dpre.stride(0), dpre.stride(1), fc_weight.stride(0), fc_weight.stride(1), dx.stride(0)),
-              dict(HAS_BIAS=False, GELU=False, STORE_PRE=False)),
+              (h, 1, fc_weight.stride(0), fc_weight.stride(1), c), _fwd_meta(False, False, False)),
     ]
     return (dx, dfc_weight, dfc_bias, dproj_weight, dproj_bias), [launch for launch in launches if launch is not None]
 
@@ -341,8 +360,7 @@ def backward_plan(dout, x, fc_weight, proj_weight, pre, has_fc_bias: bool, has_p
 def _forward(x: torch.Tensor, fc_weight: torch.Tensor, fc_bias: torch.Tensor | None, proj_weight: torch.Tensor,
              proj_bias: torch.Tensor | None, keep_pre: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward on ``x`` (..., C): ``(out, pre)``, pre (rows, H) kept for the backward (empty unless keep_pre)."""
-    out, pre = run(forward_plan(_rows(x), fc_weight, fc_bias, proj_weight, proj_bias, keep_pre))
-    return out.view(x.shape), pre
+    return run(forward_plan(x, fc_weight, fc_bias, proj_weight, proj_bias, keep_pre))
 
 
 def _backward_impl(dout: torch.Tensor, x: torch.Tensor, fc_weight: torch.Tensor, proj_weight: torch.Tensor,
@@ -350,10 +368,9 @@ def _backward_impl(dout: torch.Tensor, x: torch.Tensor, fc_weight: torch.Tensor,
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dx, dfc_weight, dfc_bias, dproj_weight, dproj_bias)``; an absent bias gets an empty gradient."""
     dx, dfc_weight, dfc_bias, dproj_weight, dproj_bias = run(
-        backward_plan(_rows(dout), _rows(x), fc_weight, proj_weight, pre, has_fc_bias, has_proj_bias))
-    absent = x.new_empty(0)
-    return (dx.view(x.shape), dfc_weight, absent if dfc_bias is None else dfc_bias, dproj_weight,
-            absent.clone() if dproj_bias is None else dproj_bias)
+        backward_plan(dout, x, fc_weight, proj_weight, pre, has_fc_bias, has_proj_bias))
+    return (dx, dfc_weight, x.new_empty(0) if dfc_bias is None else dfc_bias, dproj_weight,
+            x.new_empty(0) if dproj_bias is None else dproj_bias)
 
 
 # Registered as custom ops so torch.compile treats the kernels as opaque calls instead of breaking

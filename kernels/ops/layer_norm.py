@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import eager_function, run, sm_count, traced_or_eager
+from ._common import cdiv, eager_function, next_power_of_2, run, sm_count, traced_or_eager
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_ONE_BLOCK_N = 8192  # widest row held in registers; wider rows use the chunked kernels
@@ -220,7 +220,7 @@ def supports(x, weight=None, bias=None) -> bool:
 def block_config(n: int) -> tuple[int, int, bool]:
     """``(BLOCK_N, num_warps, ONE_BLOCK)`` for rows of ``n`` elements: the one launch heuristic."""
     if n <= MAX_ONE_BLOCK_N:
-        block = max(MIN_BLOCK_N, triton.next_power_of_2(n))
+        block = max(MIN_BLOCK_N, next_power_of_2(n))
         return block, min(max(block // 256, 1), 16), True
     return LOOP_BLOCK_N, LOOP_NUM_WARPS, False
 
@@ -231,10 +231,16 @@ def launch_configs() -> list[tuple[int, int, bool]]:
     return one_block + [block_config(MAX_ONE_BLOCK_N + 1)]
 
 
-def _as_rows(t: torch.Tensor) -> torch.Tensor:
-    """``t`` as (rows, last dim) with unit column stride; a view when the layout allows."""
-    rows = t.reshape(-1, t.shape[-1])
-    return rows if rows.stride(-1) == 1 else rows.contiguous()
+def _as_rows(t: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """``(tensor, rows, row stride)``: ``t`` (..., N) as rows of N elements with unit column stride
+    for the kernels, which see only its data pointer: ``t`` itself when contiguous (no view made),
+    else a (rows, N) view when the layout allows, or a copy."""
+    n = t.shape[-1]
+    if t.is_contiguous():
+        return t, t.numel() // n, n
+    rows = t.reshape(-1, n)
+    rows = rows if rows.stride(-1) == 1 else rows.contiguous()
+    return rows, rows.shape[0], rows.stride(0)
 
 
 def backward_programs(m: int, n: int, sms: int | None) -> int:
@@ -247,7 +253,7 @@ def backward_programs(m: int, n: int, sms: int | None) -> int:
     after another) as few as that allows.
     """
     target = 1 if sms is None else sms * (4 if n <= MAX_ONE_BLOCK_N else 1)
-    return max(1, min(m, max(target, triton.cdiv(m, MAX_ROWS_PER_PROGRAM))))
+    return max(1, min(m, max(target, cdiv(m, MAX_ROWS_PER_PROGRAM))))
 
 
 def reduce_block_n(n: int, sms: int | None) -> int:
@@ -256,34 +262,42 @@ def reduce_block_n(n: int, sms: int | None) -> int:
     float32 partial sums); ``REDUCE_MAX_N`` without a GPU (the interpreter: fewer programs)."""
     if sms is None:
         return REDUCE_MAX_N
-    return max(REDUCE_MIN_N, min(REDUCE_MAX_N, triton.next_power_of_2(triton.cdiv(n, sms))))
+    return max(REDUCE_MIN_N, min(REDUCE_MAX_N, next_power_of_2(cdiv(n, sms))))
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_meta(n: int, has_weight: bool, has_bias: bool) -> dict:
+    block, num_warps, one_block = block_config(n)
+    return dict(BLOCK_N=block, ONE_BLOCK=one_block, HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, num_warps=num_warps)
 
 
 def forward_plan(x, weight, bias, eps):
-    """Outputs ``(y, mean, rstd)`` for ``x`` (rows, N) and the launches that fill them.
+    """Outputs ``(y, mean, rstd)`` for ``x`` (..., N) and the launches that fill them: y of x's
+    shape (contiguous), the statistics per row.
 
     A launch is ``(kernel, grid, args, meta)`` (see :func:`kernels.ops._common.run`).
     """
-    m, n = x.shape
+    n = x.shape[-1]
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    x, m, x_stride = _as_rows(x)
     mean = torch.empty(m, dtype=torch.float32, device=x.device)
     rstd = torch.empty(m, dtype=torch.float32, device=x.device)
-    block, num_warps, one_block = block_config(n)
-    meta = dict(BLOCK_N=block, ONE_BLOCK=one_block, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-                num_warps=num_warps)
-    args = (x, y, weight, bias, mean, rstd, x.stride(0), y.stride(0), n, eps)
-    launches = [(_layer_norm_fwd_kernel, (m,), args, meta)] if m else []
+    args = (x, y, weight, bias, mean, rstd, x_stride, n, n, eps)
+    launches = [(_layer_norm_fwd_kernel, (m,), args, _forward_meta(n, weight is not None, bias is not None))] if m else []
     return (y, mean, rstd), launches
 
 
 def backward_plan(dy, x, weight, has_bias, mean, rstd, sms: int | None = None):
-    """Outputs ``(dx, dweight or None, dbias or None)`` and the launches that fill them.
+    """Outputs ``(dx, dweight or None, dbias or None)`` for dy and x (..., N), dx of x's shape
+    (contiguous), and the launches that fill them.
 
     ``sms``: the multiprocessors to fill (default: those of x's device; see :func:`backward_programs`).
     """
-    m, n = x.shape
+    n = x.shape[-1]
     has_weight = weight is not None
     dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+    x, m, x_stride = _as_rows(x)
+    dy, _, dy_stride = _as_rows(dy)
     alloc = torch.zeros if m == 0 else torch.empty  # no rows: the sums are zero, nothing to launch
     dweight = alloc(n, dtype=x.dtype, device=x.device) if has_weight else None
     dbias = alloc(n, dtype=x.dtype, device=x.device) if has_bias else None
@@ -291,22 +305,22 @@ def backward_plan(dy, x, weight, has_bias, mean, rstd, sms: int | None = None):
         return (dx, dweight, dbias), []
     block, num_warps, one_block = block_config(n)
     sms = sm_count(x.device) if sms is None else sms
-    rows_per_program = triton.cdiv(m, backward_programs(m, n, sms))
+    rows_per_program = cdiv(m, backward_programs(m, n, sms))
     assert rows_per_program <= MAX_ROWS_PER_PROGRAM
-    programs = triton.cdiv(m, rows_per_program)
+    programs = cdiv(m, rows_per_program)
     dw_partial = torch.empty((programs, n), dtype=torch.float32, device=x.device) if has_weight else None
     db_partial = torch.empty((programs, n), dtype=torch.float32, device=x.device) if has_bias else None
     flags = dict(HAS_WEIGHT=has_weight, HAS_BIAS=has_bias)
     launches = [(
         _layer_norm_bwd_dx_kernel, (programs,),
         (x, dy, dx, weight, mean, rstd, dw_partial, db_partial,
-         x.stride(0), dy.stride(0), dx.stride(0), m, n, rows_per_program),
+         x_stride, dy_stride, n, m, n, rows_per_program),
         dict(BLOCK_N=block, ONE_BLOCK=one_block, MAX_ROWS=MAX_ROWS_PER_PROGRAM, num_warps=num_warps, **flags),
     )]
     if has_weight or has_bias:
         reduce_n = reduce_block_n(n, sms)
         launches.append((
-            _layer_norm_bwd_dwdb_kernel, (triton.cdiv(n, reduce_n),),
+            _layer_norm_bwd_dwdb_kernel, (cdiv(n, reduce_n),),
             (dw_partial, db_partial, dweight, dbias, programs, n),
             dict(BLOCK_G=REDUCE_TILE // reduce_n, BLOCK_N=reduce_n, num_warps=REDUCE_NUM_WARPS, **flags),
         ))
@@ -316,16 +330,14 @@ def backward_plan(dy, x, weight, has_bias, mean, rstd, sms: int | None = None):
 def _forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
              eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward on ``x`` (..., N): ``(y, mean, rstd)``, the statistics per row in float32."""
-    y, mean, rstd = run(forward_plan(_as_rows(x), weight, bias, eps))
-    return y.view(x.shape), mean, rstd
+    return run(forward_plan(x, weight, bias, eps))
 
 
 def _backward_impl(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, mean: torch.Tensor,
                    rstd: torch.Tensor, has_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dx, dweight, dbias)``; an absent weight or bias gets an empty gradient."""
-    dx, dweight, dbias = run(backward_plan(_as_rows(dy), _as_rows(x), weight, has_bias, mean, rstd))
-    absent = x.new_empty(0)
-    return dx.view(x.shape), absent if dweight is None else dweight, absent.clone() if dbias is None else dbias
+    dx, dweight, dbias = run(backward_plan(dy, x, weight, has_bias, mean, rstd))
+    return dx, x.new_empty(0) if dweight is None else dweight, x.new_empty(0) if dbias is None else dbias
 
 
 # Registered as custom ops so torch.compile treats the kernels as opaque calls instead of breaking

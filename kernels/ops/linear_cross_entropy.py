@@ -48,7 +48,7 @@ import triton
 import triton.language as tl
 
 from .. import _tuning, reference
-from ._common import FLOAT32_NEEDS_TF32, eager_function, run, tf32_enabled, traced_or_eager
+from ._common import FLOAT32_NEEDS_TF32, cdiv, eager_function, run, tf32_enabled, traced_or_eager
 from ._gemm import CONFIGS, GROUP_M, _matmul_kernel, bucket, needs_wide, tile_matmul, tile_offsets, tile_start
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -132,19 +132,20 @@ def _lce_reduce_kernel(Max_ptr, Sum_ptr, TLogit_ptr, T_ptr, Lse_ptr, Loss_ptr, M
 
 # The 64 x 128 tile on 4 warps holds too many float32 values live in the dz epilogue: 8 B of spills on
 # sm_80 under triton 3.5 (none under 3.6 to 3.9), so float32 logits leave it out.
-_FLOAT32_LOGITS_CONFIGS = [c for c in CONFIGS if c is not CONFIGS[1]]
+_FLOAT32_LOGITS_CONFIGS = tuple(c for c in CONFIGS if c is not CONFIGS[1])
+_LOGITS_CONFIGS = tuple(CONFIGS)
 
 
-def logits_configs(dtype: torch.dtype) -> list:
+def logits_configs(dtype: torch.dtype) -> tuple:
     """The configs the logits kernel may run with in ``dtype``."""
-    return _FLOAT32_LOGITS_CONFIGS if dtype == torch.float32 else list(CONFIGS)
+    return _FLOAT32_LOGITS_CONFIGS if dtype == torch.float32 else _LOGITS_CONFIGS
 
 
 _LOGITS_KEY = ["TOKENS_BUCKET", "N", "K", "MODE"]
 # A tile writes the (max, sum) slot of its first column only; the slots past it in a wide tile keep
 # their empty (-inf, 0): a tuning launch restores them after timing configs of other widths.
 _logits = _tuning.autotuned("linear_cross_entropy.logits", _lce_logits_kernel, CONFIGS, _LOGITS_KEY,
-                            prune=lambda candidates, args: logits_configs(args["X_ptr"].dtype),
+                            prune=lambda candidates, args: list(logits_configs(args["X_ptr"].dtype)),
                             restore=("Max_ptr", "Sum_ptr"))
 _dx = _tuning.autotuned("linear_cross_entropy.dx", _matmul_kernel, CONFIGS, ["TOKENS_BUCKET", "N", "K"])
 # dweight (and dbias) accumulate over the chunks of rows: a tuning launch restores them after timing.
@@ -170,7 +171,7 @@ def supports(x, weight, bias=None, targets=None) -> bool:
 
 
 def _grid(m: int, n: int):
-    return lambda cfg: (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+    return lambda cfg: (cdiv(m, cfg["BLOCK_M"]) * cdiv(n, cfg["BLOCK_N"]),)
 
 
 def _logits_launch(x, weight, bias, targets, ignore_index, mode, pairs=(None, None), tlogit=None, lse=None,
@@ -196,14 +197,14 @@ def loss_plan(x, weight, bias, targets, ignore_index: int):
         return (loss, lse), []
     # One (max, sum) slot per SLOT_N columns, whatever tiling the autotuner picks: a wider tile
     # fills the slot of its first column and leaves the others at (-inf, 0), which add nothing.
-    slots = triton.cdiv(n, SLOT_N)
+    slots = cdiv(n, SLOT_N)
     pair_max = torch.full((m, slots), float("-inf"), dtype=torch.float32, device=x.device)
     pair_sum = torch.zeros((m, slots), dtype=torch.float32, device=x.device)
     # A target outside [0, V) is never caught by a tile: its logit stays NaN, and so does its loss.
     tlogit = torch.full((m,), float("nan"), dtype=torch.float32, device=x.device)
     logits = _logits_launch(x, weight, bias, targets, ignore_index, MODE_LSE, pairs=(pair_max, pair_sum),
                             tlogit=tlogit)
-    reduce = (_lce_reduce_kernel, (triton.cdiv(m, REDUCE_BLOCK_M),),
+    reduce = (_lce_reduce_kernel, (cdiv(m, REDUCE_BLOCK_M),),
               (pair_max, pair_sum, tlogit, targets, lse, loss, m, slots, ignore_index, pair_max.stride(0),
                targets.stride(0)),
               dict(BLOCK_M=REDUCE_BLOCK_M, BLOCK_T=REDUCE_BLOCK_T, num_warps=4))
@@ -318,7 +319,9 @@ def _backward(ctx, dloss, _dlse, _ddx, _ddweight, _ddbias):
     if dloss is None:  # the loss feeds nothing that needs a gradient
         return None, None, None, None, None, None, None
     if ctx.precompute:  # reduced loss: dloss is a scalar that scales the gradients the forward made
-        dx, dweight, dbias = (t * dloss.to(t.dtype) for t in ctx.saved_tensors)
+        dx, dweight, dbias = ctx.saved_tensors
+        dx, dweight = dx * dloss.to(dx.dtype), dweight * dloss.to(dweight.dtype)
+        dbias = dbias * dloss.to(dbias.dtype) if ctx.has_bias else None
     else:
         dx, dweight, dbias = traced_or_eager(linear_cross_entropy_backward_op, _backward_impl)(
             dloss, *ctx.saved_tensors, ctx.ignore_index)
