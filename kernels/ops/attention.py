@@ -442,9 +442,12 @@ class Tile(NamedTuple):
 # as do the tutorial's backward tiles, dK/dV 32 x 128 and dQ 128 x 32, beyond the limits below).
 _CONFIGS = {
     # BLOCK_M query rows per program, BLOCK_N keys per inner step.
-    # 64 x 64 spills in float32 at D = 64 with causal masking on sm_80; 64 x 32 covers that case.
+    # 64 x 64 on 4 warps spills on sm_80 in float32 at D = 64 with causal masking, with dropout at
+    # D = 64 under triton 3.6 (24 B), and at D = 128 under triton 3.5 (12 B); 64 x 32 and 64 x 64 on
+    # 8 warps cover those cases (the latter spills in float32 from D = 32 under triton 3.6).
     "fwd": [
-        Tile(triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3), 128, 32, 128),
+        Tile(triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3), 64, 32, 32),
+        Tile(triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=8, num_stages=3), 128, 16, 128),
         Tile(triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=3), 64, 64, 64),
         Tile(triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3), 128, 64, 64, 32),
         Tile(triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=3), 64, 64, 16),
@@ -456,10 +459,10 @@ _CONFIGS = {
         Tile(triton.Config({"BLOCK_M": 16, "BLOCK_N": 64}, num_warps=8, num_stages=2), 64, 64, 64),
         Tile(triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=8, num_stages=3), 64, 16, 16),
     ],
-    # BLOCK_M query rows per program, BLOCK_N keys per inner step. 64 x 32 spills in float32 with
-    # dropout at D = 64 on sm_80 under triton 3.5; 64 x 16 covers that case.
+    # BLOCK_M query rows per program, BLOCK_N keys per inner step. 64 x 32 spills in float32 at
+    # D = 64 on sm_80 under triton 3.5 (16 B; with dropout too); 64 x 16 covers that case.
     "dq": [
-        Tile(triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2), 128, 64, 128, 32),
+        Tile(triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2), 128, 32, 128),
         Tile(triton.Config({"BLOCK_M": 64, "BLOCK_N": 16}, num_warps=4, num_stages=2), 64, 64, 64),
         Tile(triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=4, num_stages=3), 64, 32, 16),
         Tile(triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3), 64, 32, 32, 16),

@@ -282,9 +282,11 @@ def forward_plan(x, weight, bias, eps):
     x, m, x_stride = _as_rows(x)
     mean = torch.empty(m, dtype=torch.float32, device=x.device)
     rstd = torch.empty(m, dtype=torch.float32, device=x.device)
+    if not m:
+        return (y, mean, rstd), []
     args = (x, y, weight, bias, mean, rstd, x_stride, n, n, eps)
-    launches = [(_layer_norm_fwd_kernel, (m,), args, _forward_meta(n, weight is not None, bias is not None))] if m else []
-    return (y, mean, rstd), launches
+    meta = _forward_meta(n, weight is not None, bias is not None)
+    return (y, mean, rstd), [(_layer_norm_fwd_kernel, (m,), args, meta)]
 
 
 def backward_plan(dy, x, weight, has_bias, mean, rstd, sms: int | None = None):

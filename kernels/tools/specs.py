@@ -59,6 +59,7 @@ def layer_norm_specs():
 # --------------------------------------------------------------------------- attention
 
 SPEC_SHAPE = (2, 4, 1024)  # (B, H, T) of the example inputs the attention specs are specialised on
+GPT2_HEAD_DIM = 64
 
 
 def _qkv(head_dim: int, dtype: torch.dtype):
@@ -86,7 +87,8 @@ def attention_spec(kind, config, head_dim, dtype, causal=True, dropout_p=0.0, la
 
 def attention_specs():
     """Each config at the smallest and largest padded head dimension it allows, causal, in float16;
-    at the largest also bfloat16 and float32 (TF32 dots); with dropout (where registers peak) at the
+    at the largest also not causal, bfloat16 and float32 (TF32 dots), and at GPT-2's D = 64 where
+    that is not the largest; with dropout (where registers peak) at the
     largest head dimension it allows with dropout, float16 causal and not, and float32; the delta
     preprocessing kernel; and the tests' dropout-mask kernel."""
     for kind in attention.KINDS:
@@ -96,11 +98,18 @@ def attention_specs():
             d16_drop, d32_drop = (attention.max_block_d(tile, dtype, True) for dtype in (torch.float16, torch.float32))
             yield attention_spec(kind, config, 16, torch.float16)
             yield attention_spec(kind, config, d16, torch.float16)
+            yield attention_spec(kind, config, d16, torch.float16, causal=False, largest=True)
             yield attention_spec(kind, config, d16, torch.bfloat16)
             yield attention_spec(kind, config, d32, torch.float32)
             yield attention_spec(kind, config, d32_drop, torch.float32, dropout_p=0.1, largest=True)
             yield attention_spec(kind, config, d16_drop, torch.float16, dropout_p=0.1, largest=True)
             yield attention_spec(kind, config, d16_drop, torch.float16, causal=False, dropout_p=0.1, largest=True)
+            if d16 > GPT2_HEAD_DIM:  # registers do not grow monotonically with D: GPT-2's own too
+                yield attention_spec(kind, config, GPT2_HEAD_DIM, torch.float16, causal=False)
+                yield attention_spec(kind, config, GPT2_HEAD_DIM, torch.bfloat16)
+            if d16_drop > GPT2_HEAD_DIM:
+                yield attention_spec(kind, config, GPT2_HEAD_DIM, torch.float16, dropout_p=0.1)
+                yield attention_spec(kind, config, GPT2_HEAD_DIM, torch.float16, causal=False, dropout_p=0.1)
     B, H, T = SPEC_SHAPE
     for width in (16, 128):
         o = torch.empty(B, H, T, width, dtype=torch.float16)
@@ -186,8 +195,8 @@ def gelu_mlp_specs():
 
 def linear_cross_entropy_specs():
     """Every launch of a training step (the loss and its merge, dz, dx, dweight with dbias) in every
-    config, float16 and float32; bfloat16, no bias, and int64 offsets (an x with a huge row stride)
-    for the first config."""
+    config it can run with, float16, bfloat16 and float32; no bias, and int64 offsets (an x with a
+    huge row stride) for the first config."""
     def specs(config, dtype, bias=True, wide=False, note="", largest=False):
         rows, width, vocab = (16 if wide else 256), 128, 1000
         # wide: x's rows 2^24 elements apart, so a tile's own offsets pass 2^31 (never touched).
@@ -196,8 +205,10 @@ def linear_cross_entropy_specs():
         b = torch.empty(vocab, dtype=dtype) if bias else None
         targets = torch.zeros(rows, dtype=torch.int64)
         allowed = linear_cross_entropy.logits_configs(dtype)
+        dweight = linear_cross_entropy.DWEIGHT_CONFIGS
         pins = {"linear_cross_entropy.logits": config if config in allowed else allowed[0],
-                "linear_cross_entropy.dx": config, "linear_cross_entropy.dweight": config}
+                "linear_cross_entropy.dx": config,
+                "linear_cross_entropy.dweight": config if config in dweight else dweight[0]}
         with _tuning.use_configs(pins):
             (_, lse), loss = linear_cross_entropy.loss_plan(x, weight, b, targets, -100)
             dz, dlogits = linear_cross_entropy.dlogits_plan(x, weight, b, targets, lse, torch.empty(rows), -100)
@@ -206,8 +217,8 @@ def linear_cross_entropy_specs():
         roles = ("loss", "merge", "dlogits", "dx", "dweight")
         for role, (kernel, _, args, meta) in zip(roles, loss + dlogits + accumulate):
             tiled = role != "merge"
-            if role in ("loss", "dlogits") and config not in allowed:
-                continue  # never launched with this config in this dtype
+            if role in ("loss", "dlogits") and config not in allowed or role == "dweight" and config not in dweight:
+                continue  # never launched with this config (in this dtype)
             if not tiled and (config is not first or wide or not bias or dtype != torch.float16):
                 continue  # the merge does not depend on the config, the bias or x
             label = f"{role} {_tuning.describe(config) + ' ' if tiled else ''}{_dtype_name(dtype)}{note}"
@@ -216,8 +227,8 @@ def linear_cross_entropy_specs():
     first = linear_cross_entropy.CONFIGS[0]
     for config in linear_cross_entropy.CONFIGS:
         yield from specs(config, torch.float16)
+        yield from specs(config, torch.bfloat16)
         yield from specs(config, torch.float32, largest=True)
-    yield from specs(first, torch.bfloat16)
     yield from specs(first, torch.float16, bias=False, note=" no bias")
     yield from specs(first, torch.float16, wide=True, note=" int64 offsets", largest=True)
 
