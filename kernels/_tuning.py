@@ -128,9 +128,11 @@ def split_k(m: int, n: int, k: int, sms: int | None) -> int:
     Two waves: a GEMM's programs run in waves of one per SM, so 144 tiles on 132 SMs take two waves
     for 1.09 waves of work (55% busy overall); 288 take three for 2.18 (73%).
     """
+    from .ops._common import cdiv  # not at module level: it loads torch._dynamo, which needs a working triton
+
     if sms is None:
         return 1
-    tiles = -(-m // SPLIT_TILE) * -(-n // SPLIT_TILE)
+    tiles = cdiv(m, SPLIT_TILE) * cdiv(n, SPLIT_TILE)
     split = 1
     while tiles * split < 2 * sms and split < MAX_SPLIT_K and k // (2 * split) >= SPLIT_MIN_TOKENS:
         split *= 2
@@ -196,27 +198,32 @@ def launch(tunable: Tunable, grid_of: Callable, args: tuple, meta: dict, key: tu
     return tunable.fn, grid_of(config.kwargs), args, {**meta, **_launch_options(config)}
 
 
-# Memos keyed by the identity of long-lived objects (the ops' config tuples and configs), each
-# entry holding its object so that the identity stays its own: a triton.Config hashes by building
-# a dict of all its fields, which would cost more than what is looked up.
-_extremes: dict[int, tuple] = {}
-_options: dict[int, tuple] = {}
+def _memo_by_identity(compute: Callable) -> Callable:
+    """``compute(obj)`` computed once per object, looked up by the object's identity: for the ops'
+    long-lived config tuples and configs, which a hash would cost more than the lookup saves (a
+    triton.Config hashes by building a dict of all its fields). Each entry holds its object, so
+    that the identity stays its own."""
+    memo: dict[int, tuple] = {}
+
+    def lookup(obj):
+        entry = memo.get(id(obj))
+        if entry is None or entry[0] is not obj:
+            entry = memo[id(obj)] = obj, compute(obj)
+        return entry[1]
+
+    return lookup
 
 
+@_memo_by_identity
 def _smallest_and_largest(allowed: tuple) -> tuple:
     """The configs of ``allowed`` with the smallest and the largest tiles (the first of equals)."""
-    entry = _extremes.get(id(allowed))
-    if entry is None or entry[0] is not allowed:
-        entry = _extremes[id(allowed)] = allowed, (min(allowed, key=tile_size), max(allowed, key=tile_size))
-    return entry[1]
+    return min(allowed, key=tile_size), max(allowed, key=tile_size)
 
 
+@_memo_by_identity
 def _launch_options(config) -> dict:
     """A config's block sizes and launch options as keyword arguments (built once per config)."""
-    entry = _options.get(id(config))
-    if entry is None or entry[0] is not config:
-        entry = _options[id(config)] = config, config.all_kwargs()
-    return entry[1]
+    return config.all_kwargs()
 
 
 class _TuneOnce:

@@ -91,6 +91,17 @@ def chunk_rows(n_rows: int, vocab: int) -> int:
     return max(1, min(n_rows, MAX_CHUNK_LOGITS // max(vocab, 1)))
 
 
+def _row_chunks(n_rows: int, vocab: int) -> list[slice | None]:
+    """The rows of each chunk (:func:`chunk_rows`), or ``[None]`` when one chunk takes them all."""
+    step = chunk_rows(n_rows, vocab)
+    return [None] if step >= n_rows else [slice(start, start + step) for start in range(0, n_rows, step)]
+
+
+def _part(t: torch.Tensor | None, rows: slice | None) -> torch.Tensor | None:
+    """``t``'s rows of a chunk: ``t`` itself for the only chunk (no slice made)."""
+    return t if rows is None or t is None else t[rows]
+
+
 def _row_scales(targets: torch.Tensor, ignore_index: int, reduction: str, dloss: torch.Tensor | None, dtype):
     """Per-row factor of the logits' gradient (in ``dtype``): 1 / n_valid (mean), 1 (sum) or dloss (none),
     0 for ignored rows; with everything ignored the mean's gradient is 0, as PyTorch's is."""
@@ -113,20 +124,15 @@ def linear_cross_entropy_forward(chunks, x, weight, bias, targets, ignore_index:
     n = x.shape[0]
     scales = _row_scales(targets, ignore_index, reduction, None, _loss_dtype(x.dtype)) if precompute else None
     grads = _zero_gradients(x, weight, bias) if precompute else None
-    step = chunk_rows(n, weight.shape[0])
-    if step >= n:  # one chunk: the whole tensors, no slices or copies
-        losses, lse, dz = chunks.loss(x, weight, bias, targets, ignore_index, scales)
+    losses, lses = [], []
+    for rows in _row_chunks(n, weight.shape[0]):
+        chunk_loss, chunk_lse, dz = chunks.loss(_part(x, rows), weight, bias, _part(targets, rows), ignore_index,
+                                                _part(scales, rows))
+        losses.append(chunk_loss)
+        lses.append(chunk_lse)
         if dz is not None:
-            chunks.accumulate(dz, x, weight, *grads)
-    else:
-        losses = torch.empty(n, dtype=_loss_dtype(x.dtype), device=x.device)
-        lse = torch.empty(n, dtype=_loss_dtype(x.dtype), device=x.device)
-        for start in range(0, n, step):
-            rows = slice(start, start + step)
-            losses[rows], lse[rows], dz = chunks.loss(x[rows], weight, bias, targets[rows], ignore_index,
-                                                      None if scales is None else scales[rows])
-            if dz is not None:
-                chunks.accumulate(dz, x[rows], weight, grads[0][rows], grads[1], grads[2])
+            chunks.accumulate(dz, _part(x, rows), weight, _part(grads[0], rows), grads[1], grads[2])
+    losses, lse = (losses[0], lses[0]) if len(losses) == 1 else (torch.cat(losses), torch.cat(lses))
     if reduction == "none":
         loss = losses
     else:
@@ -142,15 +148,10 @@ def linear_cross_entropy_gradients(chunks, x, weight, bias, targets, lse, dloss,
     n = x.shape[0]
     scales = _row_scales(targets, ignore_index, "none", dloss, lse.dtype)
     dx, dweight, dbias = _zero_gradients(x, weight, bias)
-    step = chunk_rows(n, weight.shape[0])
-    if step >= n:  # one chunk: the whole tensors, no slices
-        dz = chunks.dlogits(x, weight, bias, targets, lse, scales, ignore_index)
-        chunks.accumulate(dz, x, weight, dx, dweight, dbias)
-    else:
-        for start in range(0, n, step):
-            rows = slice(start, start + step)
-            dz = chunks.dlogits(x[rows], weight, bias, targets[rows], lse[rows], scales[rows], ignore_index)
-            chunks.accumulate(dz, x[rows], weight, dx[rows], dweight, dbias)
+    for rows in _row_chunks(n, weight.shape[0]):
+        dz = chunks.dlogits(_part(x, rows), weight, bias, _part(targets, rows), _part(lse, rows), _part(scales, rows),
+                            ignore_index)
+        chunks.accumulate(dz, _part(x, rows), weight, _part(dx, rows), dweight, dbias)
     return _finish_gradients(dx, dweight, dbias, weight, bias)
 
 

@@ -225,7 +225,8 @@ def test_kept_fraction_is_within_binomial_bounds():
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 def test_dropout_applies_the_oracle_mask_forward_and_backward(causal):
     q, k, v = qkv(B=2, T=70, D=32, requires_grad=True)
-    dy = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)  # seeded: the same whatever ran before
+    # seeded: the same whatever tests ran before
+    dy = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     torch.manual_seed(11)
     with kernels.use_backend("triton"):
         out = kernels.attention(q, k, v, causal, dropout_p=0.25)

@@ -202,3 +202,24 @@ def test_float32_runs_the_kernels_only_while_pytorch_uses_tf32():
         assert attention.supports(q, q, q) and gelu_mlp.supports(x, w1, None, w2, None)
     finally:
         torch.set_float32_matmul_precision("highest")
+
+
+@pytest.mark.skipif(_dispatch.NO_TRITON_REASON is not None, reason="needs the kernel modules")
+def test_cuda_tensors_take_the_kernel_and_fall_back_with_one_warning_per_reason(monkeypatch):
+    """The branches only CUDA tensors take, run here with stand-ins for them (the attributes the
+    dispatch reads): the kernel is taken; a fallback warns once per op and reason."""
+    import warnings
+    from types import SimpleNamespace
+
+    def cuda(dtype):
+        return SimpleNamespace(is_cuda=True, is_cpu=False, dtype=dtype)
+
+    monkeypatch.setattr(_dispatch, "_warned", set())
+    with kernels.use_backend("auto"):
+        assert _dispatch.use_kernel("layer_norm", cuda(torch.float16), None, None)
+        with pytest.warns(RuntimeWarning, match="kernels.layer_norm: using the PyTorch reference: x has dtype "
+                                                "torch.float64"):
+            assert not _dispatch.use_kernel("layer_norm", cuda(torch.float64), None, None)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert not _dispatch.use_kernel("layer_norm", cuda(torch.float64), None, None)  # warned already

@@ -24,6 +24,20 @@ def next_power_of_2(n: int) -> int:
     return 1 << (n - 1).bit_length() if n > 1 else 1
 
 
+def as_rows(t: torch.Tensor, unit_column_stride: bool = False) -> tuple[torch.Tensor, int, int, int]:
+    """``(tensor, rows, row stride, column stride)``: ``t`` (..., C) as rows of C elements for the
+    kernels, which see only its data pointer and these strides: ``t`` itself when contiguous (no
+    view made), else a (rows, C) view when the layout allows, or a copy; with
+    ``unit_column_stride`` a copy too when the columns are strided."""
+    c = t.shape[-1]
+    if t.is_contiguous():
+        return t, t.numel() // c, c, 1
+    rows = t.reshape(-1, c)
+    if unit_column_stride and rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    return rows, rows.shape[0], rows.stride(0), rows.stride(1)
+
+
 def run(plan):
     """Launch a plan's kernels in order and return its outputs.
 

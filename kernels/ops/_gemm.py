@@ -147,15 +147,16 @@ def _matmul_kernel(
     tl.store(out_ptrs, acc.to(Out_ptr.dtype.element_ty), mask=mask)
 
 
-# A tile's own offsets in an operand can pass 2^31 when its row and column strides add up to this.
-WIDE_STRIDES = 2**31 // MAX_BLOCK
+def wide_strides(*stride_sums: int) -> bool:
+    """Whether a tile's own offsets in an operand can pass 2^31, given each operand's row and column
+    strides added up: then the GEMM kernels compute them in int64 (``WIDE``)."""
+    return max(stride_sums, default=0) * MAX_BLOCK >= 2**31
 
 
 def needs_wide(*tensors: torch.Tensor | None) -> bool:
-    """Whether a tile's own offsets in one of these operands can pass 2^31 (the strides of its last
-    two dimensions, those of its (rows, columns) view, adding up to ``WIDE_STRIDES`` or more): then
-    the GEMM kernels compute them in int64 (``WIDE``)."""
-    return any(t is not None and sum(t.stride()[-2:]) >= WIDE_STRIDES for t in tensors)
+    """:func:`wide_strides` of these operands, by the strides of their last two dimensions (those
+    of their (rows, columns) view)."""
+    return wide_strides(*(sum(t.stride()[-2:]) for t in tensors if t is not None))
 
 
 def bucket(n: int) -> int:

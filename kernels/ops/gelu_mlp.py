@@ -64,9 +64,9 @@ import triton
 import triton.language as tl
 
 from .. import _tuning
-from ._common import (FLOAT32_NEEDS_TF32, cdiv, eager_function, run, sm_count, tf32_enabled,
+from ._common import (FLOAT32_NEEDS_TF32, as_rows, cdiv, eager_function, run, sm_count, tf32_enabled,
                       traced_or_eager)
-from ._gemm import CONFIGS, GROUP_M, WIDE_STRIDES, bucket, tile_matmul, tile_offsets, tile_start
+from ._gemm import CONFIGS, GROUP_M, bucket, tile_matmul, tile_offsets, tile_start, wide_strides
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -254,7 +254,7 @@ def _gemm(kernel, m, n, k, operands, strides, meta, split=1, extra_args=()):
     # The operands' tile offsets: A's and B's by their strides, the outputs' (and pre's, act's) by
     # their row stride and unit column stride; bias offsets stay within a tile.
     stride_am, stride_ak, stride_bk, stride_bn, stride_om = strides
-    wide = max(stride_am + stride_ak, stride_bk + stride_bn, stride_om + 1) >= WIDE_STRIDES
+    wide = wide_strides(stride_am + stride_ak, stride_bk + stride_bn, stride_om + 1)
     tokens = k if kernel is _bwd_dweight else m
     key = (bucket(tokens), n, k, str(operands[0].dtype)) if kernel is not _bwd_dweight else \
         (m, n, bucket(tokens), str(operands[0].dtype))
@@ -279,17 +279,6 @@ def _weight_gradient(a, b, dweight, dbias, m, n, k, strides, split):
     return launches
 
 
-def _rows(t: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
-    """``(tensor, rows, row stride, column stride)``: ``t`` (..., C) as rows of C for the kernels,
-    which see only its data pointer and these strides: ``t`` itself when contiguous (no view made),
-    else a (rows, C) view when the layout allows, or a copy (any strides are fine for the kernels)."""
-    c = t.shape[-1]
-    if t.is_contiguous():
-        return t, t.numel() // c, c, 1
-    rows = t.reshape(-1, c)
-    return rows, rows.shape[0], rows.stride(0), rows.stride(1)
-
-
 @functools.lru_cache(maxsize=None)
 def _fwd_meta(has_bias: bool, gelu: bool, store_pre: bool) -> dict:
     return dict(HAS_BIAS=has_bias, GELU=gelu, STORE_PRE=store_pre)
@@ -305,7 +294,7 @@ def forward_plan(x, fc_weight, fc_bias, proj_weight, proj_bias, keep_pre: bool):
     c = x.shape[-1]
     h = fc_weight.shape[0]
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    x, m, stride_xm, stride_xk = _rows(x)
+    x, m, stride_xm, stride_xk = as_rows(x)
     act = torch.empty((m, h), dtype=x.dtype, device=x.device)
     pre = torch.empty((m, h) if keep_pre else (0,), dtype=x.dtype, device=x.device)
     fc = _gemm(_fwd, m, h, c, (x, fc_weight, fc_bias, act, pre if keep_pre else None),
@@ -327,8 +316,8 @@ def backward_plan(dout, x, fc_weight, proj_weight, pre, has_fc_bias: bool, has_p
     c = x.shape[-1]
     h = fc_weight.shape[0]
     dx = torch.empty_like(x, memory_format=torch.contiguous_format)
-    x, m, stride_xm, stride_xk = _rows(x)
-    dout, _, stride_dm, stride_dk = _rows(dout)
+    x, m, stride_xm, stride_xk = as_rows(x)
+    dout, _, stride_dm, stride_dk = as_rows(dout)
     if split is None:
         split = _tuning.split_k(h, c, m, sm_count(x.device))
     elif isinstance(split, bool) or not isinstance(split, int) or split < 1:

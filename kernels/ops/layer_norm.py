@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cdiv, eager_function, next_power_of_2, run, sm_count, traced_or_eager
+from ._common import as_rows, cdiv, eager_function, next_power_of_2, run, sm_count, traced_or_eager
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_ONE_BLOCK_N = 8192  # widest row held in registers; wider rows use the chunked kernels
@@ -231,18 +231,6 @@ def launch_configs() -> list[tuple[int, int, bool]]:
     return one_block + [block_config(MAX_ONE_BLOCK_N + 1)]
 
 
-def _as_rows(t: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-    """``(tensor, rows, row stride)``: ``t`` (..., N) as rows of N elements with unit column stride
-    for the kernels, which see only its data pointer: ``t`` itself when contiguous (no view made),
-    else a (rows, N) view when the layout allows, or a copy."""
-    n = t.shape[-1]
-    if t.is_contiguous():
-        return t, t.numel() // n, n
-    rows = t.reshape(-1, n)
-    rows = rows if rows.stride(-1) == 1 else rows.contiguous()
-    return rows, rows.shape[0], rows.stride(0)
-
-
 def backward_programs(m: int, n: int, sms: int | None) -> int:
     """How many programs share the rows in the backward (each keeps an N-wide partial sum).
 
@@ -279,7 +267,7 @@ def forward_plan(x, weight, bias, eps):
     """
     n = x.shape[-1]
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
-    x, m, x_stride = _as_rows(x)
+    x, m, x_stride, _ = as_rows(x, unit_column_stride=True)
     mean = torch.empty(m, dtype=torch.float32, device=x.device)
     rstd = torch.empty(m, dtype=torch.float32, device=x.device)
     if not m:
@@ -298,8 +286,8 @@ def backward_plan(dy, x, weight, has_bias, mean, rstd, sms: int | None = None):
     n = x.shape[-1]
     has_weight = weight is not None
     dx = torch.empty_like(x, memory_format=torch.contiguous_format)
-    x, m, x_stride = _as_rows(x)
-    dy, _, dy_stride = _as_rows(dy)
+    x, m, x_stride, _ = as_rows(x, unit_column_stride=True)
+    dy, _, dy_stride, _ = as_rows(dy, unit_column_stride=True)
     alloc = torch.zeros if m == 0 else torch.empty  # no rows: the sums are zero, nothing to launch
     dweight = alloc(n, dtype=x.dtype, device=x.device) if has_weight else None
     dbias = alloc(n, dtype=x.dtype, device=x.device) if has_bias else None
