@@ -275,7 +275,7 @@ def main(argv=None) -> int:
         report += ["", "Generation (greedy; the same tokens with and without the KV cache), median of "
                        f"{results['generate'][0]['rounds']}:", *generate.table(results["generate"])]
     if "host" not in args.skip:
-        from kernels import _dispatch
+        from fastgpt_kernels import _dispatch
 
         if _dispatch.NO_TRITON_REASON is None:
             results["host_overhead"] = host_overhead.in_child("tiny" if args.size == "tiny" else "full")

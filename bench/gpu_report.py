@@ -6,7 +6,7 @@ own time budget, so that a crash, a hang or a failure of one is reported and the
 ``env``          versions (Python, torch, triton, numpy, CUDA runtime and driver), the GPU (name,
                  compute capability, memory, multiprocessors), whether compute-sanitizer is
                  installed, ``nvidia-smi``'s output.
-``verify``       :mod:`kernels.tools.verify` at GPU shapes in every dtype: every kernel output and
+``verify``       :mod:`fastgpt_kernels.tools.verify` at GPU shapes in every dtype: every kernel output and
                  gradient against float64 by the 2x-PyTorch rule; every failing row is kept.
 ``tests``        the kernel test files (:data:`TEST_FILES`) under pytest on the GPU.
 ``determinism``  every op's backward, run twice with the same inputs and seed on the ``triton``
@@ -120,7 +120,7 @@ def low_precision(device: torch.device) -> str:
 def kernel_device() -> torch.device:
     """The device the kernels run on here: the GPU, else the CPU in Triton's interpreter (with the
     bfloat16 shim, as the interpreter's own bfloat16 arithmetic is wrong)."""
-    from kernels import _dispatch
+    from fastgpt_kernels import _dispatch
 
     if _dispatch.NO_TRITON_REASON:
         raise RuntimeError(f"the Triton kernels cannot run: {_dispatch.NO_TRITON_REASON}")
@@ -129,7 +129,7 @@ def kernel_device() -> torch.device:
     if not _dispatch.INTERPRETED:
         raise RuntimeError("no CUDA device and Triton's interpreter is off: run the stage through "
                            "python -m bench.gpu_report, which sets TRITON_INTERPRET=1 for it")
-    from kernels.tools import bf16_shim
+    from fastgpt_kernels.tools import bf16_shim
 
     bf16_shim.install_bf16_shim()
     return torch.device("cpu")
@@ -177,7 +177,7 @@ def stage_env(run: StageRun) -> str | None:
     import numpy
 
     from bench import measure
-    from kernels import _dispatch
+    from fastgpt_kernels import _dispatch
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     machine = measure.machine_info(device)
@@ -200,7 +200,7 @@ def stage_env(run: StageRun) -> str | None:
 
 def verify_cases(tiny: bool) -> list:
     """The verification cases: the GPU grid in every dtype; ``tiny``, the first float16 case of each op."""
-    from kernels.tools import verify
+    from fastgpt_kernels.tools import verify
 
     if not tiny:
         return verify.cases("gpu", list(verify.DTYPES.values()))
@@ -211,7 +211,7 @@ def verify_cases(tiny: bool) -> list:
 
 
 def stage_verify(run: StageRun) -> str | None:
-    """:mod:`kernels.tools.verify`'s cases (:func:`verify_cases`), case by case: a crash is one case's failure."""
+    """:mod:`fastgpt_kernels.tools.verify`'s cases (:func:`verify_cases`), case by case: a crash is one case's failure."""
     device = kernel_device()
     passed, failures, skipped, errors = 0, [], [], []
     for case in verify_cases(run.tiny):
@@ -272,19 +272,19 @@ def stage_tests(run: StageRun) -> str | None:
 def determinism_cases(size: str, dtype: torch.dtype) -> list[tuple[str, object, Callable]]:
     """``(label, bench.ops.OpCase, function)`` for every op's backward: LayerNorm, attention with and
     without dropout, the GELU MLP, the fused loss, at the shapes of ``bench.ops.SHAPES[size]``."""
-    import kernels
+    import fastgpt_kernels
     from bench import ops
 
     def case(op):
         return ops.OpCase(op, ops.SHAPES[size][op], dtype)
 
     return [
-        ("layer_norm", case("layer_norm"), kernels.layer_norm),
-        ("attention", case("attention"), lambda q, k, v: kernels.attention(q, k, v, causal=True)),
+        ("layer_norm", case("layer_norm"), fastgpt_kernels.layer_norm),
+        ("attention", case("attention"), lambda q, k, v: fastgpt_kernels.attention(q, k, v, causal=True)),
         ("attention dropout 0.1", case("attention"),
-         lambda q, k, v: kernels.attention(q, k, v, causal=True, dropout_p=0.1)),
-        ("gelu_mlp", case("gelu_mlp"), kernels.gelu_mlp),
-        ("linear_cross_entropy", case("linear_cross_entropy"), kernels.linear_cross_entropy),
+         lambda q, k, v: fastgpt_kernels.attention(q, k, v, causal=True, dropout_p=0.1)),
+        ("gelu_mlp", case("gelu_mlp"), fastgpt_kernels.gelu_mlp),
+        ("linear_cross_entropy", case("linear_cross_entropy"), fastgpt_kernels.linear_cross_entropy),
     ]
 
 
@@ -292,13 +292,13 @@ def backward_twice(fn, inputs: dict, seed: int = 0) -> list[dict]:
     """Two runs of ``fn(**inputs)`` and its backward on the ``triton`` backend, each after
     ``torch.manual_seed(seed)`` (dropout draws the same mask): ``{"out": ..., "d<input>": ...}`` each,
     for the inputs that require a gradient."""
-    import kernels
+    import fastgpt_kernels
 
     leaves = {name: t for name, t in inputs.items() if t.requires_grad}
     runs = []
     for _ in range(2):
         torch.manual_seed(seed)
-        with kernels.use_backend("triton"):
+        with fastgpt_kernels.use_backend("triton"):
             out = fn(**inputs)
             dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out)
             grads = torch.autograd.grad(out, list(leaves.values()), dout)
@@ -394,7 +394,7 @@ def train_settings(tiny: bool) -> dict:
 
 def autotuner_choices() -> dict[str, dict[str, str]]:
     """Per autotuned kernel, each key Triton's autotuner tuned in this process and the config it chose."""
-    from kernels import _tuning
+    from fastgpt_kernels import _tuning
 
     return {name: {str(key): _tuning.describe(config) for key, config in tunable.tuner.cache.items()}
             for name, tunable in _tuning._REGISTRY.items()}
@@ -444,7 +444,7 @@ def stage_train(run: StageRun) -> str | None:
 
 def layer_norm_widths() -> dict[tuple, int]:
     """For each of LayerNorm's launch configs, a row width that selects it (ragged where the block allows)."""
-    from kernels.ops import layer_norm
+    from fastgpt_kernels.ops import layer_norm
 
     widest = layer_norm.MAX_ONE_BLOCK_N
     widths = [2**k - 1 for k in range(1, widest.bit_length() + 1)] + [widest + 1]
@@ -457,13 +457,13 @@ def layer_norm_widths() -> dict[tuple, int]:
 def sanitizer_calls(dtype: torch.dtype) -> list[tuple[str, dict, Callable]]:
     """``(label, pins, call)``: one small forward and backward of every launch config of every kernel.
 
-    Each call runs under ``kernels.use_configs(pins)`` (the autotuned kernels of its op pinned, so
+    Each call runs under ``fastgpt_kernels.use_configs(pins)`` (the autotuned kernels of its op pinned, so
     nothing is autotuned under the sanitizer); LayerNorm's config follows the row width.
     """
-    import kernels
+    import fastgpt_kernels
     from bench import ops
-    from kernels import _tuning
-    from kernels.ops import attention, gelu_mlp, linear_cross_entropy
+    from fastgpt_kernels import _tuning
+    from fastgpt_kernels.ops import attention, gelu_mlp, linear_cross_entropy
 
     def backward(fn, case, **kwargs):
         def call(device):
@@ -482,43 +482,43 @@ def sanitizer_calls(dtype: torch.dtype) -> list[tuple[str, dict, Callable]]:
         return found
 
     calls = [(f"layer_norm width {width}: BLOCK_N, warps, one block = {config}", {},
-              backward(kernels.layer_norm, ops.OpCase("layer_norm", dict(M=5, N=width), dtype)))
+              backward(fastgpt_kernels.layer_norm, ops.OpCase("layer_norm", dict(M=5, N=width), dtype)))
              for config, width in layer_norm_widths().items()]
     T = 100  # ragged for every tile, and long enough that no tile is pruned as too large
     for causal, dropout, D in ((True, 0.0, 64), (False, 0.1, 32)):
         allowed = {f"attention.{kind}": attention.configs(kind, D, dtype, T, dropout > 0) for kind in attention.KINDS}
         calls += pinned(f"attention causal={causal} dropout={dropout} D={D}", allowed,
-                        backward(kernels.attention, ops.OpCase("attention", dict(B=1, H=2, T=T, D=D), dtype),
+                        backward(fastgpt_kernels.attention, ops.OpCase("attention", dict(B=1, H=2, T=T, D=D), dtype),
                                  causal=causal, dropout_p=dropout))
     mlp = {name: configs for name, configs in _tuning.candidate_configs().items() if name.startswith("gelu_mlp.")}
     mlp_case = ops.OpCase("gelu_mlp", dict(M=100, C=64, Hd=256), dtype)
-    calls += pinned("gelu_mlp", mlp, backward(kernels.gelu_mlp, mlp_case))
+    calls += pinned("gelu_mlp", mlp, backward(fastgpt_kernels.gelu_mlp, mlp_case))
     # 8192 tokens: on a GPU the weight gradients run in two K slices and a reduction (_tuning.split_k)
     split_case = ops.OpCase("gelu_mlp", dict(M=8192, C=64, Hd=256), dtype)
     calls += pinned("gelu_mlp split-K", dict(mlp, **{"gelu_mlp.dweight": gelu_mlp.SPLIT_CONFIGS}),
-                    backward(kernels.gelu_mlp, split_case))
+                    backward(fastgpt_kernels.gelu_mlp, split_case))
     # ragged in rows and vocabulary for every tile; the logits kernel takes the configs of its dtype
     loss = {name: configs for name, configs in _tuning.candidate_configs().items()
             if name.startswith("linear_cross_entropy.")}
     loss["linear_cross_entropy.logits"] = linear_cross_entropy.logits_configs(dtype)
     loss_case = ops.OpCase("linear_cross_entropy", dict(M=100, C=64, V=300), dtype)
-    calls += pinned("linear_cross_entropy", loss, backward(kernels.linear_cross_entropy, loss_case))
+    calls += pinned("linear_cross_entropy", loss, backward(fastgpt_kernels.linear_cross_entropy, loss_case))
     return calls
 
 
 def stage_sanitizer_target(run: StageRun) -> str | None:
     """Every call of :func:`sanitizer_calls`; fails on a call that raises or a kernel config never run."""
-    import kernels
+    import fastgpt_kernels
     from bench import measure
-    from kernels import _tuning
-    from kernels.ops import layer_norm
+    from fastgpt_kernels import _tuning
+    from fastgpt_kernels.ops import layer_norm
 
     device = kernel_device()
     dtype = getattr(torch, low_precision(device))
     done, failed, covered = [], [], set()
     for label, pins, call in sanitizer_calls(dtype):
         try:
-            with kernels.use_configs(pins), kernels.use_backend("triton"):
+            with fastgpt_kernels.use_configs(pins), fastgpt_kernels.use_backend("triton"):
                 call(device)
             measure.synchronize(device)  # an asynchronous fault shows up here, on its own call
         except Exception as exc:

@@ -74,7 +74,7 @@ def stubbed_launches():
     takes the autotuner's path with its choices made once (all configs timed equal)."""
     from triton.runtime.interpreter import InterpretedFunction
 
-    from kernels import _tuning
+    from fastgpt_kernels import _tuning
 
     launches = []
     originals = InterpretedFunction.run, _tuning._autotuner_can_time, _tuning.cache_file
@@ -99,8 +99,8 @@ def op_calls(tokens: int, vocab: int = 128, width: int = 768, heads: int = 12, d
     (or ``width`` and ``heads``) over ``tokens`` tokens (bfloat16, as in training under autocast).
     The vocabulary is smaller than GPT-2's by default: on a CPU, zeroing and copying its 77 MB
     weight gradient would be counted as host time, where a GPU runs it as a kernel."""
-    import kernels
-    from kernels import reference
+    import fastgpt_kernels
+    from fastgpt_kernels import reference
 
     dtype = torch.bfloat16
     gen = torch.Generator().manual_seed(0)
@@ -117,11 +117,11 @@ def op_calls(tokens: int, vocab: int = 128, width: int = 768, heads: int = 12, d
     wte = leaf(vocab, C, scale=0.02)
     targets = torch.randint(vocab, (tokens,), generator=gen).to(device)
     return {
-        "layer_norm": (lambda: kernels.layer_norm(x, w, b), lambda: reference.layer_norm(x, w, b), (x, w, b)),
-        "attention": (lambda: kernels.attention(q, k, v), lambda: reference.attention(q, k, v), (q, k, v)),
-        "gelu_mlp": (lambda: kernels.gelu_mlp(x, w1, b1, w2, b2), lambda: reference.gelu_mlp(x, w1, b1, w2, b2),
+        "layer_norm": (lambda: fastgpt_kernels.layer_norm(x, w, b), lambda: reference.layer_norm(x, w, b), (x, w, b)),
+        "attention": (lambda: fastgpt_kernels.attention(q, k, v), lambda: reference.attention(q, k, v), (q, k, v)),
+        "gelu_mlp": (lambda: fastgpt_kernels.gelu_mlp(x, w1, b1, w2, b2), lambda: reference.gelu_mlp(x, w1, b1, w2, b2),
                      (x, w1, b1, w2, b2)),
-        "linear_cross_entropy": (lambda: kernels.linear_cross_entropy(x, wte, targets),
+        "linear_cross_entropy": (lambda: fastgpt_kernels.linear_cross_entropy(x, wte, targets),
                                  lambda: reference.linear_cross_entropy(x, wte, None, targets), (x, wte)),
     }
 
@@ -129,10 +129,10 @@ def op_calls(tokens: int, vocab: int = 128, width: int = 768, heads: int = 12, d
 def host_costs(tokens: int, repeats: int) -> list[dict]:
     """Per op and direction: the Triton path's CPU cost per call (launches stubbed), its launches,
     and beside it the floor (:class:`_Bare`) with the same inputs and output, timed in turns."""
-    import kernels
+    import fastgpt_kernels
 
     rows = []
-    with stubbed_launches() as launches, kernels.use_backend("triton"):
+    with stubbed_launches() as launches, fastgpt_kernels.use_backend("triton"):
         for op, (call, _, inputs) in op_calls(tokens).items():
             out = call()
             dy = torch.ones_like(out)
@@ -161,13 +161,13 @@ def host_costs(tokens: int, repeats: int) -> list[dict]:
 
 
 def torch_backend_costs(repeats: int) -> list[dict]:
-    """Per op: ``kernels.<op>`` on the torch backend against calling the PyTorch op it runs directly,
+    """Per op: ``fastgpt_kernels.<op>`` on the torch backend against calling the PyTorch op it runs directly,
     timed in turns, on tiny tensors (2 tokens, width 16, 2 heads: the call, not the arithmetic, is
     what takes the time)."""
-    import kernels
+    import fastgpt_kernels
 
     rows = []
-    with kernels.use_backend("torch"), torch.no_grad():
+    with fastgpt_kernels.use_backend("torch"), torch.no_grad():
         for op, (call, direct, _) in op_calls(2, width=16, heads=2).items():
             ours, theirs = _per_call(call, direct, repeats=repeats)
             rows.append({"op": op, "kernels_us": ours * 1e6, "pytorch_us": theirs * 1e6,
@@ -178,13 +178,13 @@ def torch_backend_costs(repeats: int) -> list[dict]:
 def step_launches(batch: int, seq_len: int, config=None) -> dict:
     """Kernel launches of one training step (forward and backward) of GPT-2 124M (or ``config``),
     counted with every launch stubbed (nothing is computed by the kernels)."""
-    import kernels
+    import fastgpt_kernels
     from fastgpt.model import GPT, GPTConfig
 
     torch.manual_seed(0)
     model = GPT(config or GPTConfig())
     idx = torch.randint(model.config.vocab_size, (batch, seq_len))
-    with stubbed_launches() as launches, kernels.use_backend("triton"), torch.autocast("cpu", dtype=torch.bfloat16):
+    with stubbed_launches() as launches, fastgpt_kernels.use_backend("triton"), torch.autocast("cpu", dtype=torch.bfloat16):
         _, loss = model(idx, idx)
         forward = len(launches)
         loss.backward()
@@ -198,7 +198,7 @@ def step_launches(batch: int, seq_len: int, config=None) -> dict:
 
 def run(size: str) -> dict:
     """Every figure of this benchmark: the host costs, the torch backend's overhead, the step's launches."""
-    from kernels import _dispatch
+    from fastgpt_kernels import _dispatch
 
     if not _dispatch.INTERPRETED:
         raise RuntimeError("the host overhead is measured in Triton's interpreter: run it with TRITON_INTERPRET=1 "

@@ -9,7 +9,7 @@ position embeddings, a final LayerNorm, a separate (untied) lm_head and cross-en
 
 This is the model the benchmarks compare fastgpt against, so it is the honest naive thing and
 nothing else: no fused ops, no tricks, and a test shows that its attention computes the same
-function as :func:`kernels.reference.attention_math`.
+function as :func:`fastgpt_kernels.reference.attention_math`.
 
 Shape names: B batch, T sequence length, C = n_embd, hs = head size, V = vocab_size.
 """

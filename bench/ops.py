@@ -8,10 +8,10 @@ Providers (each op is timed with three: its baseline, the reference and Triton; 
                as separate elementwise ops.
 ``unfused``    the baseline of ``linear_cross_entropy``: ``F.linear`` then ``F.cross_entropy``, all
                (N, V) logits at once, as plain PyTorch code writes a GPT's loss
-               (:func:`kernels.reference.linear_cross_entropy_unfused`).
-``reference``  ``kernels.<op>`` under the ``torch`` backend: the PyTorch reference (fastgpt's fallback;
+               (:func:`fastgpt_kernels.reference.linear_cross_entropy_unfused`).
+``reference``  ``fastgpt_kernels.<op>`` under the ``torch`` backend: the PyTorch reference (fastgpt's fallback;
                for the loss, the chunked PyTorch version that never holds all the logits).
-``triton``     ``kernels.<op>`` under the ``triton`` backend, only on a CUDA device; on a CPU the row
+``triton``     ``fastgpt_kernels.<op>`` under the ``triton`` backend, only on a CUDA device; on a CPU the row
                says so instead of timing Triton's interpreter.
 
 Work per call, to turn times into rates, from :mod:`fastgpt.perf`: attention counts the FLOPs of
@@ -31,11 +31,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import kernels
+import fastgpt_kernels
 from bench import measure, train_step
 from bench.naive import masked_head_attention
 from fastgpt import perf
-from kernels import reference
+from fastgpt_kernels import reference
 
 OPS = ("attention", "layer_norm", "gelu_mlp", "linear_cross_entropy")
 PASSES = ("forward", "backward", "forward+backward")
@@ -164,15 +164,15 @@ def forward(case: OpCase, provider: str, inputs: dict):
     """One forward call of ``case.op`` by ``provider`` (autograd records it)."""
     if provider == baseline(case.op):
         return _BASELINES[case.op](**inputs)
-    with kernels.use_backend(_BACKEND[provider]):
-        return getattr(kernels, case.op)(**inputs)
+    with fastgpt_kernels.use_backend(_BACKEND[provider]):
+        return getattr(fastgpt_kernels, case.op)(**inputs)
 
 
 @contextlib.contextmanager
 def _recorded_launches(op: str):
-    """The Triton launches ``kernels.<op>``'s module makes inside the block: its
+    """The Triton launches ``fastgpt_kernels.<op>``'s module makes inside the block: its
     module's ``run`` (through which every launch of its plans goes) is wrapped while the block lasts."""
-    from kernels import _dispatch
+    from fastgpt_kernels import _dispatch
 
     module = _dispatch.kernel_module(op)
     launched, original = [], module.run
@@ -189,7 +189,7 @@ def _recorded_launches(op: str):
 
 
 def launches_kernel(case: OpCase, inputs: dict) -> bool:
-    """Whether ``kernels.<op>`` under the ``triton`` backend launches fastgpt's Triton kernels
+    """Whether ``fastgpt_kernels.<op>`` under the ``triton`` backend launches fastgpt's Triton kernels
     rather than anything else (raises KernelUnavailableError if it cannot)."""
     with _recorded_launches(case.op) as launched:
         forward(case, "triton", inputs)
@@ -205,8 +205,8 @@ def unavailable(case: OpCase, provider: str, inputs: dict, device: torch.device)
         return NEEDS_GPU
     try:
         if not launches_kernel(case, inputs):
-            return f"kernels.{case.op} did not launch its Triton kernel"
-    except kernels.KernelUnavailableError as exc:
+            return f"fastgpt_kernels.{case.op} did not launch its Triton kernel"
+    except fastgpt_kernels.KernelUnavailableError as exc:
         return str(exc)
     return None
 

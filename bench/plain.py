@@ -5,7 +5,7 @@ fastgpt's (wte, wpe, h.N.ln_1, attn.c_attn, attn.c_proj, ln_2, mlp.c_fc, mlp.c_p
 lm_head), so a state dict moves between the two as it is. The ops are PyTorch's own:
 ``F.layer_norm``, ``F.scaled_dot_product_attention``, ``nn.Linear`` + ``F.gelu(approximate="tanh")``
 + ``nn.Linear``, and the lm_head's (B, T, V) logits followed by ``F.cross_entropy``. Nothing of
-:mod:`kernels` is used.
+:mod:`fastgpt_kernels` is used.
 
 It is the other baseline of the benchmarks: what a careful user of PyTorch writes without fused
 kernels of their own. A test shows that it computes the same function as fastgpt's GPT given the

@@ -15,8 +15,8 @@ autocast with float32 parameters, gradients and AdamW state, built three ways:
              sums for the weight gradients), flash attention (one forward kernel; a backward of
              three: delta, dK/dV, dQ, each recomputing the scores), the MLP's GEMMs with fused
              bias and GELU epilogues (keeping only the pre-activation; the weight gradients in
-             two K slices and a reduction, as ``kernels._tuning.split_k`` picks for 132 SMs), the fused linear
-             cross-entropy (:mod:`kernels.ops.linear_cross_entropy`: per chunk of rows, a logits
+             two K slices and a reduction, as ``fastgpt_kernels._tuning.split_k`` picks for 132 SMs), the fused linear
+             cross-entropy (:mod:`fastgpt_kernels.ops.linear_cross_entropy`: per chunk of rows, a logits
              pass for the log-sum-exp, a second for dz, then dx and an accumulated float32 dW),
              and the PyTorch ops around them (c_attn and c_proj, casts, residual adds, embedding);
              fused AdamW.
@@ -26,10 +26,10 @@ Ops (:func:`ops`). Every kernel the step launches, with the FLOPs it executes (t
 those kernels are bound by memory) and the bytes it reads and writes, from the shapes:
 
 - a PyTorch op reads each input once and writes each output once, the convention of
-  :func:`kernels.tools.traffic.count_torch_traffic`, except that a gather reads only what it
+  :func:`fastgpt_kernels.tools.traffic.count_torch_traffic`, except that a gather reads only what it
   gathers (an embedding's rows, nll_loss's target logits);
 - a Triton kernel reads and writes each byte it touches once, the distinct bytes of
-  :func:`kernels.tools.traffic.count_memory_traffic`: a perfect L2 cache within a kernel, none
+  :func:`fastgpt_kernels.tools.traffic.count_memory_traffic`: a perfect L2 cache within a kernel, none
   between kernels.
 
 ``tests/test_step_model.py`` checks the byte formulas against those two counters at small shapes
@@ -59,7 +59,7 @@ import torch
 from bench import train_step
 from fastgpt import perf
 from fastgpt.model import GPT, GPTConfig
-from kernels import _tuning, reference
+from fastgpt_kernels import _tuning, reference
 
 TENSOR_CORE_EFFICIENCY = 0.70  # of the dense bfloat16 tensor-core peak, for kernels with matmuls
 BANDWIDTH_EFFICIENCY = 0.85  # of HBM bandwidth, for every kernel's bytes
@@ -76,7 +76,7 @@ BYTES_TOLERANCE = 0.02
 F32, LOW, INDEX, MASK = 4, 2, 8, 1  # bytes of float32, bfloat16 (autocast), int64 token ids, bool
 
 # Launch facts of fastgpt's kernels the byte formulas depend on (tests/test_step_model.py checks them
-# against kernels.ops): LayerNorm's backward sums dweight and dbias in float32 partial rows, one per
+# against fastgpt_kernels.ops): LayerNorm's backward sums dweight and dbias in float32 partial rows, one per
 # program of at most this many rows (at 16384 rows, more programs than 4 per SM of either GPU);
 # the loss's logits pass keeps a (max, sum) pair per this many columns, and stores one per tile of
 # the largest GEMM config's width (the interpreter's choice; the autotuner's on a GPU is not known).
@@ -394,7 +394,7 @@ def _plain(s: Shape) -> list[Op]:
 
 
 def loss_chunks(s: Shape) -> tuple[int, float]:
-    """``(chunks, rows per chunk on average)`` of the fused loss (:func:`kernels.reference.chunk_rows`)."""
+    """``(chunks, rows per chunk on average)`` of the fused loss (:func:`fastgpt_kernels.reference.chunk_rows`)."""
     chunks = math.ceil(s.tokens / reference.chunk_rows(s.tokens, s.vocab_size))
     return chunks, s.tokens / chunks
 

@@ -4,7 +4,7 @@ A step is what a training loop does per batch: forward with the loss, backward, 
 the gradients. Three sides, all with the lecture's shape (6 layers, 6 heads of 64, 384 wide, 65
 symbols) at each context length (:func:`run`): the naive lecture model (:mod:`bench.naive`), the
 same GPT-2 architecture in plain PyTorch (:mod:`bench.plain`: SDPA, ``F.layer_norm``, linear + GELU
-+ linear, logits + ``F.cross_entropy``), and fastgpt's GPT, which runs through :mod:`kernels` with
++ linear, logits + ``F.cross_entropy``), and fastgpt's GPT, which runs through :mod:`fastgpt_kernels` with
 the Triton kernels on a GPU (the ``triton`` backend, so a fallback would raise instead of being
 timed) and the PyTorch references on a CPU (the ``torch`` backend). Dropout is off on every side
 unless asked for, so that they do the same arithmetic; the lecture's own runs used 0.2.
@@ -26,7 +26,7 @@ import time
 
 import torch
 
-import kernels
+import fastgpt_kernels
 from bench import measure
 from bench.naive import NaiveConfig, NaiveGPT
 from bench.plain import PlainGPT
@@ -119,7 +119,7 @@ def step_fn(side: str, model, optimizer, idx, targets, precision: str, device: t
     kwargs = {"return_logits": True} if return_logits else {}
 
     def step():
-        with kernels.use_backend(backend), autocast_context(device, precision):
+        with fastgpt_kernels.use_backend(backend), autocast_context(device, precision):
             _, loss = model(idx, targets, **kwargs)
         scaler.scale(loss).backward()
         scaler.step(optimizer)

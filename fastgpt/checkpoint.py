@@ -2,7 +2,7 @@
 
 A checkpoint is one ``torch.save`` file holding a dict with a format tag, a version, and whatever
 the training loop puts in it (model and optimizer state, configs, step, RNG states, data position).
-It is written through :func:`atomic_writer` (:mod:`kernels._io`, the project's one atomic write,
+It is written through :func:`atomic_writer` (:mod:`fastgpt_kernels._io`, the project's one atomic write,
 also used for token files, Hugging Face weight files and the kernels' autotuning cache): to a
 temporary file in the same directory, flushed to disk and renamed over the target, so an
 interruption leaves either the old checkpoint or the new one, never half of one.
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from kernels._io import atomic_writer, stale_temp_files
+from fastgpt_kernels._io import atomic_writer, stale_temp_files
 
 __all__ = ["FORMAT", "VERSION", "save", "load", "atomic_writer", "stale_temp_files"]
 

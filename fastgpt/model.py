@@ -3,7 +3,7 @@
 The architecture and parameter names follow GPT-2 (and nanoGPT), so checkpoints convert by name:
 token and position embeddings, ``n_layer`` pre-LayerNorm blocks (causal self-attention, then a GELU
 MLP, each added to the residual stream), a final LayerNorm and a language-model head tied to the
-token embedding. The hot paths call :mod:`kernels` only; which implementation runs (Triton kernel
+token embedding. The hot paths call :mod:`fastgpt_kernels` only; which implementation runs (Triton kernel
 or PyTorch reference) is decided there, never here.
 
 Shape names: B batch, T sequence length, C = n_embd, nh = n_head, hs = C // nh, V = vocab_size.
@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import kernels
+import fastgpt_kernels
 
 LAYER_NORM_EPS = 1e-5
 """The epsilon of every LayerNorm, GPT-2's."""
@@ -68,7 +68,7 @@ class LayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
 
     def forward(self, x):
-        return kernels.layer_norm(x, self.weight, self.bias, LAYER_NORM_EPS)
+        return fastgpt_kernels.layer_norm(x, self.weight, self.bias, LAYER_NORM_EPS)
 
 
 class CausalSelfAttention(nn.Module):
@@ -92,7 +92,7 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         if cache is not None:
             k, v = cache.extend(layer, k, v)  # (B, nh, T_past + T, hs): the new queries are the last T
-        y = kernels.attention(q, k, v, causal=True, dropout_p=self.dropout if self.training else 0.0)
+        y = fastgpt_kernels.attention(q, k, v, causal=True, dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
@@ -107,7 +107,7 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        x = kernels.gelu_mlp(x, self.c_fc.weight, self.c_fc.bias, self.c_proj.weight, self.c_proj.bias)  # (B, T, C)
+        x = fastgpt_kernels.gelu_mlp(x, self.c_fc.weight, self.c_fc.bias, self.c_proj.weight, self.c_proj.bias)  # (B, T, C)
         return self.dropout(x)
 
 
@@ -227,7 +227,7 @@ class GPT(nn.Module):
         Returns:
             ``(logits, loss)``. Without targets: logits for the last position only, (B, 1, V), and
             None (all that sampling needs). With targets: ``(None, loss)``, the loss a scalar from
-            :func:`kernels.linear_cross_entropy` on the tied lm_head weight, which never holds the
+            :func:`fastgpt_kernels.linear_cross_entropy` on the tied lm_head weight, which never holds the
             (B, T, V) logits; with ``return_logits``, ``(logits, loss)``, logits (B, T, V) from the
             lm_head and the same loss computed from them.
         """
@@ -255,7 +255,7 @@ class GPT(nn.Module):
         if return_logits:
             logits = self.lm_head(x)  # (B, T, V)
             return logits, F.cross_entropy(logits.flatten(0, 1).float(), targets.reshape(-1), ignore_index=-1)
-        return None, kernels.linear_cross_entropy(x, self.lm_head.weight, targets, ignore_index=-1)  # scalar
+        return None, fastgpt_kernels.linear_cross_entropy(x, self.lm_head.weight, targets, ignore_index=-1)  # scalar
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-import kernels
+import fastgpt_kernels
 from fastgpt import checkpoint, pretrained
 from fastgpt.data import GPT2Tokenizer, tokenizer_from_dict
 from fastgpt.model import GPT, GPTConfig
@@ -86,10 +86,10 @@ def main(argv=None) -> int:
     parser.add_argument("--top_k", "--top-k", type=int, default=200)
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--backend", default="auto", choices=kernels.BACKENDS, help="kernels backend")
+    parser.add_argument("--backend", default="auto", choices=fastgpt_kernels.BACKENDS, help="kernels backend")
     args = parser.parse_args(argv)
     try:
-        with kernels.use_backend(args.backend):
+        with fastgpt_kernels.use_backend(args.backend):
             _sample(args)
     except (ValueError, TypeError, FileNotFoundError, UnicodeDecodeError) as exc:
         print(f"error: {exc}", file=sys.stderr)

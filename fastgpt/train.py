@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import kernels
+import fastgpt_kernels
 from fastgpt import checkpoint, perf, pretrained
 from fastgpt.data import DATASET_NAMES, load_dataset, tokenizer_from_dict
 from fastgpt.model import GPT, GPTConfig
@@ -86,7 +86,7 @@ class TrainConfig:
                              f"learning_rate={self.learning_rate}, min_lr={self.min_lr}")
         if self.grad_clip < 0 or self.weight_decay < 0:
             raise ValueError(f"grad_clip and weight_decay must be >= 0, got {self.grad_clip}, {self.weight_decay}")
-        if self.backend not in kernels.BACKENDS:
+        if self.backend not in fastgpt_kernels.BACKENDS:
             raise ValueError(f"unknown kernels backend {self.backend!r}: expected auto, triton or torch")
 
 
@@ -419,7 +419,7 @@ def train(cfg: TrainConfig, model_args: dict, explicit: frozenset = frozenset())
     ``explicit`` names the options the user set (to refuse changing a resumed model's shape)."""
     ddp, device = _setup_distributed(cfg.device)
     try:
-        with kernels.use_backend(cfg.backend):
+        with fastgpt_kernels.use_backend(cfg.backend):
             return _train(cfg, model_args, explicit, ddp, device)
     finally:
         if ddp.world_size > 1:

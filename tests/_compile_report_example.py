@@ -3,7 +3,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.tools.compile_report import CompileSpec
+from fastgpt_kernels.tools.compile_report import CompileSpec
 
 
 @triton.jit

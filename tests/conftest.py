@@ -18,7 +18,7 @@ import torch  # noqa: E402
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
-from kernels import _dispatch  # noqa: E402  (imported after TRITON_INTERPRET is set)
+from fastgpt_kernels import _dispatch  # noqa: E402  (imported after TRITON_INTERPRET is set)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -26,7 +26,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 def _bf16_unavailable_reason():
     if DEVICE == "cuda" or not _dispatch.INTERPRETED:
         return None
-    from kernels.tools import bf16_shim
+    from fastgpt_kernels.tools import bf16_shim
 
     try:
         bf16_shim.install_bf16_shim()
@@ -46,7 +46,7 @@ def device():
 @pytest.fixture(autouse=True)
 def float32_matmuls_in_tf32():
     """Every test runs with PyTorch's float32 matmuls in TF32, the mode in which the kernels take
-    float32 inputs (see kernels.ops._common.tf32_enabled); tests of the other mode set it themselves."""
+    float32 inputs (see fastgpt_kernels.ops._common.tf32_enabled); tests of the other mode set it themselves."""
     previous = torch.backends.cuda.matmul.fp32_precision
     torch.backends.cuda.matmul.fp32_precision = "tf32"
     yield
@@ -73,9 +73,9 @@ def float32_tolerance(device=DEVICE) -> dict:
 
 def assert_backward_deterministic(fn, inputs, dy):
     """Two backward passes of ``fn(*inputs)`` under the ``triton`` backend give bit-identical gradients."""
-    import kernels
+    import fastgpt_kernels
 
-    with kernels.use_backend("triton"):
+    with fastgpt_kernels.use_backend("triton"):
         first = torch.autograd.grad(fn(*inputs), inputs, dy)
         second = torch.autograd.grad(fn(*inputs), inputs, dy)
     for a, b in zip(first, second):

@@ -1,18 +1,18 @@
-"""kernels.attention: the Triton flash-attention kernels against float64 by the 2x-PyTorch rule
-(see kernels.tools.verify), dropout, memory traffic, bad input and torch.compile."""
+"""fastgpt_kernels.attention: the Triton flash-attention kernels against float64 by the 2x-PyTorch rule
+(see fastgpt_kernels.tools.verify), dropout, memory traffic, bad input and torch.compile."""
 import math
 
 import numpy as np
 import pytest
 import torch
 
-import kernels
+import fastgpt_kernels
 from conftest import ALL_DTYPES, DEVICE, assert_backward_deterministic, float32_tolerance
-from kernels import _dispatch, reference
-from kernels.ops import attention as attn
-from kernels.tools import traffic
-from kernels.tools.dropout import dropout_mask
-from kernels.tools.verify import assert_close_to_exact, assert_pass, attention_checks
+from fastgpt_kernels import _dispatch, reference
+from fastgpt_kernels.ops import attention as attn
+from fastgpt_kernels.tools import traffic
+from fastgpt_kernels.tools.dropout import dropout_mask
+from fastgpt_kernels.tools.verify import assert_close_to_exact, assert_pass, attention_checks
 
 FP16 = torch.float16
 
@@ -72,10 +72,10 @@ def test_slices_of_a_fused_qkv_tensor(T, softmax_scale, causal, dtype):
 
 def test_softmax_scale_given_and_default():
     q, k, v = qkv(T=33, D=16)
-    with kernels.use_backend("triton"):
-        default = kernels.attention(q, k, v)
-        explicit = kernels.attention(q, k, v, softmax_scale=0.25)
-        other = kernels.attention(q, k, v, softmax_scale=0.7)
+    with fastgpt_kernels.use_backend("triton"):
+        default = fastgpt_kernels.attention(q, k, v)
+        explicit = fastgpt_kernels.attention(q, k, v, softmax_scale=0.25)
+        other = fastgpt_kernels.attention(q, k, v, softmax_scale=0.7)
     assert torch.equal(default, explicit)
     expected = reference.attention_math(q.double(), k.double(), v.double(), True, 0.7)
     assert_close_to_exact(other, reference.attention_math(q, k, v, True, 0.7), expected)
@@ -90,7 +90,7 @@ ALL_TILES = [pytest.param(kind, tile, id=f"{kind}-{tile.config.kwargs['BLOCK_M']
 def test_every_config(kind, tile):
     # T = 100 is ragged for every tile size; dropout exercises the mask's key groups in each tiling,
     # at the largest head dimension the config takes with dropout.
-    with kernels.use_configs({f"attention.{kind}": tile.config}):
+    with fastgpt_kernels.use_configs({f"attention.{kind}": tile.config}):
         D = min(64, attn.max_block_d(tile, FP16, dropout=True))
         assert_pass(attention_checks(1, 2, 100, D, FP16, dropout_p=0.2, device=DEVICE))
         assert_pass(attention_checks(1, 1, 100, 32, FP16, causal=False, device=DEVICE))
@@ -119,19 +119,19 @@ def test_configs_cover_the_autotuner_and_are_pruned_by_head_dim_and_dropout():
 def test_a_pruned_config_cannot_be_forced():
     big = next(tile.config for tile in attn._CONFIGS["dkdv"] if tile.max_d < 128)
     q, k, v = qkv(T=17, D=128, dtype=FP16, requires_grad=True)
-    with kernels.use_configs({"attention.dkdv": big}), kernels.use_backend("triton"), \
+    with fastgpt_kernels.use_configs({"attention.dkdv": big}), fastgpt_kernels.use_backend("triton"), \
             pytest.raises(ValueError, match="does not fit"):
-        kernels.attention(q, k, v).sum().backward()
+        fastgpt_kernels.attention(q, k, v).sum().backward()
     narrower_with_dropout = next(tile for tile in attn._CONFIGS["fwd"] if tile.max_d_dropout < tile.max_d)
     q, k, v = qkv(T=17, D=narrower_with_dropout.max_d, dtype=FP16)
-    with kernels.use_configs({"attention.fwd": narrower_with_dropout.config}), kernels.use_backend("triton"), \
+    with fastgpt_kernels.use_configs({"attention.fwd": narrower_with_dropout.config}), fastgpt_kernels.use_backend("triton"), \
             pytest.raises(ValueError, match="does not fit"):
-        kernels.attention(q, k, v, dropout_p=0.1)
+        fastgpt_kernels.attention(q, k, v, dropout_p=0.1)
 
 
 def test_backward_is_deterministic():
     q, k, v = qkv(T=100, D=32, requires_grad=True)
-    assert_backward_deterministic(kernels.attention, (q, k, v), torch.randn(q.shape, device=DEVICE))
+    assert_backward_deterministic(fastgpt_kernels.attention, (q, k, v), torch.randn(q.shape, device=DEVICE))
 
 
 def test_arbitrary_strides():
@@ -140,8 +140,8 @@ def test_arbitrary_strides():
     q = base[:, :, 0, ::2].unsqueeze(1).expand(2, 2, 40, 32)
     k = base[:, :, 1, ::2].unsqueeze(1).expand(2, 2, 40, 32)
     v = base[:, :, 2, 1::2].unsqueeze(1).expand(2, 2, 40, 32)
-    with kernels.use_backend("triton"):
-        got = kernels.attention(q, k, v, causal=False)
+    with fastgpt_kernels.use_backend("triton"):
+        got = fastgpt_kernels.attention(q, k, v, causal=False)
     expected = reference.attention_math(q.double(), k.double(), v.double(), False)
     assert_close_to_exact(got, reference.attention(q, k, v, False), expected)
 
@@ -154,8 +154,8 @@ def test_fused_qkv_slices_are_not_copied(monkeypatch):
     for name in ("forward_plan", "backward_plan"):
         plan = getattr(attn, name)
         monkeypatch.setattr(attn, name, lambda *a, plan=plan, **kw: launched.append(plan(*a, **kw)) or launched[-1])
-    with kernels.use_backend("triton"):
-        out = kernels.attention(q, k, v)
+    with fastgpt_kernels.use_backend("triton"):
+        out = fastgpt_kernels.attention(q, k, v)
         out.sum().backward()
     assert len(launched) == 2
     expected = [(t.data_ptr(), t.stride()) for t in (q, k, v)]
@@ -170,8 +170,8 @@ def test_fused_qkv_slices_are_not_copied(monkeypatch):
 @pytest.mark.parametrize("shape", [(0, 2, 5, 16), (1, 2, 0, 16)])
 def test_empty_inputs(shape):
     q, k, v = (torch.randn(shape, device=DEVICE, requires_grad=True) for _ in range(3))
-    with kernels.use_backend("triton"):
-        out = kernels.attention(q, k, v)
+    with fastgpt_kernels.use_backend("triton"):
+        out = fastgpt_kernels.attention(q, k, v)
         out.sum().backward()
     assert out.shape == shape and q.grad.shape == shape
 
@@ -228,8 +228,8 @@ def test_dropout_applies_the_oracle_mask_forward_and_backward(causal):
     # seeded: the same whatever tests ran before
     dy = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     torch.manual_seed(11)
-    with kernels.use_backend("triton"):
-        out = kernels.attention(q, k, v, causal, dropout_p=0.25)
+    with fastgpt_kernels.use_backend("triton"):
+        out = fastgpt_kernels.attention(q, k, v, causal, dropout_p=0.25)
         grads = torch.autograd.grad(out, (q, k, v), dy)
     torch.manual_seed(11)
     keep = dropout_mask(attn.draw_rng_state(DEVICE), q.shape, 0.25)
@@ -246,12 +246,12 @@ def test_dropout_applies_the_oracle_mask_forward_and_backward(causal):
 
 def test_seeds_advance_and_runs_reproduce_under_manual_seed():
     q, k, v = qkv(T=40, D=16, requires_grad=True)
-    with kernels.use_backend("triton"):
+    with fastgpt_kernels.use_backend("triton"):
         torch.manual_seed(5)
-        first = kernels.attention(q, k, v, dropout_p=0.5)
-        second = kernels.attention(q, k, v, dropout_p=0.5)
+        first = fastgpt_kernels.attention(q, k, v, dropout_p=0.5)
+        second = fastgpt_kernels.attention(q, k, v, dropout_p=0.5)
         torch.manual_seed(5)
-        again = kernels.attention(q, k, v, dropout_p=0.5)
+        again = fastgpt_kernels.attention(q, k, v, dropout_p=0.5)
         grads = [torch.autograd.grad(o, (q, k, v), torch.ones_like(o)) for o in (first, again)]
     assert not torch.equal(first, second)  # a new mask per call
     assert torch.equal(first, again)
@@ -264,9 +264,9 @@ def test_seeds_advance_and_runs_reproduce_under_manual_seed():
 def test_zero_dropout_is_no_dropout_and_draws_no_random_numbers():
     q, k, v = qkv(T=40, D=16)
     state = torch.get_rng_state()
-    with kernels.use_backend("triton"):
-        with_zero = kernels.attention(q, k, v, dropout_p=0.0)
-        without = kernels.attention(q, k, v)
+    with fastgpt_kernels.use_backend("triton"):
+        with_zero = fastgpt_kernels.attention(q, k, v, dropout_p=0.0)
+        without = fastgpt_kernels.attention(q, k, v)
     assert torch.equal(with_zero, without)
     assert torch.equal(torch.get_rng_state(), state)
 
@@ -281,9 +281,9 @@ def test_forward_memory_traffic_is_linear_in_T(capsys):
     q, k, v = qkv(T=T, D=D, H=1, dtype=FP16)
     qkvo = 4 * T * D * 2
     config = next(tile.config for tile in attn._CONFIGS["fwd"] if tile.config.kwargs["BLOCK_M"] == 128)
-    with kernels.use_configs({"attention.fwd": config}), kernels.use_backend("triton"), \
+    with fastgpt_kernels.use_configs({"attention.fwd": config}), fastgpt_kernels.use_backend("triton"), \
             traffic.count_memory_traffic() as kernel:
-        out = kernels.attention(q, k, v)
+        out = fastgpt_kernels.attention(q, k, v)
     with traffic.count_torch_traffic() as unfused:
         expected = reference.attention_math(q, k, v)
     torch.testing.assert_close(out, expected, rtol=2e-3, atol=2e-3)
@@ -306,31 +306,31 @@ def test_forward_memory_traffic_is_linear_in_T(capsys):
 class TestBadInput:
     def test_shape_mismatch(self, backend):
         q, k, v = qkv(T=4)
-        with kernels.use_backend(backend), pytest.raises(ValueError, match=r"k must have shape \(1, 2, T_K, 16\) "
+        with fastgpt_kernels.use_backend(backend), pytest.raises(ValueError, match=r"k must have shape \(1, 2, T_K, 16\) "
                                                                            r"with T_K >= 4 \(q's T\), got \(1, 2, 3, 16\)"):
-            kernels.attention(q, k[:, :, :3], v)
-        with kernels.use_backend(backend), pytest.raises(ValueError, match=r"v must have shape \(1, 2, 4, 16\)"):
-            kernels.attention(q, k, v[:, :1])
+            fastgpt_kernels.attention(q, k[:, :, :3], v)
+        with fastgpt_kernels.use_backend(backend), pytest.raises(ValueError, match=r"v must have shape \(1, 2, 4, 16\)"):
+            fastgpt_kernels.attention(q, k, v[:, :1])
 
     def test_three_dimensional(self, backend):
         x = torch.randn(2, 5, 16, device=DEVICE)
-        with kernels.use_backend(backend), pytest.raises(ValueError, match=r"q must be 4-D \(B, H, T, D\)"):
-            kernels.attention(x, x, x)
+        with fastgpt_kernels.use_backend(backend), pytest.raises(ValueError, match=r"q must be 4-D \(B, H, T, D\)"):
+            fastgpt_kernels.attention(x, x, x)
 
     def test_dtype_mismatch(self, backend):
         q, k, v = qkv()
-        with kernels.use_backend(backend), pytest.raises(TypeError, match="v has dtype torch.float16 but q has"):
-            kernels.attention(q, k, v.half())
+        with fastgpt_kernels.use_backend(backend), pytest.raises(TypeError, match="v has dtype torch.float16 but q has"):
+            fastgpt_kernels.attention(q, k, v.half())
 
     def test_device_mismatch(self, backend):
         q, k, v = qkv()
-        with kernels.use_backend(backend), pytest.raises(ValueError, match="k is on meta but q is on"):
-            kernels.attention(q, k.to("meta"), v)
+        with fastgpt_kernels.use_backend(backend), pytest.raises(ValueError, match="k is on meta but q is on"):
+            fastgpt_kernels.attention(q, k.to("meta"), v)
 
     @pytest.mark.parametrize("p", [-0.1, 1.0, 1.5])
     def test_dropout_out_of_range(self, backend, p):
-        with kernels.use_backend(backend), pytest.raises(ValueError, match=rf"dropout_p must be in \[0, 1\), got {p}"):
-            kernels.attention(*qkv(), dropout_p=p)
+        with fastgpt_kernels.use_backend(backend), pytest.raises(ValueError, match=rf"dropout_p must be in \[0, 1\), got {p}"):
+            fastgpt_kernels.attention(*qkv(), dropout_p=p)
 
 
 @pytest.mark.parametrize("D, dtype, reason", [
@@ -342,10 +342,10 @@ class TestBadInput:
 def test_unsupported_inputs_fall_back_under_auto_and_raise_under_triton(D, dtype, reason):
     q, k, v = qkv(T=5, D=D, dtype=dtype)
     assert not attn.supports(q, k, v) and reason in attn.why_unsupported(q, k, v)
-    with kernels.use_backend("triton"), pytest.raises(kernels.KernelUnavailableError, match=reason):
-        kernels.attention(q, k, v)
-    with kernels.use_backend("auto"):
-        got = kernels.attention(q, k, v)
+    with fastgpt_kernels.use_backend("triton"), pytest.raises(fastgpt_kernels.KernelUnavailableError, match=reason):
+        fastgpt_kernels.attention(q, k, v)
+    with fastgpt_kernels.use_backend("auto"):
+        got = fastgpt_kernels.attention(q, k, v)
     torch.testing.assert_close(got, reference.attention(q, k, v))
 
 
@@ -360,8 +360,8 @@ def test_auto_runs_the_kernel(monkeypatch):
     monkeypatch.setattr(attn, "attention", lambda *a: calls.append("kernel") or a[0])
     monkeypatch.setattr(reference, "attention", lambda *a: calls.append("reference") or a[0])
     for backend in ("auto", "triton", "torch"):
-        with kernels.use_backend(backend):
-            kernels.attention(*qkv())
+        with fastgpt_kernels.use_backend(backend):
+            fastgpt_kernels.attention(*qkv())
     assert calls == ["kernel", "kernel", "reference"]
 
 
@@ -369,17 +369,17 @@ def test_torch_compile_keeps_the_kernel_in_one_graph():
     proj = torch.randn(16, 16, device=DEVICE, requires_grad=True)
 
     def block(q, k, v):
-        return (kernels.attention(q * 2, k, v) @ proj).relu()
+        return (fastgpt_kernels.attention(q * 2, k, v) @ proj).relu()
 
     compiled = torch.compile(block, fullgraph=True)  # fails on any graph break
     q, k, v = qkv(T=24, D=16, requires_grad=True)
-    with kernels.use_backend("triton"):
+    with fastgpt_kernels.use_backend("triton"):
         got = compiled(q, k, v)
         got.sum().backward()
     grads = [t.grad for t in (q, k, v, proj)]
     for t in (q, k, v, proj):
         t.grad = None
-    with kernels.use_backend("torch"):
+    with fastgpt_kernels.use_backend("torch"):
         expected = block(q, k, v)
         expected.sum().backward()
     torch.testing.assert_close(got, expected, **float32_tolerance())

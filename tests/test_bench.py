@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
-import kernels
+import fastgpt_kernels
 from bench import __main__ as bench_main
 from bench import measure, ops, train_step
 from bench.naive import MultiHeadAttention, NaiveConfig, NaiveGPT
 from bench.plain import PlainGPT
 from conftest import DEVICE
 from fastgpt.model import GPT, GPTConfig
-from kernels import _dispatch, reference
+from fastgpt_kernels import _dispatch, reference
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,8 +35,8 @@ def test_naive_attention_equals_the_reference_given_the_same_weights():
     expected = mha.proj(y.transpose(1, 2).reshape(2, 13, 32))
     with torch.no_grad():
         torch.testing.assert_close(mha(x), expected, rtol=1e-5, atol=1e-6)
-        with kernels.use_backend("torch"):
-            fused = kernels.attention(per_head("query"), per_head("key"), per_head("value"), causal=True)
+        with fastgpt_kernels.use_backend("torch"):
+            fused = fastgpt_kernels.attention(per_head("query"), per_head("key"), per_head("value"), causal=True)
         torch.testing.assert_close(y, fused, rtol=1e-5, atol=1e-6)
 
 
@@ -94,7 +94,7 @@ def test_plain_pytorch_computes_fastgpts_function_given_the_same_weights():
     assert plain.transformer.wte.weight is plain.lm_head.weight  # tied, as fastgpt's
     idx = torch.randint(50, (2, 13), generator=torch.Generator().manual_seed(1))
     targets = torch.randint(50, (2, 13), generator=torch.Generator().manual_seed(2))
-    with kernels.use_backend("torch"):
+    with fastgpt_kernels.use_backend("torch"):
         fast_logits, fast_loss = fast(idx, targets, return_logits=True)
         fast_loss.backward()
     logits, loss = plain(idx, targets)
@@ -313,7 +313,7 @@ class BackendProbe(torch.nn.Module):
         self.seen = []
 
     def forward(self, idx, targets):
-        self.seen.append(kernels.get_backend())
+        self.seen.append(fastgpt_kernels.get_backend())
         return None, (self.weight * idx.float().mean()).sum()
 
 
@@ -358,4 +358,4 @@ def test_on_a_gpu_the_triton_provider_is_timed_only_when_its_kernel_launches(mon
     wide = ops.make_inputs(ops.OpCase("layer_norm", ops.SHAPES["tiny"]["layer_norm"], torch.float64), DEVICE)
     assert "the Triton kernel cannot run" in ops.unavailable(case, "triton", wide, CUDA)
     monkeypatch.setattr(_dispatch, "use_kernel", lambda *args: False)  # a silent fallback
-    assert ops.unavailable(case, "triton", inputs, CUDA) == "kernels.layer_norm did not launch its Triton kernel"
+    assert ops.unavailable(case, "triton", inputs, CUDA) == "fastgpt_kernels.layer_norm did not launch its Triton kernel"

@@ -1,4 +1,4 @@
-"""kernels.tools.compile_report: offline sm_80/sm_90a compiles of the kernels in tests/_compile_report_example.py.
+"""fastgpt_kernels.tools.compile_report: offline sm_80/sm_90a compiles of the kernels in tests/_compile_report_example.py.
 
 Compiling needs Triton's interpreter off, and this test session runs with it on, so the compiles
 happen in a subprocess. compile_report is loaded there by file path, so these tests do not depend
@@ -21,15 +21,15 @@ pytest.importorskip("triton")
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = ROOT / "tests"
-MODULE_PATH = ROOT / "kernels" / "tools" / "compile_report.py"
+MODULE_PATH = ROOT / "fastgpt_kernels" / "tools" / "compile_report.py"
 
-# Loads compile_report by path (as kernels.tools.compile_report, which the example module imports), dumps
+# Loads compile_report by path (as fastgpt_kernels.tools.compile_report, which the example module imports), dumps
 # run()'s results as JSON to argv[1], then exits with main()'s status on the same specs.
 HARNESS = f"""
 import dataclasses, importlib.util, json, sys
-spec = importlib.util.spec_from_file_location("kernels.tools.compile_report", {str(MODULE_PATH)!r})
+spec = importlib.util.spec_from_file_location("fastgpt_kernels.tools.compile_report", {str(MODULE_PATH)!r})
 cr = importlib.util.module_from_spec(spec)
-sys.modules["kernels.tools.compile_report"] = cr
+sys.modules["fastgpt_kernels.tools.compile_report"] = cr
 spec.loader.exec_module(cr)
 import _compile_report_example as example
 results = cr.run(example.compile_specs(), archs=(80, 90), jobs=2, progress=None)
@@ -123,7 +123,7 @@ def test_main_prints_the_table_and_fails_on_problems(report):
 
 def _load_in_process():
     try:
-        return importlib.import_module("kernels.tools.compile_report")
+        return importlib.import_module("fastgpt_kernels.tools.compile_report")
     except Exception:  # the rest of the package may be mid-edit
         name = "_compile_report_under_test"
         spec = importlib.util.spec_from_file_location(name, MODULE_PATH)
@@ -150,7 +150,7 @@ def test_interpreted_kernel_is_reported_not_compiled():
 
 def test_main_reruns_itself_without_the_interpreter(tmp_path):
     try:
-        importlib.import_module("kernels")
+        importlib.import_module("fastgpt_kernels")
     except Exception as exc:
         pytest.skip(f"the kernels package does not import yet ({exc})")
     code = (f"import importlib.util, sys\n"
@@ -166,12 +166,12 @@ def test_main_reruns_itself_without_the_interpreter(tmp_path):
 
 
 def report_of_every_config(op: str, tmp_path) -> list[str]:
-    """The output lines of ``python -m kernels.tools.compile_report --op op``, once it has compiled every
+    """The output lines of ``python -m fastgpt_kernels.tools.compile_report --op op``, once it has compiled every
     spec of the op for both architectures with no problem."""
-    from kernels.tools import specs as op_specs
+    from fastgpt_kernels.tools import specs as op_specs
 
     specs = list(op_specs.SPECS[op]())
-    proc = subprocess.run([sys.executable, "-m", "kernels.tools.compile_report", "--op", op, "--jobs", "2"],
+    proc = subprocess.run([sys.executable, "-m", "fastgpt_kernels.tools.compile_report", "--op", op, "--jobs", "2"],
                           cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-3000:]
     assert f"\n{2 * len(specs)} compiled, 0 problems" in proc.stdout
@@ -186,8 +186,8 @@ def test_every_layer_norm_config_compiles_fits_and_does_not_spill(tmp_path):
 
 
 def test_every_attention_config_compiles_fits_and_uses_tensor_cores(tmp_path):
-    from kernels import _tuning
-    from kernels.ops import attention as attn
+    from fastgpt_kernels import _tuning
+    from fastgpt_kernels.ops import attention as attn
 
     lines = report_of_every_config("attention", tmp_path)
     for kind in attn.KINDS:
@@ -200,8 +200,8 @@ def test_every_attention_config_compiles_fits_and_uses_tensor_cores(tmp_path):
 
 
 def test_every_gelu_mlp_config_compiles_fits_and_uses_tensor_cores(tmp_path):
-    from kernels import _tuning
-    from kernels.ops import gelu_mlp as gm
+    from fastgpt_kernels import _tuning
+    from fastgpt_kernels.ops import gelu_mlp as gm
 
     lines = report_of_every_config("gelu_mlp", tmp_path)
     for config in gm.CONFIGS:
@@ -217,8 +217,8 @@ def test_every_gelu_mlp_config_compiles_fits_and_uses_tensor_cores(tmp_path):
 def test_every_linear_cross_entropy_config_compiles_fits_and_uses_tensor_cores(tmp_path):
     import torch
 
-    from kernels import _tuning
-    from kernels.ops import linear_cross_entropy as lce
+    from fastgpt_kernels import _tuning
+    from fastgpt_kernels.ops import linear_cross_entropy as lce
 
     lines = report_of_every_config("linear_cross_entropy", tmp_path)
     for config in lce.CONFIGS:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-import kernels
+import fastgpt_kernels
 from fastgpt import data
 from fastgpt.data import corpora
 from fastgpt.data import (AdditionTask, CharTokenizer, GPT2Tokenizer, SortTask, get_batch, load_dataset,
@@ -412,7 +412,7 @@ def test_evaluate_runs_a_real_model_and_restores_training_mode():
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=task.vocab_size, block_size=task.block_size, n_layer=1, n_head=2, n_embd=16))
     model.train()
-    with kernels.use_backend("torch"):
+    with fastgpt_kernels.use_backend("torch"):
         accuracy = task.evaluate(model, 20, gen())
     assert 0.0 <= accuracy <= 1.0 and model.training
 

@@ -1,4 +1,4 @@
-"""The backend switch in kernels._dispatch: policies, environment variable, fallbacks, errors."""
+"""The backend switch in fastgpt_kernels._dispatch: policies, environment variable, fallbacks, errors."""
 import os
 import subprocess
 import sys
@@ -7,9 +7,9 @@ import textwrap
 import pytest
 import torch
 
-import kernels
+import fastgpt_kernels
 from conftest import DEVICE
-from kernels import _dispatch
+from fastgpt_kernels import _dispatch
 
 
 def run_python(code: str, **env) -> subprocess.CompletedProcess:
@@ -22,16 +22,16 @@ def run_python(code: str, **env) -> subprocess.CompletedProcess:
 
 # Under auto the reference runs; under explicit triton the error says why the kernel cannot.
 FALLBACK_CHECK = """
-    import torch, kernels
-    from kernels import _dispatch
+    import torch, fastgpt_kernels
+    from fastgpt_kernels import _dispatch
     x = torch.randn(2, 8)
     assert not _dispatch.INTERPRETED
     assert not _dispatch.use_kernel("layer_norm", x, None, None)
-    torch.testing.assert_close(kernels.layer_norm(x, None), torch.nn.functional.layer_norm(x, (8,)))
-    kernels.set_backend("triton")
+    torch.testing.assert_close(fastgpt_kernels.layer_norm(x, None), torch.nn.functional.layer_norm(x, (8,)))
+    fastgpt_kernels.set_backend("triton")
     try:
-        kernels.layer_norm(x, None)
-    except kernels.KernelUnavailableError as exc:
+        fastgpt_kernels.layer_norm(x, None)
+    except fastgpt_kernels.KernelUnavailableError as exc:
         print(exc)
     else:
         raise SystemExit("explicit triton ran without a device that can run the kernel")
@@ -55,55 +55,55 @@ def test_without_triton_everything_runs_through_the_references():
 
 @pytest.mark.parametrize("value", ["torch", "triton", "auto"])
 def test_environment_variable_sets_the_policy(value):
-    result = run_python("import kernels; print(kernels.get_backend())", FASTGPT_BACKEND=value)
+    result = run_python("import fastgpt_kernels; print(fastgpt_kernels.get_backend())", FASTGPT_BACKEND=value)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == value
 
 
 def test_unknown_environment_value_is_refused_by_name():
-    result = run_python("import kernels", FASTGPT_BACKEND="cuda")
+    result = run_python("import fastgpt_kernels", FASTGPT_BACKEND="cuda")
     assert result.returncode != 0
     assert "unknown backend 'cuda': expected one of auto, triton, torch" in result.stderr
 
 
 def test_set_backend_and_context_manager():
-    assert kernels.get_backend() == "auto"
-    with kernels.use_backend("torch"):
-        assert kernels.get_backend() == "torch"
-        with kernels.use_backend("triton"):
-            assert kernels.get_backend() == "triton"
-        assert kernels.get_backend() == "torch"
-    assert kernels.get_backend() == "auto"
-    kernels.set_backend("torch")
+    assert fastgpt_kernels.get_backend() == "auto"
+    with fastgpt_kernels.use_backend("torch"):
+        assert fastgpt_kernels.get_backend() == "torch"
+        with fastgpt_kernels.use_backend("triton"):
+            assert fastgpt_kernels.get_backend() == "triton"
+        assert fastgpt_kernels.get_backend() == "torch"
+    assert fastgpt_kernels.get_backend() == "auto"
+    fastgpt_kernels.set_backend("torch")
     try:
-        assert kernels.get_backend() == "torch"
+        assert fastgpt_kernels.get_backend() == "torch"
     finally:
-        kernels.set_backend("auto")
+        fastgpt_kernels.set_backend("auto")
 
 
 def test_context_manager_restores_after_an_error():
     with pytest.raises(ZeroDivisionError):
-        with kernels.use_backend("torch"):
+        with fastgpt_kernels.use_backend("torch"):
             1 / 0
-    assert kernels.get_backend() == "auto"
+    assert fastgpt_kernels.get_backend() == "auto"
 
 
 def test_unknown_backend_name():
     with pytest.raises(ValueError, match="unknown backend 'gpu'"):
-        kernels.set_backend("gpu")
+        fastgpt_kernels.set_backend("gpu")
     with pytest.raises(ValueError, match="unknown backend 'gpu'"):
-        with kernels.use_backend("gpu"):
+        with fastgpt_kernels.use_backend("gpu"):
             pass
 
 
 def test_policy_decides_which_implementation_runs(monkeypatch):
     calls = []
     monkeypatch.setattr(_dispatch.kernel_module("layer_norm"), "layer_norm", lambda *a: calls.append("kernel") or a[0])
-    monkeypatch.setattr(kernels.reference, "layer_norm", lambda *a: calls.append("reference") or a[0])
+    monkeypatch.setattr(fastgpt_kernels.reference, "layer_norm", lambda *a: calls.append("reference") or a[0])
     x = torch.randn(2, 8, device=DEVICE)
     for backend in ("auto", "triton", "torch"):
-        with kernels.use_backend(backend):
-            kernels.layer_norm(x, None)
+        with fastgpt_kernels.use_backend(backend):
+            fastgpt_kernels.layer_norm(x, None)
     assert calls == ["kernel", "kernel", "reference"]
 
 
@@ -123,18 +123,18 @@ def test_autocast_casts_the_inputs_on_both_backends(backend):
     x, w1, b1, w2, b2 = leaf(5, 32), leaf(128, 32, scale=0.2), leaf(128), leaf(32, 128, scale=0.1), leaf(32)
     q, k, v = leaf(1, 2, 17, 16), leaf(1, 2, 17, 16), leaf(1, 2, 17, 16)
     ln_w, ln_b = leaf(32), leaf(32)
-    with kernels.use_backend(backend), torch.autocast(DEVICE, dtype=torch.bfloat16):
-        mlp = kernels.gelu_mlp(x, w1, b1, w2, b2)
-        att = kernels.attention(q, k, v)
-        ln = kernels.layer_norm(x.bfloat16(), ln_w, ln_b)
+    with fastgpt_kernels.use_backend(backend), torch.autocast(DEVICE, dtype=torch.bfloat16):
+        mlp = fastgpt_kernels.gelu_mlp(x, w1, b1, w2, b2)
+        att = fastgpt_kernels.attention(q, k, v)
+        ln = fastgpt_kernels.layer_norm(x.bfloat16(), ln_w, ln_b)
     assert (mlp.dtype, att.dtype, ln.dtype) == (torch.bfloat16, torch.bfloat16, torch.float32)
-    with kernels.use_backend("torch"):
+    with fastgpt_kernels.use_backend("torch"):
         bf16 = [t.detach().bfloat16() for t in (x, w1, b1, w2, b2, q, k, v)]
-        torch.testing.assert_close(mlp, kernels.gelu_mlp(*bf16[:5]), rtol=2e-2, atol=2e-2)
-        torch.testing.assert_close(att, kernels.attention(*bf16[5:]), rtol=2e-2, atol=2e-2)
-        torch.testing.assert_close(ln, kernels.layer_norm(x.detach().bfloat16().float(), ln_w.detach(), ln_b.detach()))
-    with kernels.use_backend("torch"), torch.autocast(DEVICE, dtype=torch.bfloat16):  # float64 is left alone
-        assert kernels.layer_norm(x.detach().double(), None).dtype == torch.float64
+        torch.testing.assert_close(mlp, fastgpt_kernels.gelu_mlp(*bf16[:5]), rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(att, fastgpt_kernels.attention(*bf16[5:]), rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(ln, fastgpt_kernels.layer_norm(x.detach().bfloat16().float(), ln_w.detach(), ln_b.detach()))
+    with fastgpt_kernels.use_backend("torch"), torch.autocast(DEVICE, dtype=torch.bfloat16):  # float64 is left alone
+        assert fastgpt_kernels.layer_norm(x.detach().double(), None).dtype == torch.float64
     (mlp.float().sum() + att.float().sum() + ln.sum()).backward()
     assert all(t.grad is not None and t.grad.dtype == torch.float32 for t in (x, w1, b1, w2, b2, q, k, v, ln_w, ln_b))
 
@@ -151,7 +151,7 @@ def test_a_triton_older_than_the_floor_is_refused_with_the_reason_and_everything
                         FASTGPT_BACKEND=None)
     assert result.returncode == 0, result.stderr
     assert "triton 3.3.1 is older than 3.5, the oldest the kernels support" in result.stdout
-    verify = run_python(old_triton + "from kernels.tools import verify; raise SystemExit(verify.main([]))",
+    verify = run_python(old_triton + "from fastgpt_kernels.tools import verify; raise SystemExit(verify.main([]))",
                         FASTGPT_BACKEND=None)
     assert verify.returncode == 2 and "cannot verify the Triton kernels: triton 3.3.1 is older" in verify.stderr
 
@@ -183,8 +183,8 @@ def test_pyproject_declares_the_floors_the_code_enforces():
 def test_float32_runs_the_kernels_only_while_pytorch_uses_tf32():
     """The kernels' float32 dots run in TF32, so they take float32 only while PyTorch's own float32
     matmuls do; in full precision (PyTorch's default) PyTorch's ops run float32, as asked."""
-    from kernels.ops import attention, gelu_mlp
-    from kernels.ops._common import FLOAT32_NEEDS_TF32
+    from fastgpt_kernels.ops import attention, gelu_mlp
+    from fastgpt_kernels.ops._common import FLOAT32_NEEDS_TF32
 
     q = torch.randn(1, 2, 8, 16, device=DEVICE)
     x, w1, w2 = torch.randn(4, 16, device=DEVICE), torch.randn(64, 16, device=DEVICE), torch.randn(16, 64, device=DEVICE)
@@ -193,10 +193,10 @@ def test_float32_runs_the_kernels_only_while_pytorch_uses_tf32():
     assert gelu_mlp.why_unsupported(x, w1, None, w2, None) == FLOAT32_NEEDS_TF32
     assert attention.supports(q.half(), q.half(), q.half())
     assert _dispatch.kernel_module("layer_norm").supports(x)  # no dots: float32 is always taken
-    with kernels.use_backend("triton"), pytest.raises(kernels.KernelUnavailableError, match="run in full precision"):
-        kernels.attention(q, q, q)
-    with kernels.use_backend("auto"):
-        torch.testing.assert_close(kernels.gelu_mlp(x, w1, None, w2, None), kernels.reference.gelu_mlp(x, w1, None, w2, None))
+    with fastgpt_kernels.use_backend("triton"), pytest.raises(fastgpt_kernels.KernelUnavailableError, match="run in full precision"):
+        fastgpt_kernels.attention(q, q, q)
+    with fastgpt_kernels.use_backend("auto"):
+        torch.testing.assert_close(fastgpt_kernels.gelu_mlp(x, w1, None, w2, None), fastgpt_kernels.reference.gelu_mlp(x, w1, None, w2, None))
     torch.set_float32_matmul_precision("high")  # PyTorch's float32 matmuls in TF32: the kernels take float32
     try:
         assert attention.supports(q, q, q) and gelu_mlp.supports(x, w1, None, w2, None)
@@ -215,9 +215,9 @@ def test_cuda_tensors_take_the_kernel_and_fall_back_with_one_warning_per_reason(
         return SimpleNamespace(is_cuda=True, is_cpu=False, dtype=dtype)
 
     monkeypatch.setattr(_dispatch, "_warned", set())
-    with kernels.use_backend("auto"):
+    with fastgpt_kernels.use_backend("auto"):
         assert _dispatch.use_kernel("layer_norm", cuda(torch.float16), None, None)
-        with pytest.warns(RuntimeWarning, match="kernels.layer_norm: using the PyTorch reference: x has dtype "
+        with pytest.warns(RuntimeWarning, match="fastgpt_kernels.layer_norm: using the PyTorch reference: x has dtype "
                                                 "torch.float64"):
             assert not _dispatch.use_kernel("layer_norm", cuda(torch.float64), None, None)
         with warnings.catch_warnings():

@@ -1,15 +1,15 @@
-"""kernels.gelu_mlp: the Triton GEMMs against float64 by the 2x-PyTorch rule (see kernels.tools.verify), every
+"""fastgpt_kernels.gelu_mlp: the Triton GEMMs against float64 by the 2x-PyTorch rule (see fastgpt_kernels.tools.verify), every
 autotune config, odd sizes and layouts, memory traffic in the interpreter, bad input, torch.compile."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
+import fastgpt_kernels
 from conftest import ALL_DTYPES, DEVICE, assert_backward_deterministic, float32_tolerance
-from kernels import _dispatch, _tuning
-from kernels.ops import gelu_mlp as gm
-from kernels.ops._gemm import needs_wide
-from kernels.tools.verify import assert_close_to_exact, assert_pass, gelu_mlp_checks
+from fastgpt_kernels import _dispatch, _tuning
+from fastgpt_kernels.ops import gelu_mlp as gm
+from fastgpt_kernels.ops._gemm import needs_wide
+from fastgpt_kernels.tools.verify import assert_close_to_exact, assert_pass, gelu_mlp_checks
 
 ROWS = [1, 7, 100, 257]
 WIDTHS = [16, 48, 100, 128]
@@ -19,7 +19,7 @@ GEMMS = ("gelu_mlp.fwd", "gelu_mlp.dpre", "gelu_mlp.dweight")
 
 def every_gemm(config):
     """Pins ``config`` for each of the MLP's GEMM kernels."""
-    return kernels.use_configs(dict.fromkeys(GEMMS, config))
+    return fastgpt_kernels.use_configs(dict.fromkeys(GEMMS, config))
 
 
 def mlp_inputs(rows=5, width=16, hidden=64, dtype=torch.float32, biases=True, seed=0, requires_grad=True):
@@ -120,14 +120,14 @@ def test_split_k_leaves_out_the_config_that_spills_there(gpu_split):
     left_out = [c for c in gm.CONFIGS if c not in gm.SPLIT_CONFIGS]
     assert len(left_out) == 1 and len(gm.SPLIT_CONFIGS) == len(gm.CONFIGS) - 1
     w = mlp_inputs(rows=100, width=48, hidden=200)
-    with kernels.use_configs({"gelu_mlp.dweight": left_out[0]}), kernels.use_backend("triton"), \
+    with fastgpt_kernels.use_configs({"gelu_mlp.dweight": left_out[0]}), fastgpt_kernels.use_backend("triton"), \
             pytest.raises(ValueError, match="does not fit"):
-        kernels.gelu_mlp(**w).sum().backward()
+        fastgpt_kernels.gelu_mlp(**w).sum().backward()
 
 
 def test_split_k_backward_is_deterministic(gpu_split):
     w = mlp_inputs(rows=64, width=48, hidden=200)
-    assert_backward_deterministic(kernels.gelu_mlp, list(w.values()), torch.randn(64, 48, device=DEVICE))
+    assert_backward_deterministic(fastgpt_kernels.gelu_mlp, list(w.values()), torch.randn(64, 48, device=DEVICE))
 
 
 @pytest.mark.parametrize("split", [0, -2, 1.5, True])
@@ -146,7 +146,7 @@ def test_pinned_config_must_be_one_of_the_configs():
         with every_gemm(triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16})):
             pass
     with pytest.raises(ValueError, match="unknown kernel 'gelu_mlp.gemm'"):
-        with kernels.use_configs({"gelu_mlp.gemm": gm.CONFIGS[0]}):
+        with fastgpt_kernels.use_configs({"gelu_mlp.gemm": gm.CONFIGS[0]}):
             pass
 
 
@@ -160,14 +160,14 @@ def test_leading_dimensions_and_broadcast_output_gradient():
     base = torch.randn(5, 3, 16, device=DEVICE)
     x = base.transpose(0, 1).requires_grad_()  # (3, 5, 16): rows are not evenly strided
     params = [w["fc_weight"], w["fc_bias"], w["proj_weight"], w["proj_bias"]]
-    with kernels.use_backend("triton"):
-        got = kernels.gelu_mlp(x, *params)
+    with fastgpt_kernels.use_backend("triton"):
+        got = fastgpt_kernels.gelu_mlp(x, *params)
         got.sum().backward()  # the output gradient is a broadcast scalar: stride 0 everywhere
     grads = [t.grad for t in (x, *params)]
     results = {}
     for dtype in (torch.float32, torch.float64):
         leaves = [t.detach().to(dtype).requires_grad_() for t in (x, *params)]
-        out = kernels.reference.gelu_mlp(*leaves)
+        out = fastgpt_kernels.reference.gelu_mlp(*leaves)
         results[dtype] = out, torch.autograd.grad(out.sum(), leaves)
     (lowp, lowp_grads), (exact, exact_grads) = results[torch.float32], results[torch.float64]
     assert got.shape == x.shape
@@ -179,7 +179,7 @@ def test_leading_dimensions_and_broadcast_output_gradient():
 
 def test_contiguous_leading_dimensions_reach_the_kernels_as_they_are():
     """A contiguous (B, T, C) input needs no (rows, C) view: the GEMMs get it with its row strides."""
-    from kernels.ops._common import run
+    from fastgpt_kernels.ops._common import run
 
     w = mlp_inputs(width=16, hidden=40, requires_grad=False)
     x = torch.randn(2, 3, 16)
@@ -187,7 +187,7 @@ def test_contiguous_leading_dimensions_reach_the_kernels_as_they_are():
     (out, pre), launches = plan = gm.forward_plan(x, *params, keep_pre=True)
     assert launches[0][2][0] is x and out.shape == x.shape and pre.shape == (6, 40)
     run(plan)
-    torch.testing.assert_close(out, kernels.reference.gelu_mlp(x, *params), rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(out, fastgpt_kernels.reference.gelu_mlp(x, *params), rtol=2e-3, atol=2e-3)
     assert not any(meta["WIDE"] for *_, meta in launches)
     assert not needs_wide(torch.empty(2, 4096, 4096, device="meta"))  # rows 4096 apart, whatever the batch
 
@@ -207,11 +207,11 @@ def test_offsets_past_2_31_elements_use_int64(split, request):
     assert [meta["WIDE"] for *_, meta in launches] == [True, False]  # x's tiles, then the hidden layer's
     leaves = [t.requires_grad_() for t in (x, *list(w.values())[1:])]
     dout = torch.randn(3, 16, dtype=torch.float16)
-    with kernels.use_backend("triton"):
-        got = kernels.gelu_mlp(*leaves)
+    with fastgpt_kernels.use_backend("triton"):
+        got = fastgpt_kernels.gelu_mlp(*leaves)
         grads = torch.autograd.grad(got, leaves, dout)
     exact = [t.detach().float().requires_grad_() for t in leaves]
-    expected = kernels.reference.gelu_mlp(*exact)
+    expected = fastgpt_kernels.reference.gelu_mlp(*exact)
     torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=2e-2)
     for got_grad, want in zip(grads, torch.autograd.grad(expected, exact, dout.float())):
         torch.testing.assert_close(got_grad.float(), want, rtol=2e-2, atol=2e-2)
@@ -219,8 +219,8 @@ def test_offsets_past_2_31_elements_use_int64(split, request):
 
 def test_empty_batch():
     w = mlp_inputs(rows=0)
-    with kernels.use_backend("triton"):
-        y = kernels.gelu_mlp(**w)
+    with fastgpt_kernels.use_backend("triton"):
+        y = fastgpt_kernels.gelu_mlp(**w)
         y.sum().backward()
     assert y.shape == (0, 16)
     for name in ("fc_weight", "fc_bias", "proj_weight", "proj_bias"):
@@ -229,7 +229,7 @@ def test_empty_batch():
 
 def test_backward_is_deterministic():
     w = mlp_inputs(rows=64, width=48, hidden=200)
-    assert_backward_deterministic(kernels.gelu_mlp, list(w.values()), torch.randn(64, 48, device=DEVICE))
+    assert_backward_deterministic(fastgpt_kernels.gelu_mlp, list(w.values()), torch.randn(64, 48, device=DEVICE))
 
 
 def test_the_checks_catch_the_erf_gelu(monkeypatch):
@@ -249,15 +249,15 @@ class TestMemoryTraffic:
     M, C, H = 256, 128, 512  # float16
 
     def traffic(self, **w):
-        from kernels.tools.traffic import count_memory_traffic
+        from fastgpt_kernels.tools.traffic import count_memory_traffic
 
-        with kernels.use_backend("triton"), count_memory_traffic() as traffic:
-            kernels.gelu_mlp(**w)
+        with fastgpt_kernels.use_backend("triton"), count_memory_traffic() as traffic:
+            fastgpt_kernels.gelu_mlp(**w)
         assert traffic.out_of_bounds == 0  # every active lane inside a tensor argument
         return traffic
 
     def test_fused_forward_moves_fewer_bytes_than_the_unfused_ops(self):
-        from kernels.tools.traffic import count_torch_traffic
+        from fastgpt_kernels.tools.traffic import count_torch_traffic
 
         w = mlp_inputs(self.M, self.C, self.H, torch.float16)
         fused = self.traffic(**w)  # a training forward: pre is kept for the backward
@@ -289,49 +289,49 @@ class TestBadInput:
     def test_x_width_does_not_match_fc_weight(self, backend):
         w = mlp_inputs(width=16)
         w["x"] = torch.randn(3, 12, device=DEVICE)
-        with kernels.use_backend(backend), pytest.raises(ValueError, match=r"fc_weight must have shape \(hidden, C\) "
+        with fastgpt_kernels.use_backend(backend), pytest.raises(ValueError, match=r"fc_weight must have shape \(hidden, C\) "
                                                                            r"with C = x.shape\[-1\] = 12"):
-            kernels.gelu_mlp(**w)
+            fastgpt_kernels.gelu_mlp(**w)
 
     def test_proj_weight_shape(self, backend):
         w = {**mlp_inputs(width=16, hidden=64), "proj_weight": torch.randn(16, 63, device=DEVICE)}
-        with kernels.use_backend(backend), pytest.raises(ValueError, match=r"proj_weight must have shape \(16, 64\)"):
-            kernels.gelu_mlp(**w)
+        with fastgpt_kernels.use_backend(backend), pytest.raises(ValueError, match=r"proj_weight must have shape \(16, 64\)"):
+            fastgpt_kernels.gelu_mlp(**w)
 
     def test_bias_shape(self, backend):
         w = {**mlp_inputs(hidden=64), "fc_bias": torch.randn(16, device=DEVICE)}
-        with kernels.use_backend(backend), pytest.raises(ValueError, match=r"fc_bias must have shape \(64,\)"):
-            kernels.gelu_mlp(**w)
+        with fastgpt_kernels.use_backend(backend), pytest.raises(ValueError, match=r"fc_bias must have shape \(64,\)"):
+            fastgpt_kernels.gelu_mlp(**w)
 
     def test_dtype_mismatch(self, backend):
         w = mlp_inputs()
         w["proj_weight"] = w["proj_weight"].detach().half()
-        with kernels.use_backend(backend), pytest.raises(
+        with fastgpt_kernels.use_backend(backend), pytest.raises(
                 TypeError, match="proj_weight has dtype torch.float16 but x has dtype torch.float32"):
-            kernels.gelu_mlp(**w)
+            fastgpt_kernels.gelu_mlp(**w)
 
     def test_device_mismatch(self, backend):
         w = mlp_inputs()
         w["fc_bias"] = w["fc_bias"].detach().to("meta")
-        with kernels.use_backend(backend), pytest.raises(ValueError, match=f"fc_bias is on meta but x is on {DEVICE}"):
-            kernels.gelu_mlp(**w)
+        with fastgpt_kernels.use_backend(backend), pytest.raises(ValueError, match=f"fc_bias is on meta but x is on {DEVICE}"):
+            fastgpt_kernels.gelu_mlp(**w)
 
 
 def test_float64_falls_back_under_auto_and_is_refused_under_triton():
     w = mlp_inputs(dtype=torch.float64, requires_grad=False)
-    with kernels.use_backend("auto"):
-        torch.testing.assert_close(kernels.gelu_mlp(**w), kernels.reference.gelu_mlp(**w))
-    with kernels.use_backend("triton"), pytest.raises(kernels.KernelUnavailableError,
-                                                      match="kernels.gelu_mlp: .*x has dtype torch.float64"):
-        kernels.gelu_mlp(**w)
+    with fastgpt_kernels.use_backend("auto"):
+        torch.testing.assert_close(fastgpt_kernels.gelu_mlp(**w), fastgpt_kernels.reference.gelu_mlp(**w))
+    with fastgpt_kernels.use_backend("triton"), pytest.raises(fastgpt_kernels.KernelUnavailableError,
+                                                      match="fastgpt_kernels.gelu_mlp: .*x has dtype torch.float64"):
+        fastgpt_kernels.gelu_mlp(**w)
 
 
 def test_empty_widths_fall_back_under_auto_and_are_refused_under_triton():
     w = mlp_inputs(width=16, hidden=0, requires_grad=False)
-    with kernels.use_backend("auto"):
-        torch.testing.assert_close(kernels.gelu_mlp(**w), w["proj_bias"].expand(5, 16))
-    with kernels.use_backend("triton"), pytest.raises(kernels.KernelUnavailableError, match=r"fc_weight has shape \(0, 16\)"):
-        kernels.gelu_mlp(**w)
+    with fastgpt_kernels.use_backend("auto"):
+        torch.testing.assert_close(fastgpt_kernels.gelu_mlp(**w), w["proj_bias"].expand(5, 16))
+    with fastgpt_kernels.use_backend("triton"), pytest.raises(fastgpt_kernels.KernelUnavailableError, match=r"fc_weight has shape \(0, 16\)"):
+        fastgpt_kernels.gelu_mlp(**w)
 
 
 def test_torch_compile_keeps_the_kernels_in_one_graph():
@@ -339,17 +339,17 @@ def test_torch_compile_keeps_the_kernels_in_one_graph():
     params = [w["fc_weight"], w["fc_bias"], w["proj_weight"], w["proj_bias"]]
 
     def block(x):
-        return kernels.gelu_mlp(torch.tanh(x), *params) * 2
+        return fastgpt_kernels.gelu_mlp(torch.tanh(x), *params) * 2
 
     compiled = torch.compile(block, fullgraph=True)  # fails on any graph break
     x = torch.randn(2, 3, 32, device=DEVICE, requires_grad=True)
-    with kernels.use_backend("triton"):
+    with fastgpt_kernels.use_backend("triton"):
         got = compiled(x)
         got.sum().backward()
     grads = [t.grad for t in (x, *params)]
     for t in (x, *params):
         t.grad = None
-    with kernels.use_backend("torch"):
+    with fastgpt_kernels.use_backend("torch"):
         expected = block(x)
         expected.sum().backward()
     torch.testing.assert_close(got, expected, **float32_tolerance())

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from bench import gpu_report
-from kernels import _dispatch, _tuning
+from fastgpt_kernels import _dispatch, _tuning
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_kernels = pytest.mark.skipif(not _dispatch.INTERPRETED and not torch.cuda.is_available(),
@@ -161,7 +161,7 @@ def test_the_sanitizer_target_runs_every_config_of_every_kernel(tmp_path):
 
 
 def test_layer_norm_widths_select_every_launch_config():
-    from kernels.ops import layer_norm
+    from fastgpt_kernels.ops import layer_norm
 
     widths = gpu_report.layer_norm_widths()
     assert set(widths) == set(layer_norm.launch_configs())

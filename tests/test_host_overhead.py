@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-import kernels
+import fastgpt_kernels
 from bench import host_overhead
-from kernels import _dispatch, _tuning
+from fastgpt_kernels import _dispatch, _tuning
 
 pytestmark = pytest.mark.skipif(not _dispatch.INTERPRETED, reason="stubs the launches of Triton's interpreter")
 
@@ -14,15 +14,15 @@ def test_stubbed_launches_count_the_launches_compute_nothing_and_restore_everyth
 
     run, can_time, cache_file = InterpretedFunction.run, _tuning._autotuner_can_time, _tuning.cache_file
     x = torch.randn(4, 32)
-    with host_overhead.stubbed_launches() as launches, kernels.use_backend("triton"):
-        y = kernels.layer_norm(x, None)
+    with host_overhead.stubbed_launches() as launches, fastgpt_kernels.use_backend("triton"):
+        y = fastgpt_kernels.layer_norm(x, None)
         assert len(launches) == 1
         assert _tuning.cache_file() is None
     assert not torch.allclose(y, torch.nn.functional.layer_norm(x, (32,)))  # the kernel never ran
     assert (InterpretedFunction.run, _tuning._autotuner_can_time, _tuning.cache_file) == (run, can_time, cache_file)
     assert all("_bench" not in vars(t.tuner) for t in _tuning._REGISTRY.values())
     assert all(not t.chosen for t in _tuning._REGISTRY.values())  # the made-up choices are gone
-    torch.testing.assert_close(kernels.layer_norm(x, None), torch.nn.functional.layer_norm(x, (32,)))
+    torch.testing.assert_close(fastgpt_kernels.layer_norm(x, None), torch.nn.functional.layer_norm(x, (32,)))
 
 
 def test_a_tiny_run_measures_every_op_both_ways_and_counts_a_steps_launches():

@@ -1,4 +1,4 @@
-"""Tests for the bfloat16 shim in ``kernels/tools/bf16_shim.py``.
+"""Tests for the bfloat16 shim in ``fastgpt_kernels/tools/bf16_shim.py``.
 
 The kernels run in child processes with ``TRITON_INTERPRET=1`` in their environment, one with the
 shim installed and one without it (to show the checks fail on the unpatched interpreter). Both
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-SHIM_PATH = Path(__file__).resolve().parents[1] / "kernels" / "tools" / "bf16_shim.py"
+SHIM_PATH = Path(__file__).resolve().parents[1] / "fastgpt_kernels" / "tools" / "bf16_shim.py"
 
 # Runs in a child process: argv = [shim path, output file, "shim" | "raw"].
 CHILD = textwrap.dedent(r'''

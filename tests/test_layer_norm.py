@@ -1,13 +1,13 @@
-"""kernels.layer_norm: the Triton kernels against float64, by the 2x-PyTorch rule (see kernels.tools.verify)."""
+"""fastgpt_kernels.layer_norm: the Triton kernels against float64, by the 2x-PyTorch rule (see fastgpt_kernels.tools.verify)."""
 import math
 
 import pytest
 import torch
 
-import kernels
+import fastgpt_kernels
 from conftest import ALL_DTYPES, DEVICE, assert_backward_deterministic
-from kernels.ops import layer_norm as ln
-from kernels.tools.verify import assert_pass, layer_norm_checks
+from fastgpt_kernels.ops import layer_norm as ln
+from fastgpt_kernels.tools.verify import assert_pass, layer_norm_checks
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
@@ -55,8 +55,8 @@ def test_leading_dimensions_and_transposed_input():
     base = torch.randn(5, 2, 33, device=DEVICE, dtype=torch.float32)
     x = base.transpose(0, 1)  # (2, 5, 33): rows are not evenly strided
     weight, bias = torch.randn(33, device=DEVICE), torch.randn(33, device=DEVICE)
-    with kernels.use_backend("triton"):
-        got = kernels.layer_norm(x, weight, bias)
+    with fastgpt_kernels.use_backend("triton"):
+        got = fastgpt_kernels.layer_norm(x, weight, bias)
     expected = torch.nn.functional.layer_norm(x.double(), (33,), weight.double(), bias.double())
     assert got.shape == x.shape
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
@@ -64,7 +64,7 @@ def test_leading_dimensions_and_transposed_input():
 
 def test_contiguous_leading_dimensions_reach_the_kernels_as_they_are():
     """A contiguous (B, T, N) input needs no (rows, N) view: the kernels get it and write y in its shape."""
-    from kernels.ops._common import run
+    from fastgpt_kernels.ops._common import run
 
     x, weight, bias = torch.randn(2, 3, 40), torch.randn(40), torch.randn(40)
     (y, mean, rstd), [(_, grid, args, _)] = plan = ln.forward_plan(x, weight, bias, 1e-5)
@@ -85,8 +85,8 @@ def test_large_mean_is_numerically_stable():
     # A one-pass E[x^2] - E[x]^2 variance loses everything here; the kernels must not.
     x = 1e4 + torch.randn(2, 8193, device=DEVICE, dtype=torch.float32)
     for width in (1023, 8193):
-        with kernels.use_backend("triton"):
-            got = kernels.layer_norm(x[:, :width], None)
+        with fastgpt_kernels.use_backend("triton"):
+            got = fastgpt_kernels.layer_norm(x[:, :width], None)
         expected = torch.nn.functional.layer_norm(x[:, :width].double(), (width,))
         assert (got.double() - expected).abs().max() < 2e-2
 
@@ -95,7 +95,7 @@ def test_large_mean_is_numerically_stable():
 def test_backward_as_planned_for_a_gpu_with_132_multiprocessors(rows, width):
     """On a GPU the backward spreads the rows over 4 programs per multiprocessor (1 for chunked
     rows), each with its own partial sums; here that plan runs in the interpreter."""
-    from kernels.ops._common import run
+    from fastgpt_kernels.ops._common import run
 
     gen = torch.Generator().manual_seed(0)
     x, weight, bias, dy = (torch.randn(*shape, generator=gen) for shape in ((rows, width), (width,), (width,),
@@ -117,14 +117,14 @@ def test_backward_is_deterministic():
     x = torch.randn(64, 300, device=DEVICE, requires_grad=True)
     weight = torch.randn(300, device=DEVICE, requires_grad=True)
     bias = torch.randn(300, device=DEVICE, requires_grad=True)
-    assert_backward_deterministic(kernels.layer_norm, (x, weight, bias), torch.randn(64, 300, device=DEVICE))
+    assert_backward_deterministic(fastgpt_kernels.layer_norm, (x, weight, bias), torch.randn(64, 300, device=DEVICE))
 
 
 def test_empty_batch():
     x = torch.randn(0, 16, device=DEVICE, requires_grad=True)
     weight = torch.randn(16, device=DEVICE, requires_grad=True)
-    with kernels.use_backend("triton"):
-        y = kernels.layer_norm(x, weight)
+    with fastgpt_kernels.use_backend("triton"):
+        y = fastgpt_kernels.layer_norm(x, weight)
         y.sum().backward()
     assert y.shape == (0, 16)
     assert torch.equal(weight.grad, torch.zeros(16, device=DEVICE))
@@ -133,45 +133,45 @@ def test_empty_batch():
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 class TestBadInput:
     def test_weight_shape(self, backend):
-        with kernels.use_backend(backend), pytest.raises(ValueError, match=r"weight must have shape \(8,\), got \(7,\)"):
-            kernels.layer_norm(torch.randn(2, 8), torch.randn(7))
+        with fastgpt_kernels.use_backend(backend), pytest.raises(ValueError, match=r"weight must have shape \(8,\), got \(7,\)"):
+            fastgpt_kernels.layer_norm(torch.randn(2, 8), torch.randn(7))
 
     def test_bias_shape(self, backend):
-        with kernels.use_backend(backend), pytest.raises(ValueError, match=r"bias must have shape \(8,\)"):
-            kernels.layer_norm(torch.randn(2, 8), None, torch.randn(2, 8))
+        with fastgpt_kernels.use_backend(backend), pytest.raises(ValueError, match=r"bias must have shape \(8,\)"):
+            fastgpt_kernels.layer_norm(torch.randn(2, 8), None, torch.randn(2, 8))
 
     def test_integer_dtype(self, backend):
-        with kernels.use_backend(backend), pytest.raises(TypeError, match="x must be a floating-point tensor, got dtype torch.int64"):
-            kernels.layer_norm(torch.ones(2, 8, dtype=torch.long), None)
+        with fastgpt_kernels.use_backend(backend), pytest.raises(TypeError, match="x must be a floating-point tensor, got dtype torch.int64"):
+            fastgpt_kernels.layer_norm(torch.ones(2, 8, dtype=torch.long), None)
 
     def test_not_a_tensor(self, backend):
-        with kernels.use_backend(backend), pytest.raises(TypeError, match="weight must be a torch.Tensor, got list"):
-            kernels.layer_norm(torch.randn(2, 8), [1.0] * 8)
+        with fastgpt_kernels.use_backend(backend), pytest.raises(TypeError, match="weight must be a torch.Tensor, got list"):
+            fastgpt_kernels.layer_norm(torch.randn(2, 8), [1.0] * 8)
 
     def test_dtype_mismatch(self, backend):
-        with kernels.use_backend(backend), pytest.raises(TypeError, match="weight has dtype torch.float16 but x has dtype torch.float32"):
-            kernels.layer_norm(torch.randn(2, 8), torch.randn(8, dtype=torch.float16))
+        with fastgpt_kernels.use_backend(backend), pytest.raises(TypeError, match="weight has dtype torch.float16 but x has dtype torch.float32"):
+            fastgpt_kernels.layer_norm(torch.randn(2, 8), torch.randn(8, dtype=torch.float16))
 
     def test_different_devices(self, backend):
-        with kernels.use_backend(backend), pytest.raises(ValueError, match="weight is on meta but x is on cpu"):
-            kernels.layer_norm(torch.randn(2, 8), torch.randn(8, device="meta"))
+        with fastgpt_kernels.use_backend(backend), pytest.raises(ValueError, match="weight is on meta but x is on cpu"):
+            fastgpt_kernels.layer_norm(torch.randn(2, 8), torch.randn(8, device="meta"))
 
     @pytest.mark.parametrize("eps", [math.nan, math.inf, -1e-5])
     def test_bad_eps(self, backend, eps):
-        with kernels.use_backend(backend), pytest.raises(ValueError, match=f"eps must be finite and >= 0, got {eps}"):
-            kernels.layer_norm(torch.randn(2, 8), None, eps=eps)
+        with fastgpt_kernels.use_backend(backend), pytest.raises(ValueError, match=f"eps must be finite and >= 0, got {eps}"):
+            fastgpt_kernels.layer_norm(torch.randn(2, 8), None, eps=eps)
 
     def test_empty_last_dimension(self, backend):
-        with kernels.use_backend(backend), pytest.raises(ValueError, match=r"non-empty last dimension.*\(3, 0\)"):
-            kernels.layer_norm(torch.randn(3, 0), None)
+        with fastgpt_kernels.use_backend(backend), pytest.raises(ValueError, match=r"non-empty last dimension.*\(3, 0\)"):
+            fastgpt_kernels.layer_norm(torch.randn(3, 0), None)
 
 
 def test_float64_falls_back_under_auto_and_is_refused_under_triton():
     x = torch.randn(3, 8, dtype=torch.float64, device=DEVICE)
-    with kernels.use_backend("auto"):
-        torch.testing.assert_close(kernels.layer_norm(x, None), torch.nn.functional.layer_norm(x, (8,)))
-    with kernels.use_backend("triton"), pytest.raises(kernels.KernelUnavailableError, match="x has dtype torch.float64"):
-        kernels.layer_norm(x, None)
+    with fastgpt_kernels.use_backend("auto"):
+        torch.testing.assert_close(fastgpt_kernels.layer_norm(x, None), torch.nn.functional.layer_norm(x, (8,)))
+    with fastgpt_kernels.use_backend("triton"), pytest.raises(fastgpt_kernels.KernelUnavailableError, match="x has dtype torch.float64"):
+        fastgpt_kernels.layer_norm(x, None)
 
 
 def test_torch_compile_keeps_the_kernel_in_one_graph():
@@ -179,16 +179,16 @@ def test_torch_compile_keeps_the_kernel_in_one_graph():
     bias = torch.randn(64, device=DEVICE, requires_grad=True)
 
     def block(x):
-        return torch.relu(kernels.layer_norm(x * 2, weight, bias)) + 1
+        return torch.relu(fastgpt_kernels.layer_norm(x * 2, weight, bias)) + 1
 
     compiled = torch.compile(block, fullgraph=True)  # fails on any graph break
     x = torch.randn(4, 64, device=DEVICE, requires_grad=True)
-    with kernels.use_backend("triton"):
+    with fastgpt_kernels.use_backend("triton"):
         got = compiled(x)
         got.sum().backward()
     grads = (x.grad, weight.grad, bias.grad)
     x.grad = weight.grad = bias.grad = None
-    with kernels.use_backend("torch"):
+    with fastgpt_kernels.use_backend("torch"):
         expected = block(x)
         expected.sum().backward()
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
@@ -199,7 +199,7 @@ def test_torch_compile_keeps_the_kernel_in_one_graph():
 def test_the_sm_count_is_the_cuda_devices_and_none_elsewhere(monkeypatch):
     from types import SimpleNamespace
 
-    from kernels.ops import _common
+    from fastgpt_kernels.ops import _common
 
     asked = []
     monkeypatch.setattr(torch.cuda, "get_device_properties",

@@ -1,16 +1,16 @@
-"""kernels.linear_cross_entropy: the fused lm_head + loss, Triton kernels and the chunked PyTorch fallback,
+"""fastgpt_kernels.linear_cross_entropy: the fused lm_head + loss, Triton kernels and the chunked PyTorch fallback,
 against the unfused ``F.cross_entropy(F.linear(...).float())`` in float64 by the 2x-PyTorch rule
-(see kernels.tools.verify); chunks, configs, int64 offsets, memory, bad input, autocast, torch.compile."""
+(see fastgpt_kernels.tools.verify); chunks, configs, int64 offsets, memory, bad input, autocast, torch.compile."""
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import kernels
+import fastgpt_kernels
 from conftest import ALL_DTYPES, DEVICE, assert_backward_deterministic, dtype_param
-from kernels import _dispatch, reference
-from kernels.ops import linear_cross_entropy as lce
-from kernels.tools.verify import assert_pass, linear_cross_entropy_checks
+from fastgpt_kernels import _dispatch, reference
+from fastgpt_kernels.ops import linear_cross_entropy as lce
+from fastgpt_kernels.tools.verify import assert_pass, linear_cross_entropy_checks
 
 FP16 = torch.float16
 KERNELS = ("linear_cross_entropy.logits", "linear_cross_entropy.dx", "linear_cross_entropy.dweight")
@@ -45,13 +45,13 @@ def test_strided_x_and_a_column_major_weight(dtype):
     assert_pass(linear_cross_entropy_checks(17, 64, 100, dtype, view="strided", device=DEVICE))
 
 
-@pytest.mark.parametrize("config", lce.CONFIGS, ids=lambda c: kernels._tuning.describe(c).replace(" ", "-"))
+@pytest.mark.parametrize("config", lce.CONFIGS, ids=lambda c: fastgpt_kernels._tuning.describe(c).replace(" ", "-"))
 def test_every_config(config):
     # Ragged rows, widths and vocabulary in every tiling; dweight reduces over several K steps.
     pins = dict.fromkeys(KERNELS, config)
     if config not in lce.DWEIGHT_CONFIGS:  # left out of the weight gradient's configs (it spills there)
         pins["linear_cross_entropy.dweight"] = lce.DWEIGHT_CONFIGS[0]
-    with kernels.use_configs(pins):
+    with fastgpt_kernels.use_configs(pins):
         assert_pass(linear_cross_entropy_checks(100, 48, 300, FP16, device=DEVICE))
 
 
@@ -80,7 +80,7 @@ def test_backward_is_deterministic():
     weight = torch.randn(300, 48, generator=gen).to(DEVICE).requires_grad_()
     bias = torch.randn(300, generator=gen).to(DEVICE).requires_grad_()
     targets = torch.randint(300, (70,), generator=gen).to(DEVICE)
-    assert_backward_deterministic(lambda x, w, b: kernels.linear_cross_entropy(x, w, targets, b, reduction="none"),
+    assert_backward_deterministic(lambda x, w, b: fastgpt_kernels.linear_cross_entropy(x, w, targets, b, reduction="none"),
                                   (x, weight, bias), torch.randn(70, device=DEVICE))
 
 
@@ -88,9 +88,9 @@ def test_leading_dimensions_and_empty_rows():
     x = torch.randn(2, 3, 16, device=DEVICE, requires_grad=True)
     weight = torch.randn(17, 16, device=DEVICE, requires_grad=True)
     targets = torch.randint(17, (2, 3), device=DEVICE)
-    with kernels.use_backend("triton"):
-        per_position = kernels.linear_cross_entropy(x, weight, targets, reduction="none")
-        empty = kernels.linear_cross_entropy(x[:, :0], weight, targets[:, :0], reduction="sum")
+    with fastgpt_kernels.use_backend("triton"):
+        per_position = fastgpt_kernels.linear_cross_entropy(x, weight, targets, reduction="none")
+        empty = fastgpt_kernels.linear_cross_entropy(x[:, :0], weight, targets[:, :0], reduction="sum")
     assert per_position.shape == (2, 3) and per_position.dtype == torch.float32
     expected = F.cross_entropy(F.linear(x, weight).float().flatten(0, 1), targets.flatten(), reduction="none")
     torch.testing.assert_close(per_position, expected.view(2, 3), rtol=1e-4, atol=1e-4)
@@ -117,8 +117,8 @@ def test_offsets_past_2_31_elements_use_int64():
     x = _strided_view(3, 16, 2**30 + 16, FP16, x_values)  # row 2 starts 2^31 + 32 elements in
     weight = _strided_view(17, 16, 2**27, FP16, w_values)  # row 16 starts 2^31 elements in
     assert x.storage_offset() == 0 and 2 * x.stride(0) >= 2**31 and 16 * weight.stride(0) >= 2**31
-    with kernels.use_backend("triton"):
-        got = kernels.linear_cross_entropy(x, weight, targets, reduction="none")
+    with fastgpt_kernels.use_backend("triton"):
+        got = fastgpt_kernels.linear_cross_entropy(x, weight, targets, reduction="none")
     expected = F.cross_entropy(F.linear(x_values.half(), w_values.half()).float(), targets, reduction="none")
     torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3)
 
@@ -151,8 +151,8 @@ def test_never_more_than_a_chunk_of_logits_exists(monkeypatch, backend):
     x = torch.randn(rows, width, device=DEVICE, requires_grad=True)
     weight = torch.randn(vocab, width, device=DEVICE, requires_grad=True)
     targets = torch.randint(vocab, (rows,), device=DEVICE)
-    with kernels.use_backend(backend), _LargestTensor() as seen:
-        loss = kernels.linear_cross_entropy(x, weight, targets)
+    with fastgpt_kernels.use_backend(backend), _LargestTensor() as seen:
+        loss = fastgpt_kernels.linear_cross_entropy(x, weight, targets)
         loss.backward()
     assert seen.largest <= max(16 * 1000, vocab * width)  # never (rows, V) = 200 000
     with _LargestTensor() as unfused:
@@ -169,8 +169,8 @@ def test_a_loss_without_gradients_makes_none(monkeypatch, backend):
     x = torch.randn(rows, width, device=DEVICE, requires_grad=True)
     weight = torch.randn(vocab, width, device=DEVICE, requires_grad=True)
     targets = torch.randint(vocab, (rows,), device=DEVICE)
-    with kernels.use_backend(backend), torch.no_grad(), _LargestTensor() as seen:
-        loss = kernels.linear_cross_entropy(x, weight, targets)
+    with fastgpt_kernels.use_backend(backend), torch.no_grad(), _LargestTensor() as seen:
+        loss = fastgpt_kernels.linear_cross_entropy(x, weight, targets)
     assert seen.largest < vocab * width
     assert not loss.requires_grad
 
@@ -178,14 +178,14 @@ def test_a_loss_without_gradients_makes_none(monkeypatch, backend):
 @pytest.mark.skipif(not _dispatch.INTERPRETED, reason="counts bytes in Triton's interpreter")
 def test_memory_traffic_against_the_unfused_ops(capsys):
     """Interpreter byte counts (a model of traffic, not a GPU measurement), forward + backward."""
-    from kernels.tools.traffic import count_memory_traffic, count_torch_traffic
+    from fastgpt_kernels.tools.traffic import count_memory_traffic, count_torch_traffic
 
     rows, width, vocab = 256, 128, 2048
     gen = torch.Generator().manual_seed(0)
     x, weight = (torch.randn(*s, generator=gen).half().requires_grad_() for s in ((rows, width), (vocab, width)))
     targets = torch.randint(vocab, (rows,), generator=gen)
-    with kernels.use_backend("triton"), count_memory_traffic() as fused:
-        kernels.linear_cross_entropy(x, weight, targets).backward()
+    with fastgpt_kernels.use_backend("triton"), count_memory_traffic() as fused:
+        fastgpt_kernels.linear_cross_entropy(x, weight, targets).backward()
     with count_torch_traffic() as unfused:
         reference.linear_cross_entropy_unfused(x, weight, None, targets).backward()
     assert fused.out_of_bounds == 0 and fused.reads_after_writes == 0
@@ -210,54 +210,54 @@ def _inputs(rows=5, width=16, vocab=17, dtype=torch.float32):
 class TestBadInput:
     def test_weight_width(self, backend):
         x, weight, targets = _inputs()
-        with kernels.use_backend(backend), pytest.raises(ValueError, match=r"weight must have shape \(V, C\) with C = "
+        with fastgpt_kernels.use_backend(backend), pytest.raises(ValueError, match=r"weight must have shape \(V, C\) with C = "
                                                                             r"x.shape\[-1\] = 16, got \(17, 15\)"):
-            kernels.linear_cross_entropy(x, weight[:, :15], targets)
+            fastgpt_kernels.linear_cross_entropy(x, weight[:, :15], targets)
 
     def test_bias_shape(self, backend):
         x, weight, targets = _inputs()
-        with kernels.use_backend(backend), pytest.raises(ValueError, match=r"bias must have shape \(17,\)"):
-            kernels.linear_cross_entropy(x, weight, targets, torch.zeros(16, device=DEVICE))
+        with fastgpt_kernels.use_backend(backend), pytest.raises(ValueError, match=r"bias must have shape \(17,\)"):
+            fastgpt_kernels.linear_cross_entropy(x, weight, targets, torch.zeros(16, device=DEVICE))
 
     def test_targets_shape_and_dtype(self, backend):
         x, weight, targets = _inputs()
-        with kernels.use_backend(backend), pytest.raises(ValueError, match=r"targets must have shape \(5,\)"):
-            kernels.linear_cross_entropy(x, weight, targets[:4])
-        with kernels.use_backend(backend), pytest.raises(TypeError, match="targets must be an int64 tensor"):
-            kernels.linear_cross_entropy(x, weight, targets.int())
+        with fastgpt_kernels.use_backend(backend), pytest.raises(ValueError, match=r"targets must have shape \(5,\)"):
+            fastgpt_kernels.linear_cross_entropy(x, weight, targets[:4])
+        with fastgpt_kernels.use_backend(backend), pytest.raises(TypeError, match="targets must be an int64 tensor"):
+            fastgpt_kernels.linear_cross_entropy(x, weight, targets.int())
 
     def test_target_out_of_range_is_named_with_its_position(self, backend):
         x, weight, targets = _inputs()
         targets = targets.cpu().clone()
         targets[3] = 17
-        with kernels.use_backend(backend), pytest.raises(ValueError, match=r"targets\[3\] = 17 is not a class index "
+        with fastgpt_kernels.use_backend(backend), pytest.raises(ValueError, match=r"targets\[3\] = 17 is not a class index "
                                                                            r"in \[0, 17\) nor ignore_index \(-100\)"):
-            kernels.linear_cross_entropy(x.cpu(), weight.cpu(), targets)
+            fastgpt_kernels.linear_cross_entropy(x.cpu(), weight.cpu(), targets)
 
     def test_dtype_and_device_mismatch(self, backend):
         x, weight, targets = _inputs()
-        with kernels.use_backend(backend), pytest.raises(TypeError, match="weight has dtype torch.float16 but x has"):
-            kernels.linear_cross_entropy(x, weight.half(), targets)
-        with kernels.use_backend(backend), pytest.raises(ValueError, match="targets is on meta but x is on"):
-            kernels.linear_cross_entropy(x, weight, targets.to("meta"))
+        with fastgpt_kernels.use_backend(backend), pytest.raises(TypeError, match="weight has dtype torch.float16 but x has"):
+            fastgpt_kernels.linear_cross_entropy(x, weight.half(), targets)
+        with fastgpt_kernels.use_backend(backend), pytest.raises(ValueError, match="targets is on meta but x is on"):
+            fastgpt_kernels.linear_cross_entropy(x, weight, targets.to("meta"))
 
     def test_unknown_reduction_and_bad_ignore_index(self, backend):
         x, weight, targets = _inputs()
-        with kernels.use_backend(backend), pytest.raises(ValueError, match="reduction must be one of 'mean', 'sum', "
+        with fastgpt_kernels.use_backend(backend), pytest.raises(ValueError, match="reduction must be one of 'mean', 'sum', "
                                                                            "'none', got 'avg'"):
-            kernels.linear_cross_entropy(x, weight, targets, reduction="avg")
-        with kernels.use_backend(backend), pytest.raises(TypeError, match="ignore_index must be an integer, got float"):
-            kernels.linear_cross_entropy(x, weight, targets, ignore_index=-1.0)
+            fastgpt_kernels.linear_cross_entropy(x, weight, targets, reduction="avg")
+        with fastgpt_kernels.use_backend(backend), pytest.raises(TypeError, match="ignore_index must be an integer, got float"):
+            fastgpt_kernels.linear_cross_entropy(x, weight, targets, ignore_index=-1.0)
 
 
 def test_float64_falls_back_under_auto_and_is_refused_under_triton():
     x, weight, targets = (t.double() if t.is_floating_point() else t for t in _inputs())
-    with kernels.use_backend("auto"):
-        got = kernels.linear_cross_entropy(x, weight, targets)
+    with fastgpt_kernels.use_backend("auto"):
+        got = fastgpt_kernels.linear_cross_entropy(x, weight, targets)
     torch.testing.assert_close(got, F.cross_entropy(F.linear(x, weight), targets))
     assert got.dtype == torch.float64
-    with kernels.use_backend("triton"), pytest.raises(kernels.KernelUnavailableError, match="x has dtype torch.float64"):
-        kernels.linear_cross_entropy(x, weight, targets)
+    with fastgpt_kernels.use_backend("triton"), pytest.raises(fastgpt_kernels.KernelUnavailableError, match="x has dtype torch.float64"):
+        fastgpt_kernels.linear_cross_entropy(x, weight, targets)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -269,8 +269,8 @@ def test_autocast_casts_the_inputs_as_f_linear_does(backend):
     x, weight, targets = _inputs(rows=9, width=32, vocab=40)
     x.requires_grad_()
     weight.requires_grad_()
-    with kernels.use_backend(backend), torch.autocast(DEVICE, dtype=torch.bfloat16):
-        loss = kernels.linear_cross_entropy(x, weight, targets)
+    with fastgpt_kernels.use_backend(backend), torch.autocast(DEVICE, dtype=torch.bfloat16):
+        loss = fastgpt_kernels.linear_cross_entropy(x, weight, targets)
         expected = F.cross_entropy(F.linear(x, weight).float(), targets)  # F.linear casts to bfloat16
     assert loss.dtype == torch.float32
     torch.testing.assert_close(loss, expected, rtol=2e-2, atol=2e-2)
@@ -283,16 +283,16 @@ def test_torch_compile_keeps_the_kernels_in_one_graph():
     weight.requires_grad_()
 
     def head(h):
-        return kernels.linear_cross_entropy(torch.tanh(h), weight, targets) * 2
+        return fastgpt_kernels.linear_cross_entropy(torch.tanh(h), weight, targets) * 2
 
     compiled = torch.compile(head, fullgraph=True)  # fails on any graph break
     h = x.clone().requires_grad_()
-    with kernels.use_backend("triton"):
+    with fastgpt_kernels.use_backend("triton"):
         got = compiled(h)
         got.backward()
     grads = h.grad, weight.grad
     h.grad = weight.grad = None
-    with kernels.use_backend("torch"):
+    with fastgpt_kernels.use_backend("torch"):
         expected = head(h)
         expected.backward()
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)

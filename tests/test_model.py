@@ -6,12 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
+import fastgpt_kernels
 from conftest import DEVICE, float32_tolerance
 from fastgpt import perf
 from fastgpt.model import GPT, GPTConfig
-from kernels import _dispatch, reference
-from kernels.tools.verify import assert_close_to_exact
+from fastgpt_kernels import _dispatch, reference
+from fastgpt_kernels.tools.verify import assert_close_to_exact
 
 TINY = dict(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32)
 
@@ -38,7 +38,7 @@ def one_thread():
 @pytest.fixture(autouse=True)
 def reference_backend():
     # The PyTorch path keeps these tests fast; the backend-agreement test switches explicitly.
-    with kernels.use_backend("torch"):
+    with fastgpt_kernels.use_backend("torch"):
         yield
 
 
@@ -94,7 +94,7 @@ def test_gpt2_initialisation():
 
 
 def manual_forward(sd, cfg, idx, targets):
-    """The GPT-2 forward written out from a state_dict with kernels.reference ops."""
+    """The GPT-2 forward written out from a state_dict with fastgpt_kernels.reference ops."""
     B, T = idx.shape
     C, nh = cfg.n_embd, cfg.n_head
     x = sd["transformer.wte.weight"][idx] + sd["transformer.wpe.weight"][:T]
@@ -176,7 +176,7 @@ def test_generate_crops_the_context_and_is_reproducible():
 def test_greedy_generation_with_the_cache_equals_it_without(backend, prompt, new):
     model = tiny_model(block_size=32).eval()
     idx = tokens(2, prompt, seed=5)
-    with kernels.use_backend(backend):
+    with fastgpt_kernels.use_backend(backend):
         cached = model.generate(idx, new, top_k=1)
         uncached = model.generate(idx, new, top_k=1, use_cache=False)
     assert torch.equal(cached, uncached)
@@ -302,7 +302,7 @@ class TestBadInput:
 
 def test_kernel_and_reference_backends_agree_on_a_tiny_model():
     """Logits, loss, every gradient and three AdamW steps: "auto" (the Triton kernels) vs "torch"."""
-    with kernels.use_backend("auto"):
+    with fastgpt_kernels.use_backend("auto"):
         assert _dispatch.use_kernel("layer_norm", torch.randn(2, 32, device=DEVICE), None, None), \
             "the LayerNorm kernel must run under auto for this test to compare anything"
         mlp = tiny_model().transformer.h[0].mlp
@@ -319,7 +319,7 @@ def test_kernel_and_reference_backends_agree_on_a_tiny_model():
         idx, targets = tokens(2, 16, seed=10 + step).to(DEVICE), tokens(2, 16, seed=20 + step).to(DEVICE)
         results = {}
         for backend, model in models.items():
-            with kernels.use_backend(backend):
+            with fastgpt_kernels.use_backend(backend):
                 _, loss = model(idx, targets)  # the fused lm_head + loss
                 opts[backend].zero_grad(set_to_none=True)
                 loss.backward()

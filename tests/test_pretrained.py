@@ -15,7 +15,7 @@ import torch
 os.environ["HF_HUB_OFFLINE"] = "1"
 import transformers  # noqa: E402  (after the hub is switched off)
 
-import kernels  # noqa: E402
+import fastgpt_kernels  # noqa: E402
 from conftest import float32_tolerance  # noqa: E402
 from fastgpt import pretrained, sample  # noqa: E402
 from fastgpt import train as training  # noqa: E402
@@ -99,7 +99,7 @@ def test_a_hugging_face_gpt2_computes_the_same_logits_and_loss_in_fastgpt(hf_dir
     idx = tokens(3, 24)
     with torch.no_grad():
         expected = hf(idx, labels=idx)
-        with kernels.use_backend(backend):
+        with fastgpt_kernels.use_backend(backend):
             logits, _ = model(idx, idx, return_logits=True)
             _, loss = model(idx[:, :-1], idx[:, 1:])  # transformers shifts the labels itself
             last, _ = model(idx)
@@ -138,7 +138,7 @@ def test_openais_original_layout_loads_from_pytorch_model_bin(hf_dir, tmp_path):
     torch.save(state, directory / "pytorch_model.bin")
     hf.config.to_json_file(directory / "config.json")
     idx = tokens(2, 24)
-    with torch.no_grad(), kernels.use_backend("torch"):
+    with torch.no_grad(), fastgpt_kernels.use_backend("torch"):
         logits, _ = GPT.from_pretrained(directory).eval()(idx, idx, return_logits=True)
     torch.testing.assert_close(logits, hf_logits(hf, idx), rtol=1e-5, atol=1e-5)
 
@@ -172,7 +172,7 @@ def test_a_fastgpt_model_computes_the_same_function_in_transformers(tmp_path, bi
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=75, block_size=20, n_layer=2, n_head=2, n_embd=16, bias=bias)).eval()
     idx = tokens(2, 20, vocab=75)
-    with torch.no_grad(), kernels.use_backend("torch"):
+    with torch.no_grad(), fastgpt_kernels.use_backend("torch"):
         logits, _ = model(idx, idx, return_logits=True)
     model.save_pretrained(tmp_path / "out")
     reloaded = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "out").eval()

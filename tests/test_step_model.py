@@ -2,9 +2,9 @@
 its saved activations against what autograd saves, and the projections it is built to make.
 
 Each build's training step runs on the CPU at :data:`SMALL` (two layers, bfloat16 autocast):
-PyTorch's ops counted by :func:`kernels.tools.traffic.count_torch_traffic` (corrected where its
+PyTorch's ops counted by :func:`fastgpt_kernels.tools.traffic.count_torch_traffic` (corrected where its
 convention is not what a GPU moves: :class:`Uncounted`), fastgpt's Triton kernels in Triton's
-interpreter by :func:`kernels.tools.traffic.count_memory_traffic`, one window per launch, distinct
+interpreter by :func:`fastgpt_kernels.tools.traffic.count_memory_traffic`, one window per launch, distinct
 bytes; GEMM FLOPs by ``FlopCounterMode``.
 """
 import contextlib
@@ -17,10 +17,10 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
-import kernels
+import fastgpt_kernels
 from bench import step_model, train_step
 from fastgpt import perf
-from kernels import _dispatch, _tuning, reference
+from fastgpt_kernels import _dispatch, _tuning, reference
 
 needs_interpreter = pytest.mark.skipif(not _dispatch.INTERPRETED, reason="counts bytes in Triton's interpreter")
 
@@ -28,7 +28,7 @@ needs_interpreter = pytest.mark.skipif(not _dispatch.INTERPRETED, reason="counts
 # at most 48 rows (a short last one), so that its per-chunk formulas are checked too.
 SMALL = step_model.Shape(batch=2, seq_len=64, n_layer=2, n_head=2, n_embd=64, vocab_size=256)
 SMALL_CHUNK_LOGITS = 48 * SMALL.vocab_size
-KERNEL_MODULES = [f"kernels.ops.{op}" for op in _dispatch.OPS]
+KERNEL_MODULES = [f"fastgpt_kernels.ops.{op}" for op in _dispatch.OPS]
 
 
 def _nbytes(tensor) -> int:
@@ -98,7 +98,7 @@ def counting_kernels(counts_of):
     """Each Triton launch of fastgpt's kernel ops in its own counting window, added to ``counts_of()``'s
     kernels; launched with any dispatch mode switched off (the interpreter's staging copies are not the
     kernel's traffic)."""
-    from kernels.tools.traffic import count_memory_traffic
+    from fastgpt_kernels.tools.traffic import count_memory_traffic
 
     def run(plan):
         outputs, launches = plan
@@ -120,7 +120,7 @@ def counting_kernels(counts_of):
 @contextlib.contextmanager
 def window(counts: Counts):
     """Count the PyTorch ops of the block into ``counts`` (count_torch_traffic less :class:`Uncounted`)."""
-    from kernels.tools.traffic import count_torch_traffic
+    from fastgpt_kernels.tools.traffic import count_torch_traffic
 
     with count_torch_traffic() as traffic, Uncounted() as uncounted, FlopCounterMode(display=False) as flop_mode:
         yield
@@ -145,7 +145,7 @@ def run_step(build: str, s: step_model.Shape) -> dict[str, Counts]:
         def counting(phase):
             return window(counts[phase]) if count else contextlib.nullcontext()
 
-        with counting("forward"), kernels.use_backend(backend), torch.autocast("cpu", dtype=torch.bfloat16):
+        with counting("forward"), fastgpt_kernels.use_backend(backend), torch.autocast("cpu", dtype=torch.bfloat16):
             _, loss = model(idx, targets)
         current[0] = "backward"
         with counting("backward"):
@@ -233,7 +233,7 @@ def test_the_gemm_flops_are_the_flop_counters(counted, build, phase):
 @needs_interpreter
 def test_the_fused_losss_host_side_pytorch_ops_are_the_modelled_ones():
     # Inside fastgpt's kernel op, hidden from the whole step's count: run its forward directly.
-    from kernels.ops import linear_cross_entropy as lce
+    from fastgpt_kernels.ops import linear_cross_entropy as lce
 
     n, c, v = SMALL.tokens, SMALL.n_embd, SMALL.vocab_size
     gen = torch.Generator().manual_seed(0)
@@ -251,7 +251,7 @@ def test_the_fused_losss_host_side_pytorch_ops_are_the_modelled_ones():
 def test_the_launch_facts_the_formulas_use_are_the_kernels():
     if _dispatch.NO_TRITON_REASON:
         pytest.skip(_dispatch.NO_TRITON_REASON)
-    from kernels.ops import _gemm, layer_norm, linear_cross_entropy
+    from fastgpt_kernels.ops import _gemm, layer_norm, linear_cross_entropy
 
     assert step_model.LAYER_NORM_ROWS_PER_PROGRAM == layer_norm.MAX_ROWS_PER_PROGRAM
     assert step_model.LOSS_SLOT_COLUMNS == linear_cross_entropy.SLOT_N
@@ -288,7 +288,7 @@ def test_the_parameters_and_saved_activations_are_the_models(build):
         return t
 
     backend = "triton" if build == "fastgpt" else "torch"
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), kernels.use_backend(backend), \
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), fastgpt_kernels.use_backend(backend), \
             torch.autocast("cpu", dtype=torch.bfloat16):
         model(idx, targets)
     expected = sum(step_model.saved_activations(build, s, float32_softmax=False).values())

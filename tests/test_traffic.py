@@ -1,9 +1,9 @@
-"""The memory-traffic counters of kernels.tools.traffic (byte counts that model traffic, not GPU measurements)."""
+"""The memory-traffic counters of fastgpt_kernels.tools.traffic (byte counts that model traffic, not GPU measurements)."""
 import pytest
 import torch
 
-from kernels import _dispatch
-from kernels.tools import traffic as counters
+from fastgpt_kernels import _dispatch
+from fastgpt_kernels.tools import traffic as counters
 
 
 @pytest.mark.skipif(not _dispatch.INTERPRETED, reason="counts bytes in Triton's interpreter")
@@ -68,7 +68,7 @@ def _forward_and_backward(fn, *inputs):
 def test_no_kernel_reads_back_memory_it_wrote_or_touches_memory_outside_its_tensors(op):
     """A load of an address the same launch stored to needs a barrier on a GPU, or races between
     programs; the interpreter runs programs one after another and would hide both."""
-    import kernels
+    import fastgpt_kernels
 
     gen = torch.Generator().manual_seed(0)
 
@@ -76,19 +76,19 @@ def test_no_kernel_reads_back_memory_it_wrote_or_touches_memory_outside_its_tens
         return torch.randn(*shape, generator=gen).requires_grad_()
 
     calls = {
-        "layer_norm": lambda: _forward_and_backward(kernels.layer_norm, leaf(33, 300), leaf(300), leaf(300)),
-        "layer_norm_chunked": lambda: _forward_and_backward(kernels.layer_norm, leaf(3, 8193), leaf(8193), leaf(8193)),
-        "attention": lambda: _forward_and_backward(kernels.attention, leaf(1, 2, 70, 16), leaf(1, 2, 70, 16),
+        "layer_norm": lambda: _forward_and_backward(fastgpt_kernels.layer_norm, leaf(33, 300), leaf(300), leaf(300)),
+        "layer_norm_chunked": lambda: _forward_and_backward(fastgpt_kernels.layer_norm, leaf(3, 8193), leaf(8193), leaf(8193)),
+        "attention": lambda: _forward_and_backward(fastgpt_kernels.attention, leaf(1, 2, 70, 16), leaf(1, 2, 70, 16),
                                                    leaf(1, 2, 70, 16)),
-        "attention_dropout": lambda: _forward_and_backward(lambda q, k, v: kernels.attention(q, k, v, False, 0.3),
+        "attention_dropout": lambda: _forward_and_backward(lambda q, k, v: fastgpt_kernels.attention(q, k, v, False, 0.3),
                                                            leaf(1, 1, 70, 16), leaf(1, 1, 70, 16), leaf(1, 1, 70, 16)),
-        "gelu_mlp": lambda: _forward_and_backward(kernels.gelu_mlp, leaf(70, 16), leaf(64, 16), leaf(64), leaf(16, 64),
+        "gelu_mlp": lambda: _forward_and_backward(fastgpt_kernels.gelu_mlp, leaf(70, 16), leaf(64, 16), leaf(64), leaf(16, 64),
                                                   leaf(16)),
         "linear_cross_entropy": lambda: _forward_and_backward(
-            lambda x, w, b: kernels.linear_cross_entropy(x, w, torch.randint(300, (70,), generator=gen), b,
+            lambda x, w, b: fastgpt_kernels.linear_cross_entropy(x, w, torch.randint(300, (70,), generator=gen), b,
                                                          reduction="none"), leaf(70, 16), leaf(300, 16), leaf(300)),
     }
-    with kernels.use_backend("triton"), counters.count_memory_traffic() as traffic:
+    with fastgpt_kernels.use_backend("triton"), counters.count_memory_traffic() as traffic:
         calls[op]()
     assert traffic.loaded and traffic.stored
     assert traffic.reads_after_writes == 0

@@ -187,7 +187,7 @@ import json, random, sys
 import torch
 import torch.distributed as dist
 from fastgpt.train import seed_rank
-from kernels.ops.attention import draw_rng_state
+from fastgpt_kernels.ops.attention import draw_rng_state
 
 dist.init_process_group("gloo")
 seed_rank(1337, dist.get_rank())

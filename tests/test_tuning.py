@@ -1,4 +1,4 @@
-"""kernels._tuning: the one place that picks each autotuned kernel's launch config, pins included.
+"""fastgpt_kernels._tuning: the one place that picks each autotuned kernel's launch config, pins included.
 
 On a GPU the config comes from Triton's autotuner, which times the configs the op allows. That
 path runs here in Triton's interpreter, with the autotuner's timer replaced by made-up timings
@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import kernels
+import fastgpt_kernels
 from conftest import DEVICE
-from kernels import _dispatch, _tuning
-from kernels.ops import attention, gelu_mlp
-from kernels.tools.verify import assert_pass, attention_checks, gelu_mlp_checks, linear_cross_entropy_checks
+from fastgpt_kernels import _dispatch, _tuning
+from fastgpt_kernels.ops import attention, gelu_mlp
+from fastgpt_kernels.tools.verify import assert_pass, attention_checks, gelu_mlp_checks, linear_cross_entropy_checks
 
 pytestmark = pytest.mark.skipif(not _dispatch.INTERPRETED, reason="runs the GPU path in Triton's interpreter")
 
@@ -88,7 +88,7 @@ def test_timing_a_tuning_launch_leaves_the_results_as_one_launch_would(timing_ru
     elif case == "attention":
         assert_pass(attention_checks(1, 2, 80, 32, torch.float16, device=DEVICE))
     else:
-        from kernels import reference
+        from fastgpt_kernels import reference
 
         # several chunks of rows, so the weight gradient is added into chunk after chunk
         with pytest.MonkeyPatch.context() as patch:
@@ -117,7 +117,7 @@ def test_the_autotuner_times_only_the_configs_the_op_allows(gpu_path):
 def test_a_pin_overrides_the_autotuner(gpu_path):
     set_times, asked = gpu_path
     set_times("gelu_mlp.fwd", {c: 1.0 for c in gelu_mlp.CONFIGS})
-    with kernels.use_configs({"gelu_mlp.fwd": gelu_mlp.CONFIGS[1]}):
+    with fastgpt_kernels.use_configs({"gelu_mlp.fwd": gelu_mlp.CONFIGS[1]}):
         _, launches = gelu_mlp.forward_plan(torch.randn(8, 16), torch.randn(32, 16), None,
                                                    torch.randn(16, 32), None, keep_pre=False)
     assert all(kernel is _tuning._REGISTRY["gelu_mlp.fwd"].fn for kernel, *_ in launches)
@@ -127,12 +127,12 @@ def test_a_pin_overrides_the_autotuner(gpu_path):
 
 def test_pins_name_known_kernels_and_their_own_configs_and_are_undone():
     with pytest.raises(ValueError, match="unknown kernel 'attention.bwd'"):
-        with kernels.use_configs({"attention.bwd": attention._CONFIGS["dq"][0].config}):
+        with fastgpt_kernels.use_configs({"attention.bwd": attention._CONFIGS["dq"][0].config}):
             pass
     with pytest.raises(ValueError, match="is not one of attention.dq's configs"):
-        with kernels.use_configs({"attention.dq": attention._CONFIGS["fwd"][0].config}):
+        with fastgpt_kernels.use_configs({"attention.dq": attention._CONFIGS["fwd"][0].config}):
             pass
-    with kernels.use_configs({"attention.dq": attention._CONFIGS["dq"][1].config}):
+    with fastgpt_kernels.use_configs({"attention.dq": attention._CONFIGS["dq"][1].config}):
         assert _tuning._pins == {"attention.dq": attention._CONFIGS["dq"][1].config}
     assert _tuning._pins == {}
 
@@ -179,17 +179,17 @@ def test_choices_are_kept_on_disk_and_a_second_process_does_not_tune_again(tmp_p
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         import conftest
         os.environ["FASTGPT_AUTOTUNE_CACHE"] = {str(tmp_path)!r}  # (conftest turns the cache off)
-        import kernels
-        from kernels import _tuning
-        from kernels.ops import gelu_mlp
+        import fastgpt_kernels
+        from fastgpt_kernels import _tuning
+        from fastgpt_kernels.ops import gelu_mlp
         _tuning._autotuner_can_time = lambda: True  # the path a GPU takes (conftest runs the interpreter)
         asked = []
         tuner = _tuning._REGISTRY["gelu_mlp.fwd"].tuner
         tuner._bench = lambda *args, config, **meta: asked.append(config) or [float(gelu_mlp.CONFIGS.index(config) + 1)] * 3
-        with kernels.use_configs({{"gelu_mlp.dpre": gelu_mlp.CONFIGS[0], "gelu_mlp.dweight": gelu_mlp.CONFIGS[0]}}):
+        with fastgpt_kernels.use_configs({{"gelu_mlp.dpre": gelu_mlp.CONFIGS[0], "gelu_mlp.dweight": gelu_mlp.CONFIGS[0]}}):
             x, w1, w2 = torch.randn(100, 16).half(), torch.randn(64, 16).half(), torch.randn(16, 64).half()
-            kernels.gelu_mlp(x, w1, None, w2, None)
-            kernels.gelu_mlp(torch.randn(120, 16).half(), w1, None, w2, None)  # the same bucket: no tuning
+            fastgpt_kernels.gelu_mlp(x, w1, None, w2, None)
+            fastgpt_kernels.gelu_mlp(torch.randn(120, 16).half(), w1, None, w2, None)  # the same bucket: no tuning
         print(len(asked), _tuning.tuned_configs())
     """
     env = dict(TRITON_INTERPRET=None)
@@ -207,11 +207,11 @@ def test_choices_are_kept_on_disk_and_a_second_process_does_not_tune_again(tmp_p
 
 
 def test_host_side_rounding_agrees_with_triton():
-    """The ops' plans round with kernels.ops._common's cdiv and next_power_of_2 (plain Python, no
+    """The ops' plans round with fastgpt_kernels.ops._common's cdiv and next_power_of_2 (plain Python, no
     constexpr_function call): the same numbers as Triton's."""
     import triton
 
-    from kernels.ops._common import cdiv, next_power_of_2
+    from fastgpt_kernels.ops._common import cdiv, next_power_of_2
 
     for n in [*range(0, 300), 1023, 1024, 1025, 2**31 - 1, 2**31, 2**40 + 3]:
         assert next_power_of_2(max(n, 1)) == triton.next_power_of_2(max(n, 1)), n

@@ -4,7 +4,7 @@ In the style of Triton's matmul tutorial: one program per (BLOCK_M, BLOCK_N) out
 ordered in groups of GROUP_M tile rows so that the tiles running together share their operand
 panels in L2, fp32 accumulation (TF32 dots for float32 operands), explicit strides for every
 operand (a transpose is a stride swap, never a copy), masks on all ragged edges. The op modules
-(:mod:`kernels.ops.gelu_mlp`, :mod:`kernels.ops.linear_cross_entropy`) build their kernels from
+(:mod:`fastgpt_kernels.ops.gelu_mlp`, :mod:`fastgpt_kernels.ops.linear_cross_entropy`) build their kernels from
 :func:`tile_start`, :func:`tile_matmul` and :func:`tile_offsets`; :func:`_matmul_kernel` is the
 plain GEMM they share (with an optional bias, an accumulating fp32 output, and the row sums of A
 that a bias gradient needs).
@@ -27,7 +27,7 @@ GROUP_M = 8  # tile rows per program group (L2 reuse of the B panel)
 # (with a deeper K step) for few tokens, where more programs are needed to fill the GPU, and the
 # 128 x 128 x 64 tile on 8 warps that Triton's matmul tutorials run on an H100 (BLOCK_K 64 halves
 # the K loop's steps; wgmma on sm_90a). Each compiles for sm_80 and sm_90a in every dtype (float32:
-# TF32) with no spills and within shared memory (``python -m kernels.tools.compile_report``). Left
+# TF32) with no spills and within shared memory (``python -m fastgpt_kernels.tools.compile_report``). Left
 # out, as compiled: the tutorials' 128 x 256 x 64 (8 warps) and 128 x 128 x 64 on 4 warps, which
 # spill in the fused epilogues (GELU and its derivative, the loss's softmax) and in dW's
 # accumulation, and exceed shared memory in float32.

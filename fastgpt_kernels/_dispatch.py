@@ -24,7 +24,7 @@ import torch
 
 BACKENDS = ("auto", "triton", "torch")
 
-# Ops with a Triton implementation in kernels/ops/<op>.py.
+# Ops with a Triton implementation in fastgpt_kernels/ops/<op>.py.
 OPS = ("layer_norm", "attention", "gelu_mlp", "linear_cross_entropy")
 # The oldest triton the kernels are compiled and checked with (pyproject.toml declares the same).
 TRITON_FLOOR = (3, 5)
@@ -75,7 +75,7 @@ def _import_kernel_modules():
     reason = triton_problem(getattr(triton, "__version__", "0"), interpreted, numpy.__version__)
     if reason is not None:
         return {}, interpreted, reason
-    return {op: importlib.import_module(f"kernels.ops.{op}") for op in OPS}, interpreted, None
+    return {op: importlib.import_module(f"fastgpt_kernels.ops.{op}") for op in OPS}, interpreted, None
 
 
 _backend = _check_backend(os.environ.get("FASTGPT_BACKEND", "auto") or "auto")
@@ -107,7 +107,7 @@ def use_backend(name: str):
 
 
 def kernel_module(op: str):
-    """The module ``kernels.ops.<op>`` holding the op's Triton kernels (raises if Triton cannot run them)."""
+    """The module ``fastgpt_kernels.ops.<op>`` holding the op's Triton kernels (raises if Triton cannot run them)."""
     if NO_TRITON_REASON is not None:
         raise KernelUnavailableError(NO_TRITON_REASON)
     return _modules[op]
@@ -138,8 +138,8 @@ def use_kernel(op: str, *tensors: torch.Tensor | None) -> bool:
     if reason is None:
         return True
     if _backend == "triton":
-        raise KernelUnavailableError(f"kernels.{op}: the Triton kernel cannot run: {reason}")
+        raise KernelUnavailableError(f"fastgpt_kernels.{op}: the Triton kernel cannot run: {reason}")
     if any(t is not None and t.is_cuda for t in tensors) and (op, reason) not in _warned:
         _warned.add((op, reason))
-        warnings.warn(f"kernels.{op}: using the PyTorch reference: {reason}", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"fastgpt_kernels.{op}: using the PyTorch reference: {reason}", RuntimeWarning, stacklevel=3)
     return False

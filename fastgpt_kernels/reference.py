@@ -1,7 +1,7 @@
 """PyTorch versions of every op: the fallback, the test oracle and the benchmark baseline.
 
 Each function has the signature and semantics of the public function of the same name in
-:mod:`kernels`, with inputs already validated, except :func:`attention_math`, which spells attention
+:mod:`fastgpt_kernels`, with inputs already validated, except :func:`attention_math`, which spells attention
 out step by step as the oracle for the fused versions. This module never imports triton.
 """
 from __future__ import annotations
@@ -118,7 +118,7 @@ def linear_cross_entropy_forward(chunks, x, weight, bias, targets, ignore_index:
     """``(loss, lse, grads)`` of the fused loss on x (N, C) and targets (N,), a chunk of rows at a time.
 
     ``chunks`` does one chunk's work (:class:`TorchChunks` here, the Triton kernels' in
-    :mod:`kernels.ops.linear_cross_entropy`). ``grads`` is ``(dx, dweight, dbias)`` for a unit output
+    :mod:`fastgpt_kernels.ops.linear_cross_entropy`). ``grads`` is ``(dx, dweight, dbias)`` for a unit output
     gradient when ``precompute`` (a reduced loss), else None; lse (N,) float32 serves a later backward.
     """
     n = x.shape[0]

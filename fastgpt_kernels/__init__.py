@@ -1,11 +1,11 @@
 """fastgpt's fused ops: one short function per op.
 
-Each function validates its inputs, asks :mod:`kernels._dispatch` whether the Triton kernel runs
-on them, and calls either the kernel (:mod:`kernels.ops`) or the PyTorch version in
-:mod:`kernels.reference`. Choose the policy with ``FASTGPT_BACKEND=auto|triton|torch``,
+Each function validates its inputs, asks :mod:`fastgpt_kernels._dispatch` whether the Triton kernel runs
+on them, and calls either the kernel (:mod:`fastgpt_kernels.ops`) or the PyTorch version in
+:mod:`fastgpt_kernels.reference`. Choose the policy with ``FASTGPT_BACKEND=auto|triton|torch``,
 :func:`set_backend` or :func:`use_backend`. See the autotuner's choices with :func:`tuned_configs`,
 and pin the launch configuration of an autotuned kernel (one of :func:`candidate_configs`) with
-:func:`use_configs`. The tools that check the kernels (:mod:`kernels.tools`) are not imported here.
+:func:`use_configs`. The tools that check the kernels (:mod:`fastgpt_kernels.tools`) are not imported here.
 """
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
               softmax_scale: float | None = None) -> torch.Tensor:
     """Scaled dot-product attention: ``softmax(q @ k^T * softmax_scale [+ causal mask]) @ v``, per head.
 
-    The Triton kernel (fused flash attention, :mod:`kernels.ops.attention`) takes float16 and bfloat16
+    The Triton kernel (fused flash attention, :mod:`fastgpt_kernels.ops.attention`) takes float16 and bfloat16
     with D a multiple of 8 up to 128, and float32 up to D = 64; other inputs use the PyTorch
     reference under ``auto``. Its dropout masks come from torch's random generator of the tensors'
     device.
@@ -110,7 +110,7 @@ def gelu_mlp(x: torch.Tensor, fc_weight: torch.Tensor, fc_bias: torch.Tensor | N
              proj_bias: torch.Tensor | None) -> torch.Tensor:
     """The transformer MLP ``proj(gelu_tanh(fc(x)))``, weights in ``nn.Linear`` layout.
 
-    The Triton kernels (:mod:`kernels.ops.gelu_mlp`) fuse the biases and GELU into the matrix
+    The Triton kernels (:mod:`fastgpt_kernels.ops.gelu_mlp`) fuse the biases and GELU into the matrix
     multiplies and take float16, bfloat16 and float32 of any sizes (float32 dots in TF32 exactly
     when PyTorch's float32 matmuls use it: ``torch.backends.cuda.matmul.fp32_precision``).
 
@@ -154,8 +154,8 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
 
     The same function as ``F.cross_entropy(F.linear(x, weight, bias).float(), targets,
     ignore_index=ignore_index, reduction=reduction)``, the logits accumulated in float32, computed a
-    chunk of rows at a time (at most ``kernels.reference.MAX_CHUNK_LOGITS`` logits exist at once)
-    by the Triton kernels (:mod:`kernels.ops.linear_cross_entropy`) or, as the fallback, by PyTorch.
+    chunk of rows at a time (at most ``fastgpt_kernels.reference.MAX_CHUNK_LOGITS`` logits exist at once)
+    by the Triton kernels (:mod:`fastgpt_kernels.ops.linear_cross_entropy`) or, as the fallback, by PyTorch.
     Gradients flow to x, weight and bias.
 
     Args:

@@ -1,7 +1,7 @@
 """Ahead-of-time compilation report for the project's Triton kernels on sm_80 (A100) and sm_90a (H100).
 
-``python -m kernels.tools.compile_report`` compiles every kernel in every config it can launch with,
-using the installed triton wheel's own toolchain and no GPU. :mod:`kernels.tools.specs` lists each
+``python -m fastgpt_kernels.tools.compile_report`` compiles every kernel in every config it can launch with,
+using the installed triton wheel's own toolchain and no GPU. :mod:`fastgpt_kernels.tools.specs` lists each
 op's launches as :class:`CompileSpec` objects; every spec is specialised exactly as
 ``JITFunction.run`` would specialise the launch (pointer alignment, ints equal to 1 or divisible by
 16, constexprs, ``num_warps``/``num_stages``) and compiled to a cubin for each target. ``--largest``
@@ -53,7 +53,7 @@ class CompileSpec:
     args: tuple               # example positional args: CPU tensors of real dtypes/shapes, ints, floats
     kwargs: dict              # constexpr meta-parameters and launch options (num_warps, num_stages)
     uses_tensor_cores: bool = False  # its tl.dot must run on tensor cores (16-bit or TF32 operands)
-    largest: bool = False     # among its kernel's most demanding specs (see kernels.tools.specs)
+    largest: bool = False     # among its kernel's most demanding specs (see fastgpt_kernels.tools.specs)
 
 
 @dataclasses.dataclass
@@ -108,7 +108,7 @@ def _triton_api():
         if not hasattr(JITFunction, "_pack_args"):
             raise ImportError("JITFunction._pack_args is missing")
     except ImportError as exc:
-        raise RuntimeError(f"kernels.tools.compile_report does not support triton {triton.__version__}: "
+        raise RuntimeError(f"fastgpt_kernels.tools.compile_report does not support triton {triton.__version__}: "
                            f"the compiler API it uses is missing ({exc}); it supports triton 3.5 to 3.9") from exc
     return triton, GPUTarget, get_ptxas, ASTSource, make_backend, JITFunction, create_function_from_signature
 
@@ -309,11 +309,11 @@ def format_table(results: list[Result]) -> str:
 
 
 def _collect_specs(ops, modules, largest_only: bool) -> list[CompileSpec]:
-    """The specs of the given ops (:mod:`kernels.tools.specs`), or ``compile_specs()`` of other modules."""
+    """The specs of the given ops (:mod:`fastgpt_kernels.tools.specs`), or ``compile_specs()`` of other modules."""
     if modules:
         specs = [spec for name in modules for spec in importlib.import_module(name).compile_specs()]
         return [s for s in specs if s.largest] if largest_only else specs
-    from kernels.tools import specs
+    from fastgpt_kernels.tools import specs
     unknown = set(ops or ()) - set(specs.OPS)
     if unknown:
         raise SystemExit(f"unknown op(s) {', '.join(sorted(unknown))}; ops: {', '.join(specs.OPS)}")
@@ -322,7 +322,7 @@ def _collect_specs(ops, modules, largest_only: bool) -> list[CompileSpec]:
 
 def main(argv=None) -> int:
     """Command line entry point; returns the exit status (0: every compile clean, 1: problems)."""
-    parser = argparse.ArgumentParser(prog="python -m kernels.tools.compile_report", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m fastgpt_kernels.tools.compile_report", description=__doc__.split("\n")[0])
     parser.add_argument("--arch", type=int, action="append", choices=sorted(SHARED_LIMITS),
                         help="target compute capability, repeatable (default: 80 and 90)")
     parser.add_argument("--op", action="append", help="only this op (repeatable)")
@@ -334,7 +334,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
 
-    from kernels import _dispatch
+    from fastgpt_kernels import _dispatch
     if _dispatch.NO_TRITON_REASON:
         print(f"cannot compile the kernels: {_dispatch.NO_TRITON_REASON}", file=sys.stderr)
         return 2
@@ -344,7 +344,7 @@ def main(argv=None) -> int:
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
         print("TRITON_INTERPRET is on: re-running with the interpreter off", file=sys.stderr)
-        return subprocess.run([sys.executable, "-m", "kernels.tools.compile_report", *argv], env=env).returncode
+        return subprocess.run([sys.executable, "-m", "fastgpt_kernels.tools.compile_report", *argv], env=env).returncode
 
     specs = _collect_specs(args.op, args.module, args.largest)
     if args.kernel:

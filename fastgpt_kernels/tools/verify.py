@@ -1,4 +1,4 @@
-"""``python -m kernels.tools.verify``: every Triton kernel against a float64 reference, forward and backward.
+"""``python -m fastgpt_kernels.tools.verify``: every Triton kernel against a float64 reference, forward and backward.
 
 For each op, shape and dtype the op's output and every input gradient are computed three ways from
 the same inputs: by the Triton kernel (on a GPU, or in Triton's interpreter on CPU tensors), by the
@@ -25,8 +25,8 @@ import sys
 
 import torch
 
-import kernels
-from kernels import _dispatch, reference
+import fastgpt_kernels
+from fastgpt_kernels import _dispatch, reference
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -107,11 +107,11 @@ def _forward_backward(fn, inputs: dict, make_grad_out, backend: str):
     """Run ``fn(**inputs)`` under ``backend``; return ``{name: tensor}`` for the output and grads."""
     leaves = {k: (v.detach().clone().requires_grad_(v.requires_grad) if isinstance(v, torch.Tensor) else v)
               for k, v in inputs.items()}
-    with kernels.use_backend(backend):
+    with fastgpt_kernels.use_backend(backend):
         out = fn(**leaves)
     dout = make_grad_out(out)
     wrt = [k for k, v in leaves.items() if isinstance(v, torch.Tensor) and v.requires_grad]
-    with kernels.use_backend(backend):
+    with fastgpt_kernels.use_backend(backend):
         grads = torch.autograd.grad(out, [leaves[k] for k in wrt], dout)
     return {"out": out, **{f"d{k}": g for k, g in zip(wrt, grads)}}
 
@@ -124,7 +124,7 @@ def grad_out(shape, dtype: torch.dtype, seed: int) -> torch.Tensor:
 
 def check_op(op: str, case: str, fn, inputs: dict, seed: int = 0, scales: dict | None = None,
              pytorch_fn=None) -> list[Check]:
-    """Compare ``fn`` (a public op of :mod:`kernels`) on the Triton backend against PyTorch.
+    """Compare ``fn`` (a public op of :mod:`fastgpt_kernels`) on the Triton backend against PyTorch.
 
     ``inputs`` maps argument names to values; tensors with ``requires_grad`` get gradients checked
     (named ``d<name>``). The output gradient is :func:`grad_out`; the float64 run uses the same
@@ -183,7 +183,7 @@ def layer_norm_checks(rows, width, dtype, affine=(True, True), *, device="cpu", 
     xhat = (x64 - x64.mean(-1, keepdim=True)) / torch.sqrt(x64.var(-1, unbiased=False, keepdim=True) + 1e-5)
     dy = grad_out((rows, width), dtype, seed).double().abs()
     scales = {"dweight": (dy * xhat.abs()).sum(0).max().item(), "dbias": dy.sum(0).max().item()}
-    return check_op("layer_norm", label, kernels.layer_norm, inputs, seed, scales)
+    return check_op("layer_norm", label, fastgpt_kernels.layer_norm, inputs, seed, scales)
 
 
 # TF32 keeps 10 mantissa bits: the atol of float32 dots that run in TF32 uses its eps.
@@ -268,7 +268,7 @@ def gelu_mlp_checks(rows, width, hidden, dtype, biases=(True, True), *, device="
         magnitude = {k: v * (TF32_EPS / torch.finfo(torch.float32).eps) if k != "dproj_bias" else v
                      for k, v in magnitude.items()}
     scales = {k: v.max().item() if v.numel() else 0.0 for k, v in magnitude.items()}
-    return check_op("gelu_mlp", label, kernels.gelu_mlp, inputs, seed, scales)
+    return check_op("gelu_mlp", label, fastgpt_kernels.gelu_mlp, inputs, seed, scales)
 
 
 def attention_scales(q, k, v, dout, causal, softmax_scale=None, keep=None, dropout_p=0.0) -> dict:
@@ -331,9 +331,9 @@ def attention_checks(B, H, T, D, dtype, causal=True, *, dropout_p=0.0, softmax_s
     tensor, as the GPT model does, and checks the fused gradient ``dqkv``. ``keys`` (T_K > T) gives
     keys and values of that length, the queries being the last T positions. With ``dropout_p > 0``
     the PyTorch runs apply the kernel's own keep-mask (drawn from the same seed and materialised by
-    :func:`kernels.tools.dropout.dropout_mask`) through :func:`kernels.reference.attention_math`.
+    :func:`fastgpt_kernels.tools.dropout.dropout_mask`) through :func:`fastgpt_kernels.reference.attention_math`.
     """
-    from kernels.tools import dropout  # launches a Triton kernel: imported only once Triton is known to work
+    from fastgpt_kernels.tools import dropout  # launches a Triton kernel: imported only once Triton is known to work
 
     inputs = attention_inputs(B, H, T, D, dtype, layout=layout, keys=keys, device=device, seed=seed)
     keep = None
@@ -345,11 +345,11 @@ def attention_checks(B, H, T, D, dtype, causal=True, *, dropout_p=0.0, softmax_s
 
     def attention(**tensors):
         q, k, v = _split_qkv(tensors)
-        if dropout_p and kernels.get_backend() != "triton":
+        if dropout_p and fastgpt_kernels.get_backend() != "triton":
             return reference.attention_math(q, k, v, causal, softmax_scale, keep, dropout_p)
         with torch.random.fork_rng(devices=[q.device] if q.is_cuda else []):
             torch.manual_seed(seed)  # with dropout, the kernel draws the seed that made ``keep``
-            return kernels.attention(q, k, v, causal, dropout_p, softmax_scale)
+            return fastgpt_kernels.attention(q, k, v, causal, dropout_p, softmax_scale)
 
     q, k, v = _split_qkv(inputs)
     scales = attention_scales(q, k, v, grad_out((B, H, T, D), dtype, seed).to(device), causal, softmax_scale,
@@ -392,7 +392,7 @@ def linear_cross_entropy_checks(rows, width, vocab, dtype, bias=True, ignored="s
     """The fused loss and the gradients of x, weight and bias against the unfused
     ``F.cross_entropy(F.linear(x, weight, bias).float(), ...)`` (see
     :func:`linear_cross_entropy_inputs` for ``ignored`` and ``view``). With ``fallback`` the chunked
-    PyTorch version (:func:`kernels.reference.linear_cross_entropy`) is checked instead of the kernels."""
+    PyTorch version (:func:`fastgpt_kernels.reference.linear_cross_entropy`) is checked instead of the kernels."""
     inputs = linear_cross_entropy_inputs(rows, width, vocab, dtype, bias, ignored, view=view, device=device,
                                          seed=seed)
     targets = inputs["targets"]
@@ -400,7 +400,7 @@ def linear_cross_entropy_checks(rows, width, vocab, dtype, bias=True, ignored="s
     def fused(x, weight, targets, bias):
         if fallback:
             return reference.linear_cross_entropy(x, weight, bias, targets, IGNORE_INDEX, reduction)
-        return kernels.linear_cross_entropy(x, weight, targets, bias, IGNORE_INDEX, reduction)
+        return fastgpt_kernels.linear_cross_entropy(x, weight, targets, bias, IGNORE_INDEX, reduction)
 
     def unfused(x, weight, targets, bias):
         return reference.linear_cross_entropy_unfused(x, weight, bias, targets, IGNORE_INDEX, reduction)
@@ -515,7 +515,7 @@ def cases(grid: str, dtypes) -> list[Case]:
 
 def _interpreter_bf16_ready() -> str | None:
     """Install the interpreter's bfloat16 shim; the reason when bfloat16 cannot be checked."""
-    from kernels.tools import bf16_shim
+    from fastgpt_kernels.tools import bf16_shim
 
     try:
         bf16_shim.install_bf16_shim()
@@ -538,7 +538,7 @@ def dry_run(grid: str, dtypes) -> list[tuple[Case, str | None]]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kernels.tools.verify", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m fastgpt_kernels.tools.verify", description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", action="append", choices=sorted(DTYPES),
                         help="check only this dtype (repeatable; default: all)")
     parser.add_argument("--grid", choices=GRIDS,
@@ -568,7 +568,7 @@ def main(argv=None) -> int:
         # One BLAS thread: the interpreter's tl.dot is a NumPy matmul of one small tile at a time.
         env = {"OPENBLAS_NUM_THREADS": "1", **os.environ, "TRITON_INTERPRET": "1"}
         argv = sys.argv[1:] if argv is None else list(argv)
-        os.execve(sys.executable, [sys.executable, "-m", "kernels.tools.verify", *argv], env)
+        os.execve(sys.executable, [sys.executable, "-m", "fastgpt_kernels.tools.verify", *argv], env)
     elif _dispatch.INTERPRETED:
         device = "cpu"
         where = "CPU, Triton interpreter"
@@ -579,7 +579,7 @@ def main(argv=None) -> int:
     if device == "cpu" and torch.bfloat16 in dtypes and (why := _interpreter_bf16_ready()):
         dtypes.remove(torch.bfloat16)
         notes.append(f"bfloat16 not checked: {why}")
-    print(f"kernels.tools.verify on {where}, torch {torch.__version__}, {grid} grid")
+    print(f"fastgpt_kernels.tools.verify on {where}, torch {torch.__version__}, {grid} grid")
     print(HEADER)
     print("-" * len(HEADER))
     failures = total = skipped = 0

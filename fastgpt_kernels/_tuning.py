@@ -112,7 +112,7 @@ def use_configs(pins: dict):
         _pins.update(previous)
 
 
-# Split-K of a weight-gradient GEMM (kernels.ops.gelu_mlp): slices of at least this many tokens, at
+# Split-K of a weight-gradient GEMM (fastgpt_kernels.ops.gelu_mlp): slices of at least this many tokens, at
 # most this many slices, tiles of the largest GEMM config's size counted against the SMs.
 SPLIT_MIN_TOKENS = 4096
 MAX_SPLIT_K = 8

@@ -1,6 +1,6 @@
 """The compile specs of every op: each kernel in each launch configuration it can run with.
 
-``python -m kernels.tools.compile_report`` compiles these ahead of time for sm_80 and sm_90a. A spec
+``python -m fastgpt_kernels.tools.compile_report`` compiles these ahead of time for sm_80 and sm_90a. A spec
 is built from the op module's own launch plan on example CPU tensors of real shapes and layouts,
 so it is specialised exactly as a real launch would be. Specs marked ``largest`` are each kernel's
 most demanding configurations (the largest tiles, head dimensions and flags, where registers and
@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import torch
 
-from kernels import _tuning
-from kernels.ops import attention, gelu_mlp, layer_norm, linear_cross_entropy
-from kernels.tools.compile_report import CompileSpec
-from kernels.tools.dropout import mask_launch
+from fastgpt_kernels import _tuning
+from fastgpt_kernels.ops import attention, gelu_mlp, layer_norm, linear_cross_entropy
+from fastgpt_kernels.tools.compile_report import CompileSpec
+from fastgpt_kernels.tools.dropout import mask_launch
 
 OPS = ("layer_norm", "attention", "gelu_mlp", "linear_cross_entropy")
 

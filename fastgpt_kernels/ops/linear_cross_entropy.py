@@ -13,7 +13,7 @@ ignored row) the gradients are
     dz_iv = (softmax(z_i)_v - [v == t_i]) * s_i
     dx = dz W,   dW = dz^T x,   db = sum_i dz_i.
 
-Rows go in chunks of at most ``MAX_CHUNK_LOGITS / V`` (:func:`kernels.reference.chunk_rows`, the
+Rows go in chunks of at most ``MAX_CHUNK_LOGITS / V`` (:func:`fastgpt_kernels.reference.chunk_rows`, the
 same chunks as the PyTorch version); per chunk:
 
 1. ``_lce_logits_kernel`` (MODE 0): one program per (rows, vocabulary) tile computes its logits and
@@ -23,7 +23,7 @@ same chunks as the PyTorch version); per chunk:
    online softmax does: lse and the loss.
 3. ``_lce_logits_kernel`` (MODE 1): the same GEMM again, whose epilogue writes dz (x's dtype) for
    the chunk: the only (rows, V) tensor, of at most ``MAX_CHUNK_LOGITS`` elements.
-4. ``_matmul_kernel`` (:mod:`kernels.ops._gemm`): dx = dz W for the chunk; dW += dz^T x and
+4. ``_matmul_kernel`` (:mod:`fastgpt_kernels.ops._gemm`): dx = dz W for the chunk; dW += dz^T x and
    db += sum dz, accumulated in fp32 across the chunks.
 
 Recomputing the logits in step 3 costs one GEMM of the four; storing them instead would write and
@@ -244,8 +244,8 @@ def accumulate_plan(dz, x, weight, dx, dweight, dbias):
 
 
 class TritonChunks:
-    """One chunk's work for :func:`kernels.reference.linear_cross_entropy_forward` and
-    :func:`kernels.reference.linear_cross_entropy_gradients`, by the Triton kernels."""
+    """One chunk's work for :func:`fastgpt_kernels.reference.linear_cross_entropy_forward` and
+    :func:`fastgpt_kernels.reference.linear_cross_entropy_gradients`, by the Triton kernels."""
 
     @staticmethod
     def loss(x, weight, bias, targets, ignore_index, scale):
@@ -285,7 +285,7 @@ def _backward_impl(dloss: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, b
 
 # Registered as custom ops so torch.compile treats the kernels as opaque calls instead of breaking
 # the graph on them; autograd is attached to the forward op. Eager calls skip the registration's
-# dispatch (see kernels.ops._common.eager_function).
+# dispatch (see fastgpt_kernels.ops._common.eager_function).
 linear_cross_entropy_op = torch.library.custom_op("fastgpt::linear_cross_entropy", _forward, mutates_args=())
 linear_cross_entropy_backward_op = torch.library.custom_op("fastgpt::linear_cross_entropy_backward", _backward_impl,
                                                            mutates_args=())
@@ -337,7 +337,7 @@ _linear_cross_entropy_eager = eager_function(_forward, _setup_context, _backward
 
 def linear_cross_entropy(x, weight, bias, targets, ignore_index: int, reduction: str):
     """The kernels' fused loss with autograd on x (N, C), targets (N,) (validated by
-    :func:`kernels.linear_cross_entropy`)."""
+    :func:`fastgpt_kernels.linear_cross_entropy`)."""
     precompute = reduction != "none" and torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias))
     op = traced_or_eager(linear_cross_entropy_op, _linear_cross_entropy_eager)

@@ -1,6 +1,6 @@
 """The transformer MLP ``proj(gelu_tanh(fc(x)))`` as Triton GEMMs with fused epilogues, forward and backward.
 
-Every GEMM is a tiled matrix multiply built from :mod:`kernels.ops._gemm` (grouped tile order, fp32
+Every GEMM is a tiled matrix multiply built from :mod:`fastgpt_kernels.ops._gemm` (grouped tile order, fp32
 accumulation, explicit strides for every operand, masks on all ragged edges, autotuned block
 sizes); the epilogues run on the fp32 accumulator before it is stored. float32 inputs are taken
 while PyTorch's float32 matmuls use TF32, and their dots then run in TF32 too.
@@ -33,7 +33,7 @@ they load anyway. No extra pass over dout or dpre, no atomics, deterministic.
 Split-K. A weight gradient is small against its reduction: GPT-2 124M's dW1 is 3072 x 768, 144
 tiles of 128 x 128, over 16384 tokens at batch 16, so on a 132-SM GPU it runs as one full wave and
 a second of 12 tiles. Where the tiles would fill fewer than two waves
-(``kernels._tuning.split_k``), the tokens are cut into SPLIT_K slices: grid axis 1 picks the
+(``fastgpt_kernels._tuning.split_k``), the tokens are cut into SPLIT_K slices: grid axis 1 picks the
 slice, each program writes its tile's float32 partial sums (and bias partials) to a workspace,
 and _gelu_mlp_bwd_split_reduce_kernel adds the slices up in slice order. No atomics: the result
 is the same on every run.
@@ -230,7 +230,7 @@ def why_unsupported(x, fc_weight, fc_bias=None, proj_weight=None, proj_bias=None
 
 SPLIT_REDUCE_BLOCK = 1024  # elements per program of the split-K reduction
 # The configs of a weight gradient in K slices: 64 x 128 x 32 on 4 warps spills there (28 B on sm_80
-# under triton 3.9, ``python -m kernels.tools.compile_report``), where it does not without a split.
+# under triton 3.9, ``python -m fastgpt_kernels.tools.compile_report``), where it does not without a split.
 SPLIT_CONFIGS = tuple(c for c in CONFIGS if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) != (64, 128, 4))
 
 
@@ -288,8 +288,8 @@ def forward_plan(x, fc_weight, fc_bias, proj_weight, proj_bias, keep_pre: bool):
     """Outputs ``(out, pre)`` for ``x`` (..., C) and the two launches that fill them.
 
     ``out`` has x's shape (contiguous); ``pre`` (rows, H) is empty unless ``keep_pre``. A launch
-    is ``(kernel, grid, args, meta)`` (see :func:`kernels.ops._common.run`); the config is chosen
-    by :mod:`kernels._tuning`.
+    is ``(kernel, grid, args, meta)`` (see :func:`fastgpt_kernels.ops._common.run`); the config is chosen
+    by :mod:`fastgpt_kernels._tuning`.
     """
     c = x.shape[-1]
     h = fc_weight.shape[0]
@@ -364,7 +364,7 @@ def _backward_impl(dout: torch.Tensor, x: torch.Tensor, fc_weight: torch.Tensor,
 
 # Registered as custom ops so torch.compile treats the kernels as opaque calls instead of breaking
 # the graph on them; autograd is attached to the forward op. Eager calls skip the registration's
-# dispatch (see kernels.ops._common.eager_function).
+# dispatch (see fastgpt_kernels.ops._common.eager_function).
 gelu_mlp_op = torch.library.custom_op("fastgpt::gelu_mlp", _forward, mutates_args=())
 gelu_mlp_backward_op = torch.library.custom_op("fastgpt::gelu_mlp_backward", _backward_impl, mutates_args=())
 
@@ -405,7 +405,7 @@ _gelu_mlp_eager = eager_function(_forward, _setup_context, _backward)
 
 
 def gelu_mlp(x, fc_weight, fc_bias, proj_weight, proj_bias):
-    """The kernels' MLP with autograd (inputs validated by :func:`kernels.gelu_mlp`)."""
+    """The kernels' MLP with autograd (inputs validated by :func:`fastgpt_kernels.gelu_mlp`)."""
     keep_pre = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, fc_weight, fc_bias, proj_weight, proj_bias))
     return traced_or_eager(gelu_mlp_op, _gelu_mlp_eager)(x, fc_weight, fc_bias, proj_weight, proj_bias, keep_pre)[0]

@@ -263,7 +263,7 @@ def forward_plan(x, weight, bias, eps):
     """Outputs ``(y, mean, rstd)`` for ``x`` (..., N) and the launches that fill them: y of x's
     shape (contiguous), the statistics per row.
 
-    A launch is ``(kernel, grid, args, meta)`` (see :func:`kernels.ops._common.run`).
+    A launch is ``(kernel, grid, args, meta)`` (see :func:`fastgpt_kernels.ops._common.run`).
     """
     n = x.shape[-1]
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
@@ -332,7 +332,7 @@ def _backward_impl(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | Non
 
 # Registered as custom ops so torch.compile treats the kernels as opaque calls instead of breaking
 # the graph on them; autograd is attached to the forward op. Eager calls skip the registration's
-# dispatch (see kernels.ops._common.eager_function).
+# dispatch (see fastgpt_kernels.ops._common.eager_function).
 layer_norm_op = torch.library.custom_op("fastgpt::layer_norm", _forward, mutates_args=())
 layer_norm_backward_op = torch.library.custom_op("fastgpt::layer_norm_backward", _backward_impl, mutates_args=())
 
@@ -372,5 +372,5 @@ _layer_norm_eager = eager_function(_forward, _setup_context, _backward)
 
 
 def layer_norm(x, weight, bias, eps):
-    """The kernels' LayerNorm with autograd (inputs validated by :func:`kernels.layer_norm`)."""
+    """The kernels' LayerNorm with autograd (inputs validated by :func:`fastgpt_kernels.layer_norm`)."""
     return traced_or_eager(layer_norm_op, _layer_norm_eager)(x, weight, bias, eps)[0]

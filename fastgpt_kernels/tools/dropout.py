@@ -1,7 +1,7 @@
 """The attention kernels' dropout mask, materialised: for tests and verification only.
 
 The attention kernels never store their (T, T) keep-mask: each program regenerates its tiles from
-the call's Philox ``(seed, offset)`` (see :mod:`kernels.ops.attention`). :func:`dropout_mask` writes
+the call's Philox ``(seed, offset)`` (see :mod:`fastgpt_kernels.ops.attention`). :func:`dropout_mask` writes
 the whole mask with the kernels' own ``_dropout_keep``, so that a PyTorch oracle can apply exactly
 the mask the kernels applied.
 """
@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.ops.attention import _dropout_keep, _dropout_rng
+from fastgpt_kernels.ops.attention import _dropout_keep, _dropout_rng
 
 MASK_BLOCK = 64
 

@@ -433,7 +433,7 @@ class Tile(NamedTuple):
 
 
 # The limits keep every config within registers (no spills) and shared memory on sm_80 and sm_90a
-# under every supported triton, as checked by ``python -m kernels.tools.compile_report --op
+# under every supported triton, as checked by ``python -m fastgpt_kernels.tools.compile_report --op
 # attention`` (registers differ between triton releases). On sm_90a a tl.dot uses wgmma only when
 # its M (the first tile dimension) is at least 64 rows per warpgroup, so every program's own tile
 # has at least 64 rows. The forward offers the 128-row tiles of FlashAttention-2 and Triton's
@@ -645,7 +645,7 @@ def _backward_impl(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
 
 # Registered as custom ops so torch.compile treats the kernels as opaque calls instead of breaking
 # the graph on them; autograd is attached to the forward op. Eager calls skip the registration's
-# dispatch (see kernels.ops._common.eager_function).
+# dispatch (see fastgpt_kernels.ops._common.eager_function).
 attention_op = torch.library.custom_op("fastgpt::attention", _forward, mutates_args=())
 attention_backward_op = torch.library.custom_op("fastgpt::attention_backward", _backward_impl, mutates_args=())
 
@@ -681,7 +681,7 @@ _attention_eager = eager_function(_forward, _setup_context, _backward)
 
 
 def attention(q, k, v, causal: bool, dropout_p: float, softmax_scale: float | None):
-    """The kernels' attention with autograd (inputs validated by :func:`kernels.attention`)."""
+    """The kernels' attention with autograd (inputs validated by :func:`fastgpt_kernels.attention`)."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     rng = draw_rng_state(q.device) if dropout_p > 0 else None
     return traced_or_eager(attention_op, _attention_eager)(q, k, v, rng, bool(causal), float(dropout_p), scale)[0]
