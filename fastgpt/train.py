@@ -630,7 +630,7 @@ def sample_text(model: GPT, tokenizer, max_new_tokens: int, device, prompt_ids=N
 
 def build_parser() -> argparse.ArgumentParser:
     """Every TrainConfig and GPTConfig field as ``--name`` (``--name_with_underscores`` works too)."""
-    parser = argparse.ArgumentParser(prog="train.py", description="Train a GPT (GPT-2 architecture) with fastgpt's kernels.",
+    parser = argparse.ArgumentParser(description="Train a GPT (GPT-2 architecture) with fastgpt's kernels.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="small",
                         help="model and optimisation defaults; options given explicitly override them")
