@@ -408,8 +408,8 @@ def _fastgpt_loss(fwd: _Ops, bwd: _Ops, s: Shape):
     gemm = perf.matmul_flops(rows, c, v)
     fwd.cast("x input cast", g, n * c)
     fwd.cast("weight cast", g, v * c)
-    fwd.add("row scales (ne, to, sum, clamp, div)", g, n * (INDEX + MASK + 2 * F32) + 2 * F32, n * (MASK + 2 * F32)
-            + 2 * F32, where=host, launches=5)
+    fwd.add("valid targets (ne, sum)", g, n * (INDEX + MASK), n * MASK + INDEX, where=host, launches=2)
+    fwd.add("row scales (ne, to)", g, n * (INDEX + MASK), n * (MASK + F32), where=host, launches=2)
     fwd.add("dweight accumulator zeros", g, 0, v * c * F32, where=host)
     fwd.add("(max, sum) slots and target logit init", g, 0, rows * (2 * slots + 1) * F32, where=host, launches=3,
             count=chunks)
@@ -425,13 +425,15 @@ def _fastgpt_loss(fwd: _Ops, bwd: _Ops, s: Shape):
             count=chunks)
     fwd.add("_matmul_kernel dW += dz^T x", g, rows * v * LOW + rows * c * LOW + v * c * F32, v * c * F32, gemm,
             where="triton", count=chunks)
-    fwd.add("mean loss (sum, ne, sum, div)", g, n * (F32 + INDEX + MASK) + 3 * F32, 3 * F32 + n * MASK + INDEX,
-            where=host, launches=4)
+    fwd.add("mean loss (sum, div)", g, n * F32 + F32 + INDEX, 2 * F32, where=host, launches=2)
+    fwd.add("mean's factor (clamp, to, reciprocal)", g, 2 * INDEX + F32, INDEX + 2 * F32, where=host, launches=3)
     fwd.cast("dW to bfloat16", g, v * c, where=host)
     bwd.add("loss grad ones_like", g, 0, F32)
-    bwd.add("dloss casts", g, 2 * F32, 2 * LOW, launches=2)
-    bwd.add("dx *= dloss", g, n * c * LOW + LOW, n * c * LOW)
-    bwd.add("dW *= dloss", g, v * c * LOW + LOW, v * c * LOW)
+    bwd.add("scale = dloss * factor", g, 2 * F32, F32)
+    for name, elements in (("dx", n * c), ("dW", v * c)):  # in float32, rounded once to bfloat16
+        bwd.cast(f"{name} to float32", g, elements, to_low=False)
+        bwd.add(f"{name} *= scale", g, elements * F32 + F32, elements * F32)
+        bwd.cast(f"{name} to bfloat16", g, elements)
     bwd.cast("dW to float32", g, v * c, to_low=False)
     bwd.cast("dx to float32", g, n * c, to_low=False)
 

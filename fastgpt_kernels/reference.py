@@ -102,15 +102,33 @@ def _part(t: torch.Tensor | None, rows: slice | None) -> torch.Tensor | None:
     return t if rows is None or t is None else t[rows]
 
 
-def _row_scales(targets: torch.Tensor, ignore_index: int, reduction: str, dloss: torch.Tensor | None, dtype):
-    """Per-row factor of the logits' gradient (in ``dtype``): 1 / n_valid (mean), 1 (sum) or dloss (none),
-    0 for ignored rows; with everything ignored the mean's gradient is 0, as PyTorch's is."""
+def _row_scales(targets: torch.Tensor, ignore_index: int, dloss: torch.Tensor | None, dtype):
+    """Per-row factor of the logits' gradient (in ``dtype``): dloss (reduction "none"), or 1 for a
+    reduced loss, whose reduction factor and output gradient come later (:func:`scale_gradients`);
+    0 for ignored rows."""
     valid = (targets != ignore_index).to(dtype)
-    if reduction == "none":
-        return valid * dloss.to(dtype)
-    if reduction == "mean":
-        return valid / valid.sum().clamp(min=1.0)
-    return valid
+    return valid if dloss is None else valid * dloss.to(dtype)
+
+
+def precomputed_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype a reduced loss keeps dweight and dbias in until the output gradient (a loss scale)
+    reaches them: float32 for float16 inputs, whose range would flush them to zero or infinity before
+    they are scaled; the weight's own dtype otherwise."""
+    return torch.float32 if x.dtype == torch.float16 else weight.dtype
+
+
+def scale_gradients(grads, dloss: torch.Tensor, weight_dtype: torch.dtype, bias_dtype: torch.dtype | None):
+    """The gradients of a reduced loss: the forward's ``(dx, dweight, dbias, factor)`` (a unit row
+    scale, and the reduction's factor, 1 / n_valid or 1) times the output gradient ``dloss``. The
+    product is formed in float32 and rounded once to the inputs' dtypes, so a float16 GradScaler's
+    scale (65536 is inf in float16) and a mean's 1 / n_valid never meet float16's range apart."""
+    dx, dweight, dbias, factor = grads
+    scale = dloss.to(torch.float32) * factor
+
+    def scaled(t, dtype):
+        return None if t is None else (t.to(torch.float32) * scale).to(dtype)
+
+    return scaled(dx, dx.dtype), scaled(dweight, weight_dtype), scaled(dbias, bias_dtype)
 
 
 def linear_cross_entropy_forward(chunks, x, weight, bias, targets, ignore_index: int, reduction: str,
@@ -118,11 +136,15 @@ def linear_cross_entropy_forward(chunks, x, weight, bias, targets, ignore_index:
     """``(loss, lse, grads)`` of the fused loss on x (N, C) and targets (N,), a chunk of rows at a time.
 
     ``chunks`` does one chunk's work (:class:`TorchChunks` here, the Triton kernels' in
-    :mod:`fastgpt_kernels.ops.linear_cross_entropy`). ``grads`` is ``(dx, dweight, dbias)`` for a unit output
-    gradient when ``precompute`` (a reduced loss), else None; lse (N,) float32 serves a later backward.
+    :mod:`fastgpt_kernels.ops.linear_cross_entropy`). ``grads`` is ``(dx, dweight, dbias, factor)`` when
+    ``precompute`` (a reduced loss), else None: the gradients with every valid row's scale 1 (dx in
+    x's dtype, dweight and dbias in :func:`precomputed_dtype`) and the reduction's factor (float32,
+    0-dim), which :func:`scale_gradients` applies with the output gradient. lse (N,) float32 serves a
+    later backward.
     """
     n = x.shape[0]
-    scales = _row_scales(targets, ignore_index, reduction, None, _loss_dtype(x.dtype)) if precompute else None
+    n_valid = (targets != ignore_index).sum()
+    scales = _row_scales(targets, ignore_index, None, _loss_dtype(x.dtype)) if precompute else None
     grads = _zero_gradients(x, weight, bias) if precompute else None
     losses, lses = [], []
     for rows in _row_chunks(n, weight.shape[0]):
@@ -138,21 +160,28 @@ def linear_cross_entropy_forward(chunks, x, weight, bias, targets, ignore_index:
     else:
         loss = losses.sum()
         if reduction == "mean":
-            loss = loss / (targets != ignore_index).sum()  # 0 / 0 = NaN when everything is ignored, as in PyTorch
-    return loss, lse, None if grads is None else _finish_gradients(*grads, weight, bias)
+            loss = loss / n_valid  # 0 / 0 = NaN when everything is ignored, as in PyTorch
+    if grads is None:
+        return loss, lse, None
+    # With every row ignored the gradients are 0 (as PyTorch's), whatever the factor.
+    factor = (n_valid.clamp(min=1).to(torch.float32).reciprocal() if reduction == "mean"
+              else x.new_ones((), dtype=torch.float32))
+    dtype = precomputed_dtype(x, weight)
+    dx, dweight, dbias = grads
+    return loss, lse, (dx, dweight.to(dtype), None if dbias is None else dbias.to(dtype), factor)
 
 
 def linear_cross_entropy_gradients(chunks, x, weight, bias, targets, lse, dloss, ignore_index: int):
     """``(dx, dweight, dbias)`` of reduction "none" for the per-row output gradient ``dloss`` (N,),
     from the forward's lse, recomputing the logits a chunk at a time."""
     n = x.shape[0]
-    scales = _row_scales(targets, ignore_index, "none", dloss, lse.dtype)
+    scales = _row_scales(targets, ignore_index, dloss, lse.dtype)
     dx, dweight, dbias = _zero_gradients(x, weight, bias)
     for rows in _row_chunks(n, weight.shape[0]):
         dz = chunks.dlogits(_part(x, rows), weight, bias, _part(targets, rows), _part(lse, rows), _part(scales, rows),
                             ignore_index)
         chunks.accumulate(dz, _part(x, rows), weight, _part(dx, rows), dweight, dbias)
-    return _finish_gradients(dx, dweight, dbias, weight, bias)
+    return dx, dweight.to(weight.dtype), None if dbias is None else dbias.to(bias.dtype)
 
 
 def _zero_gradients(x, weight, bias):
@@ -162,10 +191,6 @@ def _zero_gradients(x, weight, bias):
     dweight = torch.zeros(weight.shape, dtype=_loss_dtype(x.dtype), device=x.device)
     dbias = None if bias is None else torch.zeros(bias.shape, dtype=_loss_dtype(x.dtype), device=x.device)
     return dx, dweight, dbias
-
-
-def _finish_gradients(dx, dweight, dbias, weight, bias):
-    return dx, dweight.to(weight.dtype), None if dbias is None else dbias.to(bias.dtype)
 
 
 class TorchChunks:
@@ -219,6 +244,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         loss, lse, grads = linear_cross_entropy_forward(TorchChunks, x, weight, bias, targets, ignore_index,
                                                         reduction, precompute)
         ctx.precompute, ctx.ignore_index = precompute, ignore_index
+        ctx.dtypes = weight.dtype, None if bias is None else bias.dtype
         if precompute:
             ctx.save_for_backward(*grads)
         else:
@@ -228,7 +254,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dloss):
         if ctx.precompute:
-            dx, dweight, dbias = (None if t is None else t * dloss.to(t.dtype) for t in ctx.saved_tensors)
+            dx, dweight, dbias = scale_gradients(ctx.saved_tensors, dloss, *ctx.dtypes)
         else:
             x, weight, bias, targets, lse = ctx.saved_tensors
             dx, dweight, dbias = linear_cross_entropy_gradients(TorchChunks, x, weight, bias, targets, lse, dloss,

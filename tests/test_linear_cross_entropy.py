@@ -97,6 +97,69 @@ def test_leading_dimensions_and_empty_rows():
     assert empty.item() == 0.0
 
 
+# --------------------------------------------------------------------------- float16 under a loss scale
+
+
+def _scaled_gradients(loss_fn, x, weight, bias, targets, reduction, loss_scale):
+    """The gradients of ``loss_fn(...) * loss_scale`` for x, weight and bias, as GradScaler makes them."""
+    inputs = [t.detach().requires_grad_() for t in (x, weight, bias)]
+    loss = loss_fn(*inputs, targets, reduction=reduction)
+    (loss * loss_scale).backward()
+    return [t.grad for t in inputs]
+
+
+def _public_order(x, weight, bias, targets, reduction):
+    return fastgpt_kernels.linear_cross_entropy(x, weight, targets, bias, reduction=reduction)
+
+
+def _relative_errors(grads, exact):
+    """Each gradient's error relative to the exact one's size (Frobenius norms): a flushed entry counts
+    with its weight in the gradient, not only the largest entry."""
+    return [((g.double() - e).norm() / e.norm()).item() for g, e in zip(grads, exact)]
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("reduction, loss_scale", [("mean", 1024.0), ("mean", 65536.0), ("sum", 1024.0)])
+def test_float16_gradients_under_a_loss_scale_match_the_unfused_loss(backend, reduction, loss_scale):
+    # Many rows: most probabilities times 1 / n_valid lie below float16's smallest subnormal (6e-8),
+    # where a gradient formed before the scale reaches it is flushed to zero (2.3x to 3.5x the unfused
+    # loss's error here before the fix). The unfused loss forms the logits' gradient with the scale
+    # already in it; the fused one must be as close.
+    gen = torch.Generator().manual_seed(0)
+    n, c, v = 2048, 32, 512
+    x = torch.randn(n, c, generator=gen).to(DEVICE)
+    weight = (torch.randn(v, c, generator=gen) * 0.3).to(DEVICE)
+    bias = (torch.randn(v, generator=gen) * 0.1).to(DEVICE)
+    targets = torch.randint(v, (n,), generator=gen).to(DEVICE)
+    exact = [g * loss_scale for g in _scaled_gradients(reference.linear_cross_entropy_unfused, x.double(),
+                                                       weight.double(), bias.double(), targets, reduction, 1.0)]
+    half = [t.half() for t in (x, weight, bias)]
+    unfused = _scaled_gradients(reference.linear_cross_entropy_unfused, *half, targets, reduction, loss_scale)
+    with fastgpt_kernels.use_backend(backend):
+        fused = _scaled_gradients(_public_order, *half, targets, reduction, loss_scale)
+    assert all(g.dtype == torch.float16 and torch.isfinite(g).all() for g in fused)
+    for name, got, allowed in zip(("dx", "dweight", "dbias"), _relative_errors(fused, exact),
+                                  _relative_errors(unfused, exact)):
+        assert got <= 2 * allowed, f"{name}: relative error {got:.2e}, the unfused loss's {allowed:.2e}"
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_the_loss_scale_is_applied_in_float32(backend):
+    # GradScaler's default scale, 65536, is inf in float16: a reduced loss's gradients stay finite.
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 16, generator=gen).half().to(DEVICE).requires_grad_()
+    weight = torch.randn(40, 16, generator=gen).half().to(DEVICE).requires_grad_()
+    targets = torch.randint(40, (64,), generator=gen).to(DEVICE)
+    with fastgpt_kernels.use_backend(backend):
+        loss = fastgpt_kernels.linear_cross_entropy(x, weight, targets, reduction="mean")
+    (loss * 65536.0).backward()
+    expected = torch.autograd.grad(reference.linear_cross_entropy_unfused(x.float(), weight.float(), None, targets)
+                                   * 65536.0, (x, weight))
+    for got, want in zip((x.grad, weight.grad), expected):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2 * want.abs().max().item())
+
+
 # --------------------------------------------------------------------------- int64 offsets
 
 

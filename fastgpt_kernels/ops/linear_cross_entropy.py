@@ -31,8 +31,12 @@ read back 4 bytes per logit in fp32, which on an H100 takes longer than the GEMM
 per logit against 3 passes of 4 bytes), and would triple the chunk's memory.
 
 When the loss is reduced ("mean" or "sum") and a gradient is needed, the forward runs all four steps
-and the backward only scales dx, dW and db by the output gradient, a scalar: the logits are formed
-twice per training step. With "none" every row has its own output gradient, so the forward runs
+with every valid row's s_i = 1, and the backward scales dx, dW and db by the output gradient times
+the reduction's factor (1 / n_valid or 1), in float32, rounding once to the inputs' dtypes: the
+logits are formed twice per training step. With s_i = g / n_valid in the forward, float16 would flush
+most of dz to zero before a GradScaler's scale g reached it (p / n_valid falls below float16's
+smallest subnormal, 6e-8, for every p < 6e-8 n_valid), and 65536, GradScaler's default, is inf in
+float16; so dW and db stay float32 until scaled when the inputs are float16. With "none" every row has its own output gradient, so the forward runs
 steps 1-2 and the backward steps 3-4 (the same work, split). Everything is deterministic: every
 element is written by one program, partial sums are merged in a fixed order, no atomics.
 
@@ -264,14 +268,15 @@ class TritonChunks:
 
 def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
              ignore_index: int, reduction: str, precompute: bool
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(loss, lse, dx, dweight, dbias)`` for x (N, C); the gradients (of a unit output gradient)
-    only when ``precompute``, else empty, like an absent bias's."""
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(loss, lse, dx, dweight, dbias, factor)`` for x (N, C); the gradients and the reduction's
+    factor (see :func:`fastgpt_kernels.reference.linear_cross_entropy_forward`) only when ``precompute``,
+    else empty, like an absent bias's."""
     loss, lse, grads = reference.linear_cross_entropy_forward(TritonChunks, x, weight, bias, targets, ignore_index,
                                                                 reduction, precompute)
     absent = x.new_empty(0)
-    dx, dweight, dbias = grads if grads is not None else (absent, absent.clone(), None)
-    return loss, lse, dx, dweight, absent.clone() if dbias is None else dbias
+    dx, dweight, dbias, factor = grads if grads is not None else (absent, absent.clone(), None, absent.clone())
+    return loss, lse, dx, dweight, absent.clone() if dbias is None else dbias, factor
 
 
 def _backward_impl(dloss: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -295,10 +300,12 @@ linear_cross_entropy_backward_op = torch.library.custom_op("fastgpt::linear_cros
 def _(x, weight, bias, targets, ignore_index, reduction, precompute):
     loss = x.new_empty(x.shape[:1] if reduction == "none" else (), dtype=torch.float32)
     lse = x.new_empty(x.shape[:1], dtype=torch.float32)
+    kept = reference.precomputed_dtype(x, weight)
     dx = torch.empty_like(x, memory_format=torch.contiguous_format) if precompute else x.new_empty(0)
-    dweight = torch.empty_like(weight, memory_format=torch.contiguous_format) if precompute else x.new_empty(0)
-    dbias = bias.new_empty(bias.shape) if precompute and bias is not None else x.new_empty(0)
-    return loss, lse, dx, dweight, dbias
+    dweight = weight.new_empty(weight.shape, dtype=kept) if precompute else x.new_empty(0)
+    dbias = bias.new_empty(bias.shape, dtype=kept) if precompute and bias is not None else x.new_empty(0)
+    factor = x.new_empty((), dtype=torch.float32) if precompute else x.new_empty(0)
+    return loss, lse, dx, dweight, dbias, factor
 
 
 @linear_cross_entropy_backward_op.register_fake
@@ -310,21 +317,20 @@ def _(dloss, x, weight, bias, targets, lse, ignore_index):
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias, targets, ignore_index, reduction, precompute = inputs
-    _, lse, dx, dweight, dbias = output
+    _, lse, dx, dweight, dbias, factor = output
     ctx.precompute, ctx.has_bias, ctx.ignore_index = precompute, bias is not None, ignore_index
+    ctx.dtypes = weight.dtype, None if bias is None else bias.dtype
     if precompute:
-        ctx.save_for_backward(dx, dweight, dbias)
+        ctx.save_for_backward(dx, dweight, dbias if ctx.has_bias else None, factor)
     else:
         ctx.save_for_backward(x, weight, bias, targets, lse)
 
 
-def _backward(ctx, dloss, _dlse, _ddx, _ddweight, _ddbias):
+def _backward(ctx, dloss, _dlse, _ddx, _ddweight, _ddbias, _dfactor):
     if dloss is None:  # the loss feeds nothing that needs a gradient
         return None, None, None, None, None, None, None
     if ctx.precompute:  # reduced loss: dloss is a scalar that scales the gradients the forward made
-        dx, dweight, dbias = ctx.saved_tensors
-        dx, dweight = dx * dloss.to(dx.dtype), dweight * dloss.to(dweight.dtype)
-        dbias = dbias * dloss.to(dbias.dtype) if ctx.has_bias else None
+        dx, dweight, dbias = reference.scale_gradients(ctx.saved_tensors, dloss, *ctx.dtypes)
     else:
         dx, dweight, dbias = traced_or_eager(linear_cross_entropy_backward_op, _backward_impl)(
             dloss, *ctx.saved_tensors, ctx.ignore_index)
