@@ -223,3 +223,41 @@ def test_cuda_tensors_take_the_kernel_and_fall_back_with_one_warning_per_reason(
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             assert not _dispatch.use_kernel("layer_norm", cuda(torch.float64), None, None)  # warned already
+
+
+@pytest.mark.skipif(_dispatch.NO_TRITON_REASON is not None, reason="needs the kernel modules")
+def test_a_plan_on_another_gpu_launches_with_that_gpu_current(monkeypatch):
+    """Triton launches on the current device: tensors on cuda:1 while cuda:0 is current (one process,
+    ``--device cuda:1``) must launch with cuda:1 current. Stand-ins for the tensors and for
+    torch.cuda's current device."""
+    import contextlib
+    from types import SimpleNamespace
+
+    from fastgpt_kernels.ops import _common
+
+    current = [0]
+
+    @contextlib.contextmanager
+    def device(index):
+        previous, current[0] = current[0], index
+        try:
+            yield
+        finally:
+            current[0] = previous
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
+    monkeypatch.setattr(torch.cuda, "device", device)
+    launched_on = []
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *args, **meta: launched_on.append(current[0])
+
+    def on_gpu(index):
+        return SimpleNamespace(is_cuda=True, device=torch.device("cuda", index))
+
+    plan = ("outputs", [(Kernel(), (1,), (on_gpu(1), 7), {}), (Kernel(), (2,), (on_gpu(1),), {"BLOCK": 16})])
+    assert _common.run(plan) == "outputs"
+    assert launched_on == [1, 1] and current[0] == 0  # cuda:1 for the launches, cuda:0 again after
+    _common.run((None, [(Kernel(), (1,), (on_gpu(0),), {})]))
+    assert launched_on[-1] == 0

@@ -1,6 +1,7 @@
 """Host-side helpers that the op modules share."""
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -42,12 +43,28 @@ def run(plan):
     """Launch a plan's kernels in order and return its outputs.
 
     A plan is ``(outputs, launches)``, each launch ``(kernel, grid, args, meta)``: the op modules
-    build plans so that the same launches can be run, compiled ahead of time, or inspected.
+    build plans so that the same launches can be run, compiled ahead of time, or inspected. Triton
+    launches on the current CUDA device, so a plan whose tensors live on another GPU runs with that
+    GPU made current (the first tensor argument's device: an op's tensors share one).
     """
     outputs, launches = plan
-    for kernel, grid, args, meta in launches:
-        kernel[grid](*args, **meta)
+    if not launches:
+        return outputs
+    with on_device_of(launches[0][2]):
+        for kernel, grid, args, meta in launches:
+            kernel[grid](*args, **meta)
     return outputs
+
+
+def on_device_of(args):
+    """A context that makes the first CUDA tensor among ``args`` the current device, when it is not."""
+    for a in args:
+        if getattr(a, "is_cuda", False):
+            index = a.device.index
+            if index is not None and index != torch.cuda.current_device():
+                return torch.cuda.device(index)
+            break
+    return contextlib.nullcontext()
 
 
 @functools.lru_cache(maxsize=None)
