@@ -32,6 +32,7 @@ import inspect
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -193,8 +194,8 @@ def launch(tunable: Tunable, grid_of: Callable, args: tuple, meta: dict, key: tu
             _load_disk_cache(tunable)
         key = (*key, *meta.values())
         config = tunable.chosen.get(key)
-        if config is None:
-            return _TuneOnce(tunable, key), grid_of, args, meta
+        if config is None or config not in allowed:  # none yet, or one the disk held that these inputs forbid
+            return _TuneOnce(tunable, key, allowed), grid_of, args, meta
     return tunable.fn, grid_of(config.kwargs), args, {**meta, **_launch_options(config)}
 
 
@@ -227,24 +228,32 @@ def _launch_options(config) -> dict:
 
 
 class _TuneOnce:
-    """A launch of a key with no config yet: Triton's autotuner times the allowed configs and launches
-    the fastest, which is then the key's choice, kept on disk.
+    """A launch of a key with no config yet: Triton's autotuner times the configs the op allows for
+    these inputs and launches the fastest, which is then the key's choice, kept on disk.
 
-    Timing runs every config many times: a kernel that adds into an output (``Tunable.restore``)
-    would add each run's result. Those outputs are copied first and put back after the timing, and
-    the chosen config then makes the one launch that counts.
+    The autotuner is given only the allowed configs, and forgets what it timed before (its own key
+    leaves out what makes configs allowed or not, such as a split-K weight gradient's slices): this
+    module's choices are the cache. Timing runs every config many times: a kernel that adds into an
+    output (``Tunable.restore``) would add each run's result. Those outputs are copied first and put
+    back after the timing, and the chosen config then makes the one launch that counts.
     """
 
-    def __init__(self, tunable: Tunable, key: tuple):
-        self.tunable, self.key = tunable, key
+    def __init__(self, tunable: Tunable, key: tuple, allowed: tuple):
+        self.tunable, self.key, self.allowed = tunable, key, allowed
 
     def __getitem__(self, grid_of):
         def tune_and_launch(*args, **meta):
-            tunable = self.tunable
-            named = dict(zip(tunable.tuner.arg_names, args))
+            tunable, tuner = self.tunable, self.tunable.tuner
+            named = dict(zip(tuner.arg_names, args))
             saved = [(named[name], named[name].clone()) for name in tunable.restore if named.get(name) is not None]
-            tunable.tuner[grid_of](*args, **meta)
-            best = tunable.tuner.best_config
+            every_config, tuner.configs = tuner.configs, list(self.allowed)
+            tuner.cache.clear()
+            try:
+                tuner[grid_of](*args, **meta)
+            finally:
+                tuner.configs = every_config
+            best = tuner.best_config
+            assert best in self.allowed, f"{tunable.name}'s autotuner chose {best}, which these inputs do not allow"
             tunable.chosen[self.key] = best
             _save_disk_cache(tunable)
             if saved:
@@ -260,12 +269,18 @@ class _TuneOnce:
 @functools.lru_cache(maxsize=1)
 def cache_file() -> Path | None:
     """The file holding this process's autotuning choices: one per triton version and GPU, under
-    ``$FASTGPT_AUTOTUNE_CACHE`` (default ``~/.cache/fastgpt/autotune``); None when that is "off".
-    Decided once per process."""
+    ``$FASTGPT_AUTOTUNE_CACHE`` (default ``~/.cache/fastgpt/autotune``); None when that is "off", or
+    when there is no home directory to put it in (with a warning). Decided once per process."""
     import torch
     import triton
 
-    directory = os.environ.get(CACHE_DIR_ENV) or str(Path.home() / ".cache" / "fastgpt" / "autotune")
+    directory = os.environ.get(CACHE_DIR_ENV)
+    if not directory:
+        try:
+            directory = str(Path.home() / ".cache" / "fastgpt" / "autotune")
+        except RuntimeError as exc:  # no HOME and no passwd entry
+            _disk_cache_failed(f"no home directory ({exc})")
+            return None
     if directory == "off":
         return None
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
@@ -273,11 +288,35 @@ def cache_file() -> Path | None:
     return Path(directory) / f"{name}.json"
 
 
+_unwritable: list[str] = []  # why the disk cache could not be written, once it could not
+
+
+def _disk_cache_failed(reason: str) -> None:
+    """Keep tuning choices in memory only, from now on, saying why once."""
+    if not _unwritable:
+        _unwritable.append(reason)
+        warnings.warn(f"fastgpt's autotuning cache cannot be written ({reason}): choices are kept in memory "
+                      f"for this process only; set {CACHE_DIR_ENV} to a writable directory, or to off",
+                      RuntimeWarning, stacklevel=2)
+
+
 def _read_cache(path: Path) -> dict:
+    """The cache file's entries, kernel name -> ``{"source": str, "choices": [[key, index, str], ...]}``:
+    an entry of any other shape is left out (tuned again, and rewritten)."""
     try:
-        return json.loads(path.read_text())
+        stored = json.loads(path.read_text())
     except (OSError, ValueError):  # none yet, or damaged: tune again (and rewrite it)
         return {}
+    if not isinstance(stored, dict):
+        return {}
+    return {name: entry for name, entry in stored.items() if _well_formed(entry)}
+
+
+def _well_formed(entry) -> bool:
+    return (isinstance(entry, dict) and isinstance(entry.get("source"), str)
+            and isinstance(entry.get("choices"), list)
+            and all(isinstance(c, list) and len(c) == 3 and isinstance(c[0], list) and type(c[1]) is int
+                    and c[1] >= 0 and isinstance(c[2], str) for c in entry["choices"]))
 
 
 def _source_key(tunable: Tunable) -> str:
@@ -289,25 +328,35 @@ def _source_key(tunable: Tunable) -> str:
 
 def _load_disk_cache(tunable: Tunable) -> None:
     """Take the choices the disk cache holds for ``tunable``: a choice is stored as its config's index
-    and description, and taken only where both still match (and the kernel's source)."""
+    and description, and taken only where both still match (and the kernel's source). Whether a
+    launch's inputs allow it is checked at the launch."""
     tunable.loaded = True
     path = cache_file()
     entry = {} if path is None else _read_cache(path).get(tunable.name, {})
     if entry.get("source") != _source_key(tunable):
         return
-    for key, index, described in entry.get("choices", []):
+    for key, index, described in entry["choices"]:
         if index < len(tunable.configs) and describe(tunable.configs[index]) == described:
-            tunable.chosen.setdefault(tuple(key), tunable.configs[index])
+            tunable.chosen.setdefault(_as_key(key), tunable.configs[index])
+
+
+def _as_key(stored: list) -> tuple:
+    """A launch key as JSON stored it (lists for tuples)."""
+    return tuple(_as_key(part) if isinstance(part, list) else part for part in stored)
 
 
 def _save_disk_cache(tunable: Tunable) -> None:
-    """Write ``tunable``'s choices into the disk cache (the other kernels' entries kept)."""
+    """Write ``tunable``'s choices into the disk cache (the other kernels' entries kept); where the
+    cache cannot be written (a read-only or missing home, a full disk), warn once and go on."""
     path = cache_file()
-    if path is None:
+    if path is None or _unwritable:
         return
     stored = _read_cache(path)
     stored[tunable.name] = {"source": _source_key(tunable), "choices": [
         [list(key), tunable.configs.index(config), describe(config)] for key, config in tunable.chosen.items()]}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with _io.atomic_writer(path) as f:
-        f.write(json.dumps(stored, indent=1).encode())
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with _io.atomic_writer(path) as f:
+            f.write(json.dumps(stored, indent=1).encode())
+    except OSError as exc:
+        _disk_cache_failed(f"{path}: {exc.strerror or exc}")

@@ -4,6 +4,8 @@ On a GPU the config comes from Triton's autotuner, which times the configs the o
 path runs here in Triton's interpreter, with the autotuner's timer replaced by made-up timings
 (the interpreter cannot time anything): keys, pruning, the choice and the launch are Triton's own.
 """
+import json
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -218,3 +220,120 @@ def test_host_side_rounding_agrees_with_triton():
         for d in (1, 3, 16, 128):
             assert cdiv(n, d) == triton.cdiv(n, d), (n, d)
     assert next_power_of_2(0) == 1
+
+
+def test_a_split_k_weight_gradient_times_and_launches_only_the_configs_allowed_there(gpu_path):
+    """The config left out under split-K (it spills there) is the fastest without a split: the split
+    launch must not inherit it from the autotuner's memory, time it, or take it from the disk cache."""
+    from fastgpt_kernels.ops._common import run
+
+    set_times, asked = gpu_path
+    left_out = next(c for c in gelu_mlp.CONFIGS if c not in gelu_mlp.SPLIT_CONFIGS)
+    for name in ("gelu_mlp.fwd", "gelu_mlp.dpre", "gelu_mlp.dweight"):
+        set_times(name, {c: 1.0 if c is left_out else 2.0 for c in gelu_mlp.CONFIGS})
+    gen = torch.Generator().manual_seed(0)
+    x, w1, w2 = (torch.randn(shape, generator=gen).half() for shape in ((96, 32), (64, 32), (32, 64)))
+    out, pre = run(gelu_mlp.forward_plan(x, w1, None, w2, None, keep_pre=True))
+    dout = torch.randn(out.shape, generator=gen).half()
+    tunable = _tuning._REGISTRY["gelu_mlp.dweight"]
+
+    def backward(split):
+        asked["gelu_mlp.dweight"].clear()
+        _, launches = gelu_mlp.backward_plan(dout, x, w1, w2, pre, False, False, split=split)
+        run((None, launches))
+        return dict(tunable.chosen)
+
+    backward(1)
+    assert set(tunable.chosen.values()) == {left_out}  # without a split it is allowed, and the fastest
+    chosen = backward(2)
+    split_keys = [key for key in chosen if 2 in key[4:]]  # (M, N, bucket, dtype, *flags): SPLIT_K=2 among the flags
+    assert asked["gelu_mlp.dweight"] and left_out not in asked["gelu_mlp.dweight"]
+    assert split_keys and all(chosen[key] in gelu_mlp.SPLIT_CONFIGS for key in split_keys)
+    # A choice the disk held that the split forbids (an older cache, a hand-edited file) is timed again.
+    for key in split_keys:
+        tunable.chosen[key] = left_out
+    backward(2)
+    assert asked["gelu_mlp.dweight"] and all(tunable.chosen[key] in gelu_mlp.SPLIT_CONFIGS for key in split_keys)
+
+
+def test_attention_tunes_apart_for_batches_of_other_sizes(gpu_path):
+    """A generation at B=1 or a check at B=4 must not decide the tile of training at B=16: the launch
+    key holds the batch x heads bucket."""
+    set_times, asked = gpu_path
+    for kind in ("fwd", "dkdv", "dq"):
+        set_times(f"attention.{kind}", {tile.config: 1.0 for tile in attention._CONFIGS[kind]})
+    keys = []
+    for batch in (1, 4, 16):
+        q = torch.randn(batch, 2, 80, 32).half()
+        with fastgpt_kernels.use_backend("triton"):
+            fastgpt_kernels.attention(q, q, q)
+        keys.append(set(_tuning._REGISTRY["attention.fwd"].chosen))
+    assert len(keys[0]) == 1 and len(keys[1]) == 2 and len(keys[2]) == 3
+
+
+def _cache_script(tmp_path, setup: str) -> str:
+    return f"""
+        import os, sys, warnings, torch
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        import conftest
+        os.environ["FASTGPT_AUTOTUNE_CACHE"] = {str(tmp_path / "cache")!r}
+        import fastgpt_kernels
+        from fastgpt_kernels import _tuning
+        from fastgpt_kernels.ops import gelu_mlp
+        _tuning._autotuner_can_time = lambda: True
+        for name in ("gelu_mlp.fwd", "gelu_mlp.dpre", "gelu_mlp.dweight"):
+            _tuning._REGISTRY[name].tuner._bench = lambda *args, config, **meta: [float(gelu_mlp.CONFIGS.index(config) + 1)] * 3
+{textwrap.indent(textwrap.dedent(setup), " " * 8)}
+        warnings.simplefilter("always")
+        x = torch.randn(100, 16).half().requires_grad_()
+        w1, w2 = torch.randn(64, 16).half().requires_grad_(), torch.randn(16, 64).half().requires_grad_()
+        fastgpt_kernels.gelu_mlp(x, w1, None, w2, None).sum().backward()
+        fastgpt_kernels.gelu_mlp(x, w1, None, w2, None).sum().backward()
+        print("choices", len(_tuning.tuned_configs()))
+    """
+
+
+def test_an_unwritable_cache_keeps_the_choices_in_memory_with_one_warning(tmp_path):
+    from test_dispatch import run_python
+
+    (tmp_path / "cache").write_text("a file where the directory should be")
+    result = run_python(_cache_script(tmp_path, ""), TRITON_INTERPRET=None)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("autotuning cache cannot be written") == 1, result.stderr
+    assert "choices 5" in result.stdout  # fc and proj forward, dpre, both weight gradients: all tuned
+
+
+@pytest.mark.parametrize("content", ['[1, 2, 3]', '{"gelu_mlp.fwd": [1]}', '{"gelu_mlp.fwd": {"source": 1}}',
+                                     '{"gelu_mlp.fwd": {"source": SOURCE, "choices": [[1, 2]]}}',
+                                     '{"gelu_mlp.fwd": {"source": SOURCE, "choices": [[[128], "0", "x"]]}}',
+                                     "{not json"])
+def test_a_cache_file_of_the_wrong_shape_is_tuned_again_and_rewritten(tmp_path, content):
+    from test_dispatch import run_python
+
+    setup = f"""
+        path = _tuning.cache_file()
+        path.parent.mkdir(parents=True)
+        source = _tuning._source_key(_tuning._REGISTRY["gelu_mlp.fwd"])  # the kernel's own: its choices are read
+        path.write_text({content!r}.replace("SOURCE", '"' + source + '"'))
+    """
+    result = run_python(_cache_script(tmp_path, setup), TRITON_INTERPRET=None)
+    assert result.returncode == 0, result.stderr
+    assert "choices 5" in result.stdout
+    [written] = (tmp_path / "cache").glob("*.json")
+    assert set(json.loads(written.read_text())) == {"gelu_mlp.fwd", "gelu_mlp.dpre", "gelu_mlp.dweight"}
+
+
+def test_without_a_home_directory_the_choices_stay_in_memory(monkeypatch):
+    monkeypatch.delenv(_tuning.CACHE_DIR_ENV, raising=False)
+    monkeypatch.setattr(_tuning, "_unwritable", [])
+
+    def no_home():
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(Path, "home", staticmethod(no_home))
+    _tuning.cache_file.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="autotuning cache cannot be written .no home directory"):
+            assert _tuning.cache_file() is None
+    finally:
+        _tuning.cache_file.cache_clear()

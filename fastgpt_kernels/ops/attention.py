@@ -563,8 +563,9 @@ def _t_bucket(seq_len: int) -> int:
 
 
 def _key(q, k) -> tuple:
-    """What a launch's best config depends on, besides the kernel's flags: the lengths' buckets and the dtype."""
-    return _t_bucket(q.shape[2]), _t_bucket(k.shape[2]), str(q.dtype)
+    """What a launch's best config depends on, besides the kernel's flags: the lengths' buckets, the
+    bucket of batch x heads (how many programs share the GPU's SMs), and the dtype."""
+    return _t_bucket(q.shape[2]), _t_bucket(k.shape[2]), next_power_of_2(q.shape[0] * q.shape[1]), str(q.dtype)
 
 
 def _meta(q, causal: bool, dropout_p: float) -> dict:
