@@ -6,6 +6,11 @@ own time budget, so that a crash, a hang or a failure of one is reported and the
 ``env``          versions (Python, torch, triton, numpy, CUDA runtime and driver), the GPU (name,
                  compute capability, memory, multiprocessors), whether compute-sanitizer is
                  installed, ``nvidia-smi``'s output.
+``warmup``       every kernel config the verify, determinism, ops and train stages launch (each
+                 config the autotuner will time), compiled without running by
+                 :data:`WARMUP_WORKERS` processes side by side into Triton's disk cache, so that a
+                 cold cache costs the later stages lookups, not their budgets. Every stage records
+                 how many kernels it compiled and loaded, and the seconds it spent on them.
 ``verify``       :mod:`fastgpt_kernels.tools.verify` at GPU shapes in every dtype: every kernel output and
                  gradient against float64 by the 2x-PyTorch rule; every failing row is kept.
 ``tests``        the kernel test files (:data:`TEST_FILES`) under pytest on the GPU.
@@ -25,7 +30,7 @@ own time budget, so that a crash, a hang or a failure of one is reported and the
 Results go to ``--out`` (default ``out/gpu_report/``): ``report.json`` (per stage: status ok,
 failed, timeout or skipped, seconds, figures, the tail of its output), ``report.md`` (tables to paste
 into a README, naming the GPU, the versions and the date) and ``logs/`` (each stage's whole output).
-Both files are rewritten after every stage. The default budgets add up to under eight minutes
+Both files are rewritten after every stage. The default budgets add up to under nine minutes
 (:data:`STAGES`); ``--budget-scale`` multiplies them.
 
 ``--tiny`` runs the same stages at tiny shapes and budgets; without a GPU (a minute or two on a
@@ -35,6 +40,7 @@ checks that the report itself works.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import functools
@@ -53,6 +59,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+
+from fastgpt_kernels import _processes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,16 +89,18 @@ class Skipped(Exception):
 class StageRun:
     """What a stage's code gets: its size, its deadline, and where its figures go.
 
-    ``deadline`` is the wall-clock time (``time.time()``) at which the parent kills the stage: a
-    stage that runs processes of its own (the sanitizer's) ends them before it. :meth:`record`
-    appends the figures so far as one JSON line to ``result``, so that a stage killed at its
-    deadline still leaves what it had done (the parent reads the last complete line).
+    ``deadline`` is the wall-clock time (``time.time()``) at which the stage ends itself (and the
+    parent kills it soon after): a stage that runs processes of its own (the sanitizer's) ends
+    them before it. :meth:`record` appends the figures so far as one JSON line to ``result``, so
+    that a stage ended at its deadline still leaves what it had done (the parent reads the last
+    complete line). ``part``: which share of the warm-up's compiles a warm-up worker makes.
     """
 
     tiny: bool
     deadline: float
     result: Path | None
     figures: dict = dataclasses.field(default_factory=dict)
+    part: tuple[int, int] = (0, 1)
 
     def record(self, **figures) -> None:
         """Add ``figures`` to the stage's figures and append them all to the result file."""
@@ -234,6 +244,139 @@ def stage_verify(run: StageRun) -> str | None:
     if failures or errors:
         return f"{len(failures)} tensors out of bound, {len(errors)} cases crashed"
     return None if passed else "nothing was checked"
+
+
+# --------------------------------------------------------------------------- compiles: counted, and made ahead
+
+
+def count_compiles(figures: dict) -> None:
+    """From now on, count in ``figures["compiles"]`` the kernels Triton compiles in this process and
+    those it finds in its disk cache, with the seconds they took (the JIT's request to the
+    compiler's answer). Triton's interpreter compiles nothing: the counts stay 0 there."""
+    import triton
+
+    counts = figures.setdefault("compiles", {"compiled": 0, "from_disk": 0, "seconds": 0.0})
+    started: list[float] = []
+
+    def before(*args, **kwargs):  # knobs.runtime.jit_cache_hook: a true value would skip the compile
+        started.append(time.perf_counter())
+        return False
+
+    def after(*, cache_hit: bool, **kwargs):  # knobs.compilation.listener
+        counts["from_disk" if cache_hit else "compiled"] += 1
+        if started:
+            counts["seconds"] = round(counts["seconds"] + time.perf_counter() - started.pop(), 3)
+
+    triton.knobs.runtime.jit_cache_hook = before
+    triton.knobs.compilation.listener = after
+
+
+WARMUP_WORKERS = 8  # processes compiling side by side (each holds a CUDA context and a GPT-2 step's tensors)
+
+
+@contextlib.contextmanager
+def compile_only(part: tuple[int, int]):
+    """Within the block the ops compile their kernels and launch none (their outputs hold garbage):
+    each launch awaiting tuning compiles ``part`` of the configs the op allows
+    (:func:`fastgpt_kernels._tuning.compile_launch`). Yields ``[kernels compiled or found]``."""
+    from fastgpt_kernels import _dispatch, _tuning
+
+    asked = [0]
+
+    def run(plan):
+        outputs, launches = plan
+        for launch in launches:
+            asked[0] += _tuning.compile_launch(launch, part)
+        return outputs
+
+    modules = [_dispatch.kernel_module(op) for op in _dispatch.OPS]
+    launchers = [module.run for module in modules]
+    for module in modules:
+        module.run = run
+    try:
+        yield asked
+    finally:
+        for module, launcher in zip(modules, launchers):
+            module.run = launcher
+
+
+def warmup_calls(tiny: bool, device: torch.device) -> list[tuple[str, Callable[[], None]]]:
+    """``(label, call)``: every op call of the later stages' kernels, forward and backward, on the
+    ``triton`` backend: the determinism and ops stages' cases, the train stage's steps, verify's
+    cases. The tests stage's many small shapes compile within its own budget."""
+    import fastgpt_kernels
+    from bench import ops, train_step
+
+    dtype = getattr(torch, low_precision(device))
+    calls = []
+    for label, case, fn in determinism_cases("tiny" if tiny else "gpt2", dtype):
+        def backward(case=case, fn=fn):
+            inputs = ops.make_inputs(case, device)
+            with fastgpt_kernels.use_backend("triton"):
+                out = fn(**inputs)
+                torch.autograd.grad(out, [t for t in inputs.values() if t.requires_grad], torch.ones_like(out))
+        calls.append((f"{label} {case.shape_label}", backward))
+    settings = train_settings(tiny)
+    for batch in settings["batches"]:
+        for dropout in TRAIN_DROPOUTS:
+            def step(batch=batch, dropout=dropout):
+                model, optimizer = train_step.build("fastgpt", settings["shape"], settings["context"], dropout, device)
+                idx, targets = train_step.random_batch(settings["shape"], settings["context"], batch, device)
+                train_step.step_fn("fastgpt", model, optimizer, idx, targets, low_precision(device), device,
+                                   "triton")()
+            calls.append((f"train B={batch} dropout={dropout}", step))
+    for case in verify_cases(tiny):
+        if case.why_unsupported() is None:
+            calls.append((case.describe(), functools.partial(case.run, str(device))))
+    return calls
+
+
+def stage_warmup_worker(run: StageRun) -> str | None:
+    """One warm-up worker: every call of :func:`warmup_calls` in :func:`compile_only` mode, compiling
+    its part of the configs."""
+    device = kernel_device()
+    failed = []
+    with compile_only(run.part) as asked:
+        for label, call in warmup_calls(run.tiny, device):
+            try:
+                call()
+            except Exception as exc:  # a kernel that does not compile: the stages that launch it will say
+                failed.append(f"{label}: {type(exc).__name__}: {exc}")
+            run.record(asked=asked[0], failed=failed)
+            gc.collect()
+    return "; ".join(failed) or None
+
+
+def stage_warmup(run: StageRun) -> str | None:
+    """:data:`WARMUP_WORKERS` warm-up workers side by side, each compiling a share of the configs
+    the later stages launch, into Triton's disk cache: the later stages then load their kernels."""
+    from fastgpt_kernels import _dispatch
+
+    if _dispatch.INTERPRETED:
+        raise Skipped("Triton's interpreter compiles nothing")
+    workers = max(1, min(WARMUP_WORKERS, os.cpu_count() or 1))
+    procs = []
+    for i in range(workers):
+        result = run.workdir / f"warmup-{i}.result.jsonl"
+        result.unlink(missing_ok=True)
+        command = [*stage_command("warmup-worker", run.tiny, run.deadline - 2, result), "--part", f"{i}/{workers}"]
+        procs.append((result, start_group(command, child_env(cuda=True), run.workdir / f"warmup-{i}.log")))
+    totals = {"workers": workers, "asked": 0, "compiled": 0, "from_disk": 0, "seconds": 0.0, "failed": []}
+    for result, proc in procs:
+        try:
+            proc.wait(timeout=max(1.0, run.seconds_left()))
+        except subprocess.TimeoutExpired:
+            end_group(proc)
+        figures = last_record(result)
+        compiles = figures.get("compiles", {})
+        totals["asked"] += figures.get("asked", 0)
+        for name in ("compiled", "from_disk", "seconds"):
+            totals[name] = round(totals[name] + compiles.get(name, 0), 3)
+        totals["failed"] += figures.get("failed", [])
+        if proc.returncode != 0 and not figures.get("failed"):
+            totals["failed"].append(f"worker {result.stem}: {figures.get('reason') or f'exit {proc.returncode}'}")
+        run.record(warmup=totals)
+    return f"{len(totals['failed'])} calls failed to compile" if totals["failed"] else None
 
 
 # --------------------------------------------------------------------------- tests
@@ -393,11 +536,14 @@ def train_settings(tiny: bool) -> dict:
 
 
 def autotuner_choices() -> dict[str, dict[str, str]]:
-    """Per autotuned kernel, each key Triton's autotuner tuned in this process and the config it chose."""
-    from fastgpt_kernels import _tuning
+    """Per autotuned kernel, each launch key with the config it runs: chosen by Triton's autotuner in
+    this process, or read from the disk cache (:func:`fastgpt_kernels.tuned_configs`)."""
+    import fastgpt_kernels
 
-    return {name: {str(key): _tuning.describe(config) for key, config in tunable.tuner.cache.items()}
-            for name, tunable in _tuning._REGISTRY.items()}
+    choices = {name: {} for name in fastgpt_kernels.candidate_configs()}
+    for name, key, config in fastgpt_kernels.tuned_configs():
+        choices[name][str(key)] = config
+    return choices
 
 
 TRAIN_BACKENDS = ("torch", "triton")
@@ -608,11 +754,12 @@ class Stage:
         return (self.tiny_budget_s if tiny else self.budget_s) * scale
 
 
-# The budgets add up to 470 s: the whole report fits in eight minutes on one GPU.
+# The budgets add up to 520 s: the whole report fits in nine minutes on one GPU.
 STAGES = {s.name: s for s in (
     Stage("env", stage_env, 15, 60, "versions and the GPU"),
-    Stage("verify", stage_verify, 120, 120, "every kernel output and gradient against float64"),
-    Stage("tests", stage_tests, 120, 180, "the kernel test files under pytest"),
+    Stage("warmup", stage_warmup, 90, 60, "every kernel the later stages launch, compiled side by side"),
+    Stage("verify", stage_verify, 100, 120, "every kernel output and gradient against float64"),
+    Stage("tests", stage_tests, 100, 180, "the kernel test files under pytest"),
     Stage("determinism", stage_determinism, 30, 120, "every backward twice, bitwise"),
     Stage("ops", stage_ops, 45, 120, "per op against PyTorch's own"),
     Stage("train", stage_train, 60, 180, "a GPT-2 124M training step"),
@@ -620,14 +767,35 @@ STAGES = {s.name: s for s in (
 )}
 # Run by the sanitizer stage under compute-sanitizer, never as a stage of the report itself.
 TARGETS = {"sanitizer-target": Stage("sanitizer-target", stage_sanitizer_target, 60, 120,
-                                     "every kernel config once, forward and backward")}
+                                     "every kernel config once, forward and backward"),
+           "warmup-worker": Stage("warmup-worker", stage_warmup_worker, 90, 60, "a share of the warm-up's compiles")}
 
 
-def run_stage(name: str, tiny: bool, deadline: float, result: Path | None) -> int:
-    """The child: run stage ``name``, recording its figures and status; exit status 0 unless it failed."""
-    run = StageRun(tiny, deadline, result)
+def run_stage(name: str, tiny: bool, deadline: float, result: Path | None, parent: int | None = None,
+              part: tuple[int, int] = (0, 1)) -> int:
+    """The child: run stage ``name``, recording its figures and status; exit status 0 unless it failed.
+
+    It ends itself, and everything it started, at ``deadline`` (its figures so far recorded with
+    status "timeout") or as soon as ``parent`` (default: its parent now) is gone; SIGTERM and SIGHUP
+    stop it as Ctrl-C does, its processes with it.
+    """
+    run = StageRun(tiny, deadline, result, part=part)
+    from fastgpt_kernels import _dispatch
+
+    if not _dispatch.NO_TRITON_REASON:
+        count_compiles(run.figures)
+
+    def on_exit(reason: str) -> None:
+        if reason == "deadline":
+            run.record(status="timeout", reason="past its deadline: ended itself and what it had started")
+
+    _processes.watch(parent, deadline, on_exit)
     try:
-        problem = {**STAGES, **TARGETS}[name].run(run)
+        with _processes.stop_on_signals():
+            problem = {**STAGES, **TARGETS}[name].run(run)
+    except KeyboardInterrupt:  # stopped: what the stage started goes with it
+        _processes.kill_tree(os.getpid())
+        raise
     except Skipped as exc:
         print(f"skipped: {exc}")
         run.record(status="skipped", reason=str(exc))
@@ -653,20 +821,51 @@ def child_env(cuda: bool) -> dict:
     return env
 
 
-def run_group(command: list[str], env: dict, timeout: float, log: Path) -> tuple[int | None, str, float]:
-    """Run ``command`` in its own process group, output to ``log``: ``(exit status or None on timeout,
-    output, seconds)``. On timeout the whole group is killed (pytest, the sanitizer's target)."""
-    start = time.monotonic()
+STOP_GRACE_S = 3.0  # how long a stopped process group gets between SIGTERM and SIGKILL
+DEADLINE_GRACE_S = 10.0  # how long past its deadline the parent waits for a stage to end itself
+
+
+def start_group(command: list[str], env: dict, log: Path) -> subprocess.Popen:
+    """Start ``command`` in its own session and process group, its output to ``log``."""
     with open(log, "w") as out:
-        proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+        return subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
-        try:
-            code = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            code = None
+
+
+def run_group(command: list[str], env: dict, timeout: float, log: Path) -> tuple[int | None, str, float]:
+    """Run ``command`` (:func:`start_group`): ``(exit status or None on timeout, output, seconds)``. On
+    timeout, and when this process is stopped (Ctrl-C, SIGTERM, SIGHUP: the exception goes on), the
+    group and every process it started are ended."""
+    start = time.monotonic()
+    proc = start_group(command, env, log)
+    try:
+        code = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        end_group(proc)
+        code = None
+    except BaseException:
+        end_group(proc)
+        raise
     return code, log.read_text(errors="replace"), time.monotonic() - start
+
+
+def end_group(proc: subprocess.Popen) -> None:
+    """End ``proc`` (a process group's leader), its group and every process it started: SIGTERM,
+    which a stage turns into its own cleanup, then SIGKILL for whatever is left after a grace."""
+    tree = _processes.descendants(proc.pid)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=STOP_GRACE_S)
+    except subprocess.TimeoutExpired:
+        pass
+    tree += _processes.descendants(proc.pid)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    for pid in tree:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    proc.wait()
 
 
 def last_record(path: Path) -> dict:
@@ -682,9 +881,10 @@ def last_record(path: Path) -> dict:
 
 
 def stage_command(name: str, tiny: bool, deadline: float, result: Path) -> list[str]:
-    """The child process that runs stage ``name`` until ``deadline`` (``time.time()``)."""
+    """The child process that runs stage ``name`` until ``deadline`` (``time.time()``), and no longer
+    than this process lives."""
     command = [sys.executable, "-m", "bench.gpu_report", "--stage", name, "--deadline", f"{deadline:.3f}",
-               "--result", str(result)]
+               "--result", str(result), "--parent", str(os.getpid())]
     return command + ["--tiny"] if tiny else command
 
 
@@ -693,16 +893,26 @@ def run_one(stage: Stage, tiny: bool, budget: float, logs: Path, cuda: bool) -> 
     result = logs / f"{stage.name}.result.jsonl"
     result.unlink(missing_ok=True)
     command = stage_command(stage.name, tiny, time.time() + budget, result)
-    code, output, seconds = run_group(command, child_env(cuda), budget, logs / f"{stage.name}.log")
+    code, output, seconds = run_group(command, child_env(cuda), budget + DEADLINE_GRACE_S,
+                                      logs / f"{stage.name}.log")
     figures = last_record(result)
     status, reason = figures.pop("status", None), figures.pop("reason", None)
     if code is None:
-        status, reason = "timeout", f"still running after its budget of {budget:.0f} s; killed"
+        status, reason = "timeout", f"still running {DEADLINE_GRACE_S:.0f} s after its budget of {budget:.0f} s; killed"
+    elif code == _processes.DEADLINE_EXIT and status == "timeout":
+        reason = f"{reason} (budget {budget:.0f} s)"
     elif code != 0 or status is None:
         status = "failed"
         reason = reason or (f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}")
     return {"status": status, "reason": reason, "seconds": round(seconds, 2), "budget_s": budget,
             "figures": figures, "output_tail": output[-TAIL_CHARS:]}
+
+
+def _part(text: str) -> tuple[int, int]:
+    index, parts = (int(n) for n in text.split("/"))
+    if not 0 <= index < parts:
+        raise ValueError(text)
+    return index, parts
 
 
 def parse_args(argv=None):
@@ -719,6 +929,8 @@ def parse_args(argv=None):
     parser.add_argument("--stage", choices=[*STAGES, *TARGETS], help=argparse.SUPPRESS)  # a child: one stage
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)  # the child's figures (JSON lines)
     parser.add_argument("--deadline", type=float, help=argparse.SUPPRESS)  # the child's end, time.time()
+    parser.add_argument("--parent", type=int, help=argparse.SUPPRESS)  # the child ends when this process is gone
+    parser.add_argument("--part", type=_part, default=(0, 1), help=argparse.SUPPRESS)  # a warm-up worker's share
     args = parser.parse_args(argv)
     if not args.budget_scale > 0:
         parser.error(f"--budget-scale must be positive, got {args.budget_scale}")
@@ -731,7 +943,7 @@ def main(argv=None) -> int:
     if args.stage:
         stage = {**STAGES, **TARGETS}[args.stage]
         deadline = args.deadline or time.time() + stage.budget(args.tiny)
-        return run_stage(args.stage, args.tiny, deadline, args.result)
+        return run_stage(args.stage, args.tiny, deadline, args.result, args.parent, args.part)
     from bench import measure
 
     cuda = torch.cuda.is_available()
@@ -743,20 +955,62 @@ def main(argv=None) -> int:
               "tiny": args.tiny, "budget_scale": args.budget_scale,
               "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
               "machine": measure.machine_info(torch.device("cuda" if cuda else "cpu")), "stages": {}}
-    start = time.monotonic()
-    for i, name in enumerate(names, 1):
-        stage = STAGES[name]
-        budget = stage.budget(args.tiny, args.budget_scale)
-        print(f"[{i}/{len(names)}] {name}: {stage.title} (budget {budget:.0f} s)", flush=True)
-        entry = run_one(stage, args.tiny, budget, logs, cuda)
-        report["stages"][name] = entry
+    problem = NO_GPU if not cuda and not args.tiny else None
+    if cuda and (missing := preflight()):
+        problem = "Triton cannot compile kernels on this machine; missing: " + "; ".join(missing)
+    if problem:
+        report["error"] = problem
+        write_report(out, report)
+        print(problem, file=sys.stderr)
+        return 2
+    start, name = time.monotonic(), names[0]
+    try:
+        with _processes.stop_on_signals():
+            for i, name in enumerate(names, 1):
+                stage = STAGES[name]
+                budget = stage.budget(args.tiny, args.budget_scale)
+                print(f"[{i}/{len(names)}] {name}: {stage.title} (budget {budget:.0f} s)", flush=True)
+                entry = run_one(stage, args.tiny, budget, logs, cuda)
+                report["stages"][name] = entry
+                report["total_s"] = round(time.monotonic() - start, 1)
+                print(f"[{i}/{len(names)}] {name}: {entry['status']} in {entry['seconds']:.1f} s: "
+                      f"{summary(name, entry)}", flush=True)
+                write_report(out, report)
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM / SIGHUP (Stopped): the stage was ended with it
+        report["error"] = f"stopped ({exc or 'Ctrl-C'}) during the {name} stage; its processes were ended"
         report["total_s"] = round(time.monotonic() - start, 1)
-        print(f"[{i}/{len(names)}] {name}: {entry['status']} in {entry['seconds']:.1f} s: {summary(name, entry)}",
-              flush=True)
-        (out / "report.json").write_text(json.dumps(report, indent=1, default=str))
-        (out / "report.md").write_text(markdown(report))
+        write_report(out, report)
+        print(report["error"], file=sys.stderr)
+        return 128 + getattr(exc, "signum", signal.SIGINT)
     print(f"wrote {out / 'report.json'} and {out / 'report.md'} in {report['total_s']:.0f} s")
     return 0 if all(e["status"] in ("ok", "skipped") for e in report["stages"].values()) else 1
+
+
+def preflight() -> list[str]:
+    """What Triton needs on this host to compile and launch kernels on a GPU, and cannot find: a C
+    compiler (it builds its launchers with one), Python's C headers, the CUDA driver's library."""
+    import ctypes.util
+    import sysconfig
+
+    missing = []
+    if not (shutil.which(os.environ.get("CC", "")) or any(shutil.which(cc) for cc in ("cc", "gcc", "clang"))):
+        missing.append("a C compiler (cc, gcc or clang on PATH, or $CC), with which Triton builds its launchers")
+    include = Path(sysconfig.get_paths()["include"])
+    if not (include / "Python.h").exists():
+        missing.append(f"Python's C headers (no Python.h in {include}: install the python3-dev package or its like)")
+    if not (os.environ.get("TRITON_LIBCUDA_PATH") or ctypes.util.find_library("cuda")):
+        missing.append("the CUDA driver's library libcuda.so (not known to ldconfig; or set TRITON_LIBCUDA_PATH)")
+    return missing
+
+
+NO_GPU = ("python -m bench.gpu_report needs a CUDA GPU and PyTorch sees none; rehearse it on this machine "
+          "with --tiny (tiny shapes, the kernels in Triton's interpreter)")
+
+
+def write_report(out: Path, report: dict) -> None:
+    """``report.json`` and ``report.md`` as the report stands."""
+    (out / "report.json").write_text(json.dumps(report, indent=1, default=str))
+    (out / "report.md").write_text(markdown(report))
 
 
 # --------------------------------------------------------------------------- Markdown
@@ -770,6 +1024,9 @@ def summary(name: str, entry: dict) -> str:
     text = {
         "env": lambda: (f"{(f.get('gpu') or {}).get('name', 'no GPU')}, torch {f.get('torch')}, "
                         f"triton {f.get('triton')}"),
+        "warmup": lambda: (lambda w: f"{w.get('asked', 0)} kernels asked for by {w.get('workers', 0)} workers: "
+                                     f"{w.get('compiled', 0)} compiled, {w.get('from_disk', 0)} from the disk cache, "
+                                     f"{w.get('seconds', 0):.0f} s of compiling")(f.get("warmup", {})),
         "verify": lambda: (f"{f.get('passed', 0)} passed, {f.get('failed', 0)} failed, {f.get('skipped', 0)} cases "
                            f"skipped, {f.get('errors', 0)} cases crashed"),
         "tests": lambda: (f"{f.get('passed', 0)} passed, {f.get('failed', 0)} failed, {f.get('error', 0)} errors, "
@@ -813,6 +1070,18 @@ def _header(report: dict) -> list[str]:
 def _section_env(f: dict) -> list[str]:
     return [f"compute-sanitizer: {f.get('compute_sanitizer') or 'not installed'}; kernels in Triton's interpreter: "
             f"{f.get('kernels_interpreted')}", "", "```", (f.get("nvidia_smi") or "").rstrip(), "```"]
+
+
+def _section_warmup(f: dict) -> list[str]:
+    failed = (f.get("warmup") or {}).get("failed") or []
+    return ["Every kernel the verify, determinism, ops and train stages launch (each config the autotuner "
+            "will time), compiled ahead of them by workers side by side into Triton's disk cache; the stages' "
+            "own compile counts are in the table of stages."] + (["", "```", *failed, "```"] if failed else [])
+
+
+def _compiles(entry: dict) -> str:
+    c = entry["figures"].get("compiles")
+    return "-" if not c else f"{c['compiled']} + {c['from_disk']} cached, {c['seconds']:.0f} s"
 
 
 def _section_verify(f: dict) -> list[str]:
@@ -903,17 +1172,20 @@ def _section_sanitizer(f: dict) -> list[str]:
     return lines + (["", "```", *findings, "```"] if findings else [])
 
 
-SECTIONS = {"env": _section_env, "verify": _section_verify, "tests": _section_tests,
+SECTIONS = {"env": _section_env, "warmup": _section_warmup, "verify": _section_verify, "tests": _section_tests,
             "determinism": _section_determinism, "ops": _section_ops, "train": _section_train,
             "sanitizer": _section_sanitizer}
 
 
 def markdown(report: dict) -> str:
     """``report.md``: the header (GPU, versions, date), the table of stages, then a section per stage."""
-    lines = _header(report) + ["", "| stage | status | seconds | budget s | summary |", "|---|---|---|---|---|"]
+    lines = _header(report)
+    if report.get("error"):
+        lines += ["", f"**{report['error']}**"]
+    lines += ["", "| stage | status | seconds | budget s | compiles | summary |", "|---|---|---|---|---|---|"]
     for name, entry in report["stages"].items():
         lines.append(f"| {name} | {entry['status']} | {entry['seconds']:.1f} | {entry['budget_s']:.0f} | "
-                     f"{summary(name, entry).replace('|', '/')} |")
+                     f"{_compiles(entry)} | {summary(name, entry).replace('|', '/')} |")
     for name, entry in report["stages"].items():
         lines += ["", f"## {name}: {STAGES[name].title}", ""]
         if entry["status"] != "ok":
@@ -922,7 +1194,7 @@ def markdown(report: dict) -> str:
         if entry["status"] in ("failed", "timeout"):
             lines += ["", "Output (tail):", "", "```", entry["output_tail"].rstrip()[-2000:], "```"]
     lines += ["", f"Figures from `python -m bench.gpu_report` on the machine named above; "
-                  f"total {report['total_s']:.0f} s."]
+                  f"total {report.get('total_s', 0):.0f} s."]
     return "\n".join(lines) + "\n"
 
 

@@ -30,6 +30,8 @@ import time
 
 import torch
 
+from fastgpt_kernels import _processes
+
 REPEATS = {"tiny": 20, "full": 300}
 # Targets: each op's host path (launches excluded) and the torch backend's cost over the PyTorch op.
 HOST_TARGET_US = 10.0
@@ -262,6 +264,8 @@ def main(argv=None) -> int:
     parser.add_argument("--size", choices=sorted(REPEATS), default="full")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON instead of tables")
     args = parser.parse_args(argv)
+    if args.json:  # the child of python -m bench (in_child): it ends with its parent
+        _processes.watch()
     try:
         results = run(args.size)
     except RuntimeError as exc:

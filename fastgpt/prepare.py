@@ -14,6 +14,7 @@ import sys
 import time
 
 from fastgpt.data.streaming import prepare_corpus
+from fastgpt_kernels import _processes
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,16 +47,17 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     start = time.perf_counter()
     try:
-        meta = prepare_corpus(args.sources, args.out, tokenizer=args.tokenizer, workers=args.workers,
-                              text_field=args.text_field, val_fraction=args.val_fraction,
-                              shard_tokens=args.shard_tokens)
+        with _processes.stop_on_signals():  # SIGTERM and SIGHUP stop the workers as Ctrl-C does
+            meta = prepare_corpus(args.sources, args.out, tokenizer=args.tokenizer, workers=args.workers,
+                                  text_field=args.text_field, val_fraction=args.val_fraction,
+                                  shard_tokens=args.shard_tokens)
     except (ValueError, TypeError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: {args.out} holds no meta.json, so it is not a corpus yet; run the same command "
-              "again (it starts clean)", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        print(f"\ninterrupted{f' ({exc})' if str(exc) else ''}: {args.out} holds no meta.json, so it is not a "
+              "corpus yet; run the same command again (it starts clean)", file=sys.stderr)
+        return 128 + getattr(exc, "signum", 2)
     seconds = time.perf_counter() - start
     disk_mb = sum(s["bytes"] for s in meta["sources"]) / 1e6
     for split, entry in meta["splits"].items():

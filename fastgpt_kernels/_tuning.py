@@ -263,6 +263,25 @@ class _TuneOnce:
         return tune_and_launch
 
 
+def compile_launch(launch: tuple, part: tuple[int, int] = (0, 1)) -> int:
+    """Compile a launch's kernel without running it, as its first real launch would: Triton keeps it
+    in its disk cache, where a later process finds it. A launch that awaits tuning compiles each
+    config the op allows for its inputs, or with ``part`` = (i, n) those at positions i, i + n, ...
+    (n processes share the work); any other launch is compiled by part 0 only. Returns how many
+    kernels it asked Triton to compile (those already in a cache cost a lookup)."""
+    kernel, grid, args, meta = launch
+    index, parts = part
+    if isinstance(kernel, _TuneOnce):
+        configs = kernel.allowed[index::parts]
+        for config in configs:
+            kernel.tunable.fn.warmup(*args, grid=grid(config.kwargs), **meta, **_launch_options(config))
+        return len(configs)
+    if index:
+        return 0
+    kernel.warmup(*args, grid=grid, **meta)
+    return 1
+
+
 # --------------------------------------------------------------------------- the disk cache
 
 

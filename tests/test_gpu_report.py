@@ -1,6 +1,7 @@
 """``python -m bench.gpu_report``: the tiny report runs every stage here; a stage that crashes or hangs
 is reported and the next one runs; the CUDA-only branches (the GPU's facts, the sanitizer stage, the
 stages' environment) run against stand-ins for the GPU and its tools."""
+import contextlib
 import dataclasses
 import json
 import os
@@ -16,7 +17,7 @@ import pytest
 import torch
 
 from bench import gpu_report
-from fastgpt_kernels import _dispatch, _tuning
+from fastgpt_kernels import _dispatch, _processes, _tuning
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_kernels = pytest.mark.skipif(not _dispatch.INTERPRETED and not torch.cuda.is_available(),
@@ -29,9 +30,11 @@ def _env(**overrides):
 
 
 @needs_kernels
-def test_the_tiny_report_runs_every_stage_and_writes_json_and_markdown(tmp_path):
+def test_the_tiny_report_runs_every_stage_on_cold_caches_and_writes_json_and_markdown(tmp_path):
+    """The rehearsal of a first run on a fresh machine: Triton's and the autotuner's caches empty."""
+    cold = dict(TRITON_CACHE_DIR=str(tmp_path / "triton-cache"), FASTGPT_AUTOTUNE_CACHE=str(tmp_path / "autotune"))
     proc = subprocess.run([sys.executable, "-m", "bench.gpu_report", "--tiny", "--out", str(tmp_path)], cwd=ROOT,
-                          env=_env(), capture_output=True, text=True, timeout=900)
+                          env=_env(**cold), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for i, name in enumerate(gpu_report.STAGES, 1):  # progress as each stage starts and ends
         assert f"[{i}/{len(gpu_report.STAGES)}] {name}: " in proc.stdout
@@ -42,6 +45,9 @@ def test_the_tiny_report_runs_every_stage_and_writes_json_and_markdown(tmp_path)
         assert entry["status"] in ("ok", "skipped"), (name, entry["reason"], entry["output_tail"])
         assert entry["seconds"] > 0 and entry["budget_s"] == gpu_report.STAGES[name].tiny_budget_s
         assert (tmp_path / "logs" / f"{name}.log").exists()
+        compiles = entry["figures"]["compiles"]  # the interpreter compiles nothing: counted all the same
+        assert set(compiles) == {"compiled", "from_disk", "seconds"}, name
+    assert stages["warmup"]["status"] == "skipped" and "interpreter" in stages["warmup"]["reason"]
 
     assert stages["env"]["figures"]["torch"] == torch.__version__
     verify = stages["verify"]["figures"]
@@ -125,9 +131,10 @@ def test_a_crashing_and_a_hanging_stage_are_reported_and_the_next_stage_still_ru
     assert "verify: failed in" in out and "tests: timeout in" in out
 
 
-def test_the_default_budgets_fit_the_report_in_eight_minutes():
-    assert sum(stage.budget_s for stage in gpu_report.STAGES.values()) <= 8 * 60 - 10  # the parent's start-up
-    assert list(gpu_report.STAGES) == ["env", "verify", "tests", "determinism", "ops", "train", "sanitizer"]
+def test_the_default_budgets_fit_the_report_in_nine_minutes():
+    assert sum(stage.budget_s for stage in gpu_report.STAGES.values()) <= 9 * 60 - 10  # the parent's start-up
+    assert list(gpu_report.STAGES) == ["env", "warmup", "verify", "tests", "determinism", "ops", "train",
+                                       "sanitizer"]
 
 
 def test_bad_options_are_refused(capsys):
@@ -226,14 +233,76 @@ def test_untimed_triton_rows_fail_the_ops_stage_only_on_a_gpu():
                                            "triton_s": 0.5, "ratio": 4.0}]
 
 
-def test_the_autotuners_choices_are_listed_per_kernel_and_key(monkeypatch):
+def test_the_autotuners_choices_are_listed_per_kernel_and_key_those_from_disk_included(monkeypatch):
+    """A choice read from the disk cache is one Triton's autotuner never made in this process (its own
+    cache is empty): the table lists what runs."""
     config = _tuning.candidate_configs()["gelu_mlp.fwd"][0]
-    tuner = SimpleNamespace(cache={(16384, 3072, 768, "torch.bfloat16"): config})
-    monkeypatch.setattr(_tuning, "_REGISTRY", {"gelu_mlp.fwd": _tuning.Tunable("gelu_mlp.fwd", tuner, (config,)),
+    key = (16384, 3072, 768, "torch.bfloat16")
+    from_disk = _tuning.Tunable("gelu_mlp.fwd", SimpleNamespace(cache={}), (config,), chosen={key: config}, loaded=True)
+    monkeypatch.setattr(_tuning, "_REGISTRY", {"gelu_mlp.fwd": from_disk,
                                                "attention.fwd": _tuning.Tunable("attention.fwd",
                                                                                 SimpleNamespace(cache={}), ())})
-    assert gpu_report.autotuner_choices() == {
-        "gelu_mlp.fwd": {"(16384, 3072, 768, 'torch.bfloat16')": _tuning.describe(config)}, "attention.fwd": {}}
+    assert gpu_report.autotuner_choices() == {"gelu_mlp.fwd": {str(key): _tuning.describe(config)}, "attention.fwd": {}}
+
+
+def test_every_stage_counts_the_kernels_triton_compiles_and_loads(monkeypatch):
+    """Triton's own hooks, called as its JIT and compiler call them (no GPU compiles anything here)."""
+    import triton
+
+    monkeypatch.setattr(triton.knobs.runtime, "jit_cache_hook", None)
+    monkeypatch.setattr(triton.knobs.compilation, "listener", None)
+    figures = {}
+    gpu_report.count_compiles(figures)
+    for cache_hit in (False, False, True):
+        assert triton.knobs.runtime.jit_cache_hook(key=None, repr="k", fn=None, compile={}, is_manual_warmup=False,
+                                                   already_compiled=False) is False  # True would skip the compile
+        triton.knobs.compilation.listener(src=None, metadata={}, metadata_group={}, times=None, cache_hit=cache_hit)
+    assert figures["compiles"]["compiled"] == 2 and figures["compiles"]["from_disk"] == 1
+    assert figures["compiles"]["seconds"] >= 0
+
+
+@needs_kernels
+@pytest.mark.parametrize("parts", [1, 3])
+def test_warmup_workers_share_every_config_the_later_stages_launch(monkeypatch, parts):
+    """The warm-up's calls in compile-only mode, on the path a GPU takes (its autotuner awaiting every
+    key), with Triton's compile-without-launch replaced by a recorder: between them the workers
+    compile each config the op allows for every launch the stages make, each exactly once, and
+    launch nothing."""
+    from fastgpt_kernels import _dispatch
+
+    monkeypatch.setattr(_tuning, "_autotuner_can_time", lambda: True)
+    monkeypatch.setattr(_tuning, "SMALL_TOKENS", 0)  # the tiny shapes' launches await tuning, as GPT-2's do
+    for tunable in _tuning._REGISTRY.values():
+        monkeypatch.setattr(tunable, "chosen", {})
+    compiled = []
+    jitted = {id(fn): fn for op in _dispatch.OPS for fn in vars(_dispatch.kernel_module(op)).values()
+              if hasattr(fn, "fn") or type(fn).__name__ in ("JITFunction", "InterpretedFunction")}
+    for tunable in _tuning._REGISTRY.values():
+        jitted[id(tunable.fn)] = tunable.fn
+    for fn in jitted.values():
+        if hasattr(fn, "warmup") or type(fn).__name__ == "InterpretedFunction":
+            monkeypatch.setattr(fn, "warmup", lambda *args, grid, fn=fn, **meta: compiled.append(
+                (getattr(fn, "__name__", None) or fn.fn.__name__, tuple(sorted(meta.items())))), raising=False)
+    device = gpu_report.kernel_device()
+    calls = gpu_report.warmup_calls(True, device)
+    assert any(label.startswith("train") for label, _ in calls) and any(" " in label for label, _ in calls)
+    per_worker = []
+    for index in range(parts):
+        before = len(compiled)
+        with gpu_report.compile_only((index, parts)):
+            for _, call in calls:
+                call()
+        per_worker.append(compiled[before:])
+    everything = [c for worker in per_worker for c in worker]
+    with gpu_report.compile_only((0, 1)):
+        for _, call in calls:
+            call()
+    alone = compiled[len(everything):]
+    assert sorted(everything) == sorted(alone)  # shared out, nothing lost, nothing twice
+    kernels = {name for name, _ in alone}
+    assert {"_attention_fwd_kernel", "_gelu_mlp_fwd_kernel", "_layer_norm_fwd_kernel", "_lce_logits_kernel"} <= kernels
+    assert all(per_worker)  # every worker has a share
+    assert len(alone) > len(_tuning.candidate_configs())  # several configs per autotuned kernel, not one
 
 
 def test_sanitizer_summaries_are_read_from_its_output():
@@ -315,3 +384,116 @@ def test_the_sanitizer_stage_is_skipped_with_the_reason_where_it_cannot_run(monk
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(gpu_report.Skipped, match="no CUDA device"):
         gpu_report.stage_sanitizer(run)
+
+
+# --------------------------------------------------------------------------- stopping: no process left behind
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in "ZX"
+    except OSError:
+        return False
+
+
+def _wait_for(condition, seconds: float, what: str):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        found = condition()
+        if found:
+            return found
+        time.sleep(0.2)
+    pytest.fail(f"waited {seconds:.0f} s for {what}")
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _pytest_under(pid: int) -> list[int]:
+    """The tree under ``pid`` once it holds a pytest process (the tests stage's), else []."""
+    tree = _processes.descendants(pid)
+    return tree if any(" pytest " in _cmdline(p) for p in tree) else []
+
+
+def _assert_all_gone(pids: list[int], seconds: float = 3.0):
+    try:
+        _wait_for(lambda: not [p for p in pids if _alive(p)], seconds, "the stage's processes to end")
+    finally:
+        for pid in pids:  # never leave them running, whatever the test found
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+
+@needs_kernels
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process tree from /proc")
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGKILL], ids=lambda s: s.name)
+def test_a_report_stopped_mid_stage_leaves_no_process_behind(tmp_path, sig):
+    report = subprocess.Popen([sys.executable, "-m", "bench.gpu_report", "--tiny", "--only", "tests",
+                               "--out", str(tmp_path)], cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        tree = _wait_for(lambda: _pytest_under(report.pid), 120, "the tests stage to start pytest")
+        os.kill(report.pid, sig)
+        _, stderr = report.communicate(timeout=30)
+    finally:
+        report.kill()
+    _assert_all_gone(tree)
+    if sig != signal.SIGKILL:  # the report itself said so and wrote it down (SIGKILL leaves it no say)
+        assert report.returncode == 128 + sig
+        assert f"stopped (stopped by {sig.name}) during the tests stage" in stderr
+        assert "stopped" in json.loads((tmp_path / "report.json").read_text())["error"]
+
+
+@needs_kernels
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process tree from /proc")
+def test_a_stage_past_its_deadline_ends_itself_and_what_it_started(tmp_path):
+    """Nobody signals the stage: its own deadline ends it, with the figures so far marked "timeout"."""
+    result = tmp_path / "tests.result.jsonl"
+    stage = subprocess.Popen([sys.executable, "-m", "bench.gpu_report", "--stage", "tests", "--tiny",
+                              "--deadline", f"{time.time() + 6:.3f}", "--result", str(result)],
+                             cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    seen: set[int] = set()
+    try:
+        while stage.poll() is None:  # every process the stage starts (pytest, its workers), as they come
+            seen.update(_processes.descendants(stage.pid))
+            time.sleep(0.1)
+        assert stage.returncode == _processes.DEADLINE_EXIT
+    finally:
+        stage.kill()
+    assert seen, "the stage had started nothing by its deadline"
+    _assert_all_gone(sorted(seen))
+    last = gpu_report.last_record(result)
+    assert last["status"] == "timeout" and "past its deadline" in last["reason"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")
+def test_without_a_gpu_the_report_says_so_at_once_and_how_to_rehearse(tmp_path):
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "bench.gpu_report", "--out", str(tmp_path)], cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and time.monotonic() - start < 60
+    assert proc.stderr.strip() == gpu_report.NO_GPU and "--tiny" in gpu_report.NO_GPU
+    assert gpu_report.NO_GPU in (tmp_path / "report.md").read_text()
+    assert json.loads((tmp_path / "report.json").read_text())["stages"] == {}
+
+
+def test_the_preflight_names_what_triton_needs_and_is_missing_in_one_line(monkeypatch, tmp_path):
+    import ctypes.util
+    import sysconfig
+
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.delenv("TRITON_LIBCUDA_PATH", raising=False)
+    monkeypatch.setattr(gpu_report.shutil, "which", lambda name: None)
+    monkeypatch.setattr(sysconfig, "get_paths", lambda: {"include": str(tmp_path)})
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: None)
+    missing = gpu_report.preflight()
+    assert len(missing) == 3 and "\n" not in "; ".join(missing)
+    assert "C compiler" in missing[0] and "Python.h" in missing[1] and "libcuda" in missing[2]
+    (tmp_path / "Python.h").write_text("")
+    monkeypatch.setattr(gpu_report.shutil, "which", lambda name: f"/usr/bin/{name}" if name == "gcc" else None)
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: "libcuda.so.1")
+    assert gpu_report.preflight() == []

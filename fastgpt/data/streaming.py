@@ -75,6 +75,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fastgpt_kernels import _processes
+
 from ..checkpoint import atomic_writer, stale_temp_files
 from ._common import _check_int
 from .corpora import (CORPUS_FORMAT, CORPUS_VERSION, META_FILE, SPLITS, TOKEN_DTYPE, _check_val_fraction,
@@ -357,9 +359,10 @@ def _json_text(line: str, field: str, path: str, line_number: int) -> str:
 _WORKER_ENCODER: _Encoder | None = None
 
 
-def _init_worker(encoder: _Encoder) -> None:
+def _init_worker(encoder: _Encoder, parent: int) -> None:
     global _WORKER_ENCODER
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the main process, which stops the pool
+    _processes.watch(parent)  # a main process killed outright leaves no worker behind
     _WORKER_ENCODER = encoder
 
 
@@ -374,7 +377,7 @@ def _worker_pool(workers: int, encoder: _Encoder):
     if workers == 1:
         yield None
         return
-    pool = ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(encoder,))
+    pool = ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(encoder, os.getpid()))
     try:
         yield pool
     finally:

@@ -269,10 +269,13 @@ def run(specs, archs=(80, 90), jobs=2, progress=sys.stderr) -> list[Result]:
             results[n] = compile_spec(specs[i], arch)
             _progress(n + 1, len(tasks), results[n], progress)
         return results
+    from fastgpt_kernels import _processes
+
     global _POOL_SPECS
     _POOL_SPECS = specs
     try:
-        with ProcessPoolExecutor(min(jobs, len(tasks)), mp_context=multiprocessing.get_context("fork")) as pool:
+        with ProcessPoolExecutor(min(jobs, len(tasks)), mp_context=multiprocessing.get_context("fork"),
+                                 initializer=_processes.watch, initargs=(os.getpid(),)) as pool:
             futures = {pool.submit(_compile_task, i, arch): n for n, (i, arch) in enumerate(tasks)}
             for done, future in enumerate(as_completed(futures), 1):
                 n = futures[future]
@@ -334,7 +337,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
 
-    from fastgpt_kernels import _dispatch
+    from fastgpt_kernels import _dispatch, _processes
     if _dispatch.NO_TRITON_REASON:
         print(f"cannot compile the kernels: {_dispatch.NO_TRITON_REASON}", file=sys.stderr)
         return 2
@@ -344,7 +347,9 @@ def main(argv=None) -> int:
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
         print("TRITON_INTERPRET is on: re-running with the interpreter off", file=sys.stderr)
-        return subprocess.run([sys.executable, "-m", "fastgpt_kernels.tools.compile_report", *argv], env=env).returncode
+        with _processes.stop_on_signals():  # a stopped parent kills the child, whose workers follow it
+            return subprocess.run([sys.executable, "-m", "fastgpt_kernels.tools.compile_report", *argv],
+                                  env=env).returncode
 
     specs = _collect_specs(args.op, args.module, args.largest)
     if args.kernel:
@@ -353,7 +358,8 @@ def main(argv=None) -> int:
         print("no compile specs to check", file=sys.stderr)
         return 1
     archs = tuple(dict.fromkeys(args.arch or (80, 90)))
-    results = run(specs, archs=archs, jobs=args.jobs)
+    with _processes.stop_on_signals():  # SIGTERM and SIGHUP stop the compile workers as Ctrl-C does
+        results = run(specs, archs=archs, jobs=args.jobs)
 
     print(format_table(results))
     failed = [r for r in results if r.problems]
