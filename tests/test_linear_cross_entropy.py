@@ -361,3 +361,48 @@ def test_torch_compile_keeps_the_kernels_in_one_graph():
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     for g, e in zip(grads, (h.grad, weight.grad)):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
+
+
+# --------------------------------------------------------------------------- verify catches a wrong loss
+
+
+MUTANTS = {"dx x0": (0, 0.0), "dx x0.5": (0, 0.5), "dx x1.5": (0, 1.5), "dweight x0": (1, 0.0),
+           "dweight x0.5": (1, 0.5), "dweight x1.5": (1, 1.5), "dbias x0": (2, 0.0), "dbias x1.5": (2, 1.5)}
+TENSORS = ("dx", "dweight", "dbias")
+
+
+@pytest.mark.parametrize("dtype", [dtype_param(FP16), dtype_param(torch.bfloat16)])
+@pytest.mark.parametrize("reduction", reference.REDUCTIONS)
+@pytest.mark.parametrize("mutant", [*MUTANTS, "loss x1.01"])
+def test_verify_fails_a_wrong_gradient_or_loss(monkeypatch, dtype, reduction, mutant):
+    """Wrong results fed through the kernels' own path at the suite's largest loss shape: every
+    mutant must fail verify's bound for its tensor (a bound that admits one checks nothing)."""
+    if mutant == "loss x1.01":
+        forward = reference.linear_cross_entropy_forward
+
+        def wrong_forward(*args, **kwargs):
+            loss, lse, grads = forward(*args, **kwargs)
+            return loss * 1.01, lse, grads
+
+        monkeypatch.setattr(reference, "linear_cross_entropy_forward", wrong_forward)
+        tensor = "out"
+    else:
+        index, factor = MUTANTS[mutant]
+        tensor = TENSORS[index]
+
+        def wrong(gradients):
+            def call(*args, **kwargs):
+                grads = list(gradients(*args, **kwargs))
+                grads[index] = grads[index] * factor
+                return tuple(grads)
+            return call
+
+        # A reduced loss's gradients leave through scale_gradients, reduction "none"'s through
+        # linear_cross_entropy_gradients: on both backends.
+        monkeypatch.setattr(reference, "scale_gradients", wrong(reference.scale_gradients))
+        monkeypatch.setattr(reference, "linear_cross_entropy_gradients",
+                            wrong(reference.linear_cross_entropy_gradients))
+    checks = {c.tensor: c for c in linear_cross_entropy_checks(300, 16, 1000, dtype, reduction=reduction,
+                                                               device=DEVICE)}
+    assert not checks[tensor].passed, f"verify passed {mutant}: {checks[tensor]}"
+    assert all(c.passed for name, c in checks.items() if name != tensor)

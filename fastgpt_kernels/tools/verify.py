@@ -409,16 +409,19 @@ def linear_cross_entropy_checks(rows, width, vocab, dtype, bias=True, ignored="s
              + ("" if ignored == "some" else f" ignored={ignored}") + (f" {view}" if view else "")
              + (" fallback" if fallback else ""))
     # The loss, dweight and dbias sum over rows and dx over the vocabulary: their atol scales are
-    # the largest sums of |terms| (float64).
+    # the largest sums of |terms| (float64), each term as the reduction makes it: a row's gradient
+    # times its output gradient (check_op's), and for "mean" divided by the rows counted.
     x64, w64 = inputs["x"].detach().cpu().double(), inputs["weight"].detach().cpu().double()
     b64 = None if inputs["bias"] is None else inputs["bias"].detach().cpu().double()
     logits = torch.nn.functional.linear(x64, w64, b64)
     valid = targets.cpu() != IGNORE_INDEX
+    divisor = max(int(valid.sum()), 1) if reduction == "mean" else 1
+    dloss = grad_out((rows,) if reduction == "none" else (), dtype, seed).double().abs()
     dz = torch.softmax(logits, -1)
     dz[valid.nonzero()[:, 0], targets.cpu()[valid]] -= 1.0
-    dz = dz.abs() * valid[:, None]
+    dz = dz.abs() * (valid * dloss / divisor)[:, None]
     loss_terms = (torch.logsumexp(logits, -1) * valid).abs()
-    out_scale = loss_terms.max() if reduction == "none" else loss_terms.sum()
+    out_scale = loss_terms.max() if reduction == "none" else loss_terms.sum() / divisor
     scales = {"out": out_scale.item(), "dx": (dz @ w64.abs()).max().item() if dz.numel() else 0.0,
               "dweight": (dz.T @ x64.abs()).max().item() if dz.numel() else 0.0,
               "dbias": dz.sum(0).max().item() if dz.numel() else 0.0}
