@@ -16,12 +16,17 @@ own time budget, so that a crash, a hang or a failure of one is reported and the
 ``tests``        the kernel test files (:data:`TEST_FILES`) under pytest on the GPU.
 ``determinism``  every op's backward, run twice with the same inputs and seed on the ``triton``
                  backend at GPT-2 shapes: every gradient must be bitwise equal.
-``ops``          each op, forward and forward+backward, timed with CUDA events by
-                 :func:`bench.ops.run` at GPT-2 shapes (``ops.SHAPES["gpt2"]``): the naive ops,
-                 PyTorch's own (SDPA, ``F.layer_norm``, linear + GELU + linear) and the Triton kernels.
+``ops``          each op, forward and forward+backward, timed with CUDA events over
+                 :data:`OPS_ITERATIONS` calls back to back by :func:`bench.ops.run` at GPT-2 shapes
+                 (``ops.SHAPES["gpt2"]``): the naive ops, PyTorch's own (SDPA with the installed
+                 torch's default backends, ``F.layer_norm``, linear + GELU + linear) and the Triton
+                 kernels, each with its fraction of the GPU's roofline.
 ``train``        a GPT-2 124M training step (:class:`fastgpt.model.GPTConfig`'s defaults, T=1024,
-                 AdamW) on the ``triton`` and ``torch`` backends, batch 16 and 4, dropout 0 and 0.1
-                 (:func:`bench.train_step.time_steps`), and the configs Triton's autotuner chose.
+                 AdamW) on the ``triton`` and ``torch`` backends and in plain PyTorch (eager), batch
+                 16 and 4, dropout 0 and 0.1 (:func:`bench.train_step.time_steps`), and the config
+                 every autotuned kernel ran (tuned in this run or read from the disk cache).
+``compiled``     plain PyTorch's GPT-2 under ``torch.compile`` against the Triton kernels (eager),
+                 batch 16, no dropout.
 ``sanitizer``    ``compute-sanitizer --tool memcheck`` and ``--tool racecheck`` over one small
                  forward and backward of every launch config of every kernel (the
                  ``sanitizer-target`` stage, run as the sanitizer's child); skipped, saying why,
@@ -30,7 +35,7 @@ own time budget, so that a crash, a hang or a failure of one is reported and the
 Results go to ``--out`` (default ``out/gpu_report/``): ``report.json`` (per stage: status ok,
 failed, timeout or skipped, seconds, figures, the tail of its output), ``report.md`` (tables to paste
 into a README, naming the GPU, the versions and the date) and ``logs/`` (each stage's whole output).
-Both files are rewritten after every stage. The default budgets add up to under nine minutes
+Both files are rewritten after every stage. The default budgets add up to under ten minutes
 (:data:`STAGES`); ``--budget-scale`` multiplies them.
 
 ``--tiny`` runs the same stages at tiny shapes and budgets; without a GPU (a minute or two on a
@@ -182,6 +187,14 @@ def nvidia_smi() -> dict | None:
     return {"output": text, "driver": driver and driver.group(1), "cuda": cuda and cuda.group(1)}
 
 
+def sdpa_backends() -> list[str]:
+    """The SDPA backends this torch enables by default, in its order of preference: what PyTorch's
+    attention (the ops stage's reference) picks from for a GPU's inputs."""
+    flags = {"cudnn": "cudnn_sdp_enabled", "flash": "flash_sdp_enabled", "efficient": "mem_efficient_sdp_enabled",
+             "math": "math_sdp_enabled"}
+    return [name for name, flag in flags.items() if getattr(torch.backends.cuda, flag, lambda: False)()]
+
+
 def stage_env(run: StageRun) -> str | None:
     """Versions, the GPU and its tools; fails when the Triton kernels cannot run at all."""
     import numpy
@@ -198,7 +211,7 @@ def stage_env(run: StageRun) -> str | None:
                driver=smi and smi["driver"], driver_cuda=smi and smi["cuda"],
                nvidia_smi=smi["output"] if smi else "nvidia-smi is not installed",
                compute_sanitizer=find_sanitizer(), kernels_interpreted=_dispatch.INTERPRETED,
-               triton_problem=_dispatch.NO_TRITON_REASON)
+               triton_problem=_dispatch.NO_TRITON_REASON, sdpa_backends=sdpa_backends())
     print(json.dumps({k: v for k, v in run.figures.items() if k != "nvidia_smi"}, indent=1))
     if smi:
         print(smi["output"])
@@ -497,19 +510,39 @@ def op_ratios(rows: list[dict]) -> list[dict]:
     return found
 
 
+OPS_ITERATIONS = {"tiny": 1, "gpt2": 20}  # calls back to back per timed round: the GPU's time, not Python's
+
+
+def roofline_fractions(rows: list[dict], device_name: str | None) -> None:
+    """Each measured row's ``roofline``: the time its FLOPs (or, LayerNorm, its bytes) take at the
+    GPU's data-sheet peak (:data:`fastgpt.perf.GPUS`) over the time measured; None for a GPU the
+    table lacks, or no GPU."""
+    from fastgpt import perf
+
+    spec = perf.gpu(device_name) if device_name else None
+    for r in rows:
+        if r.get("status") == "measured" and spec is not None:
+            r["roofline"] = max((r.get("tflops") or 0) * 1e12 / spec.bf16_flops, (r.get("gbps") or 0) * 1e9 / spec.bandwidth)
+        else:
+            r["roofline"] = None
+
+
 def stage_ops(run: StageRun) -> str | None:
-    """:func:`bench.ops.run` at GPT-2 shapes (tiny ones with ``--tiny``), and PyTorch's time over Triton's."""
+    """:func:`bench.ops.run` at GPT-2 shapes (tiny ones with ``--tiny``), PyTorch's time over Triton's,
+    and each figure's fraction of the GPU's roofline. PyTorch's attention is SDPA with the backend
+    the installed torch picks by default (the ``env`` stage lists the enabled ones)."""
     from bench import ops
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     size = "tiny" if run.tiny else "gpt2"
     dtype = getattr(torch, low_precision(device))
-    rows = ops.run(size, device, dtype, OPS_ROUNDS[size])
+    rows = ops.run(size, device, dtype, OPS_ROUNDS[size], iterations=OPS_ITERATIONS[size])
+    roofline_fractions(rows, torch.cuda.get_device_name() if device.type == "cuda" else None)
     ratios = op_ratios(rows)
     for r in ratios:
         print(f"{r['op']} {r['pass']}: reference / triton = {r['ratio']:.2f}")
     run.record(size=size, device=str(device), dtype=str(dtype).removeprefix("torch."), rounds=OPS_ROUNDS[size],
-               rows=rows, ratios=ratios)
+               iterations=OPS_ITERATIONS[size], rows=rows, ratios=ratios)
     missing = untimed_kernels(rows, device)
     return f"the Triton kernels were not timed: {'; '.join(missing)}" if missing else None
 
@@ -546,42 +579,66 @@ def autotuner_choices() -> dict[str, dict[str, str]]:
     return choices
 
 
-TRAIN_BACKENDS = ("torch", "triton")
+# The train stage's variants: fastgpt's GPT on each kernels backend, and the same GPT-2 in plain PyTorch
+# (bench.plain, eager): ``name -> (bench.train_step side, fastgpt's backend)``.
+TRAIN_VARIANTS = {"torch": ("fastgpt", "torch"), "triton": ("fastgpt", "triton"), "plain": ("plain", None)}
 TRAIN_DROPOUTS = (0.0, 0.1)
 
 
-def stage_train(run: StageRun) -> str | None:
-    """fastgpt's training step on each backend, batch and dropout, then the autotuner's choices."""
+def time_variant(name: str, side: str, backend: str | None, batch: int, dropout: float, settings: dict,
+                 device: torch.device, compiled: bool = False) -> dict:
+    """One training-step variant timed (:func:`bench.train_step.time_steps`), as a row of the report;
+    ``compiled``: the model under ``torch.compile`` (its first step compiles it)."""
     from bench import train_step
 
-    device = kernel_device()
-    precision = low_precision(device)
-    settings = train_settings(run.tiny)
     context, shape = settings["context"], settings["shape"]
+    idx, targets = train_step.random_batch(shape, context, batch, device)
+    model, optimizer = train_step.build(side, shape, context, dropout, device)
+    step = train_step.step_fn(side, torch.compile(model) if compiled else model, optimizer, idx, targets,
+                              low_precision(device), device, backend)
+    timing = train_step.time_steps(step, batch * context, device, settings["steps"], settings["warmup"])
+    print(f"B={batch} T={context} dropout={dropout} {name}: {timing['tokens_per_s']:.0f} tokens/s, "
+          f"first step {timing['first_step_s']:.2f} s, peak {timing['peak_memory_bytes'] / 2**20:.0f} MiB", flush=True)
+    del model, optimizer, step
+    gc.collect()
+    return {"batch": batch, "context": context, "dropout": dropout, "backend": name, **timing}
+
+
+def _ratio(rows: list[dict], batch: int, dropout: float, name: str, other: str) -> dict:
+    fast, ref = (next(r for r in rows if (r["batch"], r["dropout"], r["backend"]) == (batch, dropout, n))
+                 for n in (name, other))
+    memory = fast["peak_memory_bytes"] / ref["peak_memory_bytes"] if ref["peak_memory_bytes"] else None
+    return {"batch": batch, "dropout": dropout, "against": other,
+            "speedup": fast["tokens_per_s"] / ref["tokens_per_s"], "memory_ratio": memory}
+
+
+def stage_train(run: StageRun) -> str | None:
+    """fastgpt's training step on each backend and plain PyTorch's, per batch and dropout, then the
+    config every autotuned kernel ran."""
+    device = kernel_device()
+    settings = train_settings(run.tiny)
     rows = []
     for batch in settings["batches"]:
-        idx, targets = train_step.random_batch(shape, context, batch, device)
         for dropout in TRAIN_DROPOUTS:
-            for backend in TRAIN_BACKENDS:
-                model, optimizer = train_step.build("fastgpt", shape, context, dropout, device)
-                step = train_step.step_fn("fastgpt", model, optimizer, idx, targets, precision, device, backend)
-                timing = train_step.time_steps(step, batch * context, device, settings["steps"], settings["warmup"])
-                rows.append({"batch": batch, "context": context, "dropout": dropout, "backend": backend, **timing})
-                print(f"B={batch} T={context} dropout={dropout} {backend}: {timing['tokens_per_s']:.0f} tokens/s, "
-                      f"first step {timing['first_step_s']:.2f} s, peak {timing['peak_memory_bytes'] / 2**20:.0f} MiB",
-                      flush=True)
-                run.record(precision=precision, shape=shape, device=str(device), rows=rows)
-                del model, optimizer, step
-                gc.collect()
-    ratios = []
-    for batch in settings["batches"]:
-        for dropout in TRAIN_DROPOUTS:
-            fast, ref = (next(r for r in rows if (r["batch"], r["dropout"], r["backend"]) == (batch, dropout, backend))
-                         for backend in ("triton", "torch"))
-            memory = fast["peak_memory_bytes"] / ref["peak_memory_bytes"] if ref["peak_memory_bytes"] else None
-            ratios.append({"batch": batch, "dropout": dropout, "speedup": fast["tokens_per_s"] / ref["tokens_per_s"],
-                           "memory_ratio": memory})
+            for name, (side, backend) in TRAIN_VARIANTS.items():
+                rows.append(time_variant(name, side, backend, batch, dropout, settings, device))
+                run.record(precision=low_precision(device), shape=settings["shape"], device=str(device), rows=rows)
+    ratios = [_ratio(rows, batch, dropout, "triton", other) for batch in settings["batches"]
+              for dropout in TRAIN_DROPOUTS for other in ("torch", "plain")]
     run.record(ratios=ratios, autotuned=autotuner_choices())
+    return None
+
+
+def stage_compiled(run: StageRun) -> str | None:
+    """The same GPT-2 in plain PyTorch under ``torch.compile`` (its first step compiles it), against
+    fastgpt's GPT on the Triton kernels, eager: the largest batch, no dropout."""
+    device = kernel_device()
+    settings = train_settings(run.tiny)
+    batch = settings["batches"][0]
+    rows = [time_variant("plain compiled", "plain", None, batch, 0.0, settings, device, compiled=True)]
+    run.record(precision=low_precision(device), shape=settings["shape"], device=str(device), rows=rows)
+    rows.append(time_variant("triton", "fastgpt", "triton", batch, 0.0, settings, device))
+    run.record(rows=rows, ratios=[_ratio(rows, batch, 0.0, "triton", "plain compiled")])
     return None
 
 
@@ -754,15 +811,16 @@ class Stage:
         return (self.tiny_budget_s if tiny else self.budget_s) * scale
 
 
-# The budgets add up to 520 s: the whole report fits in nine minutes on one GPU.
+# The budgets add up to 570 s: the whole report fits in ten minutes on one GPU.
 STAGES = {s.name: s for s in (
     Stage("env", stage_env, 15, 60, "versions and the GPU"),
     Stage("warmup", stage_warmup, 90, 60, "every kernel the later stages launch, compiled side by side"),
-    Stage("verify", stage_verify, 100, 120, "every kernel output and gradient against float64"),
-    Stage("tests", stage_tests, 100, 180, "the kernel test files under pytest"),
+    Stage("verify", stage_verify, 70, 120, "every kernel output and gradient against float64"),
+    Stage("tests", stage_tests, 80, 180, "the kernel test files under pytest"),
     Stage("determinism", stage_determinism, 30, 120, "every backward twice, bitwise"),
     Stage("ops", stage_ops, 45, 120, "per op against PyTorch's own"),
     Stage("train", stage_train, 60, 180, "a GPT-2 124M training step"),
+    Stage("compiled", stage_compiled, 100, 120, "plain PyTorch under torch.compile against fastgpt"),
     Stage("sanitizer", stage_sanitizer, 80, 240, "compute-sanitizer memcheck and racecheck"),
 )}
 # Run by the sanitizer stage under compute-sanitizer, never as a stage of the report itself.
@@ -1035,11 +1093,17 @@ def summary(name: str, entry: dict) -> str:
                                 f"bitwise equal"),
         "ops": lambda: ", ".join(f"{r['op']} {r['pass']} {r['ratio']:.2f}x" for r in f.get("ratios", []))
                        or "no Triton timings",
-        "train": lambda: ", ".join(f"B={r['batch']} p={r['dropout']} {r['speedup']:.2f}x"
+        "train": lambda: ", ".join(f"B={r['batch']} p={r['dropout']} {r['speedup']:.2f}x {r['against']}"
                                    for r in f.get("ratios", [])) or f"{len(f.get('rows', []))} variants timed",
+        "compiled": lambda: ", ".join(f"triton {r['speedup']:.2f}x plain compiled" for r in f.get("ratios", []))
+                            or f"{len(f.get('rows', []))} variants timed",
         "sanitizer": lambda: ", ".join(f"{tool} {t['errors']} errors" for tool, t in f.get("tools", {}).items()),
     }[name]()
     return text + (f" ({entry['reason']})" if entry["reason"] and entry["status"] != "ok" else "")
+
+
+def _fraction(x) -> str:
+    return "-" if x is None else f"{x:.0%}"
 
 
 def _mib(n) -> str:
@@ -1069,7 +1133,7 @@ def _header(report: dict) -> list[str]:
 
 def _section_env(f: dict) -> list[str]:
     return [f"compute-sanitizer: {f.get('compute_sanitizer') or 'not installed'}; kernels in Triton's interpreter: "
-            f"{f.get('kernels_interpreted')}", "", "```", (f.get("nvidia_smi") or "").rstrip(), "```"]
+            f"{f.get('kernels_interpreted')}; SDPA backends enabled: {', '.join(f.get('sdpa_backends') or []) or '-'}", "", "```", (f.get("nvidia_smi") or "").rstrip(), "```"]
 
 
 def _section_warmup(f: dict) -> list[str]:
@@ -1113,11 +1177,14 @@ def _section_ops(f: dict) -> list[str]:
         return []
     times = {(r["op"], r["pass"], r["provider"]): r for r in rows}
     clock = "CUDA events" if f["device"] == "cuda" else "wall clock"
-    lines = [f"{f['dtype']}, median of {f['rounds']} rounds, {clock}; reference: PyTorch's own ops (SDPA, "
-             "F.layer_norm, linear + GELU + linear, the chunked loss); baseline: the lecture's naive ops, and for "
-             "the loss the unfused F.linear + F.cross_entropy.", "",
-             "| op | shape | pass | baseline ms | reference ms | triton ms | reference / triton | triton peak MiB |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [f"{f['dtype']}, median of {f['rounds']} rounds of {f.get('iterations', 1)} calls back to back, "
+             f"{clock}; reference: PyTorch's own ops (SDPA with torch's default backend, F.layer_norm, linear + GELU "
+             "+ linear, the chunked loss); baseline: the lecture's naive ops, and for the loss the unfused F.linear + "
+             "F.cross_entropy; roofline: the time of the op's FLOPs (LayerNorm: bytes) at the data sheet's peak "
+             "over the time measured.", "",
+             "| op | shape | pass | baseline ms | reference ms | triton ms | reference / triton | reference roofline "
+             "| triton roofline | triton peak MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for (op, pass_name, provider), r in times.items():
         if provider != "reference":
             continue
@@ -1128,6 +1195,7 @@ def _section_ops(f: dict) -> list[str]:
         triton_row = times.get((op, pass_name, "triton"), {})
         ratio = (f"{r['time_s'] / triton_row['time_s']:.2f}x" if triton_row.get("status") == "measured" else "-")
         lines.append(f"| {op} | {r['shape']} | {pass_name} | {' | '.join(cells)} | {ratio} | "
+                     f"{_fraction(r.get('roofline'))} | {_fraction(triton_row.get('roofline'))} | "
                      f"{_mib(triton_row.get('peak_memory_bytes'))} |")
     return lines
 
@@ -1146,8 +1214,8 @@ def _section_train(f: dict) -> list[str]:
         lines.append(f"| {r['batch']} | {r['dropout']} | {r['backend']} | {r['tokens_per_s']:.0f} | "
                      f"{r['time_s'] * 1e3:.1f} | {r['first_step_s']:.2f} | {_mib(r['peak_memory_bytes'])} |")
     if f.get("ratios"):
-        lines += ["", "| B | dropout | triton / torch tokens/s | triton / torch peak memory |", "|---|---|---|---|"]
-        lines += [f"| {r['batch']} | {r['dropout']} | {r['speedup']:.2f}x | "
+        lines += ["", "| B | dropout | triton against | tokens/s ratio | peak memory ratio |", "|---|---|---|---|---|"]
+        lines += [f"| {r['batch']} | {r['dropout']} | {r['against']} | {r['speedup']:.2f}x | "
                   f"{'-' if r['memory_ratio'] is None else format(r['memory_ratio'], '.2f')} |" for r in f["ratios"]]
     chosen = [(name, key, config) for name, keys in (f.get("autotuned") or {}).items() for key, config in keys.items()]
     if chosen:
@@ -1172,7 +1240,7 @@ def _section_sanitizer(f: dict) -> list[str]:
     return lines + (["", "```", *findings, "```"] if findings else [])
 
 
-SECTIONS = {"env": _section_env, "warmup": _section_warmup, "verify": _section_verify, "tests": _section_tests,
+SECTIONS = {"env": _section_env, "warmup": _section_warmup, "verify": _section_verify, "compiled": _section_train, "tests": _section_tests,
             "determinism": _section_determinism, "ops": _section_ops, "train": _section_train,
             "sanitizer": _section_sanitizer}
 

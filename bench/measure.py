@@ -36,22 +36,28 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_call(fn, device: torch.device) -> float:
-    """Seconds one call of ``fn()`` takes (CUDA events on a GPU, wall clock on a CPU)."""
+def time_call(fn, device: torch.device, iterations: int = 1) -> float:
+    """Seconds one call of ``fn()`` takes (CUDA events on a GPU, wall clock on a CPU): the time of
+    ``iterations`` calls back to back, divided by them. On a GPU the calls queue up ahead of the
+    kernels, so with enough of them the figure is the GPU's time, not the Python call's."""
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        for _ in range(iterations):
+            fn()
         end.record()
         end.synchronize()
-        return start.elapsed_time(end) / 1e3
+        return start.elapsed_time(end) / 1e3 / iterations
     start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+    for _ in range(iterations):
+        fn()
+    return (time.perf_counter() - start) / iterations
 
 
-def interleaved_times(fns: dict, device: torch.device, rounds: int, warmup: int = 1) -> dict[str, list[float]]:
-    """Per name, the seconds each of ``rounds`` calls took, timed round-robin with the others.
+def interleaved_times(fns: dict, device: torch.device, rounds: int, warmup: int = 1,
+                      iterations: int = 1) -> dict[str, list[float]]:
+    """Per name, the seconds a call took in each of ``rounds`` rounds, timed round-robin with the
+    others (each round's figure over ``iterations`` calls: :func:`time_call`).
 
     Each callable first runs ``warmup`` times untimed. Round r runs the callables in their given
     order when r is even and in reverse order when it is odd, so no one is always first.
@@ -64,7 +70,7 @@ def interleaved_times(fns: dict, device: torch.device, rounds: int, warmup: int 
     names = list(fns)
     for r in range(rounds):
         for name in (names if r % 2 == 0 else names[::-1]):
-            times[name].append(time_call(fns[name], device))
+            times[name].append(time_call(fns[name], device, iterations))
     return times
 
 

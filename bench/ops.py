@@ -261,8 +261,9 @@ def ideal_bytes(case: OpCase, pass_name: str) -> float | None:
 # --------------------------------------------------------------------------- the run
 
 
-def run(size: str, device: torch.device, dtype: torch.dtype, rounds: int, log=print) -> list[dict]:
-    """Time every op, pass and available provider; providers interleaved per (op, pass).
+def run(size: str, device: torch.device, dtype: torch.dtype, rounds: int, log=print, iterations: int = 1) -> list[dict]:
+    """Time every op, pass and available provider; providers interleaved per (op, pass), each
+    round's figure over ``iterations`` calls back to back (:func:`bench.measure.time_call`).
 
     One row per (op, provider, pass): time (median of ``rounds``), TFLOP/s or GB/s, peak memory, or
     ``status`` saying why it was not measured.
@@ -276,7 +277,8 @@ def run(size: str, device: torch.device, dtype: torch.dtype, rounds: int, log=pr
         fns = {p: pass_fns(case, p, inputs) for p in runnable}
         for pass_name in PASSES:
             log(f"  {op} {pass_name}: {', '.join(runnable)}")
-            times = measure.interleaved_times({p: fns[p][pass_name] for p in runnable}, device, rounds)
+            times = measure.interleaved_times({p: fns[p][pass_name] for p in runnable}, device, rounds,
+                                              iterations=iterations)
             for provider in providers(op):
                 row = {"op": op, "shape": case.shape_label, "dtype": str(dtype).removeprefix("torch."),
                        "provider": provider, "pass": pass_name}
@@ -285,7 +287,7 @@ def run(size: str, device: torch.device, dtype: torch.dtype, rounds: int, log=pr
                     continue
                 seconds = measure.median(times[provider])
                 work_flops, work_bytes = flops(case, pass_name), ideal_bytes(case, pass_name)
-                rows.append({**row, "status": "measured", "time_s": seconds, "rounds": rounds,
+                rows.append({**row, "status": "measured", "time_s": seconds, "rounds": rounds, "iterations": iterations,
                              "tflops": work_flops / seconds / 1e12 if work_flops else None,
                              "gbps": work_bytes / seconds / 1e9 if work_bytes else None,
                              "peak_memory_bytes": measure.peak_memory(fns[provider][pass_name], device)})
