@@ -51,7 +51,8 @@ assert callable(kernels.get_kernel), "Hugging Face's kernels lost its API"
 assert fastgpt_kernels.BACKENDS == ("auto", "triton", "torch")
 for module in (fastgpt, fastgpt_kernels, kernels):
     assert "site-packages" in module.__file__, module.__file__
-print("transformers", transformers.__version__, "| kernels", kernels.__file__, "| fastgpt_kernels", fastgpt_kernels.__file__)
+print("transformers", transformers.__version__, "| kernels", kernels.__file__,
+      "| fastgpt_kernels", fastgpt_kernels.__file__)
 """
 
 KERNEL_CALL = """

@@ -234,7 +234,8 @@ def verify_cases(tiny: bool) -> list:
 
 
 def stage_verify(run: StageRun) -> str | None:
-    """:mod:`fastgpt_kernels.tools.verify`'s cases (:func:`verify_cases`), case by case: a crash is one case's failure."""
+    """:mod:`fastgpt_kernels.tools.verify`'s cases (:func:`verify_cases`), case by case: a crash is one
+    case's failure."""
     device = kernel_device()
     passed, failures, skipped, errors = 0, [], [], []
     for case in verify_cases(run.tiny):
@@ -522,7 +523,8 @@ def roofline_fractions(rows: list[dict], device_name: str | None) -> None:
     spec = perf.gpu(device_name) if device_name else None
     for r in rows:
         if r.get("status") == "measured" and spec is not None:
-            r["roofline"] = max((r.get("tflops") or 0) * 1e12 / spec.bf16_flops, (r.get("gbps") or 0) * 1e9 / spec.bandwidth)
+            r["roofline"] = max((r.get("tflops") or 0) * 1e12 / spec.bf16_flops,
+                                (r.get("gbps") or 0) * 1e9 / spec.bandwidth)
         else:
             r["roofline"] = None
 
@@ -1133,7 +1135,8 @@ def _header(report: dict) -> list[str]:
 
 def _section_env(f: dict) -> list[str]:
     return [f"compute-sanitizer: {f.get('compute_sanitizer') or 'not installed'}; kernels in Triton's interpreter: "
-            f"{f.get('kernels_interpreted')}; SDPA backends enabled: {', '.join(f.get('sdpa_backends') or []) or '-'}", "", "```", (f.get("nvidia_smi") or "").rstrip(), "```"]
+            f"{f.get('kernels_interpreted')}; SDPA backends enabled: {', '.join(f.get('sdpa_backends') or []) or '-'}",
+            "", "```", (f.get("nvidia_smi") or "").rstrip(), "```"]
 
 
 def _section_warmup(f: dict) -> list[str]:
@@ -1240,9 +1243,9 @@ def _section_sanitizer(f: dict) -> list[str]:
     return lines + (["", "```", *findings, "```"] if findings else [])
 
 
-SECTIONS = {"env": _section_env, "warmup": _section_warmup, "verify": _section_verify, "compiled": _section_train, "tests": _section_tests,
+SECTIONS = {"env": _section_env, "warmup": _section_warmup, "verify": _section_verify, "tests": _section_tests,
             "determinism": _section_determinism, "ops": _section_ops, "train": _section_train,
-            "sanitizer": _section_sanitizer}
+            "compiled": _section_train, "sanitizer": _section_sanitizer}
 
 
 def markdown(report: dict) -> str:

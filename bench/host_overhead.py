@@ -186,7 +186,8 @@ def step_launches(batch: int, seq_len: int, config=None) -> dict:
     torch.manual_seed(0)
     model = GPT(config or GPTConfig())
     idx = torch.randint(model.config.vocab_size, (batch, seq_len))
-    with stubbed_launches() as launches, fastgpt_kernels.use_backend("triton"), torch.autocast("cpu", dtype=torch.bfloat16):
+    with stubbed_launches() as launches, fastgpt_kernels.use_backend("triton"), \
+            torch.autocast("cpu", dtype=torch.bfloat16):
         _, loss = model(idx, idx)
         forward = len(launches)
         loss.backward()

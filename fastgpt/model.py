@@ -107,7 +107,8 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        x = fastgpt_kernels.gelu_mlp(x, self.c_fc.weight, self.c_fc.bias, self.c_proj.weight, self.c_proj.bias)  # (B, T, C)
+        x = fastgpt_kernels.gelu_mlp(x, self.c_fc.weight, self.c_fc.bias,
+                                     self.c_proj.weight, self.c_proj.bias)  # (B, T, C)
         return self.dropout(x)
 
 

@@ -99,7 +99,7 @@ COMMANDS = documented_commands()
 
 def _env(argv: list[str]) -> dict:
     env = dict(os.environ)
-    if argv[1:2] == ["-m"] and argv[2].startswith("bench"):  # the benchmarks run from a checkout: bench is not installed
+    if argv[1:2] == ["-m"] and argv[2].startswith("bench"):  # bench is not installed: it runs from a checkout
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     return env
 

@@ -36,8 +36,9 @@ the reduction's factor (1 / n_valid or 1), in float32, rounding once to the inpu
 logits are formed twice per training step. With s_i = g / n_valid in the forward, float16 would flush
 most of dz to zero before a GradScaler's scale g reached it (p / n_valid falls below float16's
 smallest subnormal, 6e-8, for every p < 6e-8 n_valid), and 65536, GradScaler's default, is inf in
-float16; so dW and db stay float32 until scaled when the inputs are float16. With "none" every row has its own output gradient, so the forward runs
-steps 1-2 and the backward steps 3-4 (the same work, split). Everything is deterministic: every
+float16; so dW and db stay float32 until scaled when the inputs are float16. With "none" every row
+has its own output gradient, so the forward runs steps 1-2 and the backward steps 3-4 (the same
+work, split). Everything is deterministic: every
 element is written by one program, partial sums are merged in a fixed order, no atomics.
 
 Limits: x, W, b of one dtype (float16, bfloat16, or float32 while PyTorch's float32 matmuls use

@@ -325,7 +325,8 @@ def _collect_specs(ops, modules, largest_only: bool) -> list[CompileSpec]:
 
 def main(argv=None) -> int:
     """Command line entry point; returns the exit status (0: every compile clean, 1: problems)."""
-    parser = argparse.ArgumentParser(prog="python -m fastgpt_kernels.tools.compile_report", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m fastgpt_kernels.tools.compile_report",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("--arch", type=int, action="append", choices=sorted(SHARED_LIMITS),
                         help="target compute capability, repeatable (default: 80 and 90)")
     parser.add_argument("--op", action="append", help="only this op (repeatable)")
