@@ -182,7 +182,7 @@ def test_contiguous_leading_dimensions_reach_the_kernels_as_they_are():
     from fastgpt_kernels.ops._common import run
 
     w = mlp_inputs(width=16, hidden=40, requires_grad=False)
-    x = torch.randn(2, 3, 16)
+    x = torch.randn(2, 3, 16, device=DEVICE)
     params = [w["fc_weight"], w["fc_bias"], w["proj_weight"], w["proj_bias"]]
     (out, pre), launches = plan = gm.forward_plan(x, *params, keep_pre=True)
     assert launches[0][2][0] is x and out.shape == x.shape and pre.shape == (6, 40)

@@ -66,12 +66,12 @@ def test_contiguous_leading_dimensions_reach_the_kernels_as_they_are():
     """A contiguous (B, T, N) input needs no (rows, N) view: the kernels get it and write y in its shape."""
     from fastgpt_kernels.ops._common import run
 
-    x, weight, bias = torch.randn(2, 3, 40), torch.randn(40), torch.randn(40)
+    x, weight, bias = (torch.randn(shape, device=DEVICE) for shape in ((2, 3, 40), (40,), (40,)))
     (y, mean, rstd), [(_, grid, args, _)] = plan = ln.forward_plan(x, weight, bias, 1e-5)
     assert args[0] is x and y.shape == x.shape and grid == (6,) and mean.shape == (6,)
     run(plan)
     torch.testing.assert_close(y, torch.nn.functional.layer_norm(x, (40,), weight, bias))
-    dy = torch.randn(2, 3, 40)
+    dy = torch.randn(2, 3, 40, device=DEVICE)
     (dx, dweight, dbias), launches = ln.backward_plan(dy, x, weight, True, mean, rstd)
     assert launches[0][2][:2] == (x, dy) and dx.shape == x.shape
     run(((dx, dweight, dbias), launches))
@@ -98,8 +98,8 @@ def test_backward_as_planned_for_a_gpu_with_132_multiprocessors(rows, width):
     from fastgpt_kernels.ops._common import run
 
     gen = torch.Generator().manual_seed(0)
-    x, weight, bias, dy = (torch.randn(*shape, generator=gen) for shape in ((rows, width), (width,), (width,),
-                                                                              (rows, width)))
+    x, weight, bias, dy = (torch.randn(*shape, generator=gen).to(DEVICE) for shape in ((rows, width), (width,),
+                                                                                         (width,), (rows, width)))
     y, mean, rstd = run(ln.forward_plan(x, weight, bias, 1e-5))
     (dx, dweight, dbias), launches = ln.backward_plan(dy, x, weight, True, mean, rstd, sms=132)
     programs = launches[0][1][0]
