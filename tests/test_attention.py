@@ -385,3 +385,34 @@ def test_torch_compile_keeps_the_kernel_in_one_graph():
     torch.testing.assert_close(got, expected, **float32_tolerance())
     for g, t in zip(grads, (q, k, v, proj)):
         torch.testing.assert_close(g, t.grad, **float32_tolerance())
+
+
+# --------------------------------------------------------------------------- verify catches a wrong attention
+
+
+ATTENTION_MUTANTS = {"out x1.01": ("out", 1.01), "dq x0": ("dq", 0.0), "dq x0.5": ("dq", 0.5), "dq x1.5": ("dq", 1.5),
+                     "dk x0": ("dk", 0.0), "dk x0.5": ("dk", 0.5), "dk x1.5": ("dk", 1.5), "dv x0": ("dv", 0.0),
+                     "dv x0.5": ("dv", 0.5), "dv x1.5": ("dv", 1.5)}
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("mutant", ATTENTION_MUTANTS)
+def test_verify_fails_a_wrong_output_or_gradient(monkeypatch, dtype, mutant):
+    """The kernels' results made wrong after their launches, at the suite's longest sequence: every
+    mutant must fail verify's bound for its tensor; a gradient mutant only its own (a wrong output
+    also feeds the backward's row sums of dO * O)."""
+    tensor, factor = ATTENTION_MUTANTS[mutant]
+    real_run = attn.run
+
+    def wrong_run(plan):
+        outputs = list(real_run(plan))  # the forward's (o, lse), the backward's (dq, dk, dv)
+        names = ("out", "lse") if len(outputs) == 2 else ("dq", "dk", "dv")
+        if tensor in names:
+            outputs[names.index(tensor)] = outputs[names.index(tensor)] * factor
+        return tuple(outputs)
+
+    monkeypatch.setattr(attn, "run", wrong_run)
+    checks = {c.tensor: c for c in attention_checks(1, 2, 257, 64, dtype, device=DEVICE)}
+    assert not checks[tensor].passed, f"verify passed {mutant}: {checks[tensor]}"
+    if tensor != "out":
+        assert all(c.passed for name, c in checks.items() if name != tensor)
