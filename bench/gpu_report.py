@@ -390,7 +390,7 @@ def stage_warmup(run: StageRun) -> str | None:
         if proc.returncode != 0 and not figures.get("failed"):
             totals["failed"].append(f"worker {result.stem}: {figures.get('reason') or f'exit {proc.returncode}'}")
         run.record(warmup=totals)
-    return f"{len(totals['failed'])} calls failed to compile" if totals["failed"] else None
+    return f"{len(totals['failed'])} warm-up call(s) failed to compile" if totals["failed"] else None
 
 
 # --------------------------------------------------------------------------- tests

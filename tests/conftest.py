@@ -80,3 +80,31 @@ def assert_backward_deterministic(fn, inputs, dy):
         second = torch.autograd.grad(fn(*inputs), inputs, dy)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie, or a process gone, does not), from ``/proc``."""
+    from pathlib import Path
+
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in "ZX"
+    except OSError:
+        return False
+
+
+def assert_processes_end(pids, seconds: float, what: str) -> None:
+    """Fail unless every process of ``pids`` has ended within ``seconds``; whatever still runs then
+    is killed, so no test leaves a process behind."""
+    import signal
+    import time
+
+    deadline = time.monotonic() + seconds
+    while any(process_alive(pid) for pid in pids):
+        if time.monotonic() > deadline:
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+            pytest.fail(f"{what} outlived {seconds:.0f} s")
+        time.sleep(0.1)

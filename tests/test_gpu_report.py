@@ -1,7 +1,6 @@
 """``python -m bench.gpu_report``: the tiny report runs every stage here; a stage that crashes or hangs
 is reported and the next one runs; the CUDA-only branches (the GPU's facts, the sanitizer stage, the
 stages' environment) run against stand-ins for the GPU and its tools."""
-import contextlib
 import dataclasses
 import json
 import os
@@ -17,6 +16,7 @@ import pytest
 import torch
 
 from bench import gpu_report
+from conftest import assert_processes_end
 from fastgpt_kernels import _dispatch, _processes, _tuning
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,14 +121,7 @@ def test_a_crashing_and_a_hanging_stage_are_reported_and_the_next_stage_still_ru
     assert "hanging" in hung["output_tail"]
     assert env["status"] == "ok"
     grandchild = int(pid_file.read_text())  # killed with its stage: its whole process group
-    for _ in range(50):
-        state = Path(f"/proc/{grandchild}/stat")
-        if not state.exists() or state.read_text().rsplit(")", 1)[1].split()[0] in "ZX":
-            break
-        time.sleep(0.1)
-    else:
-        os.kill(grandchild, signal.SIGKILL)
-        pytest.fail("the hanging stage's child outlived its budget")
+    assert_processes_end([grandchild], 5, "the hanging stage's child")
     md = (tmp_path / "report.md").read_text()
     assert "| verify | failed |" in md and "| tests | timeout |" in md and "about to crash" in md
     out = capsys.readouterr().out
@@ -393,13 +386,6 @@ def test_the_sanitizer_stage_is_skipped_with_the_reason_where_it_cannot_run(monk
 # --------------------------------------------------------------------------- stopping: no process left behind
 
 
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in "ZX"
-    except OSError:
-        return False
-
-
 def _wait_for(condition, seconds: float, what: str):
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -423,15 +409,6 @@ def _pytest_under(pid: int) -> list[int]:
     return tree if any(" pytest " in _cmdline(p) for p in tree) else []
 
 
-def _assert_all_gone(pids: list[int], seconds: float = 3.0):
-    try:
-        _wait_for(lambda: not [p for p in pids if _alive(p)], seconds, "the stage's processes to end")
-    finally:
-        for pid in pids:  # never leave them running, whatever the test found
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
-
-
 @needs_kernels
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process tree from /proc")
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGKILL], ids=lambda s: s.name)
@@ -445,7 +422,7 @@ def test_a_report_stopped_mid_stage_leaves_no_process_behind(tmp_path, sig):
         _, stderr = report.communicate(timeout=30)
     finally:
         report.kill()
-    _assert_all_gone(tree)
+    assert_processes_end(tree, 3, "the stage's processes")
     if sig != signal.SIGKILL:  # the report itself said so and wrote it down (SIGKILL leaves it no say)
         assert report.returncode == 128 + sig
         assert f"stopped (stopped by {sig.name}) during the tests stage" in stderr
@@ -469,7 +446,7 @@ def test_a_stage_past_its_deadline_ends_itself_and_what_it_started(tmp_path):
     finally:
         stage.kill()
     assert seen, "the stage had started nothing by its deadline"
-    _assert_all_gone(sorted(seen))
+    assert_processes_end(sorted(seen), 3, "the stage's processes")
     last = gpu_report.last_record(result)
     assert last["status"] == "timeout" and "past its deadline" in last["reason"]
 
@@ -514,3 +491,28 @@ def test_roofline_fractions_rate_each_measured_row_against_the_gpus_data_sheet()
     assert [r["roofline"] for r in rows] == [pytest.approx(0.5), pytest.approx(0.25), None]
     gpu_report.roofline_fractions(rows, None)  # no GPU: nothing to rate against
     assert all(r["roofline"] is None for r in rows)
+
+
+def test_the_warmup_stage_runs_its_workers_side_by_side_and_adds_up_their_compiles(tmp_path, monkeypatch):
+    """The warm-up's parent on the path a GPU takes, with stand-in workers that write what a worker
+    records: each gets its share, the counts are summed, a failing worker is reported."""
+    monkeypatch.setattr(_dispatch, "INTERPRETED", False)
+    monkeypatch.setattr(gpu_report, "WARMUP_WORKERS", 3)
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    worker = textwrap.dedent("""
+        import json, sys
+        args = sys.argv[1:]
+        index = int(args[args.index("--part") + 1].split("/")[0])
+        figures = {"asked": 10 + index, "failed": ["attention: CompilationError"] if index == 2 else [],
+                   "compiles": {"compiled": 4, "from_disk": index, "seconds": 1.5}}
+        open(args[args.index("--result") + 1], "a").write(json.dumps(figures) + "\\n")
+        sys.exit(1 if index == 2 else 0)
+    """)
+    monkeypatch.setattr(gpu_report, "stage_command", lambda name, tiny, deadline, result: [
+        sys.executable, "-c", worker, "--result", str(result)])
+    run = gpu_report.StageRun(tiny=True, deadline=time.time() + 60, result=tmp_path / "warmup.result.jsonl")
+    problem = gpu_report.stage_warmup(run)
+    totals = gpu_report.last_record(run.result)["warmup"]
+    assert totals["workers"] == 3 and totals["asked"] == 33
+    assert totals["compiled"] == 12 and totals["from_disk"] == 3 and totals["seconds"] == 4.5
+    assert totals["failed"] == ["attention: CompilationError"] and problem == "1 warm-up call(s) failed to compile"

@@ -1,7 +1,6 @@
 """python -m fastgpt.prepare: sources of every kind streamed into shards that are the same whatever
 the number of workers, long documents cut where tokenisation cannot change, interruptions that leave
 nothing complete-looking, clear errors for bad input, and training from the result."""
-import contextlib
 import gzip
 import json
 import os
@@ -17,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import assert_processes_end
 from fastgpt import checkpoint
 from fastgpt import prepare as prepare_command
 from fastgpt import train as training
@@ -245,15 +245,7 @@ def test_a_stopped_command_leaves_no_corpus_and_no_worker(tmp_path, sig):
     finally:
         proc.kill()
     assert len(workers) >= 2
-    gone_by = time.monotonic() + 5
-    while any(Path(f"/proc/{pid}").exists() and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-              not in "ZX" for pid in workers):
-        if time.monotonic() > gone_by:
-            for pid in workers:
-                with contextlib.suppress(OSError):
-                    os.kill(pid, signal.SIGKILL)
-            pytest.fail(f"workers outlived the command stopped by {sig.name}")
-        time.sleep(0.1)
+    assert_processes_end(workers, 5, f"workers of the command stopped by {sig.name}")
     names = sorted(p.name for p in out.iterdir())
     assert "meta.json" not in names
     if sig == signal.SIGKILL:  # no say for the command: at most a temporary file left, no corpus
