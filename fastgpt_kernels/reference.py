@@ -121,12 +121,14 @@ def scale_gradients(grads, dloss: torch.Tensor, weight_dtype: torch.dtype, bias_
     """The gradients of a reduced loss: the forward's ``(dx, dweight, dbias, factor)`` (a unit row
     scale, and the reduction's factor, 1 / n_valid or 1) times the output gradient ``dloss``. The
     product is formed in float32 and rounded once to the inputs' dtypes, so a float16 GradScaler's
-    scale (65536 is inf in float16) and a mean's 1 / n_valid never meet float16's range apart."""
+    scale (65536 is inf in float16) and a mean's 1 / n_valid never meet float16's range apart
+    (float64 inputs: in float64)."""
     dx, dweight, dbias, factor = grads
-    scale = dloss.to(torch.float32) * factor
+    compute = _loss_dtype(dx.dtype)
+    scale = dloss.to(compute) * factor.to(compute)
 
     def scaled(t, dtype):
-        return None if t is None else (t.to(torch.float32) * scale).to(dtype)
+        return None if t is None else (t.to(compute) * scale).to(dtype)
 
     return scaled(dx, dx.dtype), scaled(dweight, weight_dtype), scaled(dbias, bias_dtype)
 
@@ -138,9 +140,9 @@ def linear_cross_entropy_forward(chunks, x, weight, bias, targets, ignore_index:
     ``chunks`` does one chunk's work (:class:`TorchChunks` here, the Triton kernels' in
     :mod:`fastgpt_kernels.ops.linear_cross_entropy`). ``grads`` is ``(dx, dweight, dbias, factor)`` when
     ``precompute`` (a reduced loss), else None: the gradients with every valid row's scale 1 (dx in
-    x's dtype, dweight and dbias in :func:`precomputed_dtype`) and the reduction's factor (float32,
-    0-dim), which :func:`scale_gradients` applies with the output gradient. lse (N,) float32 serves a
-    later backward.
+    x's dtype, dweight and dbias in :func:`precomputed_dtype`) and the reduction's factor (0-dim,
+    float32, or float64 for float64 inputs), which :func:`scale_gradients` applies with the output
+    gradient. lse (N,) float32 serves a later backward.
     """
     n = x.shape[0]
     n_valid = (targets != ignore_index).sum()
@@ -164,8 +166,8 @@ def linear_cross_entropy_forward(chunks, x, weight, bias, targets, ignore_index:
     if grads is None:
         return loss, lse, None
     # With every row ignored the gradients are 0 (as PyTorch's), whatever the factor.
-    factor = (n_valid.clamp(min=1).to(torch.float32).reciprocal() if reduction == "mean"
-              else x.new_ones((), dtype=torch.float32))
+    factor = (n_valid.clamp(min=1).to(_loss_dtype(x.dtype)).reciprocal() if reduction == "mean"
+              else x.new_ones((), dtype=_loss_dtype(x.dtype)))
     dtype = precomputed_dtype(x, weight)
     dx, dweight, dbias = grads
     return loss, lse, (dx, dweight.to(dtype), None if dbias is None else dbias.to(dtype), factor)

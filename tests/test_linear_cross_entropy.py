@@ -406,3 +406,19 @@ def test_verify_fails_a_wrong_gradient_or_loss(monkeypatch, dtype, reduction, mu
                                                                device=DEVICE)}
     assert not checks[tensor].passed, f"verify passed {mutant}: {checks[tensor]}"
     assert all(c.passed for name, c in checks.items() if name != tensor)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_float64_gradients_of_a_reduced_loss_stay_float64(reduction):
+    # The fallback takes float64; its output gradient is applied in float64, not float32.
+    gen = torch.Generator().manual_seed(2)
+    x, weight, bias = (torch.randn(shape, generator=gen, dtype=torch.float64, requires_grad=True)
+                       for shape in ((40, 8), (30, 8), (30,)))
+    targets = torch.randint(30, (40,), generator=gen)
+    got = torch.autograd.grad(fastgpt_kernels.linear_cross_entropy(x, weight, targets, bias, reduction=reduction) * 3.7,
+                              (x, weight, bias))
+    want = torch.autograd.grad(reference.linear_cross_entropy_unfused(x, weight, bias, targets, reduction=reduction)
+                               * 3.7, (x, weight, bias))
+    for g, w in zip(got, want):
+        assert g.dtype == torch.float64
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-14)
