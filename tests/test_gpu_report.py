@@ -516,3 +516,20 @@ def test_the_warmup_stage_runs_its_workers_side_by_side_and_adds_up_their_compil
     assert totals["workers"] == 3 and totals["asked"] == 33
     assert totals["compiled"] == 12 and totals["from_disk"] == 3 and totals["seconds"] == 4.5
     assert totals["failed"] == ["attention: CompilationError"] and problem == "1 warm-up call(s) failed to compile"
+
+
+def test_on_a_gpu_a_missing_compiler_stops_the_report_in_one_line(tmp_path, monkeypatch, capsys):
+    """The branch only a CUDA machine takes, with stand-ins: torch sees a GPU, the preflight finds
+    what Triton lacks, and the report stops before any stage."""
+    from bench import measure
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(measure, "machine_info", lambda device: {"gpu": "stand-in GPU", "cpu": "cpu",
+                                                                 "python": "3", "torch": "t", "triton": "3"})
+    monkeypatch.setattr(gpu_report, "preflight", lambda: ["a C compiler (cc, gcc or clang on PATH, or $CC)"])
+    assert gpu_report.main(["--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("Triton cannot compile kernels on this machine; missing: "
+                   "a C compiler (cc, gcc or clang on PATH, or $CC)")
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["error"] == err and report["stages"] == {}
