@@ -108,3 +108,39 @@ def assert_processes_end(pids, seconds: float, what: str) -> None:
                     pass
             pytest.fail(f"{what} outlived {seconds:.0f} s")
         time.sleep(0.1)
+
+
+def scale_after_launch(monkeypatch, module, names, tensor: str, factor: float) -> None:
+    """A wrong kernel as verify sees it: ``module.run`` (the op's plan runner, see
+    :func:`fastgpt_kernels.ops._common.run`) multiplies its output ``tensor`` by ``factor`` after the
+    launches wrote it (``factor`` None: :func:`output_factor` of its dtype). ``names(plan)`` names a
+    plan's outputs, in order."""
+    real_run = module.run
+
+    def wrong_run(plan):
+        outputs = list(real_run(plan))
+        plan_names = names(plan)
+        if tensor in plan_names:
+            i = plan_names.index(tensor)
+            outputs[i] = outputs[i] * (output_factor(outputs[i].dtype) if factor is None else factor)
+        return tuple(outputs)
+
+    monkeypatch.setattr(module, "run", wrong_run)
+
+
+def output_factor(dtype: torch.dtype) -> float:
+    """A wrong output's factor: 1% off, or 4 ulps where 1% is less. In bfloat16 1% is 1.3 ulps, one
+    rounding of the largest element: no bound can tell that from a right kernel."""
+    return 1 + max(0.01, 4 * torch.finfo(dtype).eps)
+
+
+# The mutants every op's tests feed verify: the output off (output_factor); each gradient zeroed,
+# halved, x1.5.
+GRADIENT_FACTORS = {"x0": 0.0, "x0.5": 0.5, "x1.5": 1.5}
+
+
+def output_mutants(gradients) -> dict:
+    """``{label: (tensor, factor)}`` for :func:`scale_after_launch`: the output off by
+    :func:`output_factor`, and each of ``gradients`` times each of GRADIENT_FACTORS."""
+    return {"out +1%": ("out", None),
+            **{f"{g} {label}": (g, f) for g in gradients for label, f in GRADIENT_FACTORS.items()}}

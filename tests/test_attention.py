@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import fastgpt_kernels
-from conftest import ALL_DTYPES, DEVICE, assert_backward_deterministic, float32_tolerance
+from conftest import (ALL_DTYPES, DEVICE, assert_backward_deterministic, float32_tolerance, output_mutants,
+                      scale_after_launch)
 from fastgpt_kernels import _dispatch, reference
 from fastgpt_kernels.ops import attention as attn
 from fastgpt_kernels.tools import traffic
@@ -390,8 +391,11 @@ def test_torch_compile_keeps_the_kernel_in_one_graph():
 # --------------------------------------------------------------------------- verify catches a wrong attention
 
 
-ATTENTION_MUTANTS = {"out x1.01": ("out", 1.01), "dq x0": ("dq", 0.0), "dq x0.5": ("dq", 0.5), "dk x0": ("dk", 0.0),
-                     "dk x1.5": ("dk", 1.5), "dv x0": ("dv", 0.0), "dv x1.5": ("dv", 1.5)}
+ATTENTION_MUTANTS = output_mutants(("dq", "dk", "dv"))
+
+
+def attention_names(plan):
+    return ("out", "lse") if len(plan[0]) == 2 else ("dq", "dk", "dv")  # forward (o, lse), backward (dq, dk, dv)
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
@@ -401,17 +405,29 @@ def test_verify_fails_a_wrong_output_or_gradient(monkeypatch, dtype, mutant):
     mutant must fail verify's bound for its tensor; a gradient mutant only its own (a wrong output
     also feeds the backward's row sums of dO * O)."""
     tensor, factor = ATTENTION_MUTANTS[mutant]
-    real_run = attn.run
-
-    def wrong_run(plan):
-        outputs = list(real_run(plan))  # the forward's (o, lse), the backward's (dq, dk, dv)
-        names = ("out", "lse") if len(outputs) == 2 else ("dq", "dk", "dv")
-        if tensor in names:
-            outputs[names.index(tensor)] = outputs[names.index(tensor)] * factor
-        return tuple(outputs)
-
-    monkeypatch.setattr(attn, "run", wrong_run)
+    scale_after_launch(monkeypatch, attn, attention_names, tensor, factor)
     checks = {c.tensor: c for c in attention_checks(1, 2, 257, 64, dtype, device=DEVICE)}
     assert not checks[tensor].passed, f"verify passed {mutant}: {checks[tensor]}"
     if tensor != "out":
         assert all(c.passed for name, c in checks.items() if name != tensor)
+
+
+def attention_without_the_row_term(q, k, v, causal, dropout_p, softmax_scale):
+    """Attention whose backward drops the softmax Jacobian's row term: dS = P * dP instead of
+    P * (dP - rowsum(dO * O)) (the log-sum-exp is held constant). The forward is exact."""
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    s = (q.float() @ k.float().transpose(-2, -1)) * scale
+    if causal:
+        t_q, t_k = s.shape[-2:]
+        s = s.masked_fill(torch.ones(t_q, t_k, dtype=torch.bool, device=s.device).tril(t_k - t_q).logical_not(),
+                          float("-inf"))
+    p = torch.exp(s - torch.logsumexp(s, -1, keepdim=True).detach())
+    return (p @ v.float()).to(q.dtype)
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+def test_verify_fails_a_backward_without_the_softmax_row_term(monkeypatch, dtype):
+    monkeypatch.setattr(attn, "attention", attention_without_the_row_term)
+    checks = {c.tensor: c for c in attention_checks(1, 2, 257, 64, dtype, device=DEVICE)}
+    assert not checks["dq"].passed and not checks["dk"].passed, [str(checks[t]) for t in ("dq", "dk")]
+    assert checks["dv"].passed  # P itself is right

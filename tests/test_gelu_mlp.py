@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 import fastgpt_kernels
-from conftest import ALL_DTYPES, DEVICE, assert_backward_deterministic, float32_tolerance
+from conftest import (ALL_DTYPES, DEVICE, assert_backward_deterministic, float32_tolerance, output_mutants,
+                      scale_after_launch)
 from fastgpt_kernels import _dispatch, _tuning
 from fastgpt_kernels.ops import gelu_mlp as gm
 from fastgpt_kernels.ops._gemm import needs_wide
@@ -240,6 +241,43 @@ def test_the_checks_catch_the_erf_gelu(monkeypatch):
     monkeypatch.setattr(gm, "gelu_mlp", erf_gelu_mlp)
     checks = gelu_mlp_checks(7, 48, 192, torch.float32, device=DEVICE)
     assert not next(c for c in checks if c.tensor == "out").passed
+
+
+MLP_GRADIENTS = ("dx", "dfc_weight", "dfc_bias", "dproj_weight", "dproj_bias")
+MLP_MUTANTS = output_mutants(MLP_GRADIENTS)
+
+
+def mlp_names(plan):
+    return ("out", "pre") if len(plan[0]) == 2 else MLP_GRADIENTS
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("mutant", MLP_MUTANTS)
+def test_verify_fails_a_wrong_output_or_gradient(monkeypatch, dtype, mutant):
+    """The kernels' results made wrong after their launches, at the suite's largest shape: every
+    mutant must fail verify's bound for its tensor, and only that one."""
+    tensor, factor = MLP_MUTANTS[mutant]
+    scale_after_launch(monkeypatch, gm, mlp_names, tensor, factor)
+    checks = {c.tensor: c for c in gelu_mlp_checks(257, 128, 512, dtype, device=DEVICE)}
+    assert not checks[tensor].passed, f"verify passed {mutant}: {checks[tensor]}"
+    assert all(c.passed for name, c in checks.items() if name != tensor)
+
+
+def mlp_without_the_tanh_derivative(x, fc_weight, fc_bias, proj_weight, proj_bias):
+    """The MLP whose backward drops GELU's tanh-derivative term: gelu'(z) = (1 + tanh(u)) / 2 only
+    (the tanh held constant). The forward is exact."""
+    pre = F.linear(x.float(), fc_weight.float(), fc_bias.float())
+    u = (2 / torch.pi) ** 0.5 * (pre + 0.044715 * pre**3)
+    act = 0.5 * pre * (1 + torch.tanh(u)).detach()
+    return F.linear(act, proj_weight.float(), proj_bias.float()).to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+def test_verify_fails_a_backward_without_the_tanh_derivative(monkeypatch, dtype):
+    monkeypatch.setattr(gm, "gelu_mlp", mlp_without_the_tanh_derivative)
+    checks = {c.tensor: c for c in gelu_mlp_checks(257, 128, 512, dtype, device=DEVICE)}
+    assert not any(checks[t].passed for t in ("dx", "dfc_weight", "dfc_bias")), [str(c) for c in checks.values()]
+    assert checks["dproj_weight"].passed and checks["dproj_bias"].passed
 
 
 @pytest.mark.skipif(not _dispatch.INTERPRETED, reason="bytes are counted in Triton's interpreter")

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import fastgpt_kernels
-from conftest import ALL_DTYPES, DEVICE, assert_backward_deterministic
+from conftest import ALL_DTYPES, DEVICE, assert_backward_deterministic, output_mutants, scale_after_launch
 from fastgpt_kernels.ops import layer_norm as ln
 from fastgpt_kernels.tools.verify import assert_pass, layer_norm_checks
 
@@ -212,3 +212,42 @@ def test_the_sm_count_is_the_cuda_devices_and_none_elsewhere(monkeypatch):
         assert _common.sm_count(torch.device("cpu")) is None
     finally:
         _common.sm_count.cache_clear()
+
+
+# --------------------------------------------------------------------------- verify catches a wrong LayerNorm
+
+
+LAYER_NORM_MUTANTS = output_mutants(("dx", "dweight", "dbias"))
+
+
+def layer_norm_names(plan):
+    forward = plan[1] and plan[1][0][0] is ln._layer_norm_fwd_kernel
+    return ("out", "mean", "rstd") if forward else ("dx", "dweight", "dbias")
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("mutant", LAYER_NORM_MUTANTS)
+def test_verify_fails_a_wrong_output_or_gradient(monkeypatch, dtype, mutant):
+    """The kernels' results made wrong after their launches, at the suite's largest one-block shape:
+    every mutant must fail verify's bound for its tensor, and only that one."""
+    tensor, factor = LAYER_NORM_MUTANTS[mutant]
+    scale_after_launch(monkeypatch, ln, layer_norm_names, tensor, factor)
+    checks = {c.tensor: c for c in layer_norm_checks(257, 4097, dtype, device=DEVICE)}
+    assert not checks[tensor].passed, f"verify passed {mutant}: {checks[tensor]}"
+    assert all(c.passed for name, c in checks.items() if name != tensor)
+
+
+def layer_norm_without_the_statistics_terms(x, weight, bias, eps):
+    """LayerNorm whose backward drops the terms through the mean and variance: dx = rstd * weight * dy
+    (the statistics held constant). The forward is exact."""
+    x32 = x.float()
+    mean = x32.mean(-1, keepdim=True).detach()
+    rstd = torch.rsqrt(x32.var(-1, unbiased=False, keepdim=True) + eps).detach()
+    return ((x32 - mean) * rstd * weight.float() + bias.float()).to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+def test_verify_fails_a_backward_without_the_statistics_terms(monkeypatch, dtype):
+    monkeypatch.setattr(ln, "layer_norm", layer_norm_without_the_statistics_terms)
+    checks = {c.tensor: c for c in layer_norm_checks(257, 4097, dtype, device=DEVICE)}
+    assert not checks["dx"].passed, str(checks["dx"])

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastgpt_kernels
-from conftest import ALL_DTYPES, DEVICE, assert_backward_deterministic, dtype_param
+from conftest import GRADIENT_FACTORS, ALL_DTYPES, DEVICE, assert_backward_deterministic, dtype_param
 from fastgpt_kernels import _dispatch, reference
 from fastgpt_kernels.ops import linear_cross_entropy as lce
 from fastgpt_kernels.tools.verify import assert_pass, linear_cross_entropy_checks
@@ -366,12 +366,11 @@ def test_torch_compile_keeps_the_kernels_in_one_graph():
 # --------------------------------------------------------------------------- verify catches a wrong loss
 
 
-MUTANTS = {"dx x0": (0, 0.0), "dx x0.5": (0, 0.5), "dx x1.5": (0, 1.5), "dweight x0": (1, 0.0),
-           "dweight x0.5": (1, 0.5), "dweight x1.5": (1, 1.5), "dbias x0": (2, 0.0), "dbias x1.5": (2, 1.5)}
 TENSORS = ("dx", "dweight", "dbias")
+MUTANTS = {f"{t} {label}": (i, f) for i, t in enumerate(TENSORS) for label, f in GRADIENT_FACTORS.items()}
 
 
-@pytest.mark.parametrize("dtype", [dtype_param(FP16), dtype_param(torch.bfloat16)])
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
 @pytest.mark.parametrize("reduction", reference.REDUCTIONS)
 @pytest.mark.parametrize("mutant", [*MUTANTS, "loss x1.01"])
 def test_verify_fails_a_wrong_gradient_or_loss(monkeypatch, dtype, reduction, mutant):
@@ -406,6 +405,25 @@ def test_verify_fails_a_wrong_gradient_or_loss(monkeypatch, dtype, reduction, mu
                                                                device=DEVICE)}
     assert not checks[tensor].passed, f"verify passed {mutant}: {checks[tensor]}"
     assert all(c.passed for name, c in checks.items() if name != tensor)
+
+
+def loss_without_the_softmax_term(x, weight, bias, targets, ignore_index, reduction):
+    """The loss whose backward drops the softmax term of dlogits = softmax - onehot(target) (the
+    log-sum-exp held constant). The loss itself is exact."""
+    logits = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
+    valid = targets != ignore_index
+    picked = logits.gather(1, targets.clamp(min=0)[:, None])[:, 0]
+    losses = torch.where(valid, torch.logsumexp(logits, -1).detach() - picked, 0.0)
+    return {"none": losses, "sum": losses.sum(), "mean": losses.sum() / valid.sum()}[reduction]
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("reduction", reference.REDUCTIONS)
+def test_verify_fails_a_backward_without_the_softmax_term(monkeypatch, dtype, reduction):
+    monkeypatch.setattr(lce, "linear_cross_entropy", loss_without_the_softmax_term)
+    checks = {c.tensor: c for c in linear_cross_entropy_checks(300, 16, 1000, dtype, reduction=reduction,
+                                                               device=DEVICE)}
+    assert not any(checks[t].passed for t in TENSORS), [str(checks[t]) for t in TENSORS]
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
