@@ -11,6 +11,9 @@ import os
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 # Tests never read or write the user's autotuning cache (tests of the cache give it a directory).
 os.environ["FASTGPT_AUTOTUNE_CACHE"] = "off"
+# Nor take the user's backend: every test (and every program a test starts) begins under "auto";
+# tests of FASTGPT_BACKEND set it in the programs they start.
+os.environ.pop("FASTGPT_BACKEND", None)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -41,6 +44,23 @@ BF16_SKIP_REASON = _bf16_unavailable_reason()
 @pytest.fixture
 def device():
     return DEVICE
+
+
+@pytest.fixture(autouse=True)
+def seeded_and_under_auto():
+    """Every test starts from the same random state and under the ``auto`` backend, whatever ran
+    before it: no test depends on the order, and one that sets a backend cannot leak it."""
+    import random
+
+    import numpy as np
+
+    import fastgpt_kernels
+
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    with fastgpt_kernels.use_backend("auto"):
+        yield
 
 
 @pytest.fixture(autouse=True)

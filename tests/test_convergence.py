@@ -13,9 +13,13 @@ Seen failing: with LayerNorm's dx made 2% low, the float32 case's update error i
 its floor of 1e-3. In float16 the same mutant stays inside the bound (2.9e-2 against 2 x 2.5e-2):
 30 steps of float16 training are that far from float32 by themselves, so errors of a few percent
 are verify's to catch (tests/test_*.py check every op against float64), not this test's.
+
+With dropout the kernels' masks (Philox, drawn in the kernel) and PyTorch's differ, so the runs
+cannot match step by step; the dropout variant compares statistics instead (see its docstring).
 """
 import pytest
 import torch
+from torch import nn
 
 import fastgpt_kernels
 from bench.plain import PlainGPT
@@ -84,3 +88,51 @@ def test_training_with_the_kernels_follows_plain_pytorch(exact, dtype):
         (loss_error(kernel_losses), loss_error(plain_losses))
     assert update_error(kernel_params) <= 2 * update_error(plain_params) + UPDATE_FLOOR * floor, \
         (update_error(kernel_params), update_error(plain_params))
+
+
+DROPOUT_P, DRAWS, MAX_Z = 0.3, 16, 5.0
+
+
+def copy_task(seed: int, batch: int):
+    """Tokens whose target is the token before: a task only attention can learn."""
+    idx = torch.randint(CONFIG["vocab_size"], (batch, CONFIG["block_size"]), generator=torch.Generator().manual_seed(seed))
+    return idx.to(DEVICE), torch.cat([idx[:, :1], idx[:, :-1]], 1).to(DEVICE)
+
+
+def test_attention_dropout_leaves_the_loss_in_distribution():
+    """Dropout variant of the A/B, in float32. A GPT trained (plain PyTorch, 60 steps) until
+    attention carries the task, then given attention dropout p=0.3 (the other dropouts off): the
+    loss of one batch over 16 mask draws, kernels against PyTorch's SDPA. The means must agree
+    within 5 standard errors (a two-sample z; the draws are seeded, so the verdict is repeatable).
+
+    Seen failing: the kernel run without dropout (z = -18) or at half the rate (z = -12). Not
+    caught here: kept weights not rescaled by 1 / (1 - p) (z = -1.0); the attention tests check the
+    kernel's mask and scaling against an oracle mask, forward and backward."""
+    torch.manual_seed(0)
+    config = GPTConfig(**CONFIG)
+    plain = PlainGPT(config).to(DEVICE)
+    optimizer = torch.optim.AdamW(plain.parameters(), lr=1e-2)
+    for step in range(60):
+        _, loss = plain(*copy_task(step, 4))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    dropout = GPTConfig(**{**CONFIG, "dropout": DROPOUT_P})
+    models = {"triton": GPT(dropout), "torch": PlainGPT(dropout)}
+    idx, targets = copy_task(1000, 8)
+    losses = {}
+    for backend, model in models.items():
+        model.load_state_dict(plain.state_dict())
+        model.to(DEVICE)
+        for module in model.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = 0.0  # attention's dropout only
+        torch.manual_seed(1)
+        with torch.no_grad(), fastgpt_kernels.use_backend(backend):
+            losses[backend] = torch.tensor([model(idx, targets)[1].item() for _ in range(DRAWS)], dtype=torch.float64)
+    kernel, reference = losses["triton"], losses["torch"]
+    with torch.no_grad():
+        no_dropout = models["torch"].eval()(idx, targets)[1].item()
+    assert reference.mean() > no_dropout + 0.1  # dropout at this rate moves the loss: the test can see it
+    z = (kernel.mean() - reference.mean()) / (kernel.var() / DRAWS + reference.var() / DRAWS).sqrt()
+    assert abs(z) <= MAX_Z, (z.item(), kernel.mean().item(), reference.mean().item())
