@@ -135,8 +135,23 @@ def test_autocast_casts_the_inputs_on_both_backends(backend):
         torch.testing.assert_close(ln, fastgpt_kernels.layer_norm(x.detach().bfloat16().float(), ln_w.detach(), ln_b.detach()))
     with fastgpt_kernels.use_backend("torch"), torch.autocast(DEVICE, dtype=torch.bfloat16):  # float64 is left alone
         assert fastgpt_kernels.layer_norm(x.detach().double(), None).dtype == torch.float64
-    (mlp.float().sum() + att.float().sum() + ln.sum()).backward()
-    assert all(t.grad is not None and t.grad.dtype == torch.float32 for t in (x, w1, b1, w2, b2, q, k, v, ln_w, ln_b))
+    leaves = (x, w1, b1, w2, b2, q, k, v, ln_w, ln_b)
+    dmlp, datt, dln = (torch.randn(t.shape, generator=gen).to(DEVICE) for t in (mlp, att, ln))
+    ((mlp.float() * dmlp).sum() + (att.float() * datt).sum() + (ln * dln).sum()).backward()
+    assert all(t.grad is not None and t.grad.dtype == torch.float32 for t in leaves)
+    # The values: PyTorch's ops on the inputs autocast made (bfloat16 copies; LayerNorm's x too),
+    # gradients taken back to float32 at the casts.
+    cast = [t.detach().bfloat16().requires_grad_() for t in leaves[:8]]
+    ln_leaves = [x.detach().bfloat16().float().requires_grad_(), ln_w.detach().requires_grad_(),
+                 ln_b.detach().requires_grad_()]
+    with fastgpt_kernels.use_backend("torch"):
+        ((fastgpt_kernels.gelu_mlp(*cast[:5]).float() * dmlp).sum()
+         + (fastgpt_kernels.attention(*cast[5:]).float() * datt).sum()
+         + (fastgpt_kernels.layer_norm(*ln_leaves) * dln).sum()).backward()
+    expected = [t.grad.float() for t in cast] + [g.grad for g in ln_leaves[1:]]
+    expected[0] = expected[0] + ln_leaves[0].grad  # x feeds both the MLP and LayerNorm
+    for name, t, want in zip(("x", "w1", "b1", "w2", "b2", "q", "k", "v", "ln_w", "ln_b"), leaves, expected):
+        torch.testing.assert_close(t.grad, want, rtol=2e-2, atol=2e-2 * want.abs().max().item(), msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_a_triton_older_than_the_floor_is_refused_with_the_reason_and_everything_falls_back():
