@@ -151,7 +151,8 @@ def test_autocast_casts_the_inputs_on_both_backends(backend):
     expected = [t.grad.float() for t in cast] + [g.grad for g in ln_leaves[1:]]
     expected[0] = expected[0] + ln_leaves[0].grad  # x feeds both the MLP and LayerNorm
     for name, t, want in zip(("x", "w1", "b1", "w2", "b2", "q", "k", "v", "ln_w", "ln_b"), leaves, expected):
-        torch.testing.assert_close(t.grad, want, rtol=2e-2, atol=2e-2 * want.abs().max().item(), msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(t.grad, want, rtol=2e-2, atol=2e-2 * want.abs().max().item(),
+                                   msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_a_triton_older_than_the_floor_is_refused_with_the_reason_and_everything_falls_back():

@@ -341,7 +341,8 @@ def test_autocast_casts_the_inputs_as_f_linear_does(backend):
     want = torch.autograd.grad(expected * 3.0, (x, weight))
     for name, g, w in zip(("dx", "dweight"), got, want):
         assert g.dtype == torch.float32, name
-        torch.testing.assert_close(g, w, rtol=2e-2, atol=2e-2 * w.abs().max().item(), msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(g, w, rtol=2e-2, atol=2e-2 * w.abs().max().item(),
+                                   msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_torch_compile_keeps_the_kernels_in_one_graph():
