@@ -147,6 +147,34 @@ def test_arbitrary_strides():
     assert_close_to_exact(got, reference.attention(q, k, v, False), expected)
 
 
+@pytest.mark.skipif(DEVICE == "cuda", reason="allocates 4 GiB of storage (untouched on a CPU)")
+def test_heads_past_2_31_elements_forward_and_backward():
+    """q, k, v and the output gradient with batches 2^30 + 64 elements apart: batch 2's heads start
+    past 2^31, so the head offsets are int64, in the forward and in every backward kernel."""
+    B, H, T, D = 3, 2, 17, 16
+    gen = torch.Generator().manual_seed(0)
+    values = [torch.randn(B, H, T, D, generator=gen).half() for _ in range(4)]
+
+    def far_apart(v):
+        storage = torch.empty(2 * (2**30 + 64) + H * T * D, dtype=torch.float16)
+        view = storage.as_strided((B, H, T, D), (2**30 + 64, T * D, D, 1))
+        view.copy_(v)
+        return view
+
+    q, k, v, dout = (far_apart(t) for t in values)
+    assert (B - 1) * q.stride(0) >= 2**31
+    leaves = [t.requires_grad_() for t in (q, k, v)]
+    with fastgpt_kernels.use_backend("triton"):
+        got = fastgpt_kernels.attention(*leaves)
+        grads = torch.autograd.grad(got, leaves, dout)
+    exact = [t.double().requires_grad_() for t in values[:3]]
+    want = reference.attention_math(*exact)
+    wants = torch.autograd.grad(want, exact, values[3].double())
+    for name, g, w in zip(("out", "dq", "dk", "dv"), (got, *grads), (want, *wants)):
+        torch.testing.assert_close(g.double(), w, rtol=5e-3, atol=5e-3 * w.abs().max().item(),
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
 def test_fused_qkv_slices_are_not_copied(monkeypatch):
     B, T, H, D = 2, 24, 2, 16
     fused = torch.randn(B, T, 3 * H * D, device=DEVICE, requires_grad=True)

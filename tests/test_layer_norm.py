@@ -251,3 +251,30 @@ def test_verify_fails_a_backward_without_the_statistics_terms(monkeypatch, dtype
     monkeypatch.setattr(ln, "layer_norm", layer_norm_without_the_statistics_terms)
     checks = {c.tensor: c for c in layer_norm_checks(257, 4097, dtype, device=DEVICE)}
     assert not checks["dx"].passed, str(checks["dx"])
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="allocates 4 GiB of storage (untouched on a CPU)")
+def test_offsets_past_2_31_elements_forward_and_backward():
+    """x's and dy's rows 2^30 + 16 elements apart: row 2 starts past 2^31, so the row offsets of
+    the forward and of the backward's dx are int64."""
+    gen = torch.Generator().manual_seed(0)
+    values, dy_values, weight, bias = (torch.randn(*shape, generator=gen) for shape in ((3, 40), (3, 40), (40,), (40,)))
+
+    def far_apart(v):
+        storage = torch.empty(2 * (2**30 + 16) + 40, dtype=torch.float16)
+        view = storage.as_strided((3, 40), (2**30 + 16, 1))
+        view.copy_(v)
+        return view
+
+    x, dy = far_apart(values), far_apart(dy_values)
+    leaves = [x.requires_grad_(), weight.half().requires_grad_(), bias.half().requires_grad_()]
+    with fastgpt_kernels.use_backend("triton"):
+        got = fastgpt_kernels.layer_norm(*leaves)
+        grads = torch.autograd.grad(got, leaves, dy)
+    exact = [t.detach().double().requires_grad_() for t in (values.half(), weight.half(), bias.half())]
+    want = torch.nn.functional.layer_norm(exact[0], (40,), *exact[1:])
+    torch.testing.assert_close(got.double(), want, rtol=2e-3, atol=2e-3 * want.abs().max().item())
+    for name, g, w in zip(("dx", "dweight", "dbias"), grads,
+                          torch.autograd.grad(want, exact, dy_values.half().double())):
+        torch.testing.assert_close(g.double(), w, rtol=2e-3, atol=2e-3 * w.abs().max().item(),
+                                   msg=lambda m, name=name: f"{name}: {m}")

@@ -174,16 +174,25 @@ def _strided_view(rows: int, cols: int, row_stride: int, dtype, values: torch.Te
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="allocates 4 GiB of storage (untouched on a CPU)")
 def test_offsets_past_2_31_elements_use_int64():
+    """x's rows and weight's rows far apart: their offsets pass 2^31 in the forward and in the
+    backward's dx and dweight GEMMs."""
     gen = torch.Generator().manual_seed(0)
     x_values, w_values = torch.randn(3, 16, generator=gen), torch.randn(17, 16, generator=gen) / 4
     targets = torch.tensor([4, 16, 0])
     x = _strided_view(3, 16, 2**30 + 16, FP16, x_values)  # row 2 starts 2^31 + 32 elements in
     weight = _strided_view(17, 16, 2**27, FP16, w_values)  # row 16 starts 2^31 elements in
     assert x.storage_offset() == 0 and 2 * x.stride(0) >= 2**31 and 16 * weight.stride(0) >= 2**31
+    dloss = torch.randn(3, generator=gen)
     with fastgpt_kernels.use_backend("triton"):
-        got = fastgpt_kernels.linear_cross_entropy(x, weight, targets, reduction="none")
-    expected = F.cross_entropy(F.linear(x_values.half(), w_values.half()).float(), targets, reduction="none")
-    torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3)
+        got = fastgpt_kernels.linear_cross_entropy(x.requires_grad_(), weight.requires_grad_(), targets,
+                                                   reduction="none")
+        grads = torch.autograd.grad(got, (x, weight), dloss)
+    exact = [t.half().double().requires_grad_() for t in (x_values, w_values)]
+    expected = F.cross_entropy(F.linear(*exact), targets, reduction="none")
+    torch.testing.assert_close(got.double(), expected, rtol=1e-3, atol=1e-3)
+    for name, g, w in zip(("dx", "dweight"), grads, torch.autograd.grad(expected, exact, dloss.double())):
+        torch.testing.assert_close(g.double(), w, rtol=5e-3, atol=5e-3 * w.abs().max().item(),
+                                   msg=lambda m, name=name: f"{name}: {m}")
 
 
 # --------------------------------------------------------------------------- memory
