@@ -10,8 +10,10 @@ from fastgpt_kernels.ops import layer_norm as ln
 from fastgpt_kernels.tools.verify import assert_pass, layer_norm_checks
 
 
+# Width 1 is degenerate (y = bias, dx = dweight = 0 exactly); width 2 is its partner with
+# gradients that are not zero.
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
-@pytest.mark.parametrize("width", [1, 7, 1023, 4097])
+@pytest.mark.parametrize("width", [1, 2, 7, 1023, 4097])
 @pytest.mark.parametrize("rows", [1, 3, 257])
 def test_forward_and_gradients(rows, width, dtype):
     assert_pass(layer_norm_checks(rows, width, dtype, device=DEVICE))
