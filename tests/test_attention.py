@@ -132,6 +132,9 @@ def test_a_pruned_config_cannot_be_forced():
 
 
 def test_backward_is_deterministic():
+    """No atomics in the backward: bit-identical gradients from two runs. In Triton's interpreter the programs run one
+    after another, so this cannot fail here; on a GPU (``python -m bench.gpu_report``: its tests stage
+    runs this file, its determinism stage every op at GPT-2 size) it can."""
     q, k, v = qkv(T=100, D=32, requires_grad=True)
     assert_backward_deterministic(fastgpt_kernels.attention, (q, k, v), torch.randn(q.shape, device=DEVICE))
 

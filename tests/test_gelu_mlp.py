@@ -127,6 +127,9 @@ def test_split_k_leaves_out_the_config_that_spills_there(gpu_split):
 
 
 def test_split_k_backward_is_deterministic(gpu_split):
+    """Split-K's slices are reduced in a fixed order: bit-identical gradients from two runs. In Triton's interpreter the programs run one
+    after another, so this cannot fail here; on a GPU (``python -m bench.gpu_report``: its tests stage
+    runs this file, its determinism stage every op at GPT-2 size) it can."""
     w = mlp_inputs(rows=64, width=48, hidden=200)
     assert_backward_deterministic(fastgpt_kernels.gelu_mlp, list(w.values()), torch.randn(64, 48, device=DEVICE))
 
@@ -229,6 +232,9 @@ def test_empty_batch():
 
 
 def test_backward_is_deterministic():
+    """No atomics in the backward: bit-identical gradients from two runs. In Triton's interpreter the programs run one
+    after another, so this cannot fail here; on a GPU (``python -m bench.gpu_report``: its tests stage
+    runs this file, its determinism stage every op at GPT-2 size) it can."""
     w = mlp_inputs(rows=64, width=48, hidden=200)
     assert_backward_deterministic(fastgpt_kernels.gelu_mlp, list(w.values()), torch.randn(64, 48, device=DEVICE))
 

@@ -116,6 +116,9 @@ def test_backward_as_planned_for_a_gpu_with_132_multiprocessors(rows, width):
 
 
 def test_backward_is_deterministic():
+    """Partial sums reduced in a fixed order: bit-identical gradients from two runs. In Triton's interpreter the programs run one
+    after another, so this cannot fail here; on a GPU (``python -m bench.gpu_report``: its tests stage
+    runs this file, its determinism stage every op at GPT-2 size) it can."""
     x = torch.randn(64, 300, device=DEVICE, requires_grad=True)
     weight = torch.randn(300, device=DEVICE, requires_grad=True)
     bias = torch.randn(300, device=DEVICE, requires_grad=True)

@@ -76,6 +76,9 @@ def test_the_chunked_fallback_by_the_same_rule(monkeypatch, rows, width, vocab, 
 
 
 def test_backward_is_deterministic():
+    """No atomics in the backward: bit-identical gradients from two runs. In Triton's interpreter the programs run one
+    after another, so this cannot fail here; on a GPU (``python -m bench.gpu_report``: its tests stage
+    runs this file, its determinism stage every op at GPT-2 size) it can."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(70, 48, generator=gen).to(DEVICE).requires_grad_()
     weight = torch.randn(300, 48, generator=gen).to(DEVICE).requires_grad_()
