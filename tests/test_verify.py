@@ -77,3 +77,26 @@ def test_every_case_of_both_grids_is_supported_or_skipped_with_a_reason():
     for grid in verify.GRIDS:
         for case, reason in verify.dry_run(grid, verify.DTYPES.values()):
             assert reason is None or (case.dtype == torch.float32 and "float32" in reason), case.describe()
+
+
+def test_where_tf32_is_in_force_the_atol_of_every_op_with_dots_uses_its_eps(monkeypatch):
+    """On a GPU float32 dots run in TF32 (10 mantissa bits): the atol scales of attention, the MLP
+    and the fused loss grow by TF32's eps over float32's; LayerNorm and the MLP's dproj_bias (a sum of
+    dout) come from no dot and keep theirs."""
+    runs = {
+        "attention": lambda: verify.attention_checks(1, 2, 17, 16, torch.float32),
+        "gelu_mlp": lambda: verify.gelu_mlp_checks(7, 16, 64, torch.float32),
+        "linear_cross_entropy": lambda: verify.linear_cross_entropy_checks(9, 16, 40, torch.float32),
+        "layer_norm": lambda: verify.layer_norm_checks(3, 16, torch.float32),
+    }
+    for op, run in runs.items():
+        plain = {c.tensor: c.bound - 2 * c.torch_error for c in run()}
+        with monkeypatch.context() as m:
+            m.setattr(verify, "tf32_in_force", lambda dtype, device: dtype == torch.float32)
+            tf32 = {c.tensor: c.bound - 2 * c.torch_error for c in run()}
+        for tensor, atol in plain.items():
+            ratio = tf32[tensor] / atol
+            if op == "layer_norm" or tensor == "dproj_bias":
+                assert ratio == 1, (op, tensor)
+            else:  # the MLP's also adds the error TF32 carries from one GEMM into the next
+                assert ratio >= 0.99 * verify.TF32_EPS / torch.finfo(torch.float32).eps, (op, tensor, ratio)

@@ -425,6 +425,8 @@ def linear_cross_entropy_checks(rows, width, vocab, dtype, bias=True, ignored="s
     scales = {"out": out_scale.item(), "dx": (dz @ w64.abs()).max().item() if dz.numel() else 0.0,
               "dweight": (dz.T @ x64.abs()).max().item() if dz.numel() else 0.0,
               "dbias": dz.sum(0).max().item() if dz.numel() else 0.0}
+    if tf32_in_force(dtype, device) and not fallback:  # the kernels' logits and gradient dots run in TF32
+        scales = {name: value * TF32_EPS / torch.finfo(dtype).eps for name, value in scales.items()}
     return check_op("linear_cross_entropy", label, fused, inputs, seed, scales, pytorch_fn=unfused)
 
 
