@@ -1,13 +1,18 @@
-"""Files written whole and atomically: the one atomic write of the project.
+"""Files written whole and atomically (the one atomic write of the project), and the kernels' cache.
 
-Used by the kernels' autotuning cache and by fastgpt's checkpoints, token shards and weight files:
-a reader sees the old file or the whole new one, never a part.
+:func:`atomic_writer` is used by the kernels' caches and by fastgpt's checkpoints, token shards and
+weight files: a reader sees the old file or the whole new one, never a part. :func:`cache_directory`
+is where the kernels keep what they learn about a machine (autotuning choices, backend decisions);
+:func:`write_cache` writes there, or says once why it cannot.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
+import json
 import os
 import secrets
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -42,3 +47,56 @@ def stale_temp_files(directory: str | os.PathLike, name_pattern: str) -> list[Pa
     """The temporary files that :func:`atomic_writer` left in ``directory`` for targets whose names
     match the glob ``name_pattern`` (its process was killed before it could finish or clean up)."""
     return sorted(Path(directory).glob(f".{name_pattern}.*.tmp"))
+
+
+CACHE_DIR_ENV = "FASTGPT_AUTOTUNE_CACHE"  # the kernels' cache directory; "off" keeps none
+
+
+@functools.lru_cache(maxsize=1)
+def cache_directory() -> Path | None:
+    """The directory of the kernels' cache files: ``$FASTGPT_AUTOTUNE_CACHE``, by default
+    ``~/.cache/fastgpt/autotune``; None when that is "off", or when there is no home directory to
+    put it in (with a warning). Decided once per process."""
+    directory = os.environ.get(CACHE_DIR_ENV)
+    if not directory:
+        try:
+            directory = str(Path.home() / ".cache" / "fastgpt" / "autotune")
+        except RuntimeError as exc:  # no HOME and no passwd entry
+            cache_unwritable(f"no home directory ({exc})")
+            return None
+    return None if directory == "off" else Path(directory)
+
+
+_unwritable: list[str] = []  # why the cache could not be written, once it could not
+
+
+def cache_unwritable(reason: str) -> None:
+    """Keep what the cache would hold in memory only, from now on, saying why once."""
+    if not _unwritable:
+        _unwritable.append(reason)
+        warnings.warn(f"fastgpt's autotuning cache cannot be written ({reason}): autotuning choices and backend "
+                      f"decisions are kept in memory for this process only; set {CACHE_DIR_ENV} to a writable "
+                      f"directory, or to off", RuntimeWarning, stacklevel=3)
+
+
+def read_cache(path: Path | None) -> object:
+    """A cache file's JSON, or None where there is none or it is damaged (its entries are then made again)."""
+    if path is None:
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_cache(path: Path | None, content: object) -> None:
+    """Write ``content`` as JSON to the cache file ``path`` (atomically); where the cache cannot be
+    written (a read-only or missing home, a full disk), warn once (:func:`cache_unwritable`) and go on."""
+    if path is None or _unwritable:
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_writer(path) as f:
+            f.write(json.dumps(content, indent=1).encode())
+    except OSError as exc:
+        cache_unwritable(f"{path}: {exc.strerror or exc}")

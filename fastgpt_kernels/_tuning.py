@@ -26,20 +26,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import hashlib
 import inspect
-import json
-import os
 import re
-import warnings
 from pathlib import Path
 from typing import Callable
 
 from . import _dispatch, _io
 
 SMALL_TOKENS = 64  # launches over this many tokens or fewer take the smallest tiles, untimed
-CACHE_DIR_ENV = "FASTGPT_AUTOTUNE_CACHE"  # a directory for the autotuning cache; "off" keeps none
 
 
 @dataclasses.dataclass
@@ -285,48 +280,24 @@ def compile_launch(launch: tuple, part: tuple[int, int] = (0, 1)) -> int:
 # --------------------------------------------------------------------------- the disk cache
 
 
-@functools.lru_cache(maxsize=1)
 def cache_file() -> Path | None:
-    """The file holding this process's autotuning choices: one per triton version and GPU, under
-    ``$FASTGPT_AUTOTUNE_CACHE`` (default ``~/.cache/fastgpt/autotune``); None when that is "off", or
-    when there is no home directory to put it in (with a warning). Decided once per process."""
+    """The file holding this process's autotuning choices: one per triton version and GPU, in
+    :func:`fastgpt_kernels._io.cache_directory` (None when there is none)."""
     import torch
     import triton
 
-    directory = os.environ.get(CACHE_DIR_ENV)
-    if not directory:
-        try:
-            directory = str(Path.home() / ".cache" / "fastgpt" / "autotune")
-        except RuntimeError as exc:  # no HOME and no passwd entry
-            _disk_cache_failed(f"no home directory ({exc})")
-            return None
-    if directory == "off":
+    directory = _io.cache_directory()
+    if directory is None:
         return None
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    name = re.sub(r"[^A-Za-z0-9._-]+", "_", f"triton-{triton.__version__}-{device}")
-    return Path(directory) / f"{name}.json"
+    return directory / (re.sub(r"[^A-Za-z0-9._-]+", "_", f"triton-{triton.__version__}-{device}") + ".json")
 
 
-_unwritable: list[str] = []  # why the disk cache could not be written, once it could not
-
-
-def _disk_cache_failed(reason: str) -> None:
-    """Keep tuning choices in memory only, from now on, saying why once."""
-    if not _unwritable:
-        _unwritable.append(reason)
-        warnings.warn(f"fastgpt's autotuning cache cannot be written ({reason}): choices are kept in memory "
-                      f"for this process only; set {CACHE_DIR_ENV} to a writable directory, or to off",
-                      RuntimeWarning, stacklevel=2)
-
-
-def _read_cache(path: Path) -> dict:
+def _read_cache(path: Path | None) -> dict:
     """The cache file's entries, kernel name -> ``{"source": str, "choices": [[key, index, str], ...]}``:
     an entry of any other shape is left out (tuned again, and rewritten)."""
-    try:
-        stored = json.loads(path.read_text())
-    except (OSError, ValueError):  # none yet, or damaged: tune again (and rewrite it)
-        return {}
-    if not isinstance(stored, dict):
+    stored = _io.read_cache(path)
+    if not isinstance(stored, dict):  # none yet, or damaged: tune again (and rewrite it)
         return {}
     return {name: entry for name, entry in stored.items() if _well_formed(entry)}
 
@@ -350,8 +321,7 @@ def _load_disk_cache(tunable: Tunable) -> None:
     and description, and taken only where both still match (and the kernel's source). Whether a
     launch's inputs allow it is checked at the launch."""
     tunable.loaded = True
-    path = cache_file()
-    entry = {} if path is None else _read_cache(path).get(tunable.name, {})
+    entry = _read_cache(cache_file()).get(tunable.name, {})
     if entry.get("source") != _source_key(tunable):
         return
     for key, index, described in entry["choices"]:
@@ -365,17 +335,9 @@ def _as_key(stored: list) -> tuple:
 
 
 def _save_disk_cache(tunable: Tunable) -> None:
-    """Write ``tunable``'s choices into the disk cache (the other kernels' entries kept); where the
-    cache cannot be written (a read-only or missing home, a full disk), warn once and go on."""
+    """Write ``tunable``'s choices into the disk cache (the other kernels' entries kept)."""
     path = cache_file()
-    if path is None or _unwritable:
-        return
     stored = _read_cache(path)
     stored[tunable.name] = {"source": _source_key(tunable), "choices": [
         [list(key), tunable.configs.index(config), describe(config)] for key, config in tunable.chosen.items()]}
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with _io.atomic_writer(path) as f:
-            f.write(json.dumps(stored, indent=1).encode())
-    except OSError as exc:
-        _disk_cache_failed(f"{path}: {exc.strerror or exc}")
+    _io.write_cache(path, stored)

@@ -13,7 +13,7 @@ import torch
 
 import fastgpt_kernels
 from conftest import DEVICE
-from fastgpt_kernels import _dispatch, _tuning
+from fastgpt_kernels import _dispatch, _io, _tuning
 from fastgpt_kernels.ops import attention, gelu_mlp
 from fastgpt_kernels.tools.verify import assert_pass, attention_checks, gelu_mlp_checks, linear_cross_entropy_checks
 
@@ -324,16 +324,16 @@ def test_a_cache_file_of_the_wrong_shape_is_tuned_again_and_rewritten(tmp_path, 
 
 
 def test_without_a_home_directory_the_choices_stay_in_memory(monkeypatch):
-    monkeypatch.delenv(_tuning.CACHE_DIR_ENV, raising=False)
-    monkeypatch.setattr(_tuning, "_unwritable", [])
+    monkeypatch.delenv(_io.CACHE_DIR_ENV, raising=False)
+    monkeypatch.setattr(_io, "_unwritable", [])
 
     def no_home():
         raise RuntimeError("Could not determine home directory.")
 
     monkeypatch.setattr(Path, "home", staticmethod(no_home))
-    _tuning.cache_file.cache_clear()
+    _io.cache_directory.cache_clear()
     try:
         with pytest.warns(RuntimeWarning, match="autotuning cache cannot be written .no home directory"):
             assert _tuning.cache_file() is None
     finally:
-        _tuning.cache_file.cache_clear()
+        _io.cache_directory.cache_clear()
