@@ -3,7 +3,8 @@
 Each function validates its inputs, asks :mod:`fastgpt_kernels._dispatch` whether the Triton kernel runs
 on them, and calls either the kernel (:mod:`fastgpt_kernels.ops`) or the PyTorch version in
 :mod:`fastgpt_kernels.reference`. Choose the policy with ``FASTGPT_BACKEND=auto|triton|torch``,
-:func:`set_backend` or :func:`use_backend`. See the autotuner's choices with :func:`tuned_configs`,
+:func:`set_backend` or :func:`use_backend`. Under ``auto`` on a GPU the faster of the two serves each
+shape class, timed on its first call: :func:`backend_decisions` lists what was decided. See the autotuner's choices with :func:`tuned_configs`,
 and pin the launch configuration of an autotuned kernel (one of :func:`candidate_configs`) with
 :func:`use_configs`. The tools that check the kernels (:mod:`fastgpt_kernels.tools`) are not imported here.
 """
@@ -13,10 +14,12 @@ import torch
 
 from . import _checks, _dispatch, reference
 from ._dispatch import BACKENDS, KernelUnavailableError, get_backend, set_backend, use_backend
+from ._race import Decision
+from ._race import decisions as backend_decisions
 from ._tuning import candidate_configs, tuned_configs, use_configs
 
 __all__ = ["layer_norm", "attention", "gelu_mlp", "linear_cross_entropy", "BACKENDS", "get_backend", "set_backend", "use_backend",
-           "use_configs", "tuned_configs", "candidate_configs", "KernelUnavailableError"]
+           "use_configs", "tuned_configs", "candidate_configs", "backend_decisions", "Decision", "KernelUnavailableError"]
 
 
 def _autocast(dtype: torch.dtype | None, *tensors: torch.Tensor | None) -> tuple:
@@ -58,9 +61,7 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor 
     x, weight, bias = _autocast(torch.float32, x, weight, bias)
     _checks.same_device_and_dtype(x=x, weight=weight, bias=bias)
     _checks.finite_nonnegative("eps", eps)
-    if _dispatch.use_kernel("layer_norm", x, weight, bias):
-        return _dispatch.kernel_module("layer_norm").layer_norm(x, weight, bias, float(eps))
-    return reference.layer_norm(x, weight, bias, eps)
+    return _dispatch.call("layer_norm", x, weight, bias, float(eps))
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, dropout_p: float = 0.0,
@@ -101,9 +102,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     _checks.probability("dropout_p", dropout_p)
     if softmax_scale is not None:
         _checks.finite_positive("softmax_scale", softmax_scale)
-    if _dispatch.use_kernel("attention", q, k, v):
-        return _dispatch.kernel_module("attention").attention(q, k, v, bool(causal), float(dropout_p), softmax_scale)
-    return reference.attention(q, k, v, bool(causal), float(dropout_p), softmax_scale)
+    return _dispatch.call("attention", q, k, v, bool(causal), float(dropout_p), softmax_scale)
 
 
 def gelu_mlp(x: torch.Tensor, fc_weight: torch.Tensor, fc_bias: torch.Tensor | None, proj_weight: torch.Tensor,
@@ -143,9 +142,7 @@ def gelu_mlp(x: torch.Tensor, fc_weight: torch.Tensor, fc_bias: torch.Tensor | N
     x, fc_weight, fc_bias, proj_weight, proj_bias = _autocast(None, x, fc_weight, fc_bias, proj_weight, proj_bias)
     _checks.same_device_and_dtype(x=x, fc_weight=fc_weight, fc_bias=fc_bias, proj_weight=proj_weight,
                                   proj_bias=proj_bias)
-    if _dispatch.use_kernel("gelu_mlp", x, fc_weight, fc_bias, proj_weight, proj_bias):
-        return _dispatch.kernel_module("gelu_mlp").gelu_mlp(x, fc_weight, fc_bias, proj_weight, proj_bias)
-    return reference.gelu_mlp(x, fc_weight, fc_bias, proj_weight, proj_bias)
+    return _dispatch.call("gelu_mlp", x, fc_weight, fc_bias, proj_weight, proj_bias)
 
 
 def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bias: torch.Tensor | None = None,
@@ -190,9 +187,5 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
     _checks.same_device_and_dtype(x=x, weight=weight, bias=bias)
     rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     flat_targets = targets if targets.dim() == 1 else targets.reshape(-1)
-    if _dispatch.use_kernel("linear_cross_entropy", rows, weight, bias, flat_targets):
-        loss = _dispatch.kernel_module("linear_cross_entropy").linear_cross_entropy(
-            rows, weight, bias, flat_targets, int(ignore_index), reduction)
-    else:
-        loss = reference.linear_cross_entropy(rows, weight, bias, flat_targets, int(ignore_index), reduction)
+    loss = _dispatch.call("linear_cross_entropy", rows, weight, bias, flat_targets, int(ignore_index), reduction)
     return loss.view(targets.shape) if reduction == "none" else loss

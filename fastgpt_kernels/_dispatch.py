@@ -5,6 +5,8 @@ Policy (``FASTGPT_BACKEND`` at import, or :func:`set_backend` / :func:`use_backe
 ``auto``   the kernel when Triton is importable, the tensors are on a CUDA device (or Triton's
            interpreter is on and they are CPU tensors) and the op's ``supports(...)`` holds;
            otherwise the reference, with one warning per op and reason when CUDA tensors fall back.
+           Where both can run on a CUDA device, the faster serves: the first call of each shape
+           class races them (see :mod:`fastgpt_kernels._race`; :func:`decisions` lists the results).
 ``triton`` the kernel, or :class:`KernelUnavailableError` saying why it cannot run. A benchmark
            that asks for the kernel never times the fallback by accident.
 ``torch``  always the reference.
@@ -21,6 +23,8 @@ import re
 import warnings
 
 import torch
+
+from . import _race, reference
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -143,3 +147,22 @@ def use_kernel(op: str, *tensors: torch.Tensor | None) -> bool:
         _warned.add((op, reason))
         warnings.warn(f"fastgpt_kernels.{op}: using the PyTorch reference: {reason}", RuntimeWarning, stacklevel=3)
     return False
+
+
+def _tensor_arguments(args: tuple) -> tuple:
+    """The leading tensor arguments of an op (None for an absent optional one): what ``supports`` takes."""
+    count = 0
+    while count < len(args) and (args[count] is None or isinstance(args[count], torch.Tensor)):
+        count += 1
+    return args[:count]
+
+
+def call(op: str, *args):
+    """Run ``op`` on ``args`` (the arguments its kernel function ``fastgpt_kernels.ops.<op>.<op>`` and
+    ``reference.<op>`` share, tensors first) by the side the policy picks: under ``auto`` on a CUDA
+    device, the faster one (:mod:`fastgpt_kernels._race`)."""
+    if use_kernel(op, *_tensor_arguments(args)):
+        kernel = getattr(_modules[op], op)
+        if _backend != "auto" or _race.kernel_serves(op, args, kernel, getattr(reference, op)):
+            return kernel(*args)
+    return getattr(reference, op)(*args)

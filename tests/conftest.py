@@ -164,3 +164,16 @@ def output_mutants(gradients) -> dict:
     :func:`output_factor`, and each of ``gradients`` times each of GRADIENT_FACTORS."""
     return {"out +1%": ("out", None),
             **{f"{g} {label}": (g, f) for g in gradients for label, f in GRADIENT_FACTORS.items()}}
+
+
+def run_python(code: str, **env):
+    """Run ``code`` (dedented) in a fresh interpreter with the environment changed by ``env`` (None
+    removes a variable): its ``subprocess.CompletedProcess``, output captured."""
+    import subprocess
+    import sys
+    import textwrap
+
+    new_env = {k: v for k, v in os.environ.items() if k not in env}
+    new_env.update({k: v for k, v in env.items() if v is not None})
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=new_env,
+                          capture_output=True, text=True, timeout=120)

@@ -1,23 +1,10 @@
 """The backend switch in fastgpt_kernels._dispatch: policies, environment variable, fallbacks, errors."""
-import os
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
 
 import fastgpt_kernels
-from conftest import DEVICE
+from conftest import DEVICE, run_python
 from fastgpt_kernels import _dispatch
-
-
-def run_python(code: str, **env) -> subprocess.CompletedProcess:
-    """Run ``code`` in a fresh interpreter with the environment changed by ``env`` (None removes)."""
-    new_env = {k: v for k, v in os.environ.items() if k not in env}
-    new_env.update({k: v for k, v in env.items() if v is not None})
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=new_env,
-                          capture_output=True, text=True, timeout=120)
 
 
 # Under auto the reference runs; under explicit triton the error says why the kernel cannot.

@@ -44,7 +44,7 @@ def test_a_tiny_run_measures_every_op_both_ways_and_counts_a_steps_launches():
 
 
 def test_it_refuses_to_run_without_the_interpreter():
-    from test_dispatch import run_python
+    from conftest import run_python
 
     proc = run_python("import sys; from bench import host_overhead; sys.exit(host_overhead.main(['--size', 'tiny']))",
                       TRITON_INTERPRET=None)

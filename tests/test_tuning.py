@@ -174,7 +174,7 @@ def test_generation_tunes_for_the_prompt_and_never_after_its_first_token(gpu_pat
 
 def test_choices_are_kept_on_disk_and_a_second_process_does_not_tune_again(tmp_path):
     """Two processes share one cache directory: the first times the configs, the second reads its choices."""
-    from test_dispatch import run_python
+    from conftest import run_python
 
     script = f"""
         import os, sys, torch
@@ -294,7 +294,7 @@ def _cache_script(tmp_path, setup: str) -> str:
 
 
 def test_an_unwritable_cache_keeps_the_choices_in_memory_with_one_warning(tmp_path):
-    from test_dispatch import run_python
+    from conftest import run_python
 
     (tmp_path / "cache").write_text("a file where the directory should be")
     result = run_python(_cache_script(tmp_path, ""), TRITON_INTERPRET=None)
@@ -308,7 +308,7 @@ def test_an_unwritable_cache_keeps_the_choices_in_memory_with_one_warning(tmp_pa
                                      '{"gelu_mlp.fwd": {"source": SOURCE, "choices": [[[128], "0", "x"]]}}',
                                      "{not json"])
 def test_a_cache_file_of_the_wrong_shape_is_tuned_again_and_rewritten(tmp_path, content):
-    from test_dispatch import run_python
+    from conftest import run_python
 
     setup = f"""
         path = _tuning.cache_file()

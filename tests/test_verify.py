@@ -4,7 +4,7 @@ import torch
 import fastgpt_kernels
 from fastgpt_kernels.ops import layer_norm as ln
 from fastgpt_kernels.tools import verify
-from test_dispatch import run_python
+from conftest import run_python
 
 
 def test_command_passes_and_starts_the_interpreter_itself():
