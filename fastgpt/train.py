@@ -410,6 +410,26 @@ def _from_rank0(ddp: _Distributed, obj):
     return box[0]
 
 
+def _decide_backends(model, dataset, cfg: TrainConfig, block_size: int, device, amp) -> None:
+    """One eager forward and backward of a training batch, so that ``auto`` decides which side serves
+    each op (:func:`fastgpt_kernels.backend_decisions`) before torch.compile traces the model (it does
+    not race while tracing). Its gradients are dropped; the run's batches and random numbers are untouched."""
+    x, y = dataset.get_batch("train", cfg.batch_size, block_size, torch.Generator().manual_seed(cfg.seed), device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), amp:
+        model(x, y)[1].backward()
+    model.zero_grad(set_to_none=True)
+
+
+def _say_backends(seen: int, say) -> int:
+    """Say each decision made since the first ``seen`` where PyTorch serves an op, and why; returns
+    how many decisions there are now."""
+    decisions = fastgpt_kernels.backend_decisions()
+    for decision in decisions[seen:]:
+        if decision.served == "torch":
+            say(f"kernels: {decision.describe()}")
+    return len(decisions)
+
+
 def _model_config(model_args: dict, vocab_size: int) -> GPTConfig:
     return GPTConfig(vocab_size=vocab_size, **{k: model_args[k] for k in MODEL_FIELDS if k in model_args})
 
@@ -495,6 +515,8 @@ def _train(cfg: TrainConfig, model_args: dict, explicit: frozenset, ddp: _Distri
     flops_per_token = perf.training_flops_per_token(perf.linear_weights(raw_model), raw_model.config.n_layer,
                                                     raw_model.config.n_embd, block_size)
     if cfg.compile:
+        if cfg.backend == "auto":
+            _decide_backends(raw_model, dataset, cfg, block_size, device, amp)
         model = torch.compile(model)
     if ddp.world_size > 1:
         model = DDP(model, device_ids=[ddp.local_rank] if device.type == "cuda" else None)
@@ -523,12 +545,15 @@ def _train(cfg: TrainConfig, model_args: dict, explicit: frozenset, ddp: _Distri
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
 
+    decisions_said = _say_backends(0, say)  # those made before the first step (see _decide_backends)
+
     def run_eval() -> dict:
-        nonlocal best_val
+        nonlocal best_val, decisions_said
         # Rank 0's numbers on every rank: whether to save best.pt must be decided alike everywhere.
         result = _from_rank0(ddp, evaluate(model, dataset, cfg, block_size, device, amp))
         log({"step": step, **result})
         say(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
+        decisions_said = _say_backends(decisions_said, say)
         if result["val_loss"] < best_val:
             best_val = result["val_loss"]
             save("best.pt")
@@ -593,6 +618,7 @@ def _train(cfg: TrainConfig, model_args: dict, explicit: frozenset, ddp: _Distri
                 if ddp.master:
                     progress.update(step, loss_sum, lr, tokens_per_s, mfu, final=step == cfg.max_iters)
                 log({"step": step, "loss": loss_sum, "lr": lr, "tokens_per_s": tokens_per_s, "mfu": mfu})
+                decisions_said = _say_backends(decisions_said, say)
             if step % cfg.eval_interval == 0:
                 save("last.pt")
             stopping = _any_rank(ddp, interrupted, device)

@@ -108,15 +108,13 @@ def shape_class(op: str, args: tuple) -> tuple:
             "deterministic" if torch.are_deterministic_algorithms_enabled() else "")
 
 
-def describe_shape_class(key: tuple) -> str:
-    """A shape class in words: ``bfloat16 16384x768, ...``."""
-    parts = []
-    for part in key:
-        if isinstance(part, tuple) and len(part) == 3:
-            parts.append(f"{part[0]} {part[1]}x{part[2]}")
-        elif part not in ("", None):
-            parts.append(str(part))
-    return "(" + ", ".join(parts) + ")"
+def describe_shape_class(cls: tuple) -> str:
+    """A shape class in words: its first tensor's dtype and rows x width (rows rounded up to a power
+    of two), the op's other arguments, and whether a backward follows: ``(bfloat16 16384x768, 1e-05, backward)``."""
+    tensors = [part for part in cls if isinstance(part, tuple)]
+    others = [str(part) for part in cls if not isinstance(part, tuple) and part not in ("", None)]
+    first = f"{tensors[0][0]} {tensors[0][1]}x{tensors[0][2]}" if tensors else ""
+    return "(" + ", ".join([first, *others] if first else others) + ")"
 
 
 def _tracing() -> bool:

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import fastgpt_kernels
 from fastgpt import checkpoint, sample
 from fastgpt import train as training
 
@@ -119,6 +120,28 @@ def test_compiled_model_trains_as_the_eager_one(tmp_path, corpus, backend):
     compiled, eager = losses(metrics(tmp_path, "compiled")), losses(metrics(tmp_path, "eager"))
     assert compiled[3] < 5
     assert compiled == pytest.approx(eager, rel=1e-4)  # fused differently by inductor: not bit for bit
+
+
+def test_the_log_names_the_ops_pytorch_serves_and_compile_decides_first(tmp_path, corpus, capsys, monkeypatch):
+    """Under auto the race (here on CPU tensors, with a stand-in timer in which PyTorch wins) decides
+    before torch.compile traces the model, and the log says which ops PyTorch serves and why."""
+    from fastgpt_kernels import _race
+
+    monkeypatch.setattr(_race, "RACE_DEVICE_TYPES", ("cuda", "cpu"))
+    monkeypatch.setattr(_race, "time_side", lambda fn, device, side: (fn(), {"kernel": 2.0, "torch": 1.0}[side])[1])
+    _race.forget()
+    try:
+        assert run_train(tmp_path, corpus, "--max_iters", "2", "--eval_interval", "2", "--n_layer", "1",
+                         "--eval_iters", "1", "--backend", "auto", "--compile") == 0
+        decided = fastgpt_kernels.backend_decisions()
+    finally:
+        _race.forget()
+    assert {d.op for d in decided} == {"layer_norm", "attention", "gelu_mlp", "linear_cross_entropy"}
+    assert all(d.served == "torch" and d.why == "raced" for d in decided)
+    err = capsys.readouterr().err
+    for op in ("layer_norm", "attention", "gelu_mlp", "linear_cross_entropy"):
+        assert f"kernels: {op} (" in err and "PyTorch serves (raced): kernel 2.000 ms, PyTorch 1.000 ms" in err
+    assert err.index("kernels: layer_norm") < err.index("step 0:")  # decided before the first step
 
 
 def test_sort_task_is_learned(tmp_path):
