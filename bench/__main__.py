@@ -91,6 +91,8 @@ def train_table(rows: list[dict], ratio_rows: list[dict]) -> list[str]:
                      f"{r['precision'] + (' *' if r['default'] else ''):<10} {r['tokens_per_s']:>9.0f} "
                      f"{r['mfu']:>6.1%} {_mib(r['peak_memory_bytes']):>9}")
     lines.append("(* the side's default precision; plain PyTorch is compared at the same precision only)")
+    lines += sorted({f"fastgpt at T={r['context']}: {r['backend']}" for r in rows
+                     if r["side"] == "fastgpt" and r["backend"].startswith("auto")})
     lines.append("")
     lines.append(f"{'T':>5} {'fastgpt vs':<10} {'compared':<15} {'fastgpt':<9} {'other':<9} {'speed-up':>8} "
                  f"{'(rounds)':>13} {'memory':>7}")

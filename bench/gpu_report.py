@@ -22,9 +22,10 @@ own time budget, so that a crash, a hang or a failure of one is reported and the
                  torch's default backends, ``F.layer_norm``, linear + GELU + linear) and the Triton
                  kernels, each with its fraction of the GPU's roofline.
 ``train``        a GPT-2 124M training step (:class:`fastgpt.model.GPTConfig`'s defaults, T=1024,
-                 AdamW) on the ``triton`` and ``torch`` backends and in plain PyTorch (eager), batch
-                 16 and 4, dropout 0 and 0.1 (:func:`bench.train_step.time_steps`), and the config
-                 every autotuned kernel ran (tuned in this run or read from the disk cache).
+                 AdamW) on the ``torch``, ``triton`` and ``auto`` backends and in plain PyTorch
+                 (eager), batch 16 and 4, dropout 0 and 0.1 (:func:`bench.train_step.time_steps`),
+                 the config every autotuned kernel ran (tuned in this run or read from the disk
+                 cache), and which side ``auto`` chose per op and shape class, with both timings.
 ``compiled``     plain PyTorch's GPT-2 under ``torch.compile`` against the Triton kernels (eager),
                  batch 16, no dropout.
 ``sanitizer``    ``compute-sanitizer --tool memcheck`` and ``--tool racecheck`` over one small
@@ -581,9 +582,12 @@ def autotuner_choices() -> dict[str, dict[str, str]]:
     return choices
 
 
-# The train stage's variants: fastgpt's GPT on each kernels backend, and the same GPT-2 in plain PyTorch
-# (bench.plain, eager): ``name -> (bench.train_step side, fastgpt's backend)``.
-TRAIN_VARIANTS = {"torch": ("fastgpt", "torch"), "triton": ("fastgpt", "triton"), "plain": ("plain", None)}
+# The train stage's variants: fastgpt's GPT on each kernels backend (auto: the faster of kernel and
+# PyTorch per op, raced on its first step), and the same GPT-2 in plain PyTorch (bench.plain, eager):
+# ``name -> (bench.train_step side, fastgpt's backend)``.
+TRAIN_VARIANTS = {"torch": ("fastgpt", "torch"), "triton": ("fastgpt", "triton"), "auto": ("fastgpt", "auto"),
+                  "plain": ("plain", None)}
+TRAIN_RATIOS = (("triton", "torch"), ("triton", "plain"), ("auto", "torch"), ("auto", "plain"))
 TRAIN_DROPOUTS = (0.0, 0.1)
 
 
@@ -610,7 +614,7 @@ def _ratio(rows: list[dict], batch: int, dropout: float, name: str, other: str) 
     fast, ref = (next(r for r in rows if (r["batch"], r["dropout"], r["backend"]) == (batch, dropout, n))
                  for n in (name, other))
     memory = fast["peak_memory_bytes"] / ref["peak_memory_bytes"] if ref["peak_memory_bytes"] else None
-    return {"batch": batch, "dropout": dropout, "against": other,
+    return {"batch": batch, "dropout": dropout, "variant": name, "against": other,
             "speedup": fast["tokens_per_s"] / ref["tokens_per_s"], "memory_ratio": memory}
 
 
@@ -625,10 +629,21 @@ def stage_train(run: StageRun) -> str | None:
             for name, (side, backend) in TRAIN_VARIANTS.items():
                 rows.append(time_variant(name, side, backend, batch, dropout, settings, device))
                 run.record(precision=low_precision(device), shape=settings["shape"], device=str(device), rows=rows)
-    ratios = [_ratio(rows, batch, dropout, "triton", other) for batch in settings["batches"]
-              for dropout in TRAIN_DROPOUTS for other in ("torch", "plain")]
-    run.record(ratios=ratios, autotuned=autotuner_choices())
+    ratios = [_ratio(rows, batch, dropout, name, other) for batch in settings["batches"]
+              for dropout in TRAIN_DROPOUTS for name, other in TRAIN_RATIOS]
+    run.record(ratios=ratios, autotuned=autotuner_choices(), decisions=backend_decisions())
     return None
+
+
+def backend_decisions() -> list[dict]:
+    """What ``auto`` decided in this process (:func:`fastgpt_kernels.backend_decisions`): per op and
+    shape class, the side that serves, why, and both timings."""
+    import fastgpt_kernels
+    from fastgpt_kernels._race import describe_shape_class
+
+    return [{"op": d.op, "shape_class": describe_shape_class(d.shape_class), "served": d.served,
+             "why": d.why, "kernel_ms": d.kernel_ms, "torch_ms": d.torch_ms, "speedup": d.speedup}
+            for d in fastgpt_kernels.backend_decisions()]
 
 
 def stage_compiled(run: StageRun) -> str | None:
@@ -821,9 +836,9 @@ STAGES = {s.name: s for s in (
     Stage("tests", stage_tests, 80, 180, "the kernel test files under pytest"),
     Stage("determinism", stage_determinism, 30, 120, "every backward twice, bitwise"),
     Stage("ops", stage_ops, 45, 120, "per op against PyTorch's own"),
-    Stage("train", stage_train, 60, 180, "a GPT-2 124M training step"),
+    Stage("train", stage_train, 70, 180, "a GPT-2 124M training step"),
     Stage("compiled", stage_compiled, 100, 120, "plain PyTorch under torch.compile against fastgpt"),
-    Stage("sanitizer", stage_sanitizer, 80, 240, "compute-sanitizer memcheck and racecheck"),
+    Stage("sanitizer", stage_sanitizer, 70, 240, "compute-sanitizer memcheck and racecheck"),
 )}
 # Run by the sanitizer stage under compute-sanitizer, never as a stage of the report itself.
 TARGETS = {"sanitizer-target": Stage("sanitizer-target", stage_sanitizer_target, 60, 120,
@@ -1095,8 +1110,9 @@ def summary(name: str, entry: dict) -> str:
                                 f"bitwise equal"),
         "ops": lambda: ", ".join(f"{r['op']} {r['pass']} {r['ratio']:.2f}x" for r in f.get("ratios", []))
                        or "no Triton timings",
-        "train": lambda: ", ".join(f"B={r['batch']} p={r['dropout']} {r['speedup']:.2f}x {r['against']}"
-                                   for r in f.get("ratios", [])) or f"{len(f.get('rows', []))} variants timed",
+        "train": lambda: ", ".join(f"B={r['batch']} p={r['dropout']} {r.get('variant', 'triton')} {r['speedup']:.2f}x "
+                                   f"{r['against']}" for r in f.get("ratios", []))
+                         or f"{len(f.get('rows', []))} variants timed",
         "compiled": lambda: ", ".join(f"triton {r['speedup']:.2f}x plain compiled" for r in f.get("ratios", []))
                             or f"{len(f.get('rows', []))} variants timed",
         "sanitizer": lambda: ", ".join(f"{tool} {t['errors']} errors" for tool, t in f.get("tools", {}).items()),
@@ -1106,6 +1122,10 @@ def summary(name: str, entry: dict) -> str:
 
 def _fraction(x) -> str:
     return "-" if x is None else f"{x:.0%}"
+
+
+def _ms(x) -> str:
+    return "-" if x is None else f"{x:.3f}"
 
 
 def _mib(n) -> str:
@@ -1217,9 +1237,18 @@ def _section_train(f: dict) -> list[str]:
         lines.append(f"| {r['batch']} | {r['dropout']} | {r['backend']} | {r['tokens_per_s']:.0f} | "
                      f"{r['time_s'] * 1e3:.1f} | {r['first_step_s']:.2f} | {_mib(r['peak_memory_bytes'])} |")
     if f.get("ratios"):
-        lines += ["", "| B | dropout | triton against | tokens/s ratio | peak memory ratio |", "|---|---|---|---|---|"]
-        lines += [f"| {r['batch']} | {r['dropout']} | {r['against']} | {r['speedup']:.2f}x | "
+        lines += ["", "| B | dropout | variant | against | tokens/s ratio | peak memory ratio |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {r['batch']} | {r['dropout']} | {r.get('variant', 'triton')} | {r['against']} | {r['speedup']:.2f}x | "
                   f"{'-' if r['memory_ratio'] is None else format(r['memory_ratio'], '.2f')} |" for r in f["ratios"]]
+    if f.get("decisions"):
+        lines += ["", "What `auto` decided (each op's first call in a shape class races the kernel against PyTorch, "
+                  "forward and backward; PyTorch serves only when faster by more than 3%):", "",
+                  "| op | shape class | serves | why | kernel ms | PyTorch ms | PyTorch / kernel |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {d['op']} | {d['shape_class']} | {'kernel' if d['served'] == 'kernel' else 'PyTorch'} | "
+                  f"{d['why']} | {_ms(d['kernel_ms'])} | {_ms(d['torch_ms'])} | "
+                  f"{'-' if d['speedup'] is None else format(d['speedup'], '.2f') + 'x'} |" for d in f["decisions"]]
     chosen = [(name, key, config) for name, keys in (f.get("autotuned") or {}).items() for key, config in keys.items()]
     if chosen:
         lines += ["", "Configs Triton's autotuner chose:", "", "| kernel | key | config |", "|---|---|---|"]

@@ -4,9 +4,10 @@ A step is what a training loop does per batch: forward with the loss, backward, 
 the gradients. Three sides, all with the lecture's shape (6 layers, 6 heads of 64, 384 wide, 65
 symbols) at each context length (:func:`run`): the naive lecture model (:mod:`bench.naive`), the
 same GPT-2 architecture in plain PyTorch (:mod:`bench.plain`: SDPA, ``F.layer_norm``, linear + GELU
-+ linear, logits + ``F.cross_entropy``), and fastgpt's GPT, which runs through :mod:`fastgpt_kernels` with
-the Triton kernels on a GPU (the ``triton`` backend, so a fallback would raise instead of being
-timed) and the PyTorch references on a CPU (the ``torch`` backend). Dropout is off on every side
++ linear, logits + ``F.cross_entropy``), and fastgpt's GPT, which runs through :mod:`fastgpt_kernels`
+under ``auto`` on a GPU (per op and shape class the faster of its Triton kernel and PyTorch's op,
+raced on the first step; a row's ``backend`` names the side that served each op) and the PyTorch
+references on a CPU (the ``torch`` backend). Dropout is off on every side
 unless asked for, so that they do the same arithmetic; the lecture's own runs used 0.2.
 
 Each side is timed in float32 and in the low precision's autocast, all variants of one context
@@ -97,8 +98,17 @@ def needed_flops_per_token(model, context: int) -> int:
 
 
 def fastgpt_backend(device: torch.device) -> str:
-    """The kernels' backend fastgpt is timed with: the Triton kernels on a GPU, the references on a CPU."""
-    return "triton" if device.type == "cuda" else "torch"
+    """The kernels' backend fastgpt is timed with: ``auto`` on a GPU, the references on a CPU."""
+    return "auto" if device.type == "cuda" else "torch"
+
+
+def served(decisions) -> str:
+    """Which side served each op, from ``auto``'s decisions (:func:`fastgpt_kernels.backend_decisions`):
+    ``"auto: kernel serves attention, gelu_mlp; PyTorch serves layer_norm"`` (an op whose shape
+    classes went both ways is named under both)."""
+    sides = {"kernel": sorted({d.op for d in decisions if d.served == "kernel"}),
+             "PyTorch": sorted({d.op for d in decisions if d.served == "torch"})}
+    return "auto: " + "; ".join(f"{side} serves {', '.join(ops)}" for side, ops in sides.items() if ops)
 
 
 def step_fn(side: str, model, optimizer, idx, targets, precision: str, device: torch.device,
@@ -183,7 +193,11 @@ def run(size: str, device: torch.device, rounds: int, dropout: float = 0.0, log=
             for precision in timed:
                 steps[side, precision] = step_fn(side, model, optimizer, idx, targets, precision, device)
         log(f"  train step T={context} B={batch}: {len(steps)} variants, {rounds} rounds")
+        decided = len(fastgpt_kernels.backend_decisions())
         times = measure.interleaved_times(steps, device, rounds)
+        backend = fastgpt_backend(device)
+        if backend == "auto":
+            backend = served(fastgpt_kernels.backend_decisions()[decided:])
         for (side, precision), step in steps.items():
             seconds = measure.median(times[side, precision])
             tokens_per_s = batch * context / seconds
@@ -193,7 +207,7 @@ def run(size: str, device: torch.device, rounds: int, dropout: float = 0.0, log=
                 "times_s": times[side, precision],
                 "tokens_per_s": tokens_per_s, "mfu": flops_per_token[side] * tokens_per_s / peaks[precision],
                 "peak_memory_bytes": measure.peak_memory(step, device),
-                "backend": fastgpt_backend(device) if side == "fastgpt" else "torch (PyTorch's own ops)",
+                "backend": backend if side == "fastgpt" else "torch (PyTorch's own ops)",
             })
         del steps
     return rows

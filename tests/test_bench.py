@@ -317,11 +317,11 @@ class BackendProbe(torch.nn.Module):
         return None, (self.weight * idx.float().mean()).sum()
 
 
-def test_fastgpt_is_timed_on_the_triton_kernels_on_a_gpu_and_the_references_on_a_cpu():
-    assert train_step.fastgpt_backend(CUDA) == "triton"
+def test_fastgpt_is_timed_under_auto_on_a_gpu_and_on_the_references_on_a_cpu():
+    assert train_step.fastgpt_backend(CUDA) == "auto"
     assert train_step.fastgpt_backend(torch.device("cpu")) == "torch"
     idx = torch.ones(2, 4, dtype=torch.long)
-    cases = ((CUDA, "fastgpt", None, "triton"), (torch.device("cpu"), "fastgpt", None, "torch"),
+    cases = ((CUDA, "fastgpt", None, "auto"), (torch.device("cpu"), "fastgpt", None, "torch"),
              (CUDA, "naive", None, "torch"), (CUDA, "fastgpt", "torch", "torch"), (CUDA, "naive", "triton", "torch"))
     for device, side, backend, expected in cases:
         model = BackendProbe()
@@ -359,3 +359,22 @@ def test_on_a_gpu_the_triton_provider_is_timed_only_when_its_kernel_launches(mon
     assert "the Triton kernel cannot run" in ops.unavailable(case, "triton", wide, CUDA)
     monkeypatch.setattr(_dispatch, "use_kernel", lambda *args: False)  # a silent fallback
     assert ops.unavailable(case, "triton", inputs, CUDA) == "fastgpt_kernels.layer_norm did not launch its Triton kernel"
+
+
+def test_a_gpu_row_names_the_side_that_served_each_op():
+    from fastgpt_kernels import Decision
+
+    decisions = [Decision("attention", (), "kernel", "raced", 1.0, 2.0), Decision("layer_norm", (), "torch", "raced", 2.0, 1.0),
+                 Decision("gelu_mlp", (), "kernel", "raced", 1.0, 1.0), Decision("layer_norm", ("x",), "kernel", "raced", 1.0, 1.0)]
+    assert train_step.served(decisions) == "auto: kernel serves attention, gelu_mlp, layer_norm; PyTorch serves layer_norm"
+    assert train_step.served(decisions[:1]) == "auto: kernel serves attention"
+
+
+def test_the_training_table_says_which_side_served_fastgpts_ops_under_auto():
+    row = dict(context=256, batch=8, precision="bfloat16", default=True, tokens_per_s=1e4, mfu=0.1,
+               peak_memory_bytes=2**20)
+    rows = [{**row, "side": "fastgpt", "backend": "auto: kernel serves attention; PyTorch serves layer_norm"},
+            {**row, "side": "plain", "backend": "torch (PyTorch's own ops)"}]
+    lines = bench_main.train_table(rows, [])
+    assert "fastgpt at T=256: auto: kernel serves attention; PyTorch serves layer_norm" in lines
+    assert not any("torch (PyTorch's own ops)" in line for line in lines)

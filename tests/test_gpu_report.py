@@ -62,7 +62,8 @@ def test_the_tiny_report_runs_every_stage_on_cold_caches_and_writes_json_and_mar
     assert {r["provider"] for r in ops_rows} == {"naive", "unfused", "reference", "triton"}
     train = stages["train"]["figures"]
     assert len(train["rows"]) == 2 * len(gpu_report.TRAIN_DROPOUTS) * len(gpu_report.TRAIN_VARIANTS)
-    assert {r["against"] for r in train["ratios"]} == {"torch", "plain"}
+    assert {(r["variant"], r["against"]) for r in train["ratios"]} == set(gpu_report.TRAIN_RATIOS)
+    assert train["decisions"] == []  # CPU tensors: auto never races there
     compiled = stages["compiled"]["figures"]
     assert [r["backend"] for r in compiled["rows"]] == ["plain compiled", "triton"]
     assert compiled["ratios"][0]["against"] == "plain compiled" and compiled["ratios"][0]["speedup"] > 0
@@ -533,3 +534,17 @@ def test_on_a_gpu_a_missing_compiler_stops_the_report_in_one_line(tmp_path, monk
                    "a C compiler (cc, gcc or clang on PATH, or $CC)")
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["error"] == err and report["stages"] == {}
+
+
+def test_the_train_section_lists_autos_decisions_with_both_timings():
+    figures = {"precision": "bfloat16", "shape": dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50304),
+               "rows": [{"batch": 16, "context": 1024, "dropout": 0.0, "backend": "auto", "tokens_per_s": 1e5,
+                         "time_s": 0.16, "first_step_s": 3.0, "peak_memory_bytes": 2**30}],
+               "decisions": [{"op": "layer_norm", "shape_class": "(bfloat16 16384x768, 1e-05, backward)",
+                              "served": "torch", "why": "raced", "kernel_ms": 0.2, "torch_ms": 0.1, "speedup": 0.5},
+                             {"op": "attention", "shape_class": "(bfloat16 196608x64, True, 0.0, backward)",
+                              "served": "kernel", "why": "deterministic algorithms: ...", "kernel_ms": None,
+                              "torch_ms": None, "speedup": None}]}
+    md = "\n".join(gpu_report._section_train(figures))
+    assert "| layer_norm | (bfloat16 16384x768, 1e-05, backward) | PyTorch | raced | 0.200 | 0.100 | 0.50x |" in md
+    assert "| attention | (bfloat16 196608x64, True, 0.0, backward) | kernel | deterministic algorithms: ... | - | - | - |" in md
