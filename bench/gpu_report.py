@@ -713,7 +713,7 @@ def sanitizer_calls(dtype: torch.dtype) -> list[tuple[str, dict, Callable]]:
     mlp = {name: configs for name, configs in _tuning.candidate_configs().items() if name.startswith("gelu_mlp.")}
     mlp_case = ops.OpCase("gelu_mlp", dict(M=100, C=64, Hd=256), dtype)
     calls += pinned("gelu_mlp", mlp, backward(fastgpt_kernels.gelu_mlp, mlp_case))
-    # 8192 tokens: on a GPU the weight gradients run in two K slices and a reduction (_tuning.split_k)
+    # 8192 tokens: on a GPU the weight gradients run in two K slices and a reduction (_gemm.split_k)
     split_case = ops.OpCase("gelu_mlp", dict(M=8192, C=64, Hd=256), dtype)
     calls += pinned("gelu_mlp split-K", dict(mlp, **{"gelu_mlp.dweight": gelu_mlp.SPLIT_CONFIGS}),
                     backward(fastgpt_kernels.gelu_mlp, split_case))

@@ -15,7 +15,7 @@ autocast with float32 parameters, gradients and AdamW state, built three ways:
              sums for the weight gradients), flash attention (one forward kernel; a backward of
              three: delta, dK/dV, dQ, each recomputing the scores), the MLP's GEMMs with fused
              bias and GELU epilogues (keeping only the pre-activation; the weight gradients in
-             two K slices and a reduction, as ``fastgpt_kernels._tuning.split_k`` picks for 132 SMs), the fused linear
+             two K slices and a reduction, as ``fastgpt_kernels.ops._gemm.split_k`` picks for 132 SMs), the fused linear
              cross-entropy (:mod:`fastgpt_kernels.ops.linear_cross_entropy`: per chunk of rows, a logits
              pass for the log-sum-exp, a second for dz, then dx and an accumulated float32 dW),
              and the PyTorch ops around them (c_attn and c_proj, casts, residual adds, embedding);
@@ -59,7 +59,7 @@ import torch
 from bench import train_step
 from fastgpt import perf
 from fastgpt.model import GPT, GPTConfig
-from fastgpt_kernels import _tuning, reference
+from fastgpt_kernels import reference
 
 TENSOR_CORE_EFFICIENCY = 0.70  # of the dense bfloat16 tensor-core peak, for kernels with matmuls
 BANDWIDTH_EFFICIENCY = 0.85  # of HBM bandwidth, for every kernel's bytes
@@ -81,7 +81,7 @@ F32, LOW, INDEX, MASK = 4, 2, 8, 1  # bytes of float32, bfloat16 (autocast), int
 # the loss's logits pass keeps a (max, sum) pair per this many columns, and stores one per tile of
 # the largest GEMM config's width (the interpreter's choice; the autotuner's on a GPU is not known).
 LAYER_NORM_ROWS_PER_PROGRAM = 16
-GPU_SMS = 132  # of the H100 SXM and the H200: the MLP's weight gradients split K for them (_tuning.split_k)
+GPU_SMS = 132  # of the H100 SXM and the H200: the MLP's weight gradients split K for them (_gemm.split_k)
 LOSS_SLOT_COLUMNS = 64
 LOSS_TILE_COLUMNS = 128
 
@@ -466,7 +466,9 @@ def _fastgpt(s: Shape) -> list[Op]:
     bwd.residual_backward(s)
     bwd.add("_gelu_mlp_bwd_dpre_kernel", "MLP", (n * c + c * h + n * h) * LOW, 2 * n * h * LOW,
             perf.matmul_flops(n, c, h), L, where="triton")
-    split = _tuning.split_k(h, c, n, GPU_SMS)
+    from fastgpt_kernels.ops import _gemm  # the kernels' own rule (imports Triton)
+
+    split = _gemm.split_k(h, c, n, GPU_SMS)
     for name, weight, bias, flops in (("dW2, db2", c * h, c, perf.matmul_flops(c, n, h)),
                                       ("dW1, db1", h * c, h, perf.matmul_flops(h, n, c))):
         if split == 1:

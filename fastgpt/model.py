@@ -1,4 +1,5 @@
-"""The GPT-2 model: configuration, modules in the order data flows through them, sampling.
+"""The GPT-2 model: modules in the order data flows through them, sampling (its configuration is
+:mod:`fastgpt.config`'s).
 
 The architecture and parameter names follow GPT-2 (and nanoGPT), so checkpoints convert by name:
 token and position embeddings, ``n_layer`` pre-LayerNorm blocks (causal self-attention, then a GELU
@@ -14,7 +15,6 @@ import dataclasses
 import math
 import numbers
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,41 +22,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fastgpt_kernels
+from fastgpt.config import LAYER_NORM_EPS, GPTConfig
 
-LAYER_NORM_EPS = 1e-5
-"""The epsilon of every LayerNorm, GPT-2's."""
-
-
-@dataclass
-class GPTConfig:
-    """Model hyper-parameters; the defaults are GPT-2 small (124M).
-
-    ``vocab_size`` defaults to 50304, GPT-2's 50257 padded up to a multiple of 64 for faster matmuls.
-    ``dropout`` applies to the embeddings, the attention weights and both residual branches (training
-    mode only). ``bias`` adds biases to the Linear layers and LayerNorms.
-    """
-
-    vocab_size: int = 50304
-    block_size: int = 1024
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    dropout: float = 0.0
-    bias: bool = True
-
-    def __post_init__(self):
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-                raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
-            if value <= 0:
-                raise ValueError(f"{name} must be positive, got {value}")
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, numbers.Real):
-            raise TypeError(f"dropout must be a real number, got {type(self.dropout).__name__}")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+# GPTConfig and LAYER_NORM_EPS are handed on from fastgpt.config: the model's users import them here.
+__all__ = ["GPTConfig", "LAYER_NORM_EPS", "LayerNorm", "CausalSelfAttention", "MLP", "Block", "KVCache", "GPT"]
 
 
 class LayerNorm(nn.Module):
@@ -188,9 +157,9 @@ class GPT(nn.Module):
         (saying how to download one) or missing files, ValueError for anything else that is not
         GPT-2 (see :func:`fastgpt.pretrained.read`).
         """
-        from fastgpt import pretrained  # it imports this module
+        from fastgpt import pretrained
 
-        config, state = pretrained.read(path, dropout)
+        config, state = pretrained.read(path, cls, dropout)
         model = cls(config)
         model.load_state_dict(state)
         return model

@@ -32,7 +32,7 @@ import torch
 
 from fastgpt.checkpoint import atomic_writer
 from fastgpt.data import GPT2Tokenizer
-from fastgpt.model import GPT, LAYER_NORM_EPS, GPTConfig
+from fastgpt.config import LAYER_NORM_EPS, GPTConfig
 
 DOWNLOAD_HINT = (
     "fastgpt reads Hugging Face models from a local directory and downloads nothing: download one "
@@ -66,11 +66,13 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
                 "pytorch_model.bin.index.json")
 
 
-def read(path: str | os.PathLike, dropout: float = 0.0) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
+def read(path: str | os.PathLike, model_class: type, dropout: float = 0.0) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
     """The :class:`GPTConfig` and the fastgpt ``state_dict`` of a Hugging Face GPT-2 directory.
 
     Args:
         path: a local directory with ``config.json`` and the weights (see the module docstring).
+        model_class: the model the state is for (:class:`fastgpt.model.GPT`): the names and shapes of
+            its parameters are what the file's tensors must match.
         dropout: the model's dropout rate (default 0.0); the file's three rates are not read.
 
     Returns:
@@ -91,7 +93,7 @@ def read(path: str | os.PathLike, dropout: float = 0.0) -> tuple[GPTConfig, dict
         what = "is not a directory" if directory.exists() else "does not exist"
         raise FileNotFoundError(f"{directory} {what}: {DOWNLOAD_HINT}")
     config = _read_config(directory, dropout)
-    expected = _expected_shapes(config)
+    expected = _expected_shapes(model_class, config)
     tensors, source = _read_weights(directory)
     stored = {}  # fastgpt's name -> the file's name
     for name in tensors:
@@ -123,19 +125,20 @@ def read(path: str | os.PathLike, dropout: float = 0.0) -> tuple[GPTConfig, dict
     return config, state
 
 
-def as_checkpoint(path: str | os.PathLike) -> dict:
+def as_checkpoint(path: str | os.PathLike, model_class: type) -> dict:
     """A Hugging Face GPT-2 directory as the part of a fastgpt checkpoint that ``train.py --init_from``
     reads: ``{"model": state_dict, "model_config": GPTConfig fields, "tokenizer": its to_dict()}``.
 
     The tokenizer is :class:`~fastgpt.data.GPT2Tokenizer` of the directory (its ``vocab.json`` and
     ``merges.txt`` if present). Raises as :func:`read`.
     """
-    config, state = read(path)
+    config, state = read(path, model_class)
     return {"model": state, "model_config": dataclasses.asdict(config), "tokenizer": GPT2Tokenizer(path).to_dict()}
 
 
-def save(model: GPT, path: str | os.PathLike) -> Path:
-    """Write ``model`` to the directory ``path`` (created if needed) in the Hugging Face GPT-2 layout.
+def save(model: torch.nn.Module, path: str | os.PathLike) -> Path:
+    """Write ``model`` (a :class:`fastgpt.model.GPT`) to the directory ``path`` (created if needed) in the
+    Hugging Face GPT-2 layout.
 
     ``config.json`` holds ``model_type`` "gpt2", GPT2LMHeadModel as the architecture and the
     GPT2Config fields; ``model.safetensors`` the weights in the model's dtype, Conv1D weights
@@ -206,11 +209,11 @@ def _read_config(directory: Path, dropout: float) -> GPTConfig:
     return config
 
 
-def _expected_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
-    """fastgpt's tensor names and shapes for ``config`` (taken from a model on the meta device, which
-    allocates nothing)."""
+def _expected_shapes(model_class: type, config: GPTConfig) -> dict[str, tuple[int, ...]]:
+    """The model's tensor names and shapes for ``config`` (taken from a model on the meta device,
+    which allocates nothing)."""
     with torch.device("meta"):
-        return {name: tuple(t.shape) for name, t in GPT(config).state_dict().items()}
+        return {name: tuple(t.shape) for name, t in model_class(config).state_dict().items()}
 
 
 def _some(names: list[str]) -> str:

@@ -460,7 +460,7 @@ def _train(cfg: TrainConfig, model_args: dict, explicit: frozenset, ddp: _Distri
         start = checkpoint.load(out_dir / "last.pt")
     elif cfg.init_from:
         start = (checkpoint.load(cfg.init_from) if Path(cfg.init_from).is_file()
-                 else pretrained.as_checkpoint(cfg.init_from))
+                 else pretrained.as_checkpoint(cfg.init_from, GPT))
     if start is not None:
         saved = start["model_config"]
         for name in MODEL_FIELDS:

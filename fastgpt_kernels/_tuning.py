@@ -108,33 +108,6 @@ def use_configs(pins: dict):
         _pins.update(previous)
 
 
-# Split-K of a weight-gradient GEMM (fastgpt_kernels.ops.gelu_mlp): slices of at least this many tokens, at
-# most this many slices, tiles of the largest GEMM config's size counted against the SMs.
-SPLIT_MIN_TOKENS = 4096
-MAX_SPLIT_K = 8
-SPLIT_TILE = 128
-
-
-def split_k(m: int, n: int, k: int, sms: int | None) -> int:
-    """Slices of the reduction of an (m, n) weight gradient over ``k`` tokens on a GPU of ``sms``
-    multiprocessors: 1 (no split) where its 128 x 128 tiles make two waves or more, or slices would
-    hold fewer than ``SPLIT_MIN_TOKENS`` tokens; else the fewest powers of two (up to
-    ``MAX_SPLIT_K``) that make two waves. ``sms`` None (Triton's interpreter): 1.
-
-    Two waves: a GEMM's programs run in waves of one per SM, so 144 tiles on 132 SMs take two waves
-    for 1.09 waves of work (55% busy overall); 288 take three for 2.18 (73%).
-    """
-    from .ops._common import cdiv  # not at module level: it loads torch._dynamo, which needs a working triton
-
-    if sms is None:
-        return 1
-    tiles = cdiv(m, SPLIT_TILE) * cdiv(n, SPLIT_TILE)
-    split = 1
-    while tiles * split < 2 * sms and split < MAX_SPLIT_K and k // (2 * split) >= SPLIT_MIN_TOKENS:
-        split *= 2
-    return split
-
-
 def describe(config) -> str:
     """``"128x64 warps=8 stages=2"``: a ``triton.Config``'s BLOCK_* sizes in order, then its launch options."""
     blocks = "x".join(str(v) for k, v in config.kwargs.items() if k.startswith("BLOCK_"))

@@ -9,6 +9,7 @@ from conftest import (ALL_DTYPES, DEVICE, assert_backward_deterministic, float32
                       scale_after_launch)
 from fastgpt_kernels import _dispatch, _tuning
 from fastgpt_kernels.ops import gelu_mlp as gm
+from fastgpt_kernels.ops import _gemm
 from fastgpt_kernels.ops._gemm import needs_wide
 from fastgpt_kernels.tools.verify import assert_close_to_exact, assert_pass, gelu_mlp_checks
 
@@ -84,23 +85,23 @@ def gpu_split(monkeypatch):
     """The split-K path a GPU takes for weight gradients over many tokens, at test sizes: a GPU of
     64 SMs, slices of one token or more (so 100 tokens of a 200 x 48 weight take 8 slices, 5 take 4)."""
     monkeypatch.setattr(gm, "sm_count", lambda device: 64)
-    monkeypatch.setattr(_tuning, "SPLIT_MIN_TOKENS", 1)
+    monkeypatch.setattr(_gemm, "SPLIT_MIN_TOKENS", 1)
 
 
 def test_split_k_fills_two_waves_of_a_gpu_only_where_the_tiles_do_not():
     # GPT-2 124M's dW1 / dW2 (144 tiles of 128 x 128) on a 132-SM GPU: two slices from 8192 tokens on.
-    assert [_tuning.split_k(3072, 768, tokens, 132) for tokens in (4096, 8191, 8192, 16384, 65536)] == [1, 1, 2, 2, 2]
-    assert _tuning.split_k(3072, 768, 16384, None) == 1  # the interpreter
-    assert _tuning.split_k(8192, 2048, 65536, 132) == 1  # 1024 tiles: enough programs already
-    assert _tuning.split_k(128, 128, 10**6, 132) == _tuning.MAX_SPLIT_K  # one tile, a long reduction
-    assert _tuning.split_k(256, 256, 20000, 132) == 4  # 4 tiles: slices kept at 4096 tokens or more
+    assert [_gemm.split_k(3072, 768, tokens, 132) for tokens in (4096, 8191, 8192, 16384, 65536)] == [1, 1, 2, 2, 2]
+    assert _gemm.split_k(3072, 768, 16384, None) == 1  # the interpreter
+    assert _gemm.split_k(8192, 2048, 65536, 132) == 1  # 1024 tiles: enough programs already
+    assert _gemm.split_k(128, 128, 10**6, 132) == _gemm.MAX_SPLIT_K  # one tile, a long reduction
+    assert _gemm.split_k(256, 256, 20000, 132) == 4  # 4 tiles: slices kept at 4096 tokens or more
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
 @pytest.mark.parametrize("biases", [(True, True), (False, True), (False, False)], ids=["both", "proj", "none"])
 @pytest.mark.parametrize("rows", [100, 5])  # 5 tokens: all in the first slice, the other three empty
 def test_split_k_weight_gradients(gpu_split, rows, biases, dtype):
-    assert _tuning.split_k(200, 48, rows, 64) == (8 if rows == 100 else 4)
+    assert _gemm.split_k(200, 48, rows, 64) == (8 if rows == 100 else 4)
     launched = []
     original = gm.run
     with pytest.MonkeyPatch.context() as patch:

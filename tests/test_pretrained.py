@@ -111,7 +111,7 @@ def test_a_hugging_face_gpt2_computes_the_same_logits_and_loss_in_fastgpt(hf_dir
 
 def test_the_weights_come_in_fastgpts_layout_with_the_conv1d_weights_transposed(hf_dir):
     hf, directory = hf_dir
-    config, state = pretrained.read(directory)
+    config, state = pretrained.read(directory, GPT)
     hf_state = hf.state_dict()
     assert torch.equal(state["transformer.h.1.attn.c_attn.weight"], hf_state["transformer.h.1.attn.c_attn.weight"].T)
     assert torch.equal(state["transformer.h.1.mlp.c_proj.weight"], hf_state["transformer.h.1.mlp.c_proj.weight"].T)
@@ -147,8 +147,8 @@ def test_sharded_weights_load_through_their_index(hf_dir, tmp_path):
     hf, _ = hf_dir
     hf.save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
     assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
-    _, state = pretrained.read(tmp_path / "sharded")
-    _, whole = pretrained.read(hf_dir[1])
+    _, state = pretrained.read(tmp_path / "sharded", GPT)
+    _, whole = pretrained.read(hf_dir[1], GPT)
     assert state.keys() == whole.keys() and all(torch.equal(state[k], whole[k]) for k in state)
 
 

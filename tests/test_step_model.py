@@ -20,7 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import fastgpt_kernels
 from bench import step_model, train_step
 from fastgpt import perf
-from fastgpt_kernels import _dispatch, _tuning, reference
+from fastgpt_kernels import _dispatch, reference
 
 needs_interpreter = pytest.mark.skipif(not _dispatch.INTERPRETED, reason="counts bytes in Triton's interpreter")
 
@@ -264,8 +264,8 @@ def test_the_launch_facts_the_formulas_use_are_the_kernels():
     names = [op.name for op in step_model.ops("fastgpt", step_model.Shape.gpt2()) if op.phase == "backward"]
     assert "_gelu_mlp_bwd_dweight_kernel dW1, db1, 2 K slices" in names
     assert "_gelu_mlp_bwd_split_reduce_kernel dW1, db1" in names
-    assert _tuning.split_k(4 * 768, 768, rows, step_model.GPU_SMS) == 2
-    assert _tuning.split_k(4 * SMALL.n_embd, SMALL.n_embd, SMALL.tokens, step_model.GPU_SMS) == 1
+    assert _gemm.split_k(4 * 768, 768, rows, step_model.GPU_SMS) == 2
+    assert _gemm.split_k(4 * SMALL.n_embd, SMALL.n_embd, SMALL.tokens, step_model.GPU_SMS) == 1
 
 
 @pytest.mark.parametrize("build", step_model.BUILDS)

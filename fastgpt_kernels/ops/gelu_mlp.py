@@ -33,7 +33,7 @@ they load anyway. No extra pass over dout or dpre, no atomics, deterministic.
 Split-K. A weight gradient is small against its reduction: GPT-2 124M's dW1 is 3072 x 768, 144
 tiles of 128 x 128, over 16384 tokens at batch 16, so on a 132-SM GPU it runs as one full wave and
 a second of 12 tiles. Where the tiles would fill fewer than two waves
-(``fastgpt_kernels._tuning.split_k``), the tokens are cut into SPLIT_K slices: grid axis 1 picks the
+(``fastgpt_kernels.ops._gemm.split_k``), the tokens are cut into SPLIT_K slices: grid axis 1 picks the
 slice, each program writes its tile's float32 partial sums (and bias partials) to a workspace,
 and _gelu_mlp_bwd_split_reduce_kernel adds the slices up in slice order. No atomics: the result
 is the same on every run.
@@ -66,7 +66,7 @@ import triton.language as tl
 from .. import _tuning
 from ._common import (FLOAT32_NEEDS_TF32, as_rows, cdiv, eager_function, run, sm_count, tf32_enabled,
                       traced_or_eager)
-from ._gemm import CONFIGS, GROUP_M, bucket, tile_matmul, tile_offsets, tile_start, wide_strides
+from ._gemm import CONFIGS, GROUP_M, bucket, split_k, tile_matmul, tile_offsets, tile_start, wide_strides
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -311,7 +311,7 @@ def backward_plan(dout, x, fc_weight, proj_weight, pre, has_fc_bias: bool, has_p
     """Outputs ``(dx, dfc_weight, dfc_bias, dproj_weight, dproj_bias)`` (absent biases: None) and launches,
     for dout and x (..., C) and pre (rows, H); dx has x's shape (contiguous).
 
-    ``split``: the K slices of both weight gradients (default: ``_tuning.split_k`` for x's device).
+    ``split``: the K slices of both weight gradients (default: :func:`~fastgpt_kernels.ops._gemm.split_k` for x's device).
     """
     c = x.shape[-1]
     h = fc_weight.shape[0]
@@ -319,7 +319,7 @@ def backward_plan(dout, x, fc_weight, proj_weight, pre, has_fc_bias: bool, has_p
     x, m, stride_xm, stride_xk = as_rows(x)
     dout, _, stride_dm, stride_dk = as_rows(dout)
     if split is None:
-        split = _tuning.split_k(h, c, m, sm_count(x.device))
+        split = split_k(h, c, m, sm_count(x.device))
     elif isinstance(split, bool) or not isinstance(split, int) or split < 1:
         raise ValueError(f"split must be a positive int, got {split!r}")
     new = dict(dtype=x.dtype, device=x.device)

@@ -40,20 +40,11 @@ import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
 
+from fastgpt_kernels.tools.specs import OPS, CompileSpec, compile_specs
+
 SHARED_LIMITS = {80: 166912, 90: 232448}  # opt-in max dynamic shared memory per block, bytes
 TENSOR_CORE_OPS = {80: "HMMA", 90: "HGMMA"}
 ARCH_NAMES = {80: "sm_80", 90: "sm_90a"}
-
-
-@dataclasses.dataclass(frozen=True)
-class CompileSpec:
-    """One launch configuration of one kernel, described by the arguments a real launch passes."""
-    kernel: object            # the @triton.jit function (or the .fn of an Autotuner)
-    config: str               # human-readable config label, e.g. "BLOCK_N=1024 warps=4 fp16"
-    args: tuple               # example positional args: CPU tensors of real dtypes/shapes, ints, floats
-    kwargs: dict              # constexpr meta-parameters and launch options (num_warps, num_stages)
-    uses_tensor_cores: bool = False  # its tl.dot must run on tensor cores (16-bit or TF32 operands)
-    largest: bool = False     # among its kernel's most demanding specs (see fastgpt_kernels.tools.specs)
 
 
 @dataclasses.dataclass
@@ -316,11 +307,10 @@ def _collect_specs(ops, modules, largest_only: bool) -> list[CompileSpec]:
     if modules:
         specs = [spec for name in modules for spec in importlib.import_module(name).compile_specs()]
         return [s for s in specs if s.largest] if largest_only else specs
-    from fastgpt_kernels.tools import specs
-    unknown = set(ops or ()) - set(specs.OPS)
+    unknown = set(ops or ()) - set(OPS)
     if unknown:
-        raise SystemExit(f"unknown op(s) {', '.join(sorted(unknown))}; ops: {', '.join(specs.OPS)}")
-    return specs.compile_specs(ops or specs.OPS, largest_only)
+        raise SystemExit(f"unknown op(s) {', '.join(sorted(unknown))}; ops: {', '.join(OPS)}")
+    return compile_specs(ops or OPS, largest_only)
 
 
 def main(argv=None) -> int:

@@ -9,14 +9,27 @@ compiled under fewer.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from fastgpt_kernels import _tuning
+from fastgpt_kernels._dispatch import OPS
 from fastgpt_kernels.ops import attention, gelu_mlp, layer_norm, linear_cross_entropy
-from fastgpt_kernels.tools.compile_report import CompileSpec
 from fastgpt_kernels.tools.dropout import mask_launch
 
-OPS = ("layer_norm", "attention", "gelu_mlp", "linear_cross_entropy")
+__all__ = ["OPS", "CompileSpec", "compile_specs"]
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileSpec:
+    """One launch configuration of one kernel, described by the arguments a real launch passes."""
+    kernel: object            # the @triton.jit function (or the .fn of an Autotuner)
+    config: str               # human-readable config label, e.g. "BLOCK_N=1024 warps=4 fp16"
+    args: tuple               # example positional args: CPU tensors of real dtypes/shapes, ints, floats
+    kwargs: dict              # constexpr meta-parameters and launch options (num_warps, num_stages)
+    uses_tensor_cores: bool = False  # its tl.dot must run on tensor cores (16-bit or TF32 operands)
+    largest: bool = False     # among its kernel's most demanding specs (see the module docstring)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
