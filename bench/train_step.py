@@ -13,7 +13,7 @@ unless asked for, so that they do the same arithmetic; the lecture's own runs us
 Each side is timed in float32 and in the low precision's autocast, all variants of one context
 length interleaved round by round (:func:`bench.measure.interleaved_times`). A side's *default*
 precision is what it trains in out of the box: float32 for the lecture's code, and for fastgpt
-what ``--dtype auto`` picks on this machine (:func:`fastgpt.train.resolve_dtype`); plain PyTorch
+what ``--dtype auto`` picks on this machine (:func:`fastgpt.device.resolve_dtype`); plain PyTorch
 is compared with fastgpt at the same precision only.
 
 GPT-2 124M (:func:`run_gpt2`): fastgpt's GPT with :class:`fastgpt.model.GPTConfig`'s defaults at
@@ -33,7 +33,8 @@ from bench.naive import NaiveConfig, NaiveGPT
 from bench.plain import PlainGPT
 from fastgpt import perf
 from fastgpt.model import GPT, GPTConfig
-from fastgpt.train import autocast_context, peak_flops, resolve_dtype
+from fastgpt.device import autocast_context, resolve_dtype
+from fastgpt.perf import peak_flops
 
 SIDES = ("naive", "plain", "fastgpt")
 BASELINES = ("naive", "plain")  # the sides fastgpt is compared with

@@ -1,5 +1,5 @@
-"""The one source of the work figures: FLOPs of the model's ops and of a training step, and the
-data-sheet peaks of NVIDIA GPUs.
+"""The one source of the work figures: FLOPs of the model's ops and of a training step, the
+data-sheet peaks of NVIDIA GPUs, and a device's peak FLOP/s for MFU (:func:`peak_flops`).
 
 MFU in training (:mod:`fastgpt.train`), the benchmarks (``bench/``) and the model of a GPU step
 (:mod:`bench.step_model`) all count FLOPs with these functions, so that their figures agree.
@@ -11,8 +11,12 @@ backward recomputes the scores; the naive model computes the masked half too).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
+import time
 
+import torch
 import torch.nn as nn
 
 BACKWARD_FACTOR = 2  # a matmul's backward: two matmuls of its size (input and weight gradients)
@@ -91,3 +95,40 @@ def gpu_named(name: str) -> GPU:
         if spec.name == name:
             return spec
     raise ValueError(f"unknown GPU {name!r}; known: {', '.join(g.name for g in GPUS)}")
+
+
+def _time(fn, repeats: int = 5) -> float:
+    """Seconds of the fastest of ``repeats`` calls after one warm-up: a peak is a best case, and the
+    first calls in a process (thread-pool start, kernel selection) run slower."""
+    fn()
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _random_matrices(n: int):
+    """Two n x n matrices from a private generator: measuring must not move the global RNG."""
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(n, n, generator=gen), torch.randn(n, n, generator=gen)
+
+
+def peak_flops(device: torch.device, dtype: str) -> float:
+    """Peak FLOP/s for MFU: the data sheet's on NVIDIA GPUs (:data:`GPUS`; NaN for one
+    not listed); on a CPU, measured once with a large matmul."""
+    if device.type == "cuda":
+        spec = gpu(torch.cuda.get_device_name(device))
+        if spec is None:
+            return float("nan")
+        return spec.bf16_flops / (FLOAT32_FACTOR if dtype == "float32" else 1)
+    n = 2048
+    a, b = _random_matrices(n)
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bfloat16" else contextlib.nullcontext()
+
+    def matmul():
+        with ctx:
+            a @ b
+
+    return 2 * n**3 / _time(matmul)

@@ -16,7 +16,7 @@ import fastgpt_kernels
 from fastgpt import checkpoint, pretrained
 from fastgpt.data import GPT2Tokenizer, tokenizer_from_dict
 from fastgpt.model import GPT, GPTConfig
-from fastgpt.train import resolve_device
+from fastgpt.device import resolve_device
 
 
 def load_model(path: str | Path, device: torch.device):

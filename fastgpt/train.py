@@ -18,8 +18,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
-import random
 import signal
 import sys
 import time
@@ -32,6 +30,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import fastgpt_kernels
 from fastgpt import checkpoint, perf, pretrained
+from fastgpt.device import autocast_context, grad_scaler, run_dtype
+from fastgpt.distributed import (Distributed, any_rank, from_rank0, gather_rng_states, resume_rng, seed_rank,
+                                 setup_distributed)
 from fastgpt.data import DATASET_NAMES, load_dataset, tokenizer_from_dict
 from fastgpt.model import GPT, GPTConfig
 
@@ -119,128 +120,6 @@ class TrainingError(RuntimeError):
 
 
 # ------------------------------------------------------------------------------------------------
-# device, precision, peak FLOP/s
-# ------------------------------------------------------------------------------------------------
-
-def resolve_device(name: str) -> torch.device:
-    """``"auto"``: the current CUDA device if there is one, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but no CUDA device is available")
-    return device
-
-
-def _time(fn, repeats: int = 5) -> float:
-    """Seconds of the fastest of ``repeats`` calls after one warm-up: a peak is a best case, and the
-    first calls in a process (thread-pool start, kernel selection) run slower."""
-    fn()
-    best = math.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
-def _random_matrices(n: int):
-    """Two n x n matrices from a private generator: measuring must not move the global RNG."""
-    gen = torch.Generator().manual_seed(0)
-    return torch.randn(n, n, generator=gen), torch.randn(n, n, generator=gen)
-
-
-# CPU feature flags that mean bf16 matrix instructions, so bf16 autocast pays: AMX-BF16 and
-# AVX512-BF16 on x86 (the ``flags`` line of /proc/cpuinfo), FEAT_BF16 (BFMMLA) on aarch64 (``Features``).
-CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16", "bf16")
-
-
-def cpu_features(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> frozenset[str]:
-    """The CPU's feature flags from Linux's ``cpuinfo`` (the first ``flags`` or ``Features`` line);
-    empty on other systems or when the file cannot be read."""
-    if not sys.platform.startswith("linux"):
-        return frozenset()
-    try:
-        text = Path(cpuinfo).read_text()
-    except OSError:
-        return frozenset()
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):
-            return frozenset(value.split())
-    return frozenset()
-
-
-def auto_dtype(device: torch.device) -> tuple[str, str]:
-    """What ``--dtype auto`` trains in on ``device``, and why (for the log).
-
-    On a GPU: bfloat16 where supported, else float16 (with a GradScaler). On a CPU: bfloat16 when
-    it has bf16 matrix instructions (:data:`CPU_BF16_FLAGS`), else float32. Decided from what the
-    hardware is, never from a timing, so the same command trains in the same precision every run.
-    """
-    if device.type == "cuda":
-        if torch.cuda.is_bf16_supported():
-            return "bfloat16", "auto: the GPU supports bfloat16"
-        return "float16", "auto: the GPU lacks bfloat16, so float16 with a GradScaler"
-    features = cpu_features()
-    flag = next((f for f in CPU_BF16_FLAGS if f in features), None)
-    if flag is None:
-        return "float32", f"auto: the CPU has none of {', '.join(CPU_BF16_FLAGS)}"
-    return "bfloat16", f"auto: the CPU has {flag}"
-
-
-def resolve_dtype(name: str, device: torch.device) -> str:
-    """The precision to train in: ``name``, checked against ``device``, or for ``"auto"``
-    :func:`auto_dtype`'s choice."""
-    if name not in ("auto", "float32", "bfloat16", "float16"):
-        raise ValueError(f"unknown dtype {name!r}: expected auto, float32, bfloat16 or float16")
-    if device.type == "cpu" and name == "float16":
-        raise ValueError("float16 autocast is not supported on the CPU: use --dtype bfloat16 or float32")
-    return auto_dtype(device)[0] if name == "auto" else name
-
-
-def _run_dtype(name: str, device: torch.device, saved: str | None) -> tuple[str, str]:
-    """The run's precision and why: as asked; for ``"auto"`` on --resume the checkpoint's
-    (``saved``), so a run does not change precision halfway; else :func:`auto_dtype`'s."""
-    if name != "auto":
-        return resolve_dtype(name, device), f"--dtype {name}"
-    if saved is not None:
-        return resolve_dtype(saved, device), "auto on --resume: the checkpoint's"
-    return auto_dtype(device)
-
-
-def _grad_scaler(device: torch.device, dtype: str) -> torch.amp.GradScaler:
-    """A GradScaler, enabled for float16 only: small gradients underflow float16's narrow exponent
-    range, while bfloat16 has float32's."""
-    return torch.amp.GradScaler(device.type, enabled=(dtype == "float16"))
-
-
-def peak_flops(device: torch.device, dtype: str) -> float:
-    """Peak FLOP/s for MFU: the data sheet's on NVIDIA GPUs (:data:`fastgpt.perf.GPUS`; NaN for one
-    not listed); on a CPU, measured once with a large matmul."""
-    if device.type == "cuda":
-        spec = perf.gpu(torch.cuda.get_device_name(device))
-        if spec is None:
-            return float("nan")
-        return spec.bf16_flops / (perf.FLOAT32_FACTOR if dtype == "float32" else 1)
-    n = 2048
-    a, b = _random_matrices(n)
-    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bfloat16" else contextlib.nullcontext()
-
-    def matmul():
-        with ctx:
-            a @ b
-
-    return 2 * n**3 / _time(matmul)
-
-
-def autocast_context(device: torch.device, dtype: str):
-    if dtype == "float32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=getattr(torch, dtype))
-
-
-# ------------------------------------------------------------------------------------------------
 # schedule, evaluation, progress
 # ------------------------------------------------------------------------------------------------
 
@@ -301,115 +180,6 @@ class Progress:
 # the run
 # ------------------------------------------------------------------------------------------------
 
-@dataclass
-class _Distributed:
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-
-    @property
-    def master(self) -> bool:
-        return self.rank == 0
-
-
-def _setup_distributed(device_name: str) -> tuple[_Distributed, torch.device]:
-    if "RANK" not in os.environ:
-        return _Distributed(), resolve_device(device_name)
-    ddp = _Distributed(int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]))
-    use_cuda = torch.cuda.is_available() and device_name in ("auto", "cuda")
-    device = torch.device(f"cuda:{ddp.local_rank}") if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return ddp, device
-
-
-def seed_rank(seed: int, rank: int) -> None:
-    """Seed this process's global generators (torch's CPU and CUDA ones, Python's ``random``) with
-    ``seed + rank``, as nanoGPT does.
-
-    Each DDP rank then draws its own dropout masks (``nn.Dropout`` and the attention kernel's
-    dropout seed come from torch's generator), so the noise is independent across the global batch;
-    the initial weights still agree, as DDP broadcasts rank 0's at construction. The batch generator
-    is seeded apart, from ``seed`` alone, because every rank draws the same global batch.
-    """
-    torch.manual_seed(seed + rank)
-    random.seed(seed + rank)
-
-
-def _rng_state(device: torch.device) -> dict:
-    """This process's global RNG states: torch's CPU generator, Python's, and its CUDA device's."""
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _restore_rng(state: dict, device: torch.device) -> None:
-    """Set this process's global generators to ``state`` (from :func:`_rng_state`)."""
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def _gather_rng_states(ddp: _Distributed, device: torch.device) -> list[dict] | None:
-    """Every rank's :func:`_rng_state` in rank order on rank 0, None on the others. A collective:
-    with several ranks, every one must call it."""
-    state = _rng_state(device)
-    if ddp.world_size == 1:
-        return [state]
-    states = [None] * ddp.world_size if ddp.master else None
-    dist.gather_object(state, states, dst=0)
-    return states
-
-
-def _saved_rank_states(rng: dict, device: torch.device) -> list[dict]:
-    """The per-rank RNG states of a checkpoint's ``rng``. A checkpoint from before they were saved
-    per rank holds one process's states, with the CUDA states of all devices: it reads as one rank."""
-    if "ranks" in rng:
-        return rng["ranks"]
-    state = {"torch": rng["torch"], "python": rng["python"]}
-    if "cuda" in rng and device.type == "cuda":
-        state["cuda"] = rng["cuda"][torch.cuda.current_device() if device.index is None else device.index]
-    return [state]
-
-
-def _resume_rng(rng: dict, ddp: _Distributed, device: torch.device, seed: int, step: int, say) -> None:
-    """Restore this rank's RNG states from a checkpoint's ``rng``.
-
-    With another number of ranks than the checkpoint was saved by there is no state for each rank:
-    every rank is reseeded from ``seed``, its rank and ``step`` (reproducible, and distinct from the
-    seeds of this run's other ranks), and ``say`` tells so.
-    """
-    states = _saved_rank_states(rng, device)
-    if len(states) == ddp.world_size:
-        _restore_rng(states[ddp.rank], device)
-        return
-    say(f"note: the checkpoint holds the random states of {len(states)} process(es), this run has "
-        f"{ddp.world_size}: dropout is reseeded from seed {seed}, the rank and step {step}, so it "
-        "differs from an uninterrupted run")
-    seed_rank(seed + step * ddp.world_size, ddp.rank)
-
-
-def _any_rank(ddp: _Distributed, flag: bool, device: torch.device) -> bool:
-    """Whether ``flag`` holds on any rank. A collective: with several ranks, every one must call it."""
-    if ddp.world_size == 1:
-        return flag
-    votes = torch.tensor([int(flag)], device=device)
-    dist.all_reduce(votes, op=dist.ReduceOp.MAX)
-    return bool(votes.item())
-
-
-def _from_rank0(ddp: _Distributed, obj):
-    """Rank 0's ``obj`` on every rank. A collective: with several ranks, every one must call it."""
-    if ddp.world_size == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def _decide_backends(model, dataset, cfg: TrainConfig, block_size: int, device, amp) -> None:
     """One eager forward and backward of a training batch, so that ``auto`` decides which side serves
     each op (:func:`fastgpt_kernels.backend_decisions`) before torch.compile traces the model (it does
@@ -437,7 +207,7 @@ def _model_config(model_args: dict, vocab_size: int) -> GPTConfig:
 def train(cfg: TrainConfig, model_args: dict, explicit: frozenset = frozenset()) -> dict:
     """Run training; returns the final metrics. ``model_args`` holds GPTConfig fields (no vocab);
     ``explicit`` names the options the user set (to refuse changing a resumed model's shape)."""
-    ddp, device = _setup_distributed(cfg.device)
+    ddp, device = setup_distributed(cfg.device)
     try:
         with fastgpt_kernels.use_backend(cfg.backend):
             return _train(cfg, model_args, explicit, ddp, device)
@@ -446,7 +216,7 @@ def train(cfg: TrainConfig, model_args: dict, explicit: frozenset = frozenset())
             dist.destroy_process_group()
 
 
-def _train(cfg: TrainConfig, model_args: dict, explicit: frozenset, ddp: _Distributed, device) -> dict:
+def _train(cfg: TrainConfig, model_args: dict, explicit: frozenset, ddp: Distributed, device) -> dict:
     out_dir = Path(cfg.out_dir)
     seed_rank(cfg.seed, ddp.rank)
     progress = Progress(cfg.max_iters)
@@ -473,7 +243,7 @@ def _train(cfg: TrainConfig, model_args: dict, explicit: frozenset, ddp: _Distri
                              f"{saved['block_size']}")
         model_args = {**{k: saved[k] for k in MODEL_FIELDS}, "block_size": block_size,
                       "dropout": model_args["dropout"] if "dropout" in explicit else saved["dropout"]}
-    dtype, dtype_reason = _run_dtype(cfg.dtype, device, start.get("precision") if cfg.resume else None)
+    dtype, dtype_reason = run_dtype(cfg.dtype, device, start.get("precision") if cfg.resume else None)
     amp = autocast_context(device, dtype)
 
     # --- data ---------------------------------------------------------------------------------
@@ -498,7 +268,7 @@ def _train(cfg: TrainConfig, model_args: dict, explicit: frozenset, ddp: _Distri
         model = GPT(_model_config(model_args, vocab_size))
     model.to(device)
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device.type)
-    scaler = _grad_scaler(device, dtype)
+    scaler = grad_scaler(device, dtype)
     batch_gen = torch.Generator().manual_seed(cfg.seed)
     step, best_val = 0, float("inf")
     if cfg.resume:
@@ -506,7 +276,7 @@ def _train(cfg: TrainConfig, model_args: dict, explicit: frozenset, ddp: _Distri
         scaler.load_state_dict(start["scaler"])
         step, best_val = start["step"], start["best_val_loss"]
         batch_gen.set_state(start["rng"]["batches"])
-        _resume_rng(start["rng"], ddp, device, cfg.seed, step, say)
+        resume_rng(start["rng"], ddp, device, cfg.seed, step, say)
         say(f"resumed from {out_dir / 'last.pt'} at step {step}")
     elif cfg.init_from:
         origin = f"step {start['step']} of its run" if "step" in start else "Hugging Face GPT-2 weights"
@@ -525,7 +295,7 @@ def _train(cfg: TrainConfig, model_args: dict, explicit: frozenset, ddp: _Distri
 
     def save(name: str) -> None:
         """Every rank calls it: each one's RNG states go into the checkpoint, which rank 0 writes."""
-        rank_states = _gather_rng_states(ddp, device)
+        rank_states = gather_rng_states(ddp, device)
         if not ddp.master:
             return
         checkpoint.save(out_dir / name, {
@@ -550,7 +320,7 @@ def _train(cfg: TrainConfig, model_args: dict, explicit: frozenset, ddp: _Distri
     def run_eval() -> dict:
         nonlocal best_val, decisions_said
         # Rank 0's numbers on every rank: whether to save best.pt must be decided alike everywhere.
-        result = _from_rank0(ddp, evaluate(model, dataset, cfg, block_size, device, amp))
+        result = from_rank0(ddp, evaluate(model, dataset, cfg, block_size, device, amp))
         log({"step": step, **result})
         say(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
         decisions_said = _say_backends(decisions_said, say)
@@ -570,7 +340,7 @@ def _train(cfg: TrainConfig, model_args: dict, explicit: frozenset, ddp: _Distri
 
     previous_handler = signal.signal(signal.SIGINT, on_sigint)
     tokens_per_step = cfg.batch_size * block_size * cfg.gradient_accumulation_steps * ddp.world_size
-    peak = peak_flops(device, dtype)
+    peak = perf.peak_flops(device, dtype)
     result: dict = {}
     try:
         if cfg.eval_only:
@@ -621,7 +391,7 @@ def _train(cfg: TrainConfig, model_args: dict, explicit: frozenset, ddp: _Distri
                 decisions_said = _say_backends(decisions_said, say)
             if step % cfg.eval_interval == 0:
                 save("last.pt")
-            stopping = _any_rank(ddp, interrupted, device)
+            stopping = any_rank(ddp, interrupted, device)
         if stopping:
             say(f"interrupted at step {step}: saving {out_dir / 'last.pt'}")
             save("last.pt")

@@ -131,6 +131,7 @@ def _env(**overrides):
     return {**env, "OPENBLAS_NUM_THREADS": "1", **overrides}
 
 
+@pytest.mark.slow
 def test_python_m_bench_tiny_writes_every_figure_and_the_plots(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "bench", "--tiny", "--out", str(tmp_path)], cwd=ROOT, env=_env(),
                           capture_output=True, text=True, timeout=600)
@@ -176,6 +177,7 @@ def test_python_m_bench_tiny_writes_every_figure_and_the_plots(tmp_path):
     assert (tmp_path / "train_step.png").stat().st_size > 0 and (tmp_path / "ops_speedup.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_pytest_benchmark_file_runs_every_op_provider_and_pass():
     proc = subprocess.run([sys.executable, "-m", "pytest", "bench/test_op_benchmarks.py", "-q", "--benchmark-disable",
                            "-p", "no:cacheprovider"], cwd=ROOT, env=_env(FASTGPT_BENCH_SIZE="tiny"),

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # end-to-end: see the "slow" marker in pyproject.toml
 pytest.importorskip("triton")
 
 ROOT = Path(__file__).resolve().parents[1]

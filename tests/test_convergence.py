@@ -70,6 +70,7 @@ def exact():
     return start, *train(False, torch.float32)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
 def test_training_with_the_kernels_follows_plain_pytorch(exact, dtype):
     start, exact_losses, exact_params = exact

@@ -119,6 +119,7 @@ def test_the_docs_show_every_installed_command():
             "python -m bench", "python -m bench.gpu_report"} <= set(COMMANDS)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(COMMANDS))
 def test_documented_command_takes_its_documented_options(name, tmp_path_factory):
     outside = tmp_path_factory.mktemp("elsewhere")  # not the checkout: nothing imports from cwd

@@ -19,6 +19,8 @@ from bench import gpu_report
 from conftest import assert_processes_end
 from fastgpt_kernels import _dispatch, _processes, _tuning
 
+pytestmark = pytest.mark.slow  # end-to-end: see the "slow" marker in pyproject.toml
+
 ROOT = Path(__file__).resolve().parents[1]
 needs_kernels = pytest.mark.skipif(not _dispatch.INTERPRETED and not torch.cuda.is_available(),
                                    reason="needs the kernels to run")

@@ -221,6 +221,7 @@ DDP_SCRIPT = """
 """
 
 
+@pytest.mark.slow
 def test_under_torch_distributed_every_rank_takes_rank_0s_decision(tmp_path):
     import subprocess
     import sys

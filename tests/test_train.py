@@ -17,7 +17,8 @@ import pytest
 import torch
 
 import fastgpt_kernels
-from fastgpt import checkpoint, sample
+from fastgpt import checkpoint, distributed, perf, sample
+from fastgpt import device as devices
 from fastgpt import train as training
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -210,6 +211,7 @@ def assert_same_weights(actual, expected, **tolerance):
         torch.testing.assert_close(actual[name], expected[name], **(tolerance or dict(rtol=0, atol=0)), msg=name)
 
 
+@pytest.mark.slow
 def test_two_process_ddp_equals_one_process_with_the_global_batch(tmp_path, corpus):
     assert run_train(tmp_path, corpus, "--max_iters", "4", "--eval_interval", "4", "--batch_size", "8", out="one") == 0
     two = ddp_train(tmp_path, corpus, "--max_iters", "4", "--eval_interval", "4", out="two")
@@ -221,7 +223,7 @@ RANK_DRAWS = """
 import json, random, sys
 import torch
 import torch.distributed as dist
-from fastgpt.train import seed_rank
+from fastgpt.distributed import seed_rank
 from fastgpt_kernels.ops.attention import draw_rng_state
 
 dist.init_process_group("gloo")
@@ -237,6 +239,7 @@ dist.destroy_process_group()
 """
 
 
+@pytest.mark.slow
 def test_each_rank_draws_its_own_dropout_masks(tmp_path):
     script, result = tmp_path / "draws.py", tmp_path / "draws.json"
     script.write_text(RANK_DRAWS)
@@ -293,6 +296,7 @@ def test_checkpoint_with_the_old_single_process_rng_layout_resumes_exactly(tmp_p
     assert losses(metrics(tmp_path, "old")) == losses(metrics(tmp_path, "straight"))
 
 
+@pytest.mark.slow
 def test_ctrl_c_under_torchrun_stops_every_rank_and_saves_their_states(tmp_path, corpus):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(ROOT / "train.py"), "--dataset", str(corpus), "--data_dir", str(tmp_path / "cache"),
@@ -322,39 +326,39 @@ ARM_CPUINFO = "processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\nCPU implement
     (set(), "float32", "auto: the CPU has none of amx_bf16, avx512_bf16, bf16"),
 ])
 def test_auto_dtype_on_a_cpu_follows_its_bf16_feature_flags(monkeypatch, features, dtype, reason):
-    monkeypatch.setattr(training, "cpu_features", lambda: frozenset(features))
+    monkeypatch.setattr(devices, "cpu_features", lambda: frozenset(features))
     cpu = torch.device("cpu")
-    assert training.auto_dtype(cpu) == (dtype, reason)
-    assert training.resolve_dtype("auto", cpu) == dtype
+    assert devices.auto_dtype(cpu) == (dtype, reason)
+    assert devices.resolve_dtype("auto", cpu) == dtype
 
 
 def test_cpu_features_reads_x86_flags_and_arm_features(tmp_path):
     (tmp_path / "x86").write_text(X86_CPUINFO)
     (tmp_path / "arm").write_text(ARM_CPUINFO)
-    assert training.cpu_features(tmp_path / "x86") == {"fpu", "sse2", "avx2", "avx512f", "avx512_bf16"}
-    assert training.cpu_features(tmp_path / "arm") == {"fp", "asimd", "sve", "bf16", "i8mm"}
+    assert devices.cpu_features(tmp_path / "x86") == {"fpu", "sse2", "avx2", "avx512f", "avx512_bf16"}
+    assert devices.cpu_features(tmp_path / "arm") == {"fp", "asimd", "sve", "bf16", "i8mm"}
 
 
 def test_cpu_features_are_empty_off_linux_or_without_a_readable_cpuinfo(tmp_path, monkeypatch):
     (tmp_path / "x86").write_text(X86_CPUINFO)
     (tmp_path / "no_flags").write_text("processor\t: 0\n")
-    assert training.cpu_features(tmp_path / "missing") == frozenset()
-    assert training.cpu_features(tmp_path) == frozenset()  # a directory
-    assert training.cpu_features(tmp_path / "no_flags") == frozenset()
+    assert devices.cpu_features(tmp_path / "missing") == frozenset()
+    assert devices.cpu_features(tmp_path) == frozenset()  # a directory
+    assert devices.cpu_features(tmp_path / "no_flags") == frozenset()
     monkeypatch.setattr(sys, "platform", "darwin")
-    assert training.cpu_features(tmp_path / "x86") == frozenset()
-    assert training.auto_dtype(torch.device("cpu"))[0] == "float32"
+    assert devices.cpu_features(tmp_path / "x86") == frozenset()
+    assert devices.auto_dtype(torch.device("cpu"))[0] == "float32"
 
 
 def test_auto_dtype_gives_the_same_answer_on_every_call():
     cpu = torch.device("cpu")
-    answers = {training.resolve_dtype("auto", cpu) for _ in range(5)}
-    has_bf16 = bool(training.cpu_features() & set(training.CPU_BF16_FLAGS))
+    answers = {devices.resolve_dtype("auto", cpu) for _ in range(5)}
+    has_bf16 = bool(devices.cpu_features() & set(devices.CPU_BF16_FLAGS))
     assert answers == {"bfloat16" if has_bf16 else "float32"}
 
 
 def test_resume_with_dtype_auto_keeps_the_checkpoints_precision(tmp_path, corpus, capsys, monkeypatch):
-    monkeypatch.setattr(training, "cpu_features", lambda: frozenset())  # auto alone would pick float32
+    monkeypatch.setattr(devices, "cpu_features", lambda: frozenset())  # auto alone would pick float32
     assert run_train(tmp_path, corpus, "--max_iters", "2", "--eval_interval", "2", "--dtype", "bfloat16") == 0
     assert checkpoint.load(tmp_path / "run" / "last.pt")["precision"] == "bfloat16"
     assert "precision bfloat16 (--dtype bfloat16)" in capsys.readouterr().err
@@ -378,13 +382,13 @@ def fake_cuda(monkeypatch):
 
 def test_resolve_device_picks_cuda_only_where_it_is_available(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert training.resolve_device("auto") == torch.device("cpu")
+    assert devices.resolve_device("auto") == torch.device("cpu")
     with pytest.raises(ValueError, match="device 'cuda' requested but no CUDA device is available"):
-        training.resolve_device("cuda")
+        devices.resolve_device("cuda")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert training.resolve_device("auto") == torch.device("cuda")
-    assert training.resolve_device("cuda:1") == torch.device("cuda", 1)
-    assert training.resolve_device("cpu") == torch.device("cpu")
+    assert devices.resolve_device("auto") == torch.device("cuda")
+    assert devices.resolve_device("cuda:1") == torch.device("cuda", 1)
+    assert devices.resolve_device("cpu") == torch.device("cpu")
 
 
 @pytest.mark.parametrize("bf16_supported, dtype, scaled", [(True, "bfloat16", False), (False, "float16", True)])
@@ -392,11 +396,11 @@ def test_auto_dtype_on_a_gpu_is_bf16_where_supported_else_fp16_with_a_grad_scale
                                                                                   bf16_supported, dtype, scaled):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: bf16_supported)
     gpu = torch.device("cuda")
-    assert training.resolve_dtype("auto", gpu) == dtype
-    assert training.resolve_dtype("float16", gpu) == "float16"  # allowed on a GPU, unlike on the CPU
-    assert training._grad_scaler(gpu, dtype).is_enabled() == scaled
-    assert training._grad_scaler(gpu, "float16").is_enabled()
-    assert not training._grad_scaler(gpu, "float32").is_enabled()
+    assert devices.resolve_dtype("auto", gpu) == dtype
+    assert devices.resolve_dtype("float16", gpu) == "float16"  # allowed on a GPU, unlike on the CPU
+    assert devices.grad_scaler(gpu, dtype).is_enabled() == scaled
+    assert devices.grad_scaler(gpu, "float16").is_enabled()
+    assert not devices.grad_scaler(gpu, "float32").is_enabled()
 
 
 @pytest.mark.parametrize("name, dtype, peak", [
@@ -410,12 +414,12 @@ def test_auto_dtype_on_a_gpu_is_bf16_where_supported_else_fp16_with_a_grad_scale
 ])
 def test_peak_flops_looks_up_the_gpu_by_its_device_name(monkeypatch, name, dtype, peak):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
-    assert training.peak_flops(torch.device("cuda"), dtype) == peak
+    assert perf.peak_flops(torch.device("cuda"), dtype) == peak
 
 
 def test_peak_flops_of_an_unknown_gpu_is_nan(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some Future Accelerator")
-    assert math.isnan(training.peak_flops(torch.device("cuda"), "bfloat16"))
+    assert math.isnan(perf.peak_flops(torch.device("cuda"), "bfloat16"))
 
 
 @pytest.mark.parametrize("device_name, backend, device, set_device", [
@@ -428,8 +432,8 @@ def test_setup_distributed_under_torchrun_uses_nccl_and_the_local_rank_on_cuda(f
     monkeypatch.setenv("RANK", "3")
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "4")
-    monkeypatch.setattr(training.dist, "init_process_group", lambda backend: fake_cuda.append(("init", backend)))
-    ddp, got = training._setup_distributed(device_name)
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda backend: fake_cuda.append(("init", backend)))
+    ddp, got = distributed.setup_distributed(device_name)
     assert (ddp.rank, ddp.local_rank, ddp.world_size, ddp.master) == (3, 1, 4, False)
     assert got == device
     assert fake_cuda == [("set_device", device)] * set_device + [("init", backend)]
@@ -441,15 +445,15 @@ def test_rng_states_of_a_cuda_rank_are_saved_and_restored_for_its_own_device(fak
     monkeypatch.setattr(torch.cuda, "set_rng_state",
                         lambda state, device="cuda": fake_cuda.append(("set", state, device)))
     gpu1 = torch.device("cuda", 1)
-    saved = training._rng_state(gpu1)
+    saved = distributed.rng_state(gpu1)
     assert torch.equal(saved["cuda"], states[1]) and torch.equal(saved["torch"], torch.get_rng_state())
-    training._restore_rng(saved, gpu1)
+    distributed.restore_rng(saved, gpu1)
     assert fake_cuda == [("set", states[1], gpu1)]
     old_layout = {"torch": saved["torch"], "python": saved["python"], "batches": None, "cuda": [states[0], states[1]]}
-    assert torch.equal(training._saved_rank_states(old_layout, gpu1)[0]["cuda"], states[1])
+    assert torch.equal(distributed.saved_rank_states(old_layout, gpu1)[0]["cuda"], states[1])
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    assert torch.equal(training._saved_rank_states(old_layout, torch.device("cuda"))[0]["cuda"], states[0])
-    assert "cuda" not in training._saved_rank_states(old_layout, torch.device("cpu"))[0]
+    assert torch.equal(distributed.saved_rank_states(old_layout, torch.device("cuda"))[0]["cuda"], states[0])
+    assert "cuda" not in distributed.saved_rank_states(old_layout, torch.device("cpu"))[0]
 
 
 @pytest.mark.parametrize("args, message", [

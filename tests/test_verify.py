@@ -1,4 +1,5 @@
 """python -m fastgpt_kernels.tools.verify: the user-facing verification command."""
+import pytest
 import torch
 
 import fastgpt_kernels
@@ -7,6 +8,7 @@ from fastgpt_kernels.tools import verify
 from conftest import run_python
 
 
+@pytest.mark.slow
 def test_command_passes_and_starts_the_interpreter_itself():
     result = run_python("import sys; from fastgpt_kernels.tools import verify; sys.exit(verify.main(['--dtype', 'float32']))",
                         TRITON_INTERPRET=None, FASTGPT_BACKEND=None)
