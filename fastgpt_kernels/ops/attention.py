@@ -441,10 +441,9 @@ class Tile(NamedTuple):
 # in registers, so they take 8 warps where the tutorial takes 4 (on 4 warps they spill from D = 64,
 # as do the tutorial's backward tiles, dK/dV 32 x 128 and dQ 128 x 32, beyond the limits below).
 _CONFIGS = {
-    # BLOCK_M query rows per program, BLOCK_N keys per inner step.
-    # 64 x 64 on 4 warps spills on sm_80 in float32 at D = 64 with causal masking, with dropout at
-    # D = 64 under triton 3.6 (24 B), and at D = 128 under triton 3.5 (12 B); 64 x 32 and 64 x 64 on
-    # 8 warps cover those cases (the latter spills in float32 from D = 32 under triton 3.6).
+    # BLOCK_M query rows per program, BLOCK_N keys per inner step. A Tile's limits leave out the head
+    # dimensions where its config spills (docs/kernels.md, "Launch configs left out"); 64 x 32 and
+    # 64 x 64 on 8 warps cover those of 64 x 64 on 4 warps.
     "fwd": [
         Tile(triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3), 64, 32, 32),
         Tile(triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=8, num_stages=3), 128, 16, 128),
@@ -459,8 +458,8 @@ _CONFIGS = {
         Tile(triton.Config({"BLOCK_M": 16, "BLOCK_N": 64}, num_warps=8, num_stages=2), 64, 64, 64),
         Tile(triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=8, num_stages=3), 64, 16, 16),
     ],
-    # BLOCK_M query rows per program, BLOCK_N keys per inner step. 64 x 32 spills in float32 at
-    # D = 64 on sm_80 under triton 3.5 (16 B; with dropout too); 64 x 16 covers that case.
+    # BLOCK_M query rows per program, BLOCK_N keys per inner step; 64 x 16 covers the cases where
+    # 64 x 32 spills (docs/kernels.md).
     "dq": [
         Tile(triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2), 128, 32, 128),
         Tile(triton.Config({"BLOCK_M": 64, "BLOCK_N": 16}, num_warps=4, num_stages=2), 64, 64, 64),

@@ -229,8 +229,8 @@ def why_unsupported(x, fc_weight, fc_bias=None, proj_weight=None, proj_bias=None
 
 
 SPLIT_REDUCE_BLOCK = 1024  # elements per program of the split-K reduction
-# The configs of a weight gradient in K slices: 64 x 128 x 32 on 4 warps spills there (28 B on sm_80
-# under triton 3.9, ``python -m fastgpt_kernels.tools.compile_report``), where it does not without a split.
+# The configs of a weight gradient in K slices: all but 64 x 128 x 32 on 4 warps, which spills there
+# (docs/kernels.md, "Launch configs left out").
 SPLIT_CONFIGS = tuple(c for c in CONFIGS if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) != (64, 128, 4))
 
 

@@ -135,8 +135,8 @@ def _lce_reduce_kernel(Max_ptr, Sum_ptr, TLogit_ptr, T_ptr, Lse_ptr, Loss_ptr, M
     tl.store(Loss_ptr + rows, tl.where(ignored, 0.0, lse - target_logit), mask=row_ok)
 
 
-# The 64 x 128 tile on 4 warps holds too many float32 values live in the dz epilogue: 8 B of spills on
-# sm_80 under triton 3.5 (none under 3.6 to 3.9), so float32 logits leave it out.
+# The 64 x 128 tile on 4 warps holds too many float32 values live in the dz epilogue, so float32
+# logits leave it out (docs/kernels.md, "Launch configs left out").
 _FLOAT32_LOGITS_CONFIGS = tuple(c for c in CONFIGS if c is not CONFIGS[1])
 _LOGITS_CONFIGS = tuple(CONFIGS)
 
@@ -154,7 +154,7 @@ _logits = _tuning.autotuned("linear_cross_entropy.logits", _lce_logits_kernel, C
                             restore=("Max_ptr", "Sum_ptr"))
 _dx = _tuning.autotuned("linear_cross_entropy.dx", _matmul_kernel, CONFIGS, ["TOKENS_BUCKET", "N", "K"])
 # dweight (and dbias) accumulate over the chunks of rows: a tuning launch restores them after timing.
-# The 128 x 128 x 64 tile spills there in 16-bit dtypes (24 B on sm_80 under triton 3.5), so it is left out.
+# The 128 x 128 x 64 tile spills there in 16-bit dtypes, so it is left out (docs/kernels.md).
 DWEIGHT_CONFIGS = tuple(c for c in CONFIGS
                         if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) != (128, 128, 64))
 _dweight = _tuning.autotuned("linear_cross_entropy.dweight", _matmul_kernel, DWEIGHT_CONFIGS,
