@@ -15,7 +15,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from bench import gpu_report
+from bench.gpu_report import children, runner
+from bench.gpu_report import report as report_md
+from bench.gpu_report import stages as report_stages
 from conftest import assert_processes_end
 from fastgpt_kernels import _dispatch, _processes, _tuning
 
@@ -38,14 +40,14 @@ def test_the_tiny_report_runs_every_stage_on_cold_caches_and_writes_json_and_mar
     proc = subprocess.run([sys.executable, "-m", "bench.gpu_report", "--tiny", "--out", str(tmp_path)], cwd=ROOT,
                           env=_env(**cold), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    for i, name in enumerate(gpu_report.STAGES, 1):  # progress as each stage starts and ends
-        assert f"[{i}/{len(gpu_report.STAGES)}] {name}: " in proc.stdout
+    for i, name in enumerate(report_stages.STAGES, 1):  # progress as each stage starts and ends
+        assert f"[{i}/{len(report_stages.STAGES)}] {name}: " in proc.stdout
     report = json.loads((tmp_path / "report.json").read_text())
-    assert report["tiny"] and list(report["stages"]) == list(gpu_report.STAGES)
+    assert report["tiny"] and list(report["stages"]) == list(report_stages.STAGES)
     stages = report["stages"]
     for name, entry in stages.items():
         assert entry["status"] in ("ok", "skipped"), (name, entry["reason"], entry["output_tail"])
-        assert entry["seconds"] > 0 and entry["budget_s"] == gpu_report.STAGES[name].tiny_budget_s
+        assert entry["seconds"] > 0 and entry["budget_s"] == report_stages.STAGES[name].tiny_budget_s
         assert (tmp_path / "logs" / f"{name}.log").exists()
         compiles = entry["figures"]["compiles"]  # the interpreter compiles nothing: counted all the same
         assert set(compiles) == {"compiled", "from_disk", "seconds"}, name
@@ -63,22 +65,22 @@ def test_the_tiny_report_runs_every_stage_on_cold_caches_and_writes_json_and_mar
     ops_rows = stages["ops"]["figures"]["rows"]
     assert {r["provider"] for r in ops_rows} == {"naive", "unfused", "reference", "triton"}
     train = stages["train"]["figures"]
-    assert len(train["rows"]) == 2 * len(gpu_report.TRAIN_DROPOUTS) * len(gpu_report.TRAIN_VARIANTS)
-    assert {(r["variant"], r["against"]) for r in train["ratios"]} == set(gpu_report.TRAIN_RATIOS)
+    assert len(train["rows"]) == 2 * len(report_stages.TRAIN_DROPOUTS) * len(report_stages.TRAIN_VARIANTS)
+    assert {(r["variant"], r["against"]) for r in train["ratios"]} == set(report_stages.TRAIN_RATIOS)
     assert train["decisions"] == []  # CPU tensors: auto never races there
     compiled = stages["compiled"]["figures"]
     assert [r["backend"] for r in compiled["rows"]] == ["plain compiled", "triton"]
     assert compiled["ratios"][0]["against"] == "plain compiled" and compiled["ratios"][0]["speedup"] > 0
     assert all(r["tokens_per_s"] > 0 and r["first_step_s"] > 0 for r in train["rows"])
     assert set(train["autotuned"]) == set(_tuning.candidate_configs())
-    if gpu_report.find_sanitizer() is None or not torch.cuda.is_available():
+    if report_stages.find_sanitizer() is None or not torch.cuda.is_available():
         assert stages["sanitizer"]["status"] == "skipped"
         assert "compute-sanitizer" in stages["sanitizer"]["reason"] or "no CUDA device" in stages["sanitizer"]["reason"]
 
     md = (tmp_path / "report.md").read_text()
     assert md.startswith("# fastgpt GPU report: ") and report["date"] in md and f"torch {torch.__version__}" in md
     assert "its figures mean nothing" in md
-    for name in gpu_report.STAGES:
+    for name in report_stages.STAGES:
         assert f"\n## {name}: " in md
     assert "| layer_norm | M=64 N=32 | forward |" in md and "| 2 | 0.1 | triton |" in md
 
@@ -100,7 +102,7 @@ def test_a_crashing_and_a_hanging_stage_are_reported_and_the_next_stage_still_ru
         print("hanging", flush=True)
         time.sleep(300)
     """)
-    real_command = gpu_report.stage_command
+    real_command = children.stage_command
     fakes = {"verify": crash, "tests": hang}
 
     def command(name, tiny, deadline, result):
@@ -108,10 +110,10 @@ def test_a_crashing_and_a_hanging_stage_are_reported_and_the_next_stage_still_ru
             return [sys.executable, "-c", fakes[name], "--result", str(result)]
         return real_command(name, tiny, deadline, result)
 
-    monkeypatch.setattr(gpu_report, "stage_command", command)
-    monkeypatch.setitem(gpu_report.STAGES, "tests", dataclasses.replace(gpu_report.STAGES["tests"], tiny_budget_s=3))
+    monkeypatch.setattr(children, "stage_command", command)
+    monkeypatch.setitem(report_stages.STAGES, "tests", dataclasses.replace(report_stages.STAGES["tests"], tiny_budget_s=3))
     start = time.monotonic()
-    code = gpu_report.main(["--tiny", "--out", str(tmp_path), "--only", "verify", "--only", "tests",
+    code = runner.main(["--tiny", "--out", str(tmp_path), "--only", "verify", "--only", "tests",
                             "--only", "env"])
     assert code == 1
     assert time.monotonic() - start < 60
@@ -132,8 +134,8 @@ def test_a_crashing_and_a_hanging_stage_are_reported_and_the_next_stage_still_ru
 
 
 def test_the_default_budgets_fit_the_report_in_ten_minutes():
-    assert sum(stage.budget_s for stage in gpu_report.STAGES.values()) <= 10 * 60 - 10  # the parent's start-up
-    assert list(gpu_report.STAGES) == ["env", "warmup", "verify", "tests", "determinism", "ops", "train",
+    assert sum(stage.budget_s for stage in report_stages.STAGES.values()) <= 10 * 60 - 10  # the parent's start-up
+    assert list(report_stages.STAGES) == ["env", "warmup", "verify", "tests", "determinism", "ops", "train",
                                        "compiled", "sanitizer"]
 
 
@@ -141,16 +143,16 @@ def test_bad_options_are_refused(capsys):
     for argv, message in ((["--budget-scale", "0"], "--budget-scale must be positive, got 0.0"),
                           (["--only", "nothing"], "invalid choice: 'nothing'")):
         with pytest.raises(SystemExit):
-            gpu_report.parse_args(argv)
+            runner.parse_args(argv)
         assert message in capsys.readouterr().err
 
 
 def test_the_test_files_exist_and_the_tiny_selection_picks_tests_of_every_op():
-    for path in gpu_report.TEST_FILES:
+    for path in report_stages.TEST_FILES:
         assert (ROOT / path).is_file(), path
     for op in ("layer_norm", "attention", "gelu_mlp", "linear_cross_entropy"):
-        assert f"tests/test_{op}.py" in gpu_report.TEST_FILES
-        assert f"def test_backward_is_{gpu_report.TINY_TESTS}" in (ROOT / f"tests/test_{op}.py").read_text()
+        assert f"tests/test_{op}.py" in report_stages.TEST_FILES
+        assert f"def test_backward_is_{report_stages.TINY_TESTS}" in (ROOT / f"tests/test_{op}.py").read_text()
 
 
 @needs_kernels
@@ -160,7 +162,7 @@ def test_the_sanitizer_target_runs_every_config_of_every_kernel(tmp_path):
                            "--result", str(result)], cwd=ROOT, env=_env(TRITON_INTERPRET="1"), capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    figures = gpu_report.last_record(result)
+    figures = children.last_record(result)
     assert figures["status"] == "ok" and figures["failed"] == [] and figures["uncovered"] == []
     # one call runs one config of each of its op's kernels, so an op takes as many calls as its longest list
     most = max(len(configs) for configs in _tuning.candidate_configs().values())
@@ -170,7 +172,7 @@ def test_the_sanitizer_target_runs_every_config_of_every_kernel(tmp_path):
 def test_layer_norm_widths_select_every_launch_config():
     from fastgpt_kernels.ops import layer_norm
 
-    widths = gpu_report.layer_norm_widths()
+    widths = report_stages.layer_norm_widths()
     assert set(widths) == set(layer_norm.launch_configs())
     assert all(layer_norm.block_config(w) == config for config, w in widths.items())
 
@@ -181,27 +183,27 @@ def test_layer_norm_widths_select_every_launch_config():
 def test_stages_run_the_interpreter_only_without_a_gpu(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setenv("OPENBLAS_NUM_THREADS", "4")
-    assert "TRITON_INTERPRET" not in gpu_report.child_env(cuda=True)  # a GPU runs the kernels compiled
-    cpu = gpu_report.child_env(cuda=False)
+    assert "TRITON_INTERPRET" not in children.child_env(cuda=True)  # a GPU runs the kernels compiled
+    cpu = children.child_env(cuda=False)
     assert cpu["TRITON_INTERPRET"] == "1" and cpu["OPENBLAS_NUM_THREADS"] == "4"  # the user's setting wins
     monkeypatch.delenv("OPENBLAS_NUM_THREADS")
-    assert gpu_report.child_env(cuda=False)["OPENBLAS_NUM_THREADS"] == "1"
+    assert children.child_env(cuda=False)["OPENBLAS_NUM_THREADS"] == "1"
 
 
 @pytest.mark.parametrize("bf16, expected", [(True, "bfloat16"), (False, "float16")])
 def test_the_kernels_run_in_the_gpus_training_precision(monkeypatch, bf16, expected):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16)
-    assert gpu_report.low_precision(torch.device("cuda")) == expected
-    assert gpu_report.low_precision(torch.device("cpu")) == "bfloat16"  # through the interpreter's bf16 shim
+    assert report_stages.low_precision(torch.device("cuda")) == expected
+    assert report_stages.low_precision(torch.device("cpu")) == "bfloat16"  # through the interpreter's bf16 shim
 
 
 def test_kernel_device_is_the_gpu_when_there_is_one(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert gpu_report.kernel_device() == torch.device("cuda")
+    assert report_stages.kernel_device() == torch.device("cuda")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(_dispatch, "INTERPRETED", False)
     with pytest.raises(RuntimeError, match="no CUDA device and Triton's interpreter is off"):
-        gpu_report.kernel_device()
+        report_stages.kernel_device()
 
 
 def test_gpu_facts_come_from_the_device_properties_and_nvidia_smi(tmp_path, monkeypatch):
@@ -209,27 +211,27 @@ def test_gpu_facts_come_from_the_device_properties_and_nvidia_smi(tmp_path, monk
                             multi_processor_count=132)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
-    assert gpu_report.gpu_info(torch.device("cuda")) == {"name": "NVIDIA H200", "capability": "9.0",
+    assert report_stages.gpu_info(torch.device("cuda")) == {"name": "NVIDIA H200", "capability": "9.0",
                                                          "memory_gib": 139.7, "sms": 132, "bf16": True}
     smi = tmp_path / "nvidia-smi"
     smi.write_text("#!/bin/sh\necho '| NVIDIA-SMI 580.65.06   Driver Version: 580.65.06   CUDA Version: 13.0 |'\n")
     smi.chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
-    found = gpu_report.nvidia_smi()
+    found = report_stages.nvidia_smi()
     assert found["driver"] == "580.65.06" and found["cuda"] == "13.0" and "NVIDIA-SMI" in found["output"]
     monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
-    assert gpu_report.nvidia_smi() is None
+    assert report_stages.nvidia_smi() is None
 
 
 def test_untimed_triton_rows_fail_the_ops_stage_only_on_a_gpu():
     rows = [{"op": "attention", "shape": "B=1", "pass": "forward", "provider": "triton", "status": "needs a CUDA GPU"},
             {"op": "attention", "shape": "B=1", "pass": "forward", "provider": "reference", "status": "measured",
              "time_s": 2.0}]
-    assert gpu_report.untimed_kernels(rows, torch.device("cpu")) == []
-    assert gpu_report.untimed_kernels(rows, torch.device("cuda")) == ["attention forward: needs a CUDA GPU"]
+    assert report_stages.untimed_kernels(rows, torch.device("cpu")) == []
+    assert report_stages.untimed_kernels(rows, torch.device("cuda")) == ["attention forward: needs a CUDA GPU"]
     rows[0].update(status="measured", time_s=0.5)
-    assert gpu_report.untimed_kernels(rows, torch.device("cuda")) == []
-    assert gpu_report.op_ratios(rows) == [{"op": "attention", "shape": "B=1", "pass": "forward", "reference_s": 2.0,
+    assert report_stages.untimed_kernels(rows, torch.device("cuda")) == []
+    assert report_stages.op_ratios(rows) == [{"op": "attention", "shape": "B=1", "pass": "forward", "reference_s": 2.0,
                                            "triton_s": 0.5, "ratio": 4.0}]
 
 
@@ -242,7 +244,7 @@ def test_the_autotuners_choices_are_listed_per_kernel_and_key_those_from_disk_in
     monkeypatch.setattr(_tuning, "_REGISTRY", {"gelu_mlp.fwd": from_disk,
                                                "attention.fwd": _tuning.Tunable("attention.fwd",
                                                                                 SimpleNamespace(cache={}), ())})
-    assert gpu_report.autotuner_choices() == {"gelu_mlp.fwd": {str(key): _tuning.describe(config)}, "attention.fwd": {}}
+    assert report_stages.autotuner_choices() == {"gelu_mlp.fwd": {str(key): _tuning.describe(config)}, "attention.fwd": {}}
 
 
 def test_every_stage_counts_the_kernels_triton_compiles_and_loads(monkeypatch):
@@ -252,7 +254,7 @@ def test_every_stage_counts_the_kernels_triton_compiles_and_loads(monkeypatch):
     monkeypatch.setattr(triton.knobs.runtime, "jit_cache_hook", None)
     monkeypatch.setattr(triton.knobs.compilation, "listener", None)
     figures = {}
-    gpu_report.count_compiles(figures)
+    report_stages.count_compiles(figures)
     for cache_hit in (False, False, True):
         assert triton.knobs.runtime.jit_cache_hook(key=None, repr="k", fn=None, compile={}, is_manual_warmup=False,
                                                    already_compiled=False) is False  # True would skip the compile
@@ -283,18 +285,18 @@ def test_warmup_workers_share_every_config_the_later_stages_launch(monkeypatch, 
         if hasattr(fn, "warmup") or type(fn).__name__ == "InterpretedFunction":
             monkeypatch.setattr(fn, "warmup", lambda *args, grid, fn=fn, **meta: compiled.append(
                 (getattr(fn, "__name__", None) or fn.fn.__name__, tuple(sorted(meta.items())))), raising=False)
-    device = gpu_report.kernel_device()
-    calls = gpu_report.warmup_calls(True, device)
+    device = report_stages.kernel_device()
+    calls = report_stages.warmup_calls(True, device)
     assert any(label.startswith("train") for label, _ in calls) and any(" " in label for label, _ in calls)
     per_worker = []
     for index in range(parts):
         before = len(compiled)
-        with gpu_report.compile_only((index, parts)):
+        with report_stages.compile_only((index, parts)):
             for _, call in calls:
                 call()
         per_worker.append(compiled[before:])
     everything = [c for worker in per_worker for c in worker]
-    with gpu_report.compile_only((0, 1)):
+    with report_stages.compile_only((0, 1)):
         for _, call in calls:
             call()
     alone = compiled[len(everything):]
@@ -306,15 +308,15 @@ def test_warmup_workers_share_every_config_the_later_stages_launch(monkeypatch, 
 
 
 def test_sanitizer_summaries_are_read_from_its_output():
-    clean = gpu_report.sanitizer_summary("========= COMPUTE-SANITIZER\n========= ERROR SUMMARY: 0 errors\n")
+    clean = report_stages.sanitizer_summary("========= COMPUTE-SANITIZER\n========= ERROR SUMMARY: 0 errors\n")
     assert clean == {"summary": True, "errors": 0, "warnings": 0, "findings": []}
-    memcheck = gpu_report.sanitizer_summary(
+    memcheck = report_stages.sanitizer_summary(
         "========= Invalid __global__ read of size 2 bytes\n=========     at _layer_norm_fwd_kernel+0x1f0\n"
         "========= ERROR SUMMARY: 1 error\n")
     assert memcheck["errors"] == 1 and memcheck["findings"] == ["========= Invalid __global__ read of size 2 bytes"]
-    races = gpu_report.sanitizer_summary("========= RACECHECK SUMMARY: 3 hazards displayed (1 error, 2 warnings)\n")
+    races = report_stages.sanitizer_summary("========= RACECHECK SUMMARY: 3 hazards displayed (1 error, 2 warnings)\n")
     assert (races["errors"], races["warnings"]) == (1, 2)
-    assert not gpu_report.sanitizer_summary("Segmentation fault\n")["summary"]  # the tool never finished
+    assert not report_stages.sanitizer_summary("Segmentation fault\n")["summary"]  # the tool never finished
 
 
 @needs_kernels
@@ -337,25 +339,25 @@ def test_the_sanitizer_stage_runs_both_tools_over_the_target_and_reports_their_e
             sys.exit(code)
         print("========= Error: Race reported between Write access at _attention_bwd_dq_kernel+0x2c0")
         print("========= RACECHECK SUMMARY: 1 hazard displayed (1 error, 0 warnings)")
-        sys.exit({gpu_report.SANITIZER_ERROR_EXIT})
+        sys.exit({report_stages.SANITIZER_ERROR_EXIT})
     """))
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    run = gpu_report.StageRun(tiny=True, deadline=time.time() + 600, result=tmp_path / "sanitizer.result.jsonl")
-    assert gpu_report.stage_sanitizer(run) == "racecheck: 1 errors"
+    run = report_stages.StageRun(tiny=True, deadline=time.time() + 600, result=tmp_path / "sanitizer.result.jsonl")
+    assert report_stages.stage_sanitizer(run) == "racecheck: 1 errors"
     invoked = [json.loads(line) for line in calls.read_text().splitlines()]
     assert [c["args"][:4] for c in invoked] == [["--tool", tool, "--error-exitcode", "86"]
-                                               for tool in gpu_report.SANITIZER_TOOLS]
+                                               for tool in report_stages.SANITIZER_TOOLS]
     assert all(c["caching"] == "1" for c in invoked)
     assert all("sanitizer-target" in c["args"] and "--tiny" in c["args"] for c in invoked)
     memcheck, racecheck = run.figures["tools"]["memcheck"], run.figures["tools"]["racecheck"]
     assert memcheck["exit"] == 0 and memcheck["errors"] == 0 and memcheck["summary"]
     assert memcheck["target_failed"] == [] and memcheck["uncovered"] == [] and memcheck["target_calls"] > 0
-    assert racecheck["exit"] == gpu_report.SANITIZER_ERROR_EXIT and racecheck["errors"] == 1
+    assert racecheck["exit"] == report_stages.SANITIZER_ERROR_EXIT and racecheck["errors"] == 1
     assert racecheck["findings"] == ["========= Error: Race reported between Write access at "
                                      "_attention_bwd_dq_kernel+0x2c0"]
-    md = gpu_report._section_sanitizer(run.figures)
+    md = report_md._section_sanitizer(run.figures)
     assert "| racecheck | 86 | 1 | 0 | - | - |" in md
 
 
@@ -365,25 +367,25 @@ def test_compute_sanitizer_is_found_on_path_or_in_the_cuda_toolkit(tmp_path, mon
     monkeypatch.setenv("CUDA_HOME", str(tmp_path / "cuda"))
     if Path("/usr/local/cuda/bin/compute-sanitizer").exists():
         pytest.skip("this machine has a CUDA toolkit in /usr/local/cuda")
-    assert gpu_report.find_sanitizer() is None
+    assert report_stages.find_sanitizer() is None
     tool = tmp_path / "cuda" / "bin" / "compute-sanitizer"
     tool.parent.mkdir(parents=True)
     tool.write_text("#!/bin/sh\n")
     tool.chmod(0o755)
-    assert gpu_report.find_sanitizer() == str(tool)
+    assert report_stages.find_sanitizer() == str(tool)
     monkeypatch.setenv("PATH", str(tool.parent))
-    assert gpu_report.find_sanitizer() == str(tool)
+    assert report_stages.find_sanitizer() == str(tool)
 
 
 def test_the_sanitizer_stage_is_skipped_with_the_reason_where_it_cannot_run(monkeypatch):
-    monkeypatch.setattr(gpu_report, "find_sanitizer", lambda: None)
-    run = gpu_report.StageRun(tiny=True, deadline=time.time() + 10, result=None)
-    with pytest.raises(gpu_report.Skipped, match="compute-sanitizer is not installed"):
-        gpu_report.stage_sanitizer(run)
-    monkeypatch.setattr(gpu_report, "find_sanitizer", lambda: "/opt/cuda/bin/compute-sanitizer")
+    monkeypatch.setattr(report_stages, "find_sanitizer", lambda: None)
+    run = report_stages.StageRun(tiny=True, deadline=time.time() + 10, result=None)
+    with pytest.raises(report_stages.Skipped, match="compute-sanitizer is not installed"):
+        report_stages.stage_sanitizer(run)
+    monkeypatch.setattr(report_stages, "find_sanitizer", lambda: "/opt/cuda/bin/compute-sanitizer")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(gpu_report.Skipped, match="no CUDA device"):
-        gpu_report.stage_sanitizer(run)
+    with pytest.raises(report_stages.Skipped, match="no CUDA device"):
+        report_stages.stage_sanitizer(run)
 
 
 # --------------------------------------------------------------------------- stopping: no process left behind
@@ -450,7 +452,7 @@ def test_a_stage_past_its_deadline_ends_itself_and_what_it_started(tmp_path):
         stage.kill()
     assert seen, "the stage had started nothing by its deadline"
     assert_processes_end(sorted(seen), 3, "the stage's processes")
-    last = gpu_report.last_record(result)
+    last = children.last_record(result)
     assert last["status"] == "timeout" and "past its deadline" in last["reason"]
 
 
@@ -460,8 +462,8 @@ def test_without_a_gpu_the_report_says_so_at_once_and_how_to_rehearse(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "bench.gpu_report", "--out", str(tmp_path)], cwd=ROOT, env=_env(),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and time.monotonic() - start < 60
-    assert proc.stderr.strip() == gpu_report.NO_GPU and "--tiny" in gpu_report.NO_GPU
-    assert gpu_report.NO_GPU in (tmp_path / "report.md").read_text()
+    assert proc.stderr.strip() == runner.NO_GPU and "--tiny" in runner.NO_GPU
+    assert runner.NO_GPU in (tmp_path / "report.md").read_text()
     assert json.loads((tmp_path / "report.json").read_text())["stages"] == {}
 
 
@@ -471,16 +473,16 @@ def test_the_preflight_names_what_triton_needs_and_is_missing_in_one_line(monkey
 
     monkeypatch.delenv("CC", raising=False)
     monkeypatch.delenv("TRITON_LIBCUDA_PATH", raising=False)
-    monkeypatch.setattr(gpu_report.shutil, "which", lambda name: None)
+    monkeypatch.setattr(runner.shutil, "which", lambda name: None)
     monkeypatch.setattr(sysconfig, "get_paths", lambda: {"include": str(tmp_path)})
     monkeypatch.setattr(ctypes.util, "find_library", lambda name: None)
-    missing = gpu_report.preflight()
+    missing = runner.preflight()
     assert len(missing) == 3 and "\n" not in "; ".join(missing)
     assert "C compiler" in missing[0] and "Python.h" in missing[1] and "libcuda" in missing[2]
     (tmp_path / "Python.h").write_text("")
-    monkeypatch.setattr(gpu_report.shutil, "which", lambda name: f"/usr/bin/{name}" if name == "gcc" else None)
+    monkeypatch.setattr(runner.shutil, "which", lambda name: f"/usr/bin/{name}" if name == "gcc" else None)
     monkeypatch.setattr(ctypes.util, "find_library", lambda name: "libcuda.so.1")
-    assert gpu_report.preflight() == []
+    assert runner.preflight() == []
 
 
 def test_roofline_fractions_rate_each_measured_row_against_the_gpus_data_sheet():
@@ -490,9 +492,9 @@ def test_roofline_fractions_rate_each_measured_row_against_the_gpus_data_sheet()
     rows = [{"status": "measured", "tflops": h100.bf16_flops / 2e12, "gbps": None},  # half the FLOP peak
             {"status": "measured", "tflops": None, "gbps": h100.bandwidth / 4e9},  # a quarter of the bandwidth
             {"status": "needs a CUDA GPU"}]
-    gpu_report.roofline_fractions(rows, "NVIDIA H100 80GB HBM3")
+    report_stages.roofline_fractions(rows, "NVIDIA H100 80GB HBM3")
     assert [r["roofline"] for r in rows] == [pytest.approx(0.5), pytest.approx(0.25), None]
-    gpu_report.roofline_fractions(rows, None)  # no GPU: nothing to rate against
+    report_stages.roofline_fractions(rows, None)  # no GPU: nothing to rate against
     assert all(r["roofline"] is None for r in rows)
 
 
@@ -500,7 +502,7 @@ def test_the_warmup_stage_runs_its_workers_side_by_side_and_adds_up_their_compil
     """The warm-up's parent on the path a GPU takes, with stand-in workers that write what a worker
     records: each gets its share, the counts are summed, a failing worker is reported."""
     monkeypatch.setattr(_dispatch, "INTERPRETED", False)
-    monkeypatch.setattr(gpu_report, "WARMUP_WORKERS", 3)
+    monkeypatch.setattr(report_stages, "WARMUP_WORKERS", 3)
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
     worker = textwrap.dedent("""
         import json, sys
@@ -511,11 +513,11 @@ def test_the_warmup_stage_runs_its_workers_side_by_side_and_adds_up_their_compil
         open(args[args.index("--result") + 1], "a").write(json.dumps(figures) + "\\n")
         sys.exit(1 if index == 2 else 0)
     """)
-    monkeypatch.setattr(gpu_report, "stage_command", lambda name, tiny, deadline, result: [
+    monkeypatch.setattr(children, "stage_command", lambda name, tiny, deadline, result: [
         sys.executable, "-c", worker, "--result", str(result)])
-    run = gpu_report.StageRun(tiny=True, deadline=time.time() + 60, result=tmp_path / "warmup.result.jsonl")
-    problem = gpu_report.stage_warmup(run)
-    totals = gpu_report.last_record(run.result)["warmup"]
+    run = report_stages.StageRun(tiny=True, deadline=time.time() + 60, result=tmp_path / "warmup.result.jsonl")
+    problem = report_stages.stage_warmup(run)
+    totals = children.last_record(run.result)["warmup"]
     assert totals["workers"] == 3 and totals["asked"] == 33
     assert totals["compiled"] == 12 and totals["from_disk"] == 3 and totals["seconds"] == 4.5
     assert totals["failed"] == ["attention: CompilationError"] and problem == "1 warm-up call(s) failed to compile"
@@ -529,8 +531,8 @@ def test_on_a_gpu_a_missing_compiler_stops_the_report_in_one_line(tmp_path, monk
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(measure, "machine_info", lambda device: {"gpu": "stand-in GPU", "cpu": "cpu",
                                                                  "python": "3", "torch": "t", "triton": "3"})
-    monkeypatch.setattr(gpu_report, "preflight", lambda: ["a C compiler (cc, gcc or clang on PATH, or $CC)"])
-    assert gpu_report.main(["--out", str(tmp_path)]) == 2
+    monkeypatch.setattr(runner, "preflight", lambda: ["a C compiler (cc, gcc or clang on PATH, or $CC)"])
+    assert runner.main(["--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err == ("Triton cannot compile kernels on this machine; missing: "
                    "a C compiler (cc, gcc or clang on PATH, or $CC)")
@@ -547,6 +549,6 @@ def test_the_train_section_lists_autos_decisions_with_both_timings():
                              {"op": "attention", "shape_class": "(bfloat16 196608x64, True, 0.0, backward)",
                               "served": "kernel", "why": "deterministic algorithms: ...", "kernel_ms": None,
                               "torch_ms": None, "speedup": None}]}
-    md = "\n".join(gpu_report._section_train(figures))
+    md = "\n".join(report_md._section_train(figures))
     assert "| layer_norm | (bfloat16 16384x768, 1e-05, backward) | PyTorch | raced | 0.200 | 0.100 | 0.50x |" in md
     assert "| attention | (bfloat16 196608x64, True, 0.0, backward) | kernel | deterministic algorithms: ... | - | - | - |" in md
