@@ -1,15 +1,16 @@
 """The training loop: ``python train.py [options]`` (``--help`` lists them).
 
-Reads top to bottom: configuration, device and precision, data, model, optimizer, then the loop
-with gradient accumulation, clipping, periodic evaluation, logging and checkpoints. Multi-GPU and
-multi-node through ``torchrun`` (DistributedDataParallel: nccl on CUDA, gloo on CPU); only rank 0
-logs and saves.
+Reads top to bottom: configuration, data, model, optimizer, then the loop with gradient
+accumulation, clipping, periodic evaluation, logging and checkpoints. The device and precision
+come from :mod:`fastgpt.device`, the processes and their random states from
+:mod:`fastgpt.distributed`. Multi-GPU and multi-node through ``torchrun`` (DistributedDataParallel:
+nccl on CUDA, gloo on CPU); only rank 0 logs and saves.
 
 A run is reproducible and resumable: batches come from a ``torch.Generator`` seeded alike on every
-rank, dropout from each rank's own global generators (:func:`seed_rank`); the batch generator's
-state, every rank's global RNG states, the model, optimizer, scaler and precision are saved in every
-checkpoint, so ``--resume`` computes the same losses an uninterrupted run would. Evaluation uses its
-own generator and does not disturb the training stream.
+rank, dropout from each rank's own global generators (:func:`fastgpt.distributed.seed_rank`); the
+batch generator's state, every rank's global RNG states, the model, optimizer, scaler and precision
+are saved in every checkpoint, so ``--resume`` computes the same losses an uninterrupted run would.
+Evaluation uses its own generator and does not disturb the training stream.
 """
 from __future__ import annotations
 
@@ -30,10 +31,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import fastgpt_kernels
 from fastgpt import checkpoint, perf, pretrained
+from fastgpt.data import DATASET_NAMES, load_dataset, tokenizer_from_dict
 from fastgpt.device import autocast_context, grad_scaler, run_dtype
 from fastgpt.distributed import (Distributed, any_rank, from_rank0, gather_rng_states, resume_rng, seed_rank,
                                  setup_distributed)
-from fastgpt.data import DATASET_NAMES, load_dataset, tokenizer_from_dict
 from fastgpt.model import GPT, GPTConfig
 
 
