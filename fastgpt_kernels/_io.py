@@ -11,6 +11,7 @@ import contextlib
 import functools
 import json
 import os
+import re
 import secrets
 import warnings
 from collections.abc import Iterator
@@ -65,6 +66,18 @@ def cache_directory() -> Path | None:
             cache_unwritable(f"no home directory ({exc})")
             return None
     return None if directory == "off" else Path(directory)
+
+
+def cache_file(stem: str) -> Path | None:
+    """The cache file ``<stem>-<GPU name>.json`` (characters a file name should not hold replaced)
+    in :func:`cache_directory`; None when there is none. Every cache is kept per GPU."""
+    import torch
+
+    directory = cache_directory()
+    if directory is None:
+        return None
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return directory / (re.sub(r"[^A-Za-z0-9._-]+", "_", f"{stem}-{device}") + ".json")
 
 
 _unwritable: list[str] = []  # why the cache could not be written, once it could not

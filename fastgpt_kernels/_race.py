@@ -31,7 +31,6 @@ import dataclasses
 import hashlib
 import inspect
 import math
-import re
 import sys
 import time
 from pathlib import Path
@@ -256,12 +255,7 @@ def decisions_file() -> Path | None:
     """The file of decisions: one per GPU, torch and triton version, in the kernels' cache directory."""
     import triton
 
-    directory = _io.cache_directory()
-    if directory is None:
-        return None
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    name = f"backends-torch-{torch.__version__}-triton-{triton.__version__}-{device}"
-    return directory / (re.sub(r"[^A-Za-z0-9._-]+", "_", name) + ".json")
+    return _io.cache_file(f"backends-torch-{torch.__version__}-triton-{triton.__version__}")
 
 
 def _source(op: str) -> str:

@@ -28,7 +28,6 @@ import contextlib
 import dataclasses
 import hashlib
 import inspect
-import re
 from pathlib import Path
 from typing import Callable
 
@@ -256,14 +255,9 @@ def compile_launch(launch: tuple, part: tuple[int, int] = (0, 1)) -> int:
 def cache_file() -> Path | None:
     """The file holding this process's autotuning choices: one per triton version and GPU, in
     :func:`fastgpt_kernels._io.cache_directory` (None when there is none)."""
-    import torch
     import triton
 
-    directory = _io.cache_directory()
-    if directory is None:
-        return None
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    return directory / (re.sub(r"[^A-Za-z0-9._-]+", "_", f"triton-{triton.__version__}-{device}") + ".json")
+    return _io.cache_file(f"triton-{triton.__version__}")
 
 
 def _read_cache(path: Path | None) -> dict:
