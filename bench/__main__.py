@@ -214,7 +214,7 @@ def plot(results: dict, out: Path) -> list[Path] | None:
         base = {(r["op"], r["pass"]): r["time_s"] for r in measured if r["provider"] == ops.baseline(r["op"])}
         short = {"forward": "fwd", "backward": "bwd", "forward+backward": "fwd+bwd"}
         bars = [(f"{r['op']}\n{short[r['pass']]}\n{r['provider']}", base[r["op"], r["pass"]] / r["time_s"])
-                for r in measured if r["provider"] != ops.baseline(r["op"])]
+                for r in measured if r["provider"] != ops.baseline(r["op"]) and (r["op"], r["pass"]) in base]
         fig, axis = plt.subplots(figsize=(max(6, 0.7 * len(bars)), 4))
         axis.bar(range(len(bars)), [b[1] for b in bars])
         axis.axhline(1.0, color="grey", linewidth=0.8)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import statistics
@@ -84,48 +85,47 @@ def stubbed_launches():
     _tuning._autotuner_can_time = lambda: True
     _tuning.cache_file = lambda: None  # these made-up choices are never kept on disk
     chosen = {}
-    for name, tunable in _tuning._REGISTRY.items():
+    for name, tunable in _tuning.tunables().items():
         tunable.tuner._bench = lambda *args, config, **meta: [1.0, 1.0, 1.0]
         chosen[name], tunable.chosen = tunable.chosen, {}
     try:
         yield launches
     finally:
         InterpretedFunction.run, _tuning._autotuner_can_time, _tuning.cache_file = originals
-        for name, tunable in _tuning._REGISTRY.items():
+        for name, tunable in _tuning.tunables().items():
             del tunable.tuner._bench  # the instance attribute set above: the class's method shows again
             tunable.chosen = chosen[name]
 
 
+def _dispatched_arguments(call) -> tuple:
+    """The arguments ``call`` (a public op) hands the dispatcher: what the op's PyTorch reference takes."""
+    from fastgpt_kernels import _dispatch
+
+    seen, original = [], _dispatch.call
+    _dispatch.call = lambda op, *args: seen.append(args) or original(op, *args)
+    try:
+        call()
+    finally:
+        _dispatch.call = original
+    return seen[0]
+
+
 def op_calls(tokens: int, vocab: int = 128, width: int = 768, heads: int = 12, device="cpu") -> dict:
-    """Per op: ``(kernels call, the PyTorch op the torch backend runs, inputs)`` at GPT-2 124M's widths
-    (or ``width`` and ``heads``) over ``tokens`` tokens (bfloat16, as in training under autocast).
-    The vocabulary is smaller than GPT-2's by default: on a CPU, zeroing and copying its 77 MB
-    weight gradient would be counted as host time, where a GPU runs it as a kernel."""
+    """Per op of the registry: ``(kernels call, the PyTorch op the torch backend runs, inputs)`` at
+    GPT-2 124M's widths (or ``width`` and ``heads``) over ``tokens`` tokens (each declaration's
+    ``step_dims``; bfloat16, as in training under autocast). The vocabulary is smaller than GPT-2's by
+    default: on a CPU, zeroing and copying its 77 MB weight gradient would be counted as host time,
+    where a GPU runs it as a kernel."""
     import fastgpt_kernels
-    from fastgpt_kernels import reference
+    from fastgpt_kernels import reference, registry
 
-    dtype = torch.bfloat16
-    gen = torch.Generator().manual_seed(0)
-
-    def leaf(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=gen) * scale).to(device=device, dtype=dtype).requires_grad_()
-
-    C, H = width, heads
-    T = min(tokens, 1024)
-    B = max(1, tokens // T)
-    x, w, b = leaf(tokens, C), leaf(C), leaf(C)
-    q, k, v = leaf(B, H, T, C // H), leaf(B, H, T, C // H), leaf(B, H, T, C // H)
-    w1, b1, w2, b2 = leaf(4 * C, C, scale=0.02), leaf(4 * C), leaf(C, 4 * C, scale=0.02), leaf(C)
-    wte = leaf(vocab, C, scale=0.02)
-    targets = torch.randint(vocab, (tokens,), generator=gen).to(device)
-    return {
-        "layer_norm": (lambda: fastgpt_kernels.layer_norm(x, w, b), lambda: reference.layer_norm(x, w, b), (x, w, b)),
-        "attention": (lambda: fastgpt_kernels.attention(q, k, v), lambda: reference.attention(q, k, v), (q, k, v)),
-        "gelu_mlp": (lambda: fastgpt_kernels.gelu_mlp(x, w1, b1, w2, b2), lambda: reference.gelu_mlp(x, w1, b1, w2, b2),
-                     (x, w1, b1, w2, b2)),
-        "linear_cross_entropy": (lambda: fastgpt_kernels.linear_cross_entropy(x, wte, targets),
-                                 lambda: reference.linear_cross_entropy(x, wte, None, targets), (x, wte)),
-    }
+    calls = {}
+    for declared in registry.declarations():
+        inputs = declared.bench_inputs(declared.step_dims(tokens, width, heads, vocab), torch.bfloat16, device)
+        call = functools.partial(getattr(fastgpt_kernels, declared.NAME), **inputs)
+        direct = functools.partial(getattr(reference, declared.NAME), *_dispatched_arguments(call))
+        calls[declared.NAME] = (call, direct, tuple(t for t in inputs.values() if t.requires_grad))
+    return calls
 
 
 def host_costs(tokens: int, repeats: int) -> list[dict]:

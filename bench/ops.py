@@ -35,38 +35,31 @@ import fastgpt_kernels
 from bench import measure, train_step
 from bench.naive import masked_head_attention
 from fastgpt import perf
-from fastgpt_kernels import reference
+from fastgpt_kernels import reference, registry
 
-OPS = ("attention", "layer_norm", "gelu_mlp", "linear_cross_entropy")
+OPS = registry.OPS
 PASSES = ("forward", "backward", "forward+backward")
 NEEDS_GPU = "needs a CUDA GPU"
 
-# One shape per op and run size; at full size the widths are the lecture model's (6 heads of 64,
-# 384 wide, MLP 4x) at context 1024, where the naive model's (T, T) matrices dominate; "gpt2" is a
-# GPT-2 124M training step's (batch 16, context 1024, 12 heads of 64, 768 wide), for GPUs. The
-# loss always has GPT-2's width and vocabulary (C=768, V=50257) but at tiny size, with as many
-# rows as a CPU computes in seconds (M=512, 2048), and a GPT-2 step's 16384 rows for GPUs.
-GPT2_VOCAB = 50257
-SHAPES = {
-    "tiny": {"attention": dict(B=1, H=2, T=32, D=16), "layer_norm": dict(M=64, N=32),
-             "gelu_mlp": dict(M=64, C=32, Hd=128), "linear_cross_entropy": dict(M=64, C=32, V=128)},
-    "quick": {"attention": dict(B=1, H=6, T=1024, D=64), "layer_norm": dict(M=1024, N=384),
-              "gelu_mlp": dict(M=1024, C=384, Hd=1536), "linear_cross_entropy": dict(M=512, C=768, V=GPT2_VOCAB)},
-    "full": {"attention": dict(B=4, H=6, T=1024, D=64), "layer_norm": dict(M=4096, N=384),
-             "gelu_mlp": dict(M=4096, C=384, Hd=1536), "linear_cross_entropy": dict(M=2048, C=768, V=GPT2_VOCAB)},
-    "gpt2": {"attention": dict(B=16, H=12, T=1024, D=64), "layer_norm": dict(M=16384, N=768),
-             "gelu_mlp": dict(M=16384, C=768, Hd=3072), "linear_cross_entropy": dict(M=16384, C=768, V=GPT2_VOCAB)},
-}
+# One shape per op and run size, from each op's declaration (``BENCH_SHAPES``): at full size the
+# widths are the lecture model's (6 heads of 64, 384 wide, MLP 4x) at context 1024, where the naive
+# model's (T, T) matrices dominate; "gpt2" is a GPT-2 124M training step's (batch 16, context 1024,
+# 12 heads of 64, 768 wide), for GPUs. The loss always has GPT-2's width and vocabulary.
+SHAPES = {size: {op: registry.declaration(op).BENCH_SHAPES[size] for op in OPS}
+          for size in ("tiny", "quick", "full", "gpt2")}
 
 
-def baseline(op: str) -> str:
-    """The provider fastgpt's op is compared with: ``unfused`` for the loss, ``naive`` for the others."""
+def baseline(op: str) -> str | None:
+    """The provider fastgpt's op is compared with: ``unfused`` for the loss, ``naive`` for the others
+    (None for an op this module has no plain-PyTorch version of: its reference is the baseline)."""
+    if op not in _BASELINES:
+        return None
     return "unfused" if op == "linear_cross_entropy" else "naive"
 
 
-def providers(op: str) -> tuple[str, str, str]:
-    """The providers timed for ``op``: its baseline, the reference and Triton."""
-    return baseline(op), "reference", "triton"
+def providers(op: str) -> tuple[str, ...]:
+    """The providers timed for ``op``: its baseline (where it has one), the reference and Triton."""
+    return tuple(p for p in (baseline(op), "reference", "triton") if p is not None)
 
 
 def timing_dtype(device: torch.device) -> torch.dtype:
@@ -99,27 +92,8 @@ class OpCase:
 
 
 def make_inputs(case: OpCase, device, seed: int = 0) -> dict[str, torch.Tensor]:
-    """The op's tensor arguments, the floating ones requiring grad, drawn from a private generator."""
-    gen = torch.Generator().manual_seed(seed)
-
-    def randn(*shape, scale=1.0):
-        t = torch.randn(*shape, generator=gen) * scale
-        return t.to(device=device, dtype=case.dtype).requires_grad_()
-
-    d = case.dims
-    if case.op == "attention":
-        return {name: randn(d["B"], d["H"], d["T"], d["D"]) for name in ("q", "k", "v")}
-    if case.op == "layer_norm":
-        return {"x": randn(d["M"], d["N"]), "weight": randn(d["N"], scale=0.1) + 1, "bias": randn(d["N"], scale=0.1)}
-    if case.op == "gelu_mlp":
-        return {"x": randn(d["M"], d["C"]), "fc_weight": randn(d["Hd"], d["C"], scale=d["C"] ** -0.5),
-                "fc_bias": randn(d["Hd"], scale=0.1), "proj_weight": randn(d["C"], d["Hd"], scale=d["Hd"] ** -0.5),
-                "proj_bias": randn(d["C"], scale=0.1)}
-    if case.op == "linear_cross_entropy":
-        # GPT-2's initialisation (std 0.02) of the tied lm_head; the final LayerNorm's output is about unit.
-        return {"x": randn(d["M"], d["C"]), "weight": randn(d["V"], d["C"], scale=0.02),
-                "targets": torch.randint(d["V"], (d["M"],), generator=gen).to(device)}
-    raise ValueError(f"unknown op {case.op!r}: expected one of {', '.join(OPS)}")
+    """The op's arguments from its declaration (``bench_inputs``), the floating ones leaves requiring grad."""
+    return registry.declaration(case.op).bench_inputs(case.dims, case.dtype, device, seed)
 
 
 @functools.lru_cache(maxsize=8)

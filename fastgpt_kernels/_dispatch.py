@@ -25,11 +25,10 @@ import warnings
 import torch
 
 from . import _race, reference
+from .registry import OPS
 
 BACKENDS = ("auto", "triton", "torch")
 
-# Ops with a Triton implementation in fastgpt_kernels/ops/<op>.py.
-OPS = ("layer_norm", "attention", "gelu_mlp", "linear_cross_entropy")
 # The oldest triton the kernels are compiled and checked with (pyproject.toml declares the same).
 TRITON_FLOOR = (3, 5)
 

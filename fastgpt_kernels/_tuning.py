@@ -79,6 +79,12 @@ def autotuned(name: str, kernel, configs, key: list[str], prune: Callable | None
     return _REGISTRY[name]
 
 
+def tunables() -> dict[str, Tunable]:
+    """Every autotuned kernel by name (its tuner, configs and choices), in registration order: for
+    the tools and tests that inspect or reset the choices."""
+    return _REGISTRY
+
+
 def candidate_configs() -> dict[str, tuple]:
     """Every autotuned kernel's name and its candidate configs (``triton.Config``), in the order
     the ops list them: the configs :func:`use_configs` may pin."""

@@ -3,7 +3,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastgpt_kernels.tools.specs import CompileSpec
+from fastgpt_kernels.registry import CompileSpec
 
 
 @triton.jit

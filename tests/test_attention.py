@@ -13,7 +13,8 @@ from fastgpt_kernels import _dispatch, reference
 from fastgpt_kernels.ops import attention as attn
 from fastgpt_kernels.tools import traffic
 from fastgpt_kernels.tools.dropout import dropout_mask
-from fastgpt_kernels.tools.verify import assert_close_to_exact, assert_pass, attention_checks
+from fastgpt_kernels.registry.attention import checks as attention_checks
+from fastgpt_kernels.tools.checking import assert_close_to_exact, assert_pass
 
 FP16 = torch.float16
 
@@ -85,7 +86,7 @@ def test_softmax_scale_given_and_default():
 
 ALL_TILES = [pytest.param(kind, tile, id=f"{kind}-{tile.config.kwargs['BLOCK_M']}x{tile.config.kwargs['BLOCK_N']}"
                           f"-w{tile.config.num_warps}")
-             for kind in attn.KINDS for tile in attn._CONFIGS[kind]]
+             for kind in attn.KINDS for tile in attn.TILES[kind]]
 
 
 @pytest.mark.parametrize("kind, tile", ALL_TILES)
@@ -101,13 +102,13 @@ def test_every_config(kind, tile):
 
 def test_configs_cover_the_autotuner_and_are_pruned_by_head_dim_and_dropout():
     for kind, tuned in (("fwd", attn._attention_fwd), ("dkdv", attn._attention_bwd_dkdv), ("dq", attn._attention_bwd_dq)):
-        assert list(tuned.configs) == [tile.config for tile in attn._CONFIGS[kind]] == tuned.tuner.configs
+        assert list(tuned.configs) == [tile.config for tile in attn.TILES[kind]] == tuned.tuner.configs
         for D in (8, 16, 48, 64, 80, 128):
             for dtype in (FP16, torch.bfloat16) + ((torch.float32,) if D <= 64 else ()):
                 for dropout in (False, True):
                     allowed = attn.configs(kind, D, dtype, 4096, dropout)
                     assert allowed, (kind, D, dtype, dropout)
-                    for tile in attn._CONFIGS[kind]:
+                    for tile in attn.TILES[kind]:
                         limit = tile.max_d_fp32 if dtype == torch.float32 else tile.max_d
                         if dropout:
                             limit = min(limit, tile.max_d_dropout)
@@ -119,12 +120,12 @@ def test_configs_cover_the_autotuner_and_are_pruned_by_head_dim_and_dropout():
 
 
 def test_a_pruned_config_cannot_be_forced():
-    big = next(tile.config for tile in attn._CONFIGS["dkdv"] if tile.max_d < 128)
+    big = next(tile.config for tile in attn.TILES["dkdv"] if tile.max_d < 128)
     q, k, v = qkv(T=17, D=128, dtype=FP16, requires_grad=True)
     with fastgpt_kernels.use_configs({"attention.dkdv": big}), fastgpt_kernels.use_backend("triton"), \
             pytest.raises(ValueError, match="does not fit"):
         fastgpt_kernels.attention(q, k, v).sum().backward()
-    narrower_with_dropout = next(tile for tile in attn._CONFIGS["fwd"] if tile.max_d_dropout < tile.max_d)
+    narrower_with_dropout = next(tile for tile in attn.TILES["fwd"] if tile.max_d_dropout < tile.max_d)
     q, k, v = qkv(T=17, D=narrower_with_dropout.max_d, dtype=FP16)
     with fastgpt_kernels.use_configs({"attention.fwd": narrower_with_dropout.config}), fastgpt_kernels.use_backend("triton"), \
             pytest.raises(ValueError, match="does not fit"):
@@ -313,7 +314,7 @@ def test_forward_memory_traffic_is_linear_in_T(capsys):
     T, D = 512, 64
     q, k, v = qkv(T=T, D=D, H=1, dtype=FP16)
     qkvo = 4 * T * D * 2
-    config = next(tile.config for tile in attn._CONFIGS["fwd"] if tile.config.kwargs["BLOCK_M"] == 128)
+    config = next(tile.config for tile in attn.TILES["fwd"] if tile.config.kwargs["BLOCK_M"] == 128)
     with fastgpt_kernels.use_configs({"attention.fwd": config}), fastgpt_kernels.use_backend("triton"), \
             traffic.count_memory_traffic() as kernel:
         out = fastgpt_kernels.attention(q, k, v)

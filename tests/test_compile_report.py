@@ -169,9 +169,9 @@ def test_main_reruns_itself_without_the_interpreter(tmp_path):
 def report_of_every_config(op: str, tmp_path) -> list[str]:
     """The output lines of ``python -m fastgpt_kernels.tools.compile_report --op op``, once it has compiled every
     spec of the op for both architectures with no problem."""
-    from fastgpt_kernels.tools import specs as op_specs
+    from fastgpt_kernels import registry
 
-    specs = list(op_specs.SPECS[op]())
+    specs = list(registry.declaration(op).compile_specs())
     proc = subprocess.run([sys.executable, "-m", "fastgpt_kernels.tools.compile_report", "--op", op, "--jobs", "2"],
                           cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-3000:]
@@ -192,7 +192,7 @@ def test_every_attention_config_compiles_fits_and_uses_tensor_cores(tmp_path):
 
     lines = report_of_every_config("attention", tmp_path)
     for kind in attn.KINDS:
-        for tile in attn._CONFIGS[kind]:
+        for tile in attn.TILES[kind]:
             label = f"{kind} {_tuning.describe(tile.config)} "
             for arch, tensor_cores in (("sm_80", "HMMA"), ("sm_90a", "HGMMA")):
                 rows = [line for line in lines if label in line and f" {arch} " in line]

@@ -11,7 +11,8 @@ from fastgpt_kernels import _dispatch, _tuning
 from fastgpt_kernels.ops import gelu_mlp as gm
 from fastgpt_kernels.ops import _gemm
 from fastgpt_kernels.ops._gemm import needs_wide
-from fastgpt_kernels.tools.verify import assert_close_to_exact, assert_pass, gelu_mlp_checks
+from fastgpt_kernels.registry.gelu_mlp import checks as gelu_mlp_checks
+from fastgpt_kernels.tools.checking import assert_close_to_exact, assert_pass
 
 ROWS = [1, 7, 100, 257]
 WIDTHS = [16, 48, 100, 128]

@@ -169,14 +169,6 @@ def test_the_sanitizer_target_runs_every_config_of_every_kernel(tmp_path):
     assert figures["calls"] == proc.stdout.count(": ok") >= most
 
 
-def test_layer_norm_widths_select_every_launch_config():
-    from fastgpt_kernels.ops import layer_norm
-
-    widths = report_stages.layer_norm_widths()
-    assert set(widths) == set(layer_norm.launch_configs())
-    assert all(layer_norm.block_config(w) == config for config, w in widths.items())
-
-
 # --------------------------------------------------------------------------- CUDA-only branches
 
 
@@ -274,12 +266,12 @@ def test_warmup_workers_share_every_config_the_later_stages_launch(monkeypatch, 
 
     monkeypatch.setattr(_tuning, "_autotuner_can_time", lambda: True)
     monkeypatch.setattr(_tuning, "SMALL_TOKENS", 0)  # the tiny shapes' launches await tuning, as GPT-2's do
-    for tunable in _tuning._REGISTRY.values():
+    for tunable in _tuning.tunables().values():
         monkeypatch.setattr(tunable, "chosen", {})
     compiled = []
     jitted = {id(fn): fn for op in _dispatch.OPS for fn in vars(_dispatch.kernel_module(op)).values()
               if hasattr(fn, "fn") or type(fn).__name__ in ("JITFunction", "InterpretedFunction")}
-    for tunable in _tuning._REGISTRY.values():
+    for tunable in _tuning.tunables().values():
         jitted[id(tunable.fn)] = tunable.fn
     for fn in jitted.values():
         if hasattr(fn, "warmup") or type(fn).__name__ == "InterpretedFunction":

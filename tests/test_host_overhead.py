@@ -20,8 +20,8 @@ def test_stubbed_launches_count_the_launches_compute_nothing_and_restore_everyth
         assert _tuning.cache_file() is None
     assert not torch.allclose(y, torch.nn.functional.layer_norm(x, (32,)))  # the kernel never ran
     assert (InterpretedFunction.run, _tuning._autotuner_can_time, _tuning.cache_file) == (run, can_time, cache_file)
-    assert all("_bench" not in vars(t.tuner) for t in _tuning._REGISTRY.values())
-    assert all(not t.chosen for t in _tuning._REGISTRY.values())  # the made-up choices are gone
+    assert all("_bench" not in vars(t.tuner) for t in _tuning.tunables().values())
+    assert all(not t.chosen for t in _tuning.tunables().values())  # the made-up choices are gone
     torch.testing.assert_close(fastgpt_kernels.layer_norm(x, None), torch.nn.functional.layer_norm(x, (32,)))
 
 

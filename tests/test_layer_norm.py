@@ -7,7 +7,8 @@ import torch
 import fastgpt_kernels
 from conftest import ALL_DTYPES, DEVICE, assert_backward_deterministic, output_mutants, scale_after_launch
 from fastgpt_kernels.ops import layer_norm as ln
-from fastgpt_kernels.tools.verify import assert_pass, layer_norm_checks
+from fastgpt_kernels.registry.layer_norm import checks as layer_norm_checks
+from fastgpt_kernels.tools.checking import assert_pass
 
 
 # Width 1 is degenerate (y = bias, dx = dweight = 0 exactly); width 2 is its partner with

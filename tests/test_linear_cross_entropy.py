@@ -10,7 +10,8 @@ import fastgpt_kernels
 from conftest import GRADIENT_FACTORS, ALL_DTYPES, DEVICE, assert_backward_deterministic, dtype_param
 from fastgpt_kernels import _dispatch, reference
 from fastgpt_kernels.ops import linear_cross_entropy as lce
-from fastgpt_kernels.tools.verify import assert_pass, linear_cross_entropy_checks
+from fastgpt_kernels.registry.linear_cross_entropy import checks as linear_cross_entropy_checks
+from fastgpt_kernels.tools.checking import assert_pass
 
 FP16 = torch.float16
 KERNELS = ("linear_cross_entropy.logits", "linear_cross_entropy.dx", "linear_cross_entropy.dweight")

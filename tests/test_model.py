@@ -11,7 +11,7 @@ from conftest import DEVICE, float32_tolerance
 from fastgpt import perf
 from fastgpt.model import GPT, GPTConfig
 from fastgpt_kernels import _dispatch, reference
-from fastgpt_kernels.tools.verify import assert_close_to_exact
+from fastgpt_kernels.tools.checking import assert_close_to_exact
 
 TINY = dict(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32)
 

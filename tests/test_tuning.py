@@ -15,7 +15,10 @@ import fastgpt_kernels
 from conftest import DEVICE
 from fastgpt_kernels import _dispatch, _io, _tuning
 from fastgpt_kernels.ops import attention, gelu_mlp
-from fastgpt_kernels.tools.verify import assert_pass, attention_checks, gelu_mlp_checks, linear_cross_entropy_checks
+from fastgpt_kernels.registry.attention import checks as attention_checks
+from fastgpt_kernels.registry.gelu_mlp import checks as gelu_mlp_checks
+from fastgpt_kernels.registry.linear_cross_entropy import checks as linear_cross_entropy_checks
+from fastgpt_kernels.tools.checking import assert_pass
 
 pytestmark = pytest.mark.skipif(not _dispatch.INTERPRETED, reason="runs the GPU path in Triton's interpreter")
 
@@ -28,12 +31,12 @@ def gpu_path(monkeypatch):
     ``asked[name]``.
     """
     monkeypatch.setattr(_tuning, "_autotuner_can_time", lambda: True)
-    for tunable in _tuning._REGISTRY.values():  # no choices from earlier tests
+    for tunable in _tuning.tunables().values():  # no choices from earlier tests
         monkeypatch.setattr(tunable, "chosen", {})
     asked = {}
 
     def set_times(name, times):
-        tuner = _tuning._REGISTRY[name].tuner
+        tuner = _tuning.tunables()[name].tuner
         tuner.cache.clear()
         asked[name] = []
 
@@ -45,7 +48,7 @@ def gpu_path(monkeypatch):
 
     yield set_times, asked
     for name in asked:
-        _tuning._REGISTRY[name].tuner.cache.clear()
+        _tuning.tunables()[name].tuner.cache.clear()
 
 
 def test_the_autotuner_times_every_config_and_launches_the_fastest(gpu_path):
@@ -55,7 +58,7 @@ def test_the_autotuner_times_every_config_and_launches_the_fastest(gpu_path):
         set_times(name, {c: 1.0 if c == fastest else 2.0 for c in gelu_mlp.CONFIGS})
     assert_pass(gelu_mlp_checks(70, 48, 200, torch.float16, device=DEVICE))
     for name in ("gelu_mlp.fwd", "gelu_mlp.dpre", "gelu_mlp.dweight"):
-        tuner = _tuning._REGISTRY[name].tuner
+        tuner = _tuning.tunables()[name].tuner
         assert set(asked[name]) == set(gelu_mlp.CONFIGS)
         assert tuner.best_config == fastest
         assert fastest in tuner.cache.values()
@@ -72,12 +75,12 @@ def timing_runs_the_kernels(monkeypatch):
             kernel_call()
         return [1.0] * len(quantiles)
 
-    for tunable in _tuning._REGISTRY.values():
+    for tunable in _tuning.tunables().values():
         tunable.tuner.cache.clear()
         monkeypatch.setattr(tunable, "chosen", {})
         monkeypatch.setattr(tunable.tuner, "_do_bench", run_three_times)
     yield
-    for tunable in _tuning._REGISTRY.values():
+    for tunable in _tuning.tunables().values():
         tunable.tuner.cache.clear()
 
 
@@ -96,19 +99,19 @@ def test_timing_a_tuning_launch_leaves_the_results_as_one_launch_would(timing_ru
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(reference, "MAX_CHUNK_LOGITS", 80 * 300)
             assert_pass(linear_cross_entropy_checks(200, 48, 300, torch.float16, device=DEVICE))
-    assert any(tunable.chosen for tunable in _tuning._REGISTRY.values())
+    assert any(tunable.chosen for tunable in _tuning.tunables().values())
 
 
 def test_the_autotuner_times_only_the_configs_the_op_allows(gpu_path):
     set_times, asked = gpu_path
-    tiles = attention._CONFIGS["fwd"]
+    tiles = attention.TILES["fwd"]
     times = {tile.config: float(i) for i, tile in enumerate(reversed(tiles))}  # the last config is fastest
     for kind in ("dkdv", "dq"):
-        set_times(f"attention.{kind}", {tile.config: 1.0 for tile in attention._CONFIGS[kind]})
+        set_times(f"attention.{kind}", {tile.config: 1.0 for tile in attention.TILES[kind]})
     set_times("attention.fwd", times)
     assert_pass(attention_checks(1, 2, 100, 64, torch.float16, device=DEVICE))
     assert set(asked["attention.fwd"]) == {tile.config for tile in tiles}
-    assert _tuning._REGISTRY["attention.fwd"].tuner.best_config == tiles[-1].config
+    assert _tuning.tunables()["attention.fwd"].tuner.best_config == tiles[-1].config
     # With dropout at D=64 the 128-row tile spills: it is pruned, and with one config left nothing is timed.
     set_times("attention.fwd", times)
     assert_pass(attention_checks(1, 1, 100, 64, torch.float16, dropout_p=0.1, device=DEVICE))
@@ -122,20 +125,20 @@ def test_a_pin_overrides_the_autotuner(gpu_path):
     with fastgpt_kernels.use_configs({"gelu_mlp.fwd": gelu_mlp.CONFIGS[1]}):
         _, launches = gelu_mlp.forward_plan(torch.randn(8, 16), torch.randn(32, 16), None,
                                                    torch.randn(16, 32), None, keep_pre=False)
-    assert all(kernel is _tuning._REGISTRY["gelu_mlp.fwd"].fn for kernel, *_ in launches)
+    assert all(kernel is _tuning.tunables()["gelu_mlp.fwd"].fn for kernel, *_ in launches)
     assert all(meta["BLOCK_M"] == gelu_mlp.CONFIGS[1].kwargs["BLOCK_M"] for *_, meta in launches)
     assert asked["gelu_mlp.fwd"] == []
 
 
 def test_pins_name_known_kernels_and_their_own_configs_and_are_undone():
     with pytest.raises(ValueError, match="unknown kernel 'attention.bwd'"):
-        with fastgpt_kernels.use_configs({"attention.bwd": attention._CONFIGS["dq"][0].config}):
+        with fastgpt_kernels.use_configs({"attention.bwd": attention.TILES["dq"][0].config}):
             pass
     with pytest.raises(ValueError, match="is not one of attention.dq's configs"):
-        with fastgpt_kernels.use_configs({"attention.dq": attention._CONFIGS["fwd"][0].config}):
+        with fastgpt_kernels.use_configs({"attention.dq": attention.TILES["fwd"][0].config}):
             pass
-    with fastgpt_kernels.use_configs({"attention.dq": attention._CONFIGS["dq"][1].config}):
-        assert _tuning._pins == {"attention.dq": attention._CONFIGS["dq"][1].config}
+    with fastgpt_kernels.use_configs({"attention.dq": attention.TILES["dq"][1].config}):
+        assert _tuning._pins == {"attention.dq": attention.TILES["dq"][1].config}
     assert _tuning._pins == {}
 
 
@@ -143,7 +146,7 @@ def test_every_autotuned_kernel_is_registered_with_its_configs():
     assert set(_tuning.candidate_configs()) == {
         "attention.fwd", "attention.dkdv", "attention.dq", "gelu_mlp.fwd", "gelu_mlp.dpre", "gelu_mlp.dweight",
         "linear_cross_entropy.logits", "linear_cross_entropy.dx", "linear_cross_entropy.dweight"}
-    assert _tuning.candidate_configs()["attention.dq"] == tuple(tile.config for tile in attention._CONFIGS["dq"])
+    assert _tuning.candidate_configs()["attention.dq"] == tuple(tile.config for tile in attention.TILES["dq"])
     assert _tuning.describe(gelu_mlp.CONFIGS[0]) == "128x128x32 warps=8 stages=3"
 
 
@@ -186,7 +189,7 @@ def test_choices_are_kept_on_disk_and_a_second_process_does_not_tune_again(tmp_p
         from fastgpt_kernels.ops import gelu_mlp
         _tuning._autotuner_can_time = lambda: True  # the path a GPU takes (conftest runs the interpreter)
         asked = []
-        tuner = _tuning._REGISTRY["gelu_mlp.fwd"].tuner
+        tuner = _tuning.tunables()["gelu_mlp.fwd"].tuner
         tuner._bench = lambda *args, config, **meta: asked.append(config) or [float(gelu_mlp.CONFIGS.index(config) + 1)] * 3
         with fastgpt_kernels.use_configs({{"gelu_mlp.dpre": gelu_mlp.CONFIGS[0], "gelu_mlp.dweight": gelu_mlp.CONFIGS[0]}}):
             x, w1, w2 = torch.randn(100, 16).half(), torch.randn(64, 16).half(), torch.randn(16, 64).half()
@@ -235,7 +238,7 @@ def test_a_split_k_weight_gradient_times_and_launches_only_the_configs_allowed_t
     x, w1, w2 = (torch.randn(shape, generator=gen).half() for shape in ((96, 32), (64, 32), (32, 64)))
     out, pre = run(gelu_mlp.forward_plan(x, w1, None, w2, None, keep_pre=True))
     dout = torch.randn(out.shape, generator=gen).half()
-    tunable = _tuning._REGISTRY["gelu_mlp.dweight"]
+    tunable = _tuning.tunables()["gelu_mlp.dweight"]
 
     def backward(split):
         asked["gelu_mlp.dweight"].clear()
@@ -261,13 +264,13 @@ def test_attention_tunes_apart_for_batches_of_other_sizes(gpu_path):
     key holds the batch x heads bucket."""
     set_times, asked = gpu_path
     for kind in ("fwd", "dkdv", "dq"):
-        set_times(f"attention.{kind}", {tile.config: 1.0 for tile in attention._CONFIGS[kind]})
+        set_times(f"attention.{kind}", {tile.config: 1.0 for tile in attention.TILES[kind]})
     keys = []
     for batch in (1, 4, 16):
         q = torch.randn(batch, 2, 80, 32).half()
         with fastgpt_kernels.use_backend("triton"):
             fastgpt_kernels.attention(q, q, q)
-        keys.append(set(_tuning._REGISTRY["attention.fwd"].chosen))
+        keys.append(set(_tuning.tunables()["attention.fwd"].chosen))
     assert len(keys[0]) == 1 and len(keys[1]) == 2 and len(keys[2]) == 3
 
 
@@ -282,7 +285,7 @@ def _cache_script(tmp_path, setup: str) -> str:
         from fastgpt_kernels.ops import gelu_mlp
         _tuning._autotuner_can_time = lambda: True
         for name in ("gelu_mlp.fwd", "gelu_mlp.dpre", "gelu_mlp.dweight"):
-            _tuning._REGISTRY[name].tuner._bench = lambda *args, config, **meta: [float(gelu_mlp.CONFIGS.index(config) + 1)] * 3
+            _tuning.tunables()[name].tuner._bench = lambda *args, config, **meta: [float(gelu_mlp.CONFIGS.index(config) + 1)] * 3
 {textwrap.indent(textwrap.dedent(setup), " " * 8)}
         warnings.simplefilter("always")
         x = torch.randn(100, 16).half().requires_grad_()
@@ -313,7 +316,7 @@ def test_a_cache_file_of_the_wrong_shape_is_tuned_again_and_rewritten(tmp_path, 
     setup = f"""
         path = _tuning.cache_file()
         path.parent.mkdir(parents=True)
-        source = _tuning._source_key(_tuning._REGISTRY["gelu_mlp.fwd"])  # the kernel's own: its choices are read
+        source = _tuning._source_key(_tuning.tunables()["gelu_mlp.fwd"])  # the kernel's own: its choices are read
         path.write_text({content!r}.replace("SOURCE", '"' + source + '"'))
     """
     result = run_python(_cache_script(tmp_path, setup), TRITON_INTERPRET=None)

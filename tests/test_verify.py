@@ -3,8 +3,9 @@ import pytest
 import torch
 
 import fastgpt_kernels
+from fastgpt_kernels import registry
 from fastgpt_kernels.ops import layer_norm as ln
-from fastgpt_kernels.tools import verify
+from fastgpt_kernels.tools import checking, verify
 from conftest import run_python
 
 
@@ -36,7 +37,7 @@ def test_unwritten_output_elements_fail(monkeypatch):
         return y
 
     monkeypatch.setattr(ln, "layer_norm", leaves_last_column)
-    checks = verify.layer_norm_checks(3, 7, torch.float32)
+    checks = registry.declaration("layer_norm").checks(3, 7, torch.float32)
     assert not next(c for c in checks if c.tensor == "out").passed
 
 
@@ -54,7 +55,7 @@ def test_the_gpu_grid_skips_what_the_kernels_do_not_take_instead_of_raising(monk
 
     def pretend(case, device):
         ran.append(case)
-        return [verify.Check(case.op, "stub", "float32", "out", 0.0, 0.0, 1.0)]
+        return [checking.Check(case.op, "stub", "float32", "out", 0.0, 0.0, 1.0)]
 
     monkeypatch.setattr(verify.Case, "run", pretend)
     assert verify.main(["--grid", "gpu"]) == 0
@@ -86,19 +87,20 @@ def test_where_tf32_is_in_force_the_atol_of_every_op_with_dots_uses_its_eps(monk
     and the fused loss grow by TF32's eps over float32's; LayerNorm and the MLP's dproj_bias (a sum of
     dout) come from no dot and keep theirs."""
     runs = {
-        "attention": lambda: verify.attention_checks(1, 2, 17, 16, torch.float32),
-        "gelu_mlp": lambda: verify.gelu_mlp_checks(7, 16, 64, torch.float32),
-        "linear_cross_entropy": lambda: verify.linear_cross_entropy_checks(9, 16, 40, torch.float32),
-        "layer_norm": lambda: verify.layer_norm_checks(3, 16, torch.float32),
+        "attention": lambda: registry.declaration("attention").checks(1, 2, 17, 16, torch.float32),
+        "gelu_mlp": lambda: registry.declaration("gelu_mlp").checks(7, 16, 64, torch.float32),
+        "linear_cross_entropy": lambda: registry.declaration("linear_cross_entropy").checks(9, 16, 40, torch.float32),
+        "layer_norm": lambda: registry.declaration("layer_norm").checks(3, 16, torch.float32),
     }
     for op, run in runs.items():
         plain = {c.tensor: c.bound - 2 * c.torch_error for c in run()}
         with monkeypatch.context() as m:
-            m.setattr(verify, "tf32_in_force", lambda dtype, device: dtype == torch.float32)
+            for declared in registry.declarations():  # each declaration's bounds ask whether TF32 is in force
+                m.setattr(declared, "tf32_in_force", lambda dtype, device: dtype == torch.float32, raising=False)
             tf32 = {c.tensor: c.bound - 2 * c.torch_error for c in run()}
         for tensor, atol in plain.items():
             ratio = tf32[tensor] / atol
             if op == "layer_norm" or tensor == "dproj_bias":
                 assert ratio == 1, (op, tensor)
             else:  # the MLP's also adds the error TF32 carries from one GEMM into the next
-                assert ratio >= 0.99 * verify.TF32_EPS / torch.finfo(torch.float32).eps, (op, tensor, ratio)
+                assert ratio >= 0.99 * checking.TF32_EPS / torch.finfo(torch.float32).eps, (op, tensor, ratio)

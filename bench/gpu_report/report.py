@@ -125,7 +125,7 @@ def _section_ops(f: dict) -> list[str]:
         if provider != "reference":
             continue
         cells = []
-        for p in ops.providers(op):
+        for p in (ops.baseline(op), "reference", "triton"):
             row = times.get((op, pass_name, p), {})
             cells.append(f"{row['time_s'] * 1e3:.3f}" if row.get("status") == "measured" else row.get("status", "-"))
         triton_row = times.get((op, pass_name, "triton"), {})

@@ -383,22 +383,15 @@ def stage_tests(run: StageRun) -> str | None:
 
 
 def determinism_cases(size: str, dtype: torch.dtype) -> list[tuple[str, object, Callable]]:
-    """``(label, bench.ops.OpCase, function)`` for every op's backward: LayerNorm, attention with and
-    without dropout, the GELU MLP, the fused loss, at the shapes of ``bench.ops.SHAPES[size]``."""
+    """``(label, bench.ops.OpCase, function)`` for every call each op's declaration lists in
+    ``DETERMINISM`` (attention with and without dropout), at its benchmark shape of ``size``."""
     import fastgpt_kernels
     from bench import ops
+    from fastgpt_kernels import registry
 
-    def case(op):
-        return ops.OpCase(op, ops.SHAPES[size][op], dtype)
-
-    return [
-        ("layer_norm", case("layer_norm"), fastgpt_kernels.layer_norm),
-        ("attention", case("attention"), lambda q, k, v: fastgpt_kernels.attention(q, k, v, causal=True)),
-        ("attention dropout 0.1", case("attention"),
-         lambda q, k, v: fastgpt_kernels.attention(q, k, v, causal=True, dropout_p=0.1)),
-        ("gelu_mlp", case("gelu_mlp"), fastgpt_kernels.gelu_mlp),
-        ("linear_cross_entropy", case("linear_cross_entropy"), fastgpt_kernels.linear_cross_entropy),
-    ]
+    return [(label, ops.OpCase(declared.NAME, declared.BENCH_SHAPES[size], dtype),
+             functools.partial(getattr(fastgpt_kernels, declared.NAME), **options))
+            for declared in registry.declarations() for label, options in declared.DETERMINISM]
 
 
 def backward_twice(fn, inputs: dict, seed: int = 0) -> list[dict]:
@@ -617,67 +610,32 @@ def stage_compiled(run: StageRun) -> str | None:
 # --------------------------------------------------------------------------- sanitizer
 
 
-def layer_norm_widths() -> dict[tuple, int]:
-    """For each of LayerNorm's launch configs, a row width that selects it (ragged where the block allows)."""
-    from fastgpt_kernels.ops import layer_norm
+def sanitizer_calls(dtype: torch.dtype) -> list[tuple[str, dict, tuple, Callable]]:
+    """``(label, pins, covers, call)``: one small forward and backward of every launch config of every
+    kernel, from each op's declaration (``sanitizer_calls``).
 
-    widest = layer_norm.MAX_ONE_BLOCK_N
-    widths = [2**k - 1 for k in range(1, widest.bit_length() + 1)] + [widest + 1]
-    chosen = {}
-    for width in widths:  # the last width that selects a config wins: the widest, and widest + 1 for the loop
-        chosen[layer_norm.block_config(width)] = width
-    return chosen
-
-
-def sanitizer_calls(dtype: torch.dtype) -> list[tuple[str, dict, Callable]]:
-    """``(label, pins, call)``: one small forward and backward of every launch config of every kernel.
-
-    Each call runs under ``fastgpt_kernels.use_configs(pins)`` (the autotuned kernels of its op pinned, so
-    nothing is autotuned under the sanitizer); LayerNorm's config follows the row width.
+    Each call runs under ``fastgpt_kernels.use_configs(pins)`` (the autotuned kernels of its op pinned,
+    so nothing is autotuned under the sanitizer); ``covers`` names the fixed configs it runs.
     """
     import fastgpt_kernels
-    from bench import ops
-    from fastgpt_kernels import _tuning
-    from fastgpt_kernels.ops import attention, gelu_mlp, linear_cross_entropy
+    from fastgpt_kernels import _tuning, registry
 
-    def backward(fn, case, **kwargs):
+    def backward(declared, dims, options):
         def call(device):
-            inputs = ops.make_inputs(case, device)
-            out = fn(**inputs, **kwargs)
+            inputs = declared.bench_inputs(dims, dtype, device)
+            out = getattr(fastgpt_kernels, declared.NAME)(**inputs, **options)
             torch.autograd.grad(out, [t for t in inputs.values() if t.requires_grad], torch.ones_like(out))
         return call
 
-    def pinned(label, allowed: dict, call):
-        rounds = max(len(configs) for configs in allowed.values())
-        found = []
-        for i in range(rounds):
-            pins = {name: configs[i % len(configs)] for name, configs in allowed.items()}
-            found.append((f"{label}: " + ", ".join(f"{name} {_tuning.describe(c)}" for name, c in pins.items()),
-                          pins, call))
-        return found
-
-    calls = [(f"layer_norm width {width}: BLOCK_N, warps, one block = {config}", {},
-              backward(fastgpt_kernels.layer_norm, ops.OpCase("layer_norm", dict(M=5, N=width), dtype)))
-             for config, width in layer_norm_widths().items()]
-    T = 100  # ragged for every tile, and long enough that no tile is pruned as too large
-    for causal, dropout, D in ((True, 0.0, 64), (False, 0.1, 32)):
-        allowed = {f"attention.{kind}": attention.configs(kind, D, dtype, T, dropout > 0) for kind in attention.KINDS}
-        calls += pinned(f"attention causal={causal} dropout={dropout} D={D}", allowed,
-                        backward(fastgpt_kernels.attention, ops.OpCase("attention", dict(B=1, H=2, T=T, D=D), dtype),
-                                 causal=causal, dropout_p=dropout))
-    mlp = {name: configs for name, configs in _tuning.candidate_configs().items() if name.startswith("gelu_mlp.")}
-    mlp_case = ops.OpCase("gelu_mlp", dict(M=100, C=64, Hd=256), dtype)
-    calls += pinned("gelu_mlp", mlp, backward(fastgpt_kernels.gelu_mlp, mlp_case))
-    # 8192 tokens: on a GPU the weight gradients run in two K slices and a reduction (_gemm.split_k)
-    split_case = ops.OpCase("gelu_mlp", dict(M=8192, C=64, Hd=256), dtype)
-    calls += pinned("gelu_mlp split-K", dict(mlp, **{"gelu_mlp.dweight": gelu_mlp.SPLIT_CONFIGS}),
-                    backward(fastgpt_kernels.gelu_mlp, split_case))
-    # ragged in rows and vocabulary for every tile; the logits kernel takes the configs of its dtype
-    loss = {name: configs for name, configs in _tuning.candidate_configs().items()
-            if name.startswith("linear_cross_entropy.")}
-    loss["linear_cross_entropy.logits"] = linear_cross_entropy.logits_configs(dtype)
-    loss_case = ops.OpCase("linear_cross_entropy", dict(M=100, C=64, V=300), dtype)
-    calls += pinned("linear_cross_entropy", loss, backward(fastgpt_kernels.linear_cross_entropy, loss_case))
+    calls = []
+    for declared in registry.declarations():
+        for planned in declared.sanitizer_calls(dtype):
+            call = backward(declared, planned.dims, planned.options)
+            rounds = max([len(configs) for configs in planned.allowed.values()], default=1)
+            for i in range(rounds):
+                pins = {name: configs[i % len(configs)] for name, configs in planned.allowed.items()}
+                described = ", ".join(f"{name} {_tuning.describe(config)}" for name, config in pins.items())
+                calls.append((f"{planned.label}: {described}" if pins else planned.label, pins, planned.covers, call))
     return calls
 
 
@@ -685,13 +643,12 @@ def stage_sanitizer_target(run: StageRun) -> str | None:
     """Every call of :func:`sanitizer_calls`; fails on a call that raises or a kernel config never run."""
     import fastgpt_kernels
     from bench import measure
-    from fastgpt_kernels import _tuning
-    from fastgpt_kernels.ops import layer_norm
+    from fastgpt_kernels import _tuning, registry
 
     device = kernel_device()
     dtype = getattr(torch, low_precision(device))
     done, failed, covered = [], [], set()
-    for label, pins, call in sanitizer_calls(dtype):
+    for label, pins, covers, call in sanitizer_calls(dtype):
         try:
             with fastgpt_kernels.use_configs(pins), fastgpt_kernels.use_backend("triton"):
                 call(device)
@@ -702,13 +659,14 @@ def stage_sanitizer_target(run: StageRun) -> str | None:
             print(f"{label}: FAILED", flush=True)
         else:
             done.append(label)
-            covered |= {(name, _tuning.describe(config)) for name, config in pins.items()}
+            covered |= {(name, _tuning.describe(config)) for name, config in pins.items()} | set(covers)
             print(f"{label}: ok", flush=True)
         run.record(device=str(device), dtype=str(dtype).removeprefix("torch."), calls=len(done) + len(failed),
                    failed=failed)
     uncovered = sorted(f"{name} {_tuning.describe(config)}" for name, configs in _tuning.candidate_configs().items()
                        for config in configs if (name, _tuning.describe(config)) not in covered)
-    uncovered += [f"layer_norm {config}" for config in layer_norm.launch_configs() if config not in layer_norm_widths()]
+    uncovered += [label for declared in registry.declarations() for label in declared.fixed_configs()
+                  if label not in covered]
     run.record(uncovered=uncovered)
     if uncovered:
         failed.append(f"never ran: {', '.join(uncovered)}")

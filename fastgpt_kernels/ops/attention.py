@@ -440,7 +440,7 @@ class Tile(NamedTuple):
 # attention tutorial (128 x 64, 128 x 128); these kernels hold the query tile and the accumulator
 # in registers, so they take 8 warps where the tutorial takes 4 (on 4 warps they spill from D = 64,
 # as do the tutorial's backward tiles, dK/dV 32 x 128 and dQ 128 x 32, beyond the limits below).
-_CONFIGS = {
+TILES = {
     # BLOCK_M query rows per program, BLOCK_N keys per inner step. A Tile's limits leave out the head
     # dimensions where its config spills (docs/kernels.md, "Launch configs left out"); 64 x 32 and
     # 64 x 64 on 8 warps cover those of 64 x 64 on 4 warps.
@@ -467,7 +467,7 @@ _CONFIGS = {
         Tile(triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3), 64, 32, 32, 16),
     ],
 }
-KINDS = tuple(_CONFIGS)
+KINDS = tuple(TILES)
 MIN_TILE = 64  # tiles up to this size are always allowed; larger ones only when T reaches them
 
 
@@ -500,7 +500,7 @@ def configs(kind: str, head_dim: int, dtype: torch.dtype, seq_len: int, dropout:
 def _configs(kind: str, head_dim: int, dtype: torch.dtype, longest: int, dropout: bool) -> tuple[triton.Config, ...]:
     """:func:`configs` for tiles up to ``longest`` (decided once per shape class)."""
     width = block_d(head_dim)
-    fitting = [tile.config for tile in _CONFIGS[kind] if width <= max_block_d(tile, dtype, dropout)]
+    fitting = [tile.config for tile in TILES[kind] if width <= max_block_d(tile, dtype, dropout)]
     short = tuple(c for c in fitting if max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) <= longest)
     return short or tuple(fitting[:1])
 
@@ -509,7 +509,7 @@ def _autotuned(kind: str, kernel) -> _tuning.Tunable:
     def prune(candidates, args):
         return list(configs(kind, args["HEAD_DIM"], args["Q_ptr"].dtype, args["T_K"], args["DROPOUT"]))
 
-    return _tuning.autotuned(f"attention.{kind}", kernel, [tile.config for tile in _CONFIGS[kind]],
+    return _tuning.autotuned(f"attention.{kind}", kernel, [tile.config for tile in TILES[kind]],
                              key=["T_BUCKET", "HEAD_DIM", "CAUSAL", "DROPOUT"], prune=prune)
 
 

@@ -1,8 +1,8 @@
 """Ahead-of-time compilation report for the project's Triton kernels on sm_80 (A100) and sm_90a (H100).
 
 ``python -m fastgpt_kernels.tools.compile_report`` compiles every kernel in every config it can launch with,
-using the installed triton wheel's own toolchain and no GPU. :mod:`fastgpt_kernels.tools.specs` lists each
-op's launches as :class:`CompileSpec` objects; every spec is specialised exactly as
+using the installed triton wheel's own toolchain and no GPU. Each op's declaration
+(:mod:`fastgpt_kernels.registry`) lists its launches as :class:`CompileSpec` objects; every spec is specialised exactly as
 ``JITFunction.run`` would specialise the launch (pointer alignment, ints equal to 1 or divisible by
 16, constexprs, ``num_warps``/``num_stages``) and compiled to a cubin for each target. ``--largest``
 compiles only each kernel's most demanding specs. Run it with another triton by putting that
@@ -40,7 +40,8 @@ import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
 
-from fastgpt_kernels.tools.specs import OPS, CompileSpec, compile_specs
+from fastgpt_kernels import registry
+from fastgpt_kernels.registry import OPS, CompileSpec
 
 SHARED_LIMITS = {80: 166912, 90: 232448}  # opt-in max dynamic shared memory per block, bytes
 TENSOR_CORE_OPS = {80: "HMMA", 90: "HGMMA"}
@@ -302,8 +303,17 @@ def format_table(results: list[Result]) -> str:
                      for row in [header, *rows])
 
 
+def compile_specs(ops=OPS, largest_only: bool = False) -> list[CompileSpec]:
+    """The specs the declarations of ``ops`` (all by default) list; only the ``largest`` ones when
+    ``largest_only``: each kernel's most demanding configurations (the largest tiles, head
+    dimensions and flags, where registers and shared memory peak), the reduced set compiled under
+    every supported triton when the full set is compiled under fewer."""
+    specs = [spec for op in ops for spec in registry.declaration(op).compile_specs()]
+    return [s for s in specs if s.largest] if largest_only else specs
+
+
 def _collect_specs(ops, modules, largest_only: bool) -> list[CompileSpec]:
-    """The specs of the given ops (:mod:`fastgpt_kernels.tools.specs`), or ``compile_specs()`` of other modules."""
+    """The specs of the given ops (:func:`compile_specs`), or ``compile_specs()`` of other modules."""
     if modules:
         specs = [spec for name in modules for spec in importlib.import_module(name).compile_specs()]
         return [s for s in specs if s.largest] if largest_only else specs
