@@ -39,13 +39,19 @@ def load_model(path: str | Path, device: torch.device):
 
 def complete(model: GPT, tokenizer, prompt: str, max_new_tokens: int, temperature: float, top_k: int | None,
              device) -> str:
-    """The prompt's continuation (the generated text only). An empty prompt starts from token 0."""
+    """The prompt's continuation (the generated text only). An empty prompt starts from token 0.
+    The model samples in eval mode (no dropout) and is left in the mode it was in."""
     ids = tokenizer.encode(prompt) if prompt else [0]
     if max(ids) >= model.config.vocab_size:
         raise ValueError(f"the prompt encodes to token id {max(ids)}, outside the model's vocabulary of "
                          f"{model.config.vocab_size}")
-    idx = torch.tensor([ids], dtype=torch.long, device=device)
-    out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k)
+    was_training = model.training
+    model.eval()
+    try:
+        idx = torch.tensor([ids], dtype=torch.long, device=device)
+        out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k)
+    finally:
+        model.train(was_training)
     return tokenizer.decode(out[0, len(ids):].tolist())
 
 

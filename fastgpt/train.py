@@ -36,6 +36,7 @@ from fastgpt.device import autocast_context, grad_scaler, run_dtype
 from fastgpt.distributed import (Distributed, any_rank, from_rank0, gather_rng_states, resume_rng, seed_rank,
                                  setup_distributed)
 from fastgpt.model import GPT, GPTConfig
+from fastgpt.sample import complete
 
 
 @dataclass
@@ -115,6 +116,7 @@ PRESETS = {
     "gpt2-1558m": dict(n_layer=48, n_head=25, n_embd=1600, learning_rate=2e-4, min_lr=2e-5, **_GPT2_TRAINING),
 }
 MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias")
+
 
 class TrainingError(RuntimeError):
     """The run cannot go on (a non-finite loss); the last good checkpoint is kept."""
@@ -400,25 +402,13 @@ def _train(cfg: TrainConfig, model_args: dict, explicit: frozenset, ddp: Distrib
         result = run_eval()
         save("last.pt")
         if cfg.sample_tokens and ddp.master:
-            say("sample:\n" + sample_text(raw_model, dataset.tokenizer, cfg.sample_tokens, device))
+            say("sample:\n" + complete(raw_model, dataset.tokenizer, "", cfg.sample_tokens, 0.8, 200, device))
         return result
     finally:
         if previous_handler is not None:  # None: the handler was not set from Python
             signal.signal(signal.SIGINT, previous_handler)
         if metrics_file is not None:
             metrics_file.close()
-
-
-@torch.no_grad()
-def sample_text(model: GPT, tokenizer, max_new_tokens: int, device, prompt_ids=None, temperature: float = 0.8,
-                top_k: int | None = 200) -> str:
-    """Decode ``max_new_tokens`` sampled after ``prompt_ids`` (default: the first token id)."""
-    was_training = model.training
-    model.eval()
-    idx = torch.tensor([prompt_ids or [0]], dtype=torch.long, device=device)
-    out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k)
-    model.train(was_training)
-    return tokenizer.decode(out[0].tolist())
 
 
 # ------------------------------------------------------------------------------------------------

@@ -96,6 +96,24 @@ def test_sample_command(tmp_path, corpus, capsys, monkeypatch):
     assert "'Q'" in capsys.readouterr().err
 
 
+def test_the_end_of_training_sample_draws_without_dropout_and_leaves_the_model_training():
+    """The loop's sample and the sample command share :func:`fastgpt.sample.complete`: it samples in eval
+    mode (a model with heavy dropout draws what its eval-mode self draws) and restores the mode."""
+    from fastgpt.data import CharTokenizer
+    from fastgpt.model import GPT, GPTConfig
+
+    tokenizer = CharTokenizer("abcdefgh")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=8, block_size=16, n_layer=1, n_head=2, n_embd=16, dropout=0.9))
+    texts = []
+    for training_mode in (True, False):
+        model.train(training_mode)
+        torch.manual_seed(1)
+        texts.append(sample.complete(model, tokenizer, "ab", 10, 1.0, None, "cpu"))
+        assert model.training is training_mode
+    assert texts[0] == texts[1] and len(texts[0]) == 10
+
+
 def test_finetune_from_a_checkpoint_keeps_its_tokenizer(tmp_path, corpus, capsys):
     assert run_train(tmp_path, corpus, "--max_iters", "10", "--eval_interval", "10", out="pre") == 0
     small = tmp_path / "small.txt"
