@@ -399,6 +399,7 @@ def test_auto_runs_the_kernel(monkeypatch):
     assert calls == ["kernel", "kernel", "reference"]
 
 
+@pytest.mark.slow
 def test_torch_compile_keeps_the_kernel_in_one_graph():
     proj = torch.randn(16, 16, device=DEVICE, requires_grad=True)
 

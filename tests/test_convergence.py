@@ -100,6 +100,7 @@ def copy_task(seed: int, batch: int):
     return idx.to(DEVICE), torch.cat([idx[:, :1], idx[:, :-1]], 1).to(DEVICE)
 
 
+@pytest.mark.slow
 def test_attention_dropout_leaves_the_loss_in_distribution():
     """Dropout variant of the A/B, in float32. A GPT trained (plain PyTorch, 60 steps) until
     attention carries the task, then given attention dropout p=0.3 (the other dropouts off): the

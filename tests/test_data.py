@@ -91,6 +91,7 @@ def test_gpt2_round_trip(text):
     assert tok.decode(tok.encode(text)) == text
 
 
+@pytest.mark.slow
 def test_gpt2_encoding_is_built_without_network(tmp_path):
     # A fresh interpreter with bogus proxies, an empty tiktoken cache and sockets that refuse to
     # connect: building the encoding must still work, and must not even try to connect.

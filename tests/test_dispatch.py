@@ -25,6 +25,7 @@ FALLBACK_CHECK = """
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(DEVICE == "cuda", reason="checks CPU tensors without the interpreter")
 def test_cpu_without_interpreter_uses_reference_and_explicit_triton_says_why():
     result = run_python(FALLBACK_CHECK, TRITON_INTERPRET=None, FASTGPT_BACKEND=None)
@@ -33,6 +34,7 @@ def test_cpu_without_interpreter_uses_reference_and_explicit_triton_says_why():
     assert "TRITON_INTERPRET=1" in result.stdout
 
 
+@pytest.mark.slow
 def test_without_triton_everything_runs_through_the_references():
     block_triton = "\n    import sys\n    sys.modules['triton'] = None  # makes `import triton` fail"
     result = run_python(block_triton + FALLBACK_CHECK, FASTGPT_BACKEND=None)
@@ -40,6 +42,7 @@ def test_without_triton_everything_runs_through_the_references():
     assert "triton is not importable" in result.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("value", ["torch", "triton", "auto"])
 def test_environment_variable_sets_the_policy(value):
     result = run_python("import fastgpt_kernels; print(fastgpt_kernels.get_backend())", FASTGPT_BACKEND=value)
@@ -142,6 +145,7 @@ def test_autocast_casts_the_inputs_on_both_backends(backend):
                                    msg=lambda m, name=name: f"{name}: {m}")
 
 
+@pytest.mark.slow
 def test_a_triton_older_than_the_floor_is_refused_with_the_reason_and_everything_falls_back():
     # triton 3.3 has no triton.knobs; importing kernels used to die with an AttributeError.
     old_triton = """

@@ -130,6 +130,7 @@ def test_documented_command_takes_its_documented_options(name, tmp_path_factory)
             f"{doc} shows `{name} {option}`, which `{name} --help` does not list")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(n for n in COMMANDS if COMMANDS[n]["dry_runs"]))
 def test_documented_dry_runs_run(name, tmp_path):
     argv = _argv(name)

@@ -25,6 +25,7 @@ def test_stubbed_launches_count_the_launches_compute_nothing_and_restore_everyth
     torch.testing.assert_close(fastgpt_kernels.layer_norm(x, None), torch.nn.functional.layer_norm(x, (32,)))
 
 
+@pytest.mark.slow
 def test_a_tiny_run_measures_every_op_both_ways_and_counts_a_steps_launches():
     results = host_overhead.in_child("tiny")
     host = {(r["op"], r["direction"]): r for r in results["host"]}
@@ -43,6 +44,7 @@ def test_a_tiny_run_measures_every_op_both_ways_and_counts_a_steps_launches():
     assert "\n".join(host_overhead.table(results)).count("\n") > 10
 
 
+@pytest.mark.slow
 def test_it_refuses_to_run_without_the_interpreter():
     from conftest import run_python
 

@@ -94,6 +94,7 @@ def test_large_mean_is_numerically_stable():
         assert (got.double() - expected).abs().max() < 2e-2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rows, width", [(600, 768), (200, 8193)])
 def test_backward_as_planned_for_a_gpu_with_132_multiprocessors(rows, width):
     """On a GPU the backward spreads the rows over 4 programs per multiprocessor (1 for chunked

@@ -28,6 +28,7 @@ def test_forward_and_gradients(rows, width, vocab, dtype):
     assert_pass(linear_cross_entropy_checks(rows, width, vocab, dtype, device=DEVICE))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [dtype_param(FP16), dtype_param(torch.bfloat16)])
 def test_gpt2_vocabulary(dtype):
     assert_pass(linear_cross_entropy_checks(7, 16, 50257, dtype, device=DEVICE))
@@ -221,6 +222,7 @@ class _LargestTensor(TorchDispatchMode):
         return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_never_more_than_a_chunk_of_logits_exists(monkeypatch, backend):
     monkeypatch.setattr(reference, "MAX_CHUNK_LOGITS", 16 * 1000)
@@ -252,6 +254,7 @@ def test_a_loss_without_gradients_makes_none(monkeypatch, backend):
     assert not loss.requires_grad
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _dispatch.INTERPRETED, reason="counts bytes in Triton's interpreter")
 def test_memory_traffic_against_the_unfused_ops(capsys):
     """Interpreter byte counts (a model of traffic, not a GPU measurement), forward + backward."""

@@ -171,6 +171,7 @@ def test_generate_crops_the_context_and_is_reproducible():
     assert seen == [3, 1, 1, 1, 1, 1] + [8] * 14
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["torch", "auto"])
 @pytest.mark.parametrize("prompt, new", [(5, 20), (3, 40)], ids=["within-block", "past-block"])
 def test_greedy_generation_with_the_cache_equals_it_without(backend, prompt, new):
@@ -270,6 +271,7 @@ def _train_sgd(dtype, fused: bool, steps: int, vocab: int = 16384):
     return torch.cat([p.detach().flatten() for p in model.parameters()]), scaler.get_scale()
 
 
+@pytest.mark.slow
 def test_float16_training_with_a_grad_scaler_fused_against_unfused():
     # 1024 tokens a batch over a 16384-token vocabulary: every probability / n_valid is below
     # float16's smallest subnormal at initialisation. Before the fix the fused loss's float16 run
@@ -332,6 +334,7 @@ class TestBadInput:
             tiny_model().generate(tokens(1, 2), -1)
 
 
+@pytest.mark.slow
 def test_the_kernels_agree_with_plain_pytorch_on_a_tiny_model():
     """Logits, loss, every gradient and three SGD steps: fastgpt's GPT under "auto" (the Triton
     kernels, asserted to run) against plain PyTorch's GPT (:mod:`bench.plain`: F.layer_norm, SDPA,

@@ -222,6 +222,7 @@ def test_interrupted_run_leaves_no_complete_looking_shard_and_a_rerun_starts_cle
     assert shard_bytes(out) == {**shard_bytes(prepared[0] / "w1"), "notes.txt": b"not ours"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGKILL], ids=lambda s: s.name)
 def test_a_stopped_command_leaves_no_corpus_and_no_worker(tmp_path, sig):
     from fastgpt_kernels import _processes

@@ -189,6 +189,7 @@ RACE_SCRIPT = """
 """
 
 
+@pytest.mark.slow
 def test_decisions_are_kept_on_disk_for_the_next_process(tmp_path):
     env = dict(FASTGPT_AUTOTUNE_CACHE=str(tmp_path), TRITON_INTERPRET="1")
     first = run_python(RACE_SCRIPT.format(forbid=False), **env)

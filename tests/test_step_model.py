@@ -195,6 +195,7 @@ def assert_close(got, expected, what):
     assert abs(got - expected) <= tolerance * max(abs(got), 1), f"{what}: counted {got}, modelled {expected}"
 
 
+@pytest.mark.slow
 @needs_interpreter
 @pytest.mark.parametrize("phase", step_model.PHASES)
 @pytest.mark.parametrize("build", step_model.BUILDS)
@@ -207,6 +208,7 @@ def test_the_pytorch_ops_bytes_are_the_counted_ones(counted, build, phase):
     assert_close(c.torch_stored, sum(op.count * op.writes for op in ops), f"{build} {phase} bytes written")
 
 
+@pytest.mark.slow
 @needs_interpreter
 @pytest.mark.parametrize("phase", ("forward", "backward"))
 def test_fastgpts_kernels_move_the_modelled_bytes_kernel_by_kernel(counted, phase):
@@ -221,6 +223,7 @@ def test_fastgpts_kernels_move_the_modelled_bytes_kernel_by_kernel(counted, phas
         assert_close(kernel_counts[name][1], writes, f"{name} ({phase}) bytes written")
 
 
+@pytest.mark.slow
 @needs_interpreter
 @pytest.mark.parametrize("phase", ("forward", "backward"))
 @pytest.mark.parametrize("build", step_model.BUILDS)

@@ -175,6 +175,7 @@ def test_generation_tunes_for_the_prompt_and_never_after_its_first_token(gpu_pat
     assert {name: len(configs) for name, configs in asked.items()} == tuned_by_the_prompt
 
 
+@pytest.mark.slow
 def test_choices_are_kept_on_disk_and_a_second_process_does_not_tune_again(tmp_path):
     """Two processes share one cache directory: the first times the configs, the second reads its choices."""
     from conftest import run_python
@@ -296,6 +297,7 @@ def _cache_script(tmp_path, setup: str) -> str:
     """
 
 
+@pytest.mark.slow
 def test_an_unwritable_cache_keeps_the_choices_in_memory_with_one_warning(tmp_path):
     from conftest import run_python
 
@@ -310,6 +312,7 @@ def test_an_unwritable_cache_keeps_the_choices_in_memory_with_one_warning(tmp_pa
                                      '{"gelu_mlp.fwd": {"source": SOURCE, "choices": [[1, 2]]}}',
                                      '{"gelu_mlp.fwd": {"source": SOURCE, "choices": [[[128], "0", "x"]]}}',
                                      "{not json"])
+@pytest.mark.slow
 def test_a_cache_file_of_the_wrong_shape_is_tuned_again_and_rewritten(tmp_path, content):
     from conftest import run_python
 
