@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fastgpt_kernels
+from fastgpt import optim
 from fastgpt.config import LAYER_NORM_EPS, GPTConfig
 
 # GPTConfig and LAYER_NORM_EPS are handed on from fastgpt.config: the model's users import them here.
@@ -300,19 +301,9 @@ class GPT(nn.Module):
 
     def configure_optimizers(self, weight_decay: float, learning_rate: float, betas: tuple[float, float],
                              device_type: str) -> torch.optim.AdamW:
-        """AdamW with weight decay on matrices and embeddings (dim >= 2) only, not on biases or LayerNorm.
-
-        ``device_type`` is ``"cuda"``, ``"cpu"``, ...; on CUDA and CPU the fused AdamW implementation is
-        used (one kernel over all parameters: on a 2-core CPU, 6 ms instead of 34 ms a step for the
-        lecture-sized model).
-        """
-        params = [p for p in self.parameters() if p.requires_grad]
-        groups = [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-        ]
-        fused = {"fused": True} if device_type in ("cuda", "cpu") else {}
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **fused)
+        """AdamW with weight decay on matrices and embeddings (dim >= 2) only, not on biases or LayerNorm
+        (:func:`fastgpt.optim.adamw`; ``fastgpt-train --optimizer muon`` builds Muon beside it)."""
+        return optim.adamw(self.parameters(), weight_decay, learning_rate, betas, device_type)
 
 
 def _check_tokens(name: str, tokens, block_size: int | None) -> tuple[int, int]:

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import fastgpt_kernels
-from fastgpt import checkpoint, perf, pretrained
+from fastgpt import checkpoint, optim, perf, pretrained
 from fastgpt.data import DATASET_NAMES, load_dataset, tokenizer_from_dict
 from fastgpt.device import autocast_context, grad_scaler, run_dtype
 from fastgpt.distributed import (Distributed, any_rank, from_rank0, gather_rng_states, resume_rng, seed_rank,
@@ -66,10 +66,16 @@ class TrainConfig:
     min_lr: float = 1e-4
     warmup_iters: int = 100
     lr_decay_iters: int | None = None   # default: max_iters
+    lr_schedule: str = "cosine"     # "cosine", "wsd" (warmup-stable-decay) or "linear" (fastgpt/optim.py)
+    decay_fraction: float = 0.2     # wsd: the last fraction of the steps after warmup, decaying to min_lr
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.99
     grad_clip: float = 1.0          # 0: no clipping
+    optimizer: str = "adamw"        # "adamw", or "muon": Muon on the blocks' matrices, AdamW on the rest
+    muon_lr: float = 0.02           # Muon's peak learning rate (the schedule scales it as learning_rate)
+    muon_momentum: float = 0.95
+    muon_weight_decay: float = 0.1
     # system
     device: str = "auto"            # "auto" (CUDA if present), "cpu", "cuda", "cuda:1", ...
     dtype: str = "auto"             # "auto", "float32", "bfloat16", "float16"
@@ -89,6 +95,16 @@ class TrainConfig:
                              f"learning_rate={self.learning_rate}, min_lr={self.min_lr}")
         if self.grad_clip < 0 or self.weight_decay < 0:
             raise ValueError(f"grad_clip and weight_decay must be >= 0, got {self.grad_clip}, {self.weight_decay}")
+        if self.optimizer not in optim.OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}: expected one of {', '.join(optim.OPTIMIZERS)}")
+        if self.lr_schedule not in optim.SCHEDULES:
+            raise ValueError(f"unknown lr_schedule {self.lr_schedule!r}: expected one of "
+                             f"{', '.join(optim.SCHEDULES)}")
+        if not 0 < self.decay_fraction <= 1:
+            raise ValueError(f"decay_fraction must be in (0, 1], got {self.decay_fraction}")
+        if not (self.muon_lr > 0 and 0 <= self.muon_momentum < 1 and self.muon_weight_decay >= 0):
+            raise ValueError(f"need muon_lr > 0, 0 <= muon_momentum < 1 and muon_weight_decay >= 0, got "
+                             f"{self.muon_lr}, {self.muon_momentum}, {self.muon_weight_decay}")
         if self.backend not in fastgpt_kernels.BACKENDS:
             raise ValueError(f"unknown kernels backend {self.backend!r}: expected auto, triton or torch")
 
@@ -126,15 +142,11 @@ class TrainingError(RuntimeError):
 # schedule, evaluation, progress
 # ------------------------------------------------------------------------------------------------
 
-def learning_rate(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup to ``learning_rate``, then cosine decay to ``min_lr`` at ``lr_decay_iters``."""
-    decay_iters = cfg.lr_decay_iters or cfg.max_iters
-    if step < cfg.warmup_iters:
-        return cfg.learning_rate * (step + 1) / (cfg.warmup_iters + 1)
-    if step >= decay_iters:
-        return cfg.min_lr
-    ratio = (step - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
-    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """The learning rate at ``step`` as a fraction of the peak (:func:`fastgpt.optim.lr_factor`):
+    warmup, then ``lr_schedule`` down to ``min_lr / learning_rate`` at ``lr_decay_iters``."""
+    return optim.lr_factor(step, cfg.warmup_iters, cfg.lr_decay_iters or cfg.max_iters,
+                           cfg.min_lr / cfg.learning_rate, cfg.lr_schedule, cfg.decay_fraction)
 
 
 @torch.no_grad()
@@ -270,14 +282,18 @@ def _train(cfg: TrainConfig, model_args: dict, explicit: frozenset, ddp: Distrib
     else:
         model = GPT(_model_config(model_args, vocab_size))
     model.to(device)
-    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device.type)
+    optimizer = optim.build(model, cfg.optimizer, device.type, learning_rate=cfg.learning_rate,
+                            weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2), muon_lr=cfg.muon_lr,
+                            muon_momentum=cfg.muon_momentum, muon_weight_decay=cfg.muon_weight_decay)
     scaler = grad_scaler(device, dtype)
     batch_gen = torch.Generator().manual_seed(cfg.seed)
     step, best_val = 0, float("inf")
+    train_seconds = 0.0  # the run's time in training steps, evaluation left out (a resumed run's included)
     if cfg.resume:
         optimizer.load_state_dict(start["optimizer"])
         scaler.load_state_dict(start["scaler"])
         step, best_val = start["step"], start["best_val_loss"]
+        train_seconds = start.get("train_seconds", 0.0)
         batch_gen.set_state(start["rng"]["batches"])
         resume_rng(start["rng"], ddp, device, cfg.seed, step, say)
         say(f"resumed from {out_dir / 'last.pt'} at step {step}")
@@ -305,6 +321,7 @@ def _train(cfg: TrainConfig, model_args: dict, explicit: frozenset, ddp: Distrib
             "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
             "model_config": dataclasses.asdict(raw_model.config), "train_config": dataclasses.asdict(cfg),
             "tokenizer": dataset.tokenizer.to_dict(), "step": step, "best_val_loss": best_val,
+            "train_seconds": train_seconds,
             "precision": dtype, "rng": {"batches": batch_gen.get_state(), "ranks": rank_states},
         })
 
@@ -324,7 +341,7 @@ def _train(cfg: TrainConfig, model_args: dict, explicit: frozenset, ddp: Distrib
         nonlocal best_val, decisions_said
         # Rank 0's numbers on every rank: whether to save best.pt must be decided alike everywhere.
         result = from_rank0(ddp, evaluate(model, dataset, cfg, block_size, device, amp))
-        log({"step": step, **result})
+        log({"step": step, **result, "train_seconds": train_seconds})
         say(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
         decisions_said = _say_backends(decisions_said, say)
         if result["val_loss"] < best_val:
@@ -355,9 +372,9 @@ def _train(cfg: TrainConfig, model_args: dict, explicit: frozenset, ddp: Distrib
             if step % cfg.eval_interval == 0:
                 result = run_eval()
             t0 = time.perf_counter()
-            lr = learning_rate(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            factor = lr_factor(step, cfg)
+            optimizer.set_lr_factor(factor)
+            lr = cfg.learning_rate * factor  # AdamW's; Muon's is muon_lr * factor
             loss_sum = 0.0
             for micro in range(cfg.gradient_accumulation_steps):
                 # Every process draws the same global batch and keeps its slice of it, so N
@@ -376,13 +393,15 @@ def _train(cfg: TrainConfig, model_args: dict, explicit: frozenset, ddp: Distrib
                                     f"checkpoint ({out_dir / 'last.pt'}) is kept. Try a lower --learning_rate "
                                     "or --dtype float32.")
             if cfg.grad_clip > 0:
-                scaler.unscale_(optimizer)
+                optimizer.unscale_(scaler)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            scaler.step(optimizer)
+            optimizer.step(scaler)
             scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad()
             step += 1
-            interval_time += time.perf_counter() - t0
+            elapsed = time.perf_counter() - t0
+            interval_time += elapsed
+            train_seconds += elapsed
             interval_steps += 1
             if step % cfg.log_interval == 0 or step == cfg.max_iters:
                 tokens_per_s = tokens_per_step * interval_steps / interval_time

@@ -17,9 +17,10 @@ import pytest
 import torch
 
 import fastgpt_kernels
-from fastgpt import checkpoint, distributed, perf, sample
+from fastgpt import checkpoint, distributed, optim, perf, sample
 from fastgpt import device as devices
 from fastgpt import train as training
+from fastgpt.model import GPT, GPTConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "16", "--batch_size", "4",
@@ -53,6 +54,7 @@ def test_trains_logs_checkpoints_and_lowers_the_loss(tmp_path, corpus, capsys):
     records = metrics(tmp_path)
     evals = [r for r in records if "val_loss" in r]
     assert [r["step"] for r in evals] == [0, 30, 60]
+    assert evals[0]["train_seconds"] == 0 < evals[1]["train_seconds"] < evals[2]["train_seconds"]
     assert evals[-1]["val_loss"] < 0.8 * evals[0]["val_loss"]
     assert sorted(losses(records)) == list(range(1, 61))
     assert all(r["tokens_per_s"] > 0 and r["mfu"] > 0 for r in records if "loss" in r)
@@ -67,18 +69,81 @@ def test_trains_logs_checkpoints_and_lowers_the_loss(tmp_path, corpus, capsys):
 BACKEND_RUNS = {"torch": ["--backend", "torch"], "triton": ["--backend", "triton", "--n_layer", "1", "--eval_iters", "1"]}
 
 
-@pytest.mark.parametrize("backend", BACKEND_RUNS)
-def test_resume_computes_the_same_losses_as_an_uninterrupted_run(tmp_path, corpus, backend):
+@pytest.mark.slow
+@pytest.mark.parametrize("backend, optimizer", [("torch", "adamw"), ("triton", "adamw"), ("torch", "muon")])
+def test_resume_computes_the_same_losses_as_an_uninterrupted_run(tmp_path, corpus, backend, optimizer):
     # With dropout: the kernels' dropout seeds come from the RNG states a checkpoint restores.
     steps = 12 if backend == "torch" else 6
     common = ["--eval_interval", str(steps // 2), "--lr_decay_iters", str(steps), "--dropout", "0.1",
-              *BACKEND_RUNS[backend]]
+              "--optimizer", optimizer, *BACKEND_RUNS[backend]]
     assert run_train(tmp_path, corpus, *common, "--max_iters", str(steps), out="straight") == 0
     assert run_train(tmp_path, corpus, *common, "--max_iters", str(steps // 2), out="resumed") == 0
     assert run_train(tmp_path, corpus, *common, "--max_iters", str(steps), "--resume", out="resumed") == 0
     straight, resumed = losses(metrics(tmp_path, "straight")), losses(metrics(tmp_path, "resumed"))
     assert sorted(resumed) == list(range(1, steps + 1))
     assert resumed == straight  # bit for bit: same batches, dropout masks and optimizer state
+
+
+def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
+    from fastgpt import optim
+    from fastgpt.model import GPT, GPTConfig
+
+    model = GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=8))
+    opt = optim.build(model, "muon", "cpu", learning_rate=1e-3, weight_decay=0.1, betas=(0.9, 0.95))
+    names = {id(p): name for name, p in model.named_parameters()}
+    muon = {names[id(p)] for group in opt.parts["muon"].param_groups for p in group["params"]}
+    adamw = {names[id(p)] for group in opt.parts["adamw"].param_groups for p in group["params"]}
+    assert muon == {f"transformer.h.{i}.{m}.weight" for i in range(2)
+                    for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+    assert adamw == set(names.values()) - muon  # embeddings (and the head tied to wte), LayerNorms, biases
+    assert "transformer.wte.weight" in adamw and model.lm_head.weight is model.transformer.wte.weight
+    opt.set_lr_factor(0.5)
+    assert {g["lr"] for g in opt.parts["muon"].param_groups} == {0.01}
+    assert {g["lr"] for g in opt.parts["adamw"].param_groups} == {5e-4}
+    plain = optim.build(model, "adamw", "cpu", learning_rate=1e-3, weight_decay=0.1, betas=(0.9, 0.95))
+    plain.load_state_dict(plain.parts["adamw"].state_dict())  # a checkpoint from before Muon: AdamW's alone
+    with pytest.raises(ValueError, match="for adamw, this run uses adamw and muon"):
+        opt.load_state_dict(plain.state_dict())
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_muon_with_wsd_trains_under_every_precision(tmp_path, corpus, dtype):
+    """The CPU's precisions; float16 (GPUs only) takes the GradScaler path tested below."""
+    assert run_train(tmp_path, corpus, "--optimizer", "muon", "--lr_schedule", "wsd", "--dtype", dtype,
+                     "--max_iters", "30", "--eval_interval", "30", "--gradient_accumulation_steps", "2") == 0
+    evals = [r for r in metrics(tmp_path) if "val_loss" in r]
+    assert evals[-1]["val_loss"] < 0.8 * evals[0]["val_loss"], evals
+    state = checkpoint.load(tmp_path / "run" / "last.pt")
+    assert set(state["optimizer"]) == {"muon", "adamw"} and state["train_config"]["optimizer"] == "muon"
+
+
+@pytest.mark.parametrize("kind", optim.OPTIMIZERS)
+def test_a_loss_scale_leaves_every_optimizers_step_as_it_was_and_an_inf_skips_them_all(kind):
+    """float16 training's GradScaler path: gradients scaled by 2^16 are unscaled (before clipping)
+    and every optimizer takes the unscaled step; an inf in any gradient skips every optimizer."""
+    def step(scale: float | None, poison: bool = False):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=8))
+        opt = optim.build(model, kind, "cpu", learning_rate=1e-2, weight_decay=0.1, betas=(0.9, 0.95))
+        scaler = torch.amp.GradScaler("cpu", init_scale=scale or 1.0, enabled=scale is not None)
+        idx = torch.randint(11, (2, 8), generator=torch.Generator().manual_seed(1))
+        with fastgpt_kernels.use_backend("torch"):
+            scaler.scale(model(idx, idx)[1]).backward()
+        if poison:
+            model.transformer.wte.weight.grad[0, 0] = float("inf")
+        opt.unscale_(scaler)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step(scaler)
+        scaler.update()
+        return model.state_dict()
+
+    plain, scaled = step(None), step(2.0**16)
+    for name in plain:
+        torch.testing.assert_close(scaled[name], plain[name], rtol=1e-6, atol=1e-7, msg=name)
+    torch.manual_seed(0)
+    untouched = GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=8)).state_dict()
+    skipped = step(2.0**16, poison=True)
+    assert all(torch.equal(skipped[name], untouched[name]) for name in untouched)
 
 
 def test_sample_command(tmp_path, corpus, capsys, monkeypatch):
@@ -131,9 +196,10 @@ def test_finetune_from_a_checkpoint_keeps_its_tokenizer(tmp_path, corpus, capsys
     assert "'Z'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("backend", BACKEND_RUNS)
-def test_compiled_model_trains_as_the_eager_one(tmp_path, corpus, backend):
-    common = ["--max_iters", "3", "--eval_interval", "3", *BACKEND_RUNS[backend]]
+@pytest.mark.slow
+@pytest.mark.parametrize("backend, optimizer", [("torch", "adamw"), ("triton", "adamw"), ("torch", "muon")])
+def test_compiled_model_trains_as_the_eager_one(tmp_path, corpus, backend, optimizer):
+    common = ["--max_iters", "3", "--eval_interval", "3", "--optimizer", optimizer, *BACKEND_RUNS[backend]]
     assert run_train(tmp_path, corpus, *common, "--compile", out="compiled") == 0
     assert run_train(tmp_path, corpus, *common, out="eager") == 0
     compiled, eager = losses(metrics(tmp_path, "compiled")), losses(metrics(tmp_path, "eager"))
@@ -141,6 +207,7 @@ def test_compiled_model_trains_as_the_eager_one(tmp_path, corpus, backend):
     assert compiled == pytest.approx(eager, rel=1e-4)  # fused differently by inductor: not bit for bit
 
 
+@pytest.mark.slow
 def test_the_log_names_the_ops_pytorch_serves_and_compile_decides_first(tmp_path, corpus, capsys, monkeypatch):
     """Under auto the race (here on CPU tensors, with a stand-in timer in which PyTorch wins) decides
     before torch.compile traces the model, and the log says which ops PyTorch serves and why."""
@@ -163,6 +230,7 @@ def test_the_log_names_the_ops_pytorch_serves_and_compile_decides_first(tmp_path
     assert err.index("kernels: layer_norm") < err.index("step 0:")  # decided before the first step
 
 
+@pytest.mark.slow
 def test_sort_task_is_learned(tmp_path):
     args = ["--dataset", "sort", "--out_dir", str(tmp_path / "sort"), *TINY, "--n_embd", "64", "--block_size", "13",
             "--batch_size", "64", "--learning_rate", "3e-3", "--min_lr", "3e-4", "--warmup_iters", "20",
@@ -192,6 +260,7 @@ def _env():
     return env
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_and_exits(tmp_path, corpus):
     cmd = [sys.executable, str(ROOT / "train.py"), "--dataset", str(corpus), "--data_dir", str(tmp_path / "cache"),
            "--out_dir", str(tmp_path / "run"), *TINY, "--max_iters", "100000", "--eval_interval", "100000"]
@@ -231,10 +300,29 @@ def assert_same_weights(actual, expected, **tolerance):
 
 @pytest.mark.slow
 def test_two_process_ddp_equals_one_process_with_the_global_batch(tmp_path, corpus):
-    assert run_train(tmp_path, corpus, "--max_iters", "4", "--eval_interval", "4", "--batch_size", "8", out="one") == 0
-    two = ddp_train(tmp_path, corpus, "--max_iters", "4", "--eval_interval", "4", out="two")
+    common = ["--max_iters", "4", "--eval_interval", "4"]
+    assert run_train(tmp_path, corpus, *common, "--batch_size", "8", out="one") == 0
+    two = ddp_train(tmp_path, corpus, *common, out="two")
     assert_same_weights(two, checkpoint.load(tmp_path / "one" / "last.pt")["model"], rtol=1e-5, atol=1e-6)
     assert not (tmp_path / "two" / "metrics.jsonl").read_text().count('"step": 4, "loss"') > 1  # rank 0 logs
+
+
+@pytest.mark.slow
+def test_two_process_muon_takes_the_update_of_one_process_with_the_global_batch(tmp_path, corpus):
+    """Muon orthogonalises the averaged gradient in bfloat16 (torch.optim.Muon), and Newton-Schulz
+    magnifies the gradient's smallest directions several hundredfold: the all-reduce's last-bit
+    differences reach a few percent of a matrix's update (measured up to 9% in 4 steps), never its
+    size. Each rank orthogonalising its own gradient would be off by the update itself."""
+    common = ["--max_iters", "4", "--eval_interval", "4", "--optimizer", "muon"]
+    assert run_train(tmp_path, corpus, *common, "--batch_size", "8", "--max_iters", "0", out="init") == 0
+    assert run_train(tmp_path, corpus, *common, "--batch_size", "8", out="one") == 0
+    two = ddp_train(tmp_path, corpus, *common, out="two")
+    one, init = (checkpoint.load(tmp_path / out / "last.pt")["model"] for out in ("one", "init"))
+    muon = set(optim.muon_parameters(GPT(GPTConfig(**checkpoint.load(tmp_path / "one" / "last.pt")["model_config"]))))
+    for name in one:
+        update = (one[name] - init[name]).abs().max().item()
+        off = (two[name] - one[name]).abs().max().item()
+        assert update > 0 and off <= (0.25 if name in muon else 0.02) * update, (name, off, update)
 
 
 RANK_DRAWS = """
@@ -279,12 +367,14 @@ def ddp_dropout_run(tmp_path_factory):
     return tmp_path, corpus, ddp_train(tmp_path, corpus, *DROPOUT_RUN, "--max_iters", "4", out="straight")
 
 
+@pytest.mark.slow
 def test_two_process_run_with_dropout_is_reproducible(ddp_dropout_run):
     tmp_path, corpus, straight = ddp_dropout_run
     assert_same_weights(ddp_train(tmp_path, corpus, *DROPOUT_RUN, "--max_iters", "4", out="again"), straight)
     assert len(checkpoint.load(tmp_path / "again" / "last.pt")["rng"]["ranks"]) == 2
 
 
+@pytest.mark.slow
 def test_two_process_resume_gives_the_weights_of_an_uninterrupted_run(ddp_dropout_run):
     tmp_path, corpus, straight = ddp_dropout_run
     ddp_train(tmp_path, corpus, *DROPOUT_RUN, "--max_iters", "2", out="resumed")
@@ -292,6 +382,7 @@ def test_two_process_resume_gives_the_weights_of_an_uninterrupted_run(ddp_dropou
                         straight)
 
 
+@pytest.mark.slow
 def test_resume_with_another_number_of_processes_reseeds_and_says_so(ddp_dropout_run, capsys):
     tmp_path, corpus, _ = ddp_dropout_run
     shutil.copytree(tmp_path / "straight", tmp_path / "one")
@@ -530,13 +621,27 @@ def test_help_lists_every_option(capsys):
         assert f"--{name}" in text, name
 
 
-def test_learning_rate_schedule():
-    cfg = training.TrainConfig(learning_rate=1.0, min_lr=0.1, warmup_iters=10, max_iters=110)
-    rates = [training.learning_rate(s, cfg) for s in range(120)]
+@pytest.mark.parametrize("schedule", ["cosine", "wsd", "linear"])
+def test_learning_rate_schedule(schedule):
+    cfg = training.TrainConfig(learning_rate=2.0, min_lr=0.2, warmup_iters=10, max_iters=110, lr_schedule=schedule,
+                               decay_fraction=0.25)
+    rates = [training.lr_factor(s, cfg) for s in range(120)]
     assert rates[0] < rates[5] < rates[9] < 1.0
     assert max(rates) <= 1.0 and abs(rates[10] - 1.0) < 1e-9
     assert all(a >= b for a, b in zip(rates[10:], rates[11:]))
-    assert rates[110] == rates[119] == 0.1
+    assert rates[110] == rates[119] == 0.1  # min_lr / learning_rate
+    middle = rates[60]  # halfway through the decay's 100 steps
+    expected = {"cosine": 0.1 + 0.9 * 0.5, "linear": 1 - 0.5 * 0.9, "wsd": 1.0}[schedule]
+    assert abs(middle - expected) < 1e-9, (schedule, middle)
+    if schedule == "wsd":  # the peak held for 75 steps, then 25 of linear decay
+        assert rates[85] == 1.0 and abs(rates[98] - (1 - 13 / 25 * 0.9)) < 1e-9
+
+
+def test_bad_optimizer_and_schedule_options_are_refused_by_name():
+    for bad, match in ((dict(optimizer="sgd"), "'sgd'"), (dict(lr_schedule="step"), "'step'"),
+                       (dict(decay_fraction=0.0), "decay_fraction"), (dict(muon_momentum=1.0), "muon_momentum")):
+        with pytest.raises(ValueError, match=match):
+            training.TrainConfig(**bad)
 
 
 def test_corpus_shorter_than_one_block(tmp_path, capsys):
