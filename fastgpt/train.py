@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import fastgpt_kernels
-from fastgpt import checkpoint, optim, perf, pretrained
+from fastgpt import checkpoint, optim, perf, plot, pretrained
 from fastgpt.data import DATASET_NAMES, load_dataset, tokenizer_from_dict
 from fastgpt.device import autocast_context, grad_scaler, run_dtype
 from fastgpt.distributed import (Distributed, any_rank, from_rank0, gather_rng_states, resume_rng, seed_rank,
@@ -132,6 +132,7 @@ PRESETS = {
     "gpt2-1558m": dict(n_layer=48, n_head=25, n_embd=1600, learning_rate=2e-4, min_lr=2e-5, **_GPT2_TRAINING),
 }
 MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias")
+PLOT_SECONDS = 30.0  # out_dir/metrics.png is redrawn after an evaluation at most this often (and at the end)
 
 
 class TrainingError(RuntimeError):
@@ -336,12 +337,28 @@ def _train(cfg: TrainConfig, model_args: dict, explicit: frozenset, ddp: Distrib
             metrics_file.flush()
 
     decisions_said = _say_backends(0, say)  # those made before the first step (see _decide_backends)
+    tokens_per_step = cfg.batch_size * block_size * cfg.gradient_accumulation_steps * ddp.world_size
+    last_drawn = [-math.inf]  # when metrics.png was last drawn
 
-    def run_eval() -> dict:
+    def draw_metrics(final: bool = False) -> None:
+        """``out_dir/metrics.png`` (:mod:`fastgpt.plot`) after an evaluation: at most every
+        PLOT_SECONDS, and at the end; without matplotlib, one line saying how to get it."""
+        if metrics_file is None or not (final or time.monotonic() - last_drawn[0] >= PLOT_SECONDS):
+            return
+        if not plot.have_matplotlib():
+            if last_drawn[0] == -math.inf:
+                say(f"metrics.png not drawn: {plot.INSTALL_HINT}")
+            last_drawn[0] = math.inf
+            return
+        plot.draw({str(out_dir): plot.read_metrics(out_dir)}, out_dir / "metrics.png", str(out_dir))
+        last_drawn[0] = time.monotonic()
+
+    def run_eval(final: bool = False) -> dict:
         nonlocal best_val, decisions_said
         # Rank 0's numbers on every rank: whether to save best.pt must be decided alike everywhere.
         result = from_rank0(ddp, evaluate(model, dataset, cfg, block_size, device, amp))
-        log({"step": step, **result, "train_seconds": train_seconds})
+        log({"step": step, "tokens": step * tokens_per_step, **result, "train_seconds": train_seconds})
+        draw_metrics(final)
         say(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
         decisions_said = _say_backends(decisions_said, say)
         if result["val_loss"] < best_val:
@@ -359,7 +376,6 @@ def _train(cfg: TrainConfig, model_args: dict, explicit: frozenset, ddp: Distrib
         interrupted = True
 
     previous_handler = signal.signal(signal.SIGINT, on_sigint)
-    tokens_per_step = cfg.batch_size * block_size * cfg.gradient_accumulation_steps * ddp.world_size
     peak = perf.peak_flops(device, dtype)
     result: dict = {}
     try:
@@ -409,7 +425,8 @@ def _train(cfg: TrainConfig, model_args: dict, explicit: frozenset, ddp: Distrib
                 mfu = flops_per_token * tokens_per_s / peak
                 if ddp.master:
                     progress.update(step, loss_sum, lr, tokens_per_s, mfu, final=step == cfg.max_iters)
-                log({"step": step, "loss": loss_sum, "lr": lr, "tokens_per_s": tokens_per_s, "mfu": mfu})
+                log({"step": step, "tokens": step * tokens_per_step, "loss": loss_sum, "lr": lr,
+                     "tokens_per_s": tokens_per_s, "mfu": mfu})
                 decisions_said = _say_backends(decisions_said, say)
             if step % cfg.eval_interval == 0:
                 save("last.pt")
@@ -418,7 +435,7 @@ def _train(cfg: TrainConfig, model_args: dict, explicit: frozenset, ddp: Distrib
             say(f"interrupted at step {step}: saving {out_dir / 'last.pt'}")
             save("last.pt")
             return {**result, "interrupted": True}
-        result = run_eval()
+        result = run_eval(final=True)
         save("last.pt")
         if cfg.sample_tokens and ddp.master:
             say("sample:\n" + complete(raw_model, dataset.tokenizer, "", cfg.sample_tokens, 0.8, 200, device))

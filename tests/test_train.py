@@ -55,6 +55,8 @@ def test_trains_logs_checkpoints_and_lowers_the_loss(tmp_path, corpus, capsys):
     evals = [r for r in records if "val_loss" in r]
     assert [r["step"] for r in evals] == [0, 30, 60]
     assert evals[0]["train_seconds"] == 0 < evals[1]["train_seconds"] < evals[2]["train_seconds"]
+    assert all(r["tokens"] == r["step"] * 4 * 16 for r in records)  # batch 4 of 16 tokens a step
+    assert (tmp_path / "run" / "metrics.png").read_bytes()[:4] == b"\x89PNG"
     assert evals[-1]["val_loss"] < 0.8 * evals[0]["val_loss"]
     assert sorted(losses(records)) == list(range(1, 61))
     assert all(r["tokens_per_s"] > 0 and r["mfu"] > 0 for r in records if "loss" in r)
@@ -144,6 +146,15 @@ def test_a_loss_scale_leaves_every_optimizers_step_as_it_was_and_an_inf_skips_th
     untouched = GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=8)).state_dict()
     skipped = step(2.0**16, poison=True)
     assert all(torch.equal(skipped[name], untouched[name]) for name in untouched)
+
+
+def test_without_matplotlib_the_loop_says_once_how_to_draw_its_metrics(tmp_path, corpus, capsys, monkeypatch):
+    from fastgpt import plot
+
+    monkeypatch.setattr(plot, "have_matplotlib", lambda: False)
+    assert run_train(tmp_path, corpus, "--max_iters", "4", "--eval_interval", "1") == 0
+    assert capsys.readouterr().err.count("metrics.png not drawn: drawing needs matplotlib") == 1
+    assert not (tmp_path / "run" / "metrics.png").exists()
 
 
 def test_sample_command(tmp_path, corpus, capsys, monkeypatch):
