@@ -212,6 +212,18 @@ class GPT(nn.Module):
             _check_tokens("targets", targets, None)
             if targets.shape != idx.shape:
                 raise ValueError(f"targets must have idx's shape {tuple(idx.shape)}, got {tuple(targets.shape)}")
+        x = self._trunk(idx, cache)  # (B, T, C)
+        if targets is None:
+            return self.lm_head(x[:, [-1], :]), None  # (B, 1, V)
+        if return_logits:
+            logits = self.lm_head(x)  # (B, T, V)
+            return logits, F.cross_entropy(logits.flatten(0, 1).float(), targets.reshape(-1), ignore_index=-1)
+        return None, fastgpt_kernels.linear_cross_entropy(x, self.lm_head.weight, targets, ignore_index=-1)  # scalar
+
+    def _trunk(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Embeddings, the blocks and the final LayerNorm: (B, T, C) from (B, T) token ids (checked)."""
+        start = 0 if cache is None else cache.length
+        T = idx.shape[1]
         pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
         tok_emb = self.transformer.wte(idx)  # (B, T, C)
         pos_emb = self.transformer.wpe(pos)  # (T, C)
@@ -220,13 +232,18 @@ class GPT(nn.Module):
             x = block(x, cache, layer)  # (B, T, C)
         if cache is not None:
             cache.length += T
-        x = self.transformer.ln_f(x)  # (B, T, C)
-        if targets is None:
-            return self.lm_head(x[:, [-1], :]), None  # (B, 1, V)
-        if return_logits:
-            logits = self.lm_head(x)  # (B, T, V)
-            return logits, F.cross_entropy(logits.flatten(0, 1).float(), targets.reshape(-1), ignore_index=-1)
-        return None, fastgpt_kernels.linear_cross_entropy(x, self.lm_head.weight, targets, ignore_index=-1)  # scalar
+        return self.transformer.ln_f(x)  # (B, T, C)
+
+    def token_losses(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The cross-entropy of each position's target: (B, T) float32 (float64 for a float64 model),
+        0 where the target is -1; through the fused loss, so the (B, T, V) logits never exist at once.
+        For evaluations that score parts of sequences (HellaSwag's endings)."""
+        _check_tokens("idx", idx, self.config.block_size)
+        _check_tokens("targets", targets, None)
+        if targets.shape != idx.shape:
+            raise ValueError(f"targets must have idx's shape {tuple(idx.shape)}, got {tuple(targets.shape)}")
+        return fastgpt_kernels.linear_cross_entropy(self._trunk(idx), self.lm_head.weight, targets, ignore_index=-1,
+                                                    reduction="none")
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,

@@ -31,6 +31,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import fastgpt_kernels
 from fastgpt import checkpoint, optim, perf, plot, pretrained
+from fastgpt import eval as evaluation
 from fastgpt.data import DATASET_NAMES, load_dataset, tokenizer_from_dict
 from fastgpt.device import autocast_context, grad_scaler, run_dtype
 from fastgpt.distributed import (Distributed, any_rank, from_rank0, gather_rng_states, resume_rng, seed_rank,
@@ -57,6 +58,9 @@ class TrainConfig:
     eval_iters: int = 20
     log_interval: int = 10
     eval_only: bool = False
+    hellaswag: str | None = None    # HellaSwag's validation JSONL: acc and acc_norm logged with evaluations
+    hellaswag_interval: int = 0     # score HellaSwag at the evaluations whose step is a multiple of this
+                                    # (0: at every evaluation), and at the end
     sample_tokens: int = 200        # tokens sampled at the end of training (0: none)
     # optimisation
     batch_size: int = 12            # sequences per micro-step (per process)
@@ -87,7 +91,7 @@ class TrainConfig:
         for name in ("eval_interval", "eval_iters", "log_interval", "batch_size", "gradient_accumulation_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_iters", "warmup_iters", "sample_tokens"):
+        for name in ("max_iters", "warmup_iters", "sample_tokens", "hellaswag_interval"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not (self.learning_rate > 0 and 0 <= self.min_lr <= self.learning_rate):
@@ -132,6 +136,10 @@ PRESETS = {
     "gpt2-1558m": dict(n_layer=48, n_head=25, n_embd=1600, learning_rate=2e-4, min_lr=2e-5, **_GPT2_TRAINING),
 }
 MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias")
+# The optimisation recipe a resumed run keeps from its checkpoint unless an option sets it anew, and
+# what checkpoints from before these options trained with.
+RECIPE_FIELDS = ("optimizer", "lr_schedule", "decay_fraction", "muon_lr", "muon_momentum", "muon_weight_decay")
+RECIPE_BEFORE_OPTIONS = {"optimizer": "adamw", "lr_schedule": "cosine"}
 PLOT_SECONDS = 30.0  # out_dir/metrics.png is redrawn after an evaluation at most this often (and at the end)
 
 
@@ -259,6 +267,10 @@ def _train(cfg: TrainConfig, model_args: dict, explicit: frozenset, ddp: Distrib
                              f"{saved['block_size']}")
         model_args = {**{k: saved[k] for k in MODEL_FIELDS}, "block_size": block_size,
                       "dropout": model_args["dropout"] if "dropout" in explicit else saved["dropout"]}
+    if cfg.resume:  # the run's own recipe, unless given anew (checkpoints before these options: AdamW, cosine)
+        saved_recipe = {**RECIPE_BEFORE_OPTIONS, **start.get("train_config", {})}
+        cfg = dataclasses.replace(cfg, **{name: saved_recipe[name] for name in RECIPE_FIELDS
+                                          if name not in explicit and name in saved_recipe})
     dtype, dtype_reason = run_dtype(cfg.dtype, device, start.get("precision") if cfg.resume else None)
     amp = autocast_context(device, dtype)
 
@@ -301,6 +313,10 @@ def _train(cfg: TrainConfig, model_args: dict, explicit: frozenset, ddp: Distrib
     elif cfg.init_from:
         origin = f"step {start['step']} of its run" if "step" in start else "Hugging Face GPT-2 weights"
         say(f"initialised from {cfg.init_from} ({origin})")
+    hellaswag = None
+    if cfg.hellaswag:
+        hellaswag = evaluation.read_hellaswag(cfg.hellaswag, dataset.tokenizer, model.config.vocab_size)
+        say(f"hellaswag: {len(hellaswag)} examples from {cfg.hellaswag}")
     raw_model = model
     flops_per_token = perf.training_flops_per_token(perf.linear_weights(raw_model), raw_model.config.n_layer,
                                                     raw_model.config.n_embd, block_size)
@@ -357,6 +373,9 @@ def _train(cfg: TrainConfig, model_args: dict, explicit: frozenset, ddp: Distrib
         nonlocal best_val, decisions_said
         # Rank 0's numbers on every rank: whether to save best.pt must be decided alike everywhere.
         result = from_rank0(ddp, evaluate(model, dataset, cfg, block_size, device, amp))
+        if hellaswag is not None and (final or step % (cfg.hellaswag_interval or cfg.eval_interval) == 0):
+            scored = evaluation.evaluate(raw_model, hellaswag, device, ddp, amp=amp)
+            result = {**result, "hellaswag_acc": scored["acc"], "hellaswag_acc_norm": scored["acc_norm"]}
         log({"step": step, "tokens": step * tokens_per_step, **result, "train_seconds": train_seconds})
         draw_metrics(final)
         say(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))

@@ -18,6 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 # Programs the docs show that are not fastgpt's own (their options are theirs to keep).
 FOREIGN = {"pip", "hf", "git", "cd", "timeout", "python -m pytest"}
+# Modules whose first argument names a subcommand, each with its own options.
+SUBCOMMANDS = {"fastgpt.eval"}
 
 
 def _snippets(text: str):
@@ -52,6 +54,8 @@ def _program(words: list[str]) -> tuple[str, list[str]] | None:
             return "train.py", [sys.executable, str(ROOT / "train.py")]
         if words[1] == "-m" and len(words) > 2 and f"python -m {words[2]}" not in FOREIGN:
             module = words[2]
+            if module in SUBCOMMANDS and len(words) > 3 and not words[3].startswith("-"):
+                return f"python -m {module} {words[3]}", [sys.executable, "-m", module, words[3]]
             if module.split(".")[0] in ("fastgpt", "fastgpt_kernels", "bench"):
                 return f"python -m {module}", [sys.executable, "-m", module]
     return None

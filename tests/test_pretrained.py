@@ -6,6 +6,7 @@ is switched off before transformers is imported).
 import importlib.util
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -284,6 +285,100 @@ def test_sample_command_prints_text_from_a_hugging_face_directory(gpt2_vocab_dir
     assert sample.main(argv) == 0
     samples = capsys.readouterr().out[:-1].split("\n" + "-" * 40 + "\n")
     assert len(samples) == 2 and all(s.startswith("Hello") and len(s) > len("Hello") for s in samples), samples
+
+
+# --- HellaSwag -----------------------------------------------------------------------------------
+
+HELLASWAG = [  # the published format: ctx, four endings, label (and fields the scorer does not read)
+    {"ind": 0, "activity_label": "Cooking", "ctx": "A man is standing in a kitchen. He",
+     "endings": ["picks up a knife.", "jumps into the sea.", "starts to sing loudly at the wall.", "sleeps."],
+     "label": 0, "split": "val"},
+    {"ind": 1, "activity_label": "Sports", "ctx": "The players run onto the field and",
+     "endings": ["the crowd cheers.", "eat soup", "the ball is kicked off by the captain of the home team.",
+                 "it rains"], "label": 2, "split": "val"},
+    {"ind": 2, "activity_label": "Music", "ctx": "She sits at the piano,",
+     "endings": [" plays a song.", "then leaves", "and closes the lid quietly.", "opens a book."], "label": 1,
+     "split": "val"},
+    {"ind": 3, "activity_label": "Long", "ctx": "A very long context, longer than the model's whole window of "
+     "thirty-two positions, so that the scorer must cut it from the left before it scores the ending:",
+     "endings": ["done.", "the ending that is scored in full even so.", "yes", "no way"], "label": 3, "split": "val"},
+    {"ind": 4, "activity_label": "Odd", "ctx": "Numbers: 1, 2, 3,",
+     "endings": ["4", "5, 6", "and so on", "π"], "label": 0, "split": "val"},
+]
+
+
+def completion_losses(hf, tokenizer, item, window):
+    """The summed and per-token losses of an item's endings by transformers' model: each ending with a
+    leading space after the context, the sequence cut from the left to ``window`` + 1 tokens."""
+    summed, mean = [], []
+    context = tokenizer.encode(item["ctx"])
+    for ending in item["endings"]:
+        ending_ids = tokenizer.encode(" " + ending)
+        ids = (context + ending_ids)[-(window + 1):]
+        with torch.no_grad():
+            logits = hf(torch.tensor([ids[:-1]])).logits[0]
+        losses = torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:]), reduction="none")
+        scored = losses[-len(ending_ids):]
+        summed.append(scored.sum().item())
+        mean.append(scored.mean().item())
+    return summed, mean
+
+
+def test_hellaswag_scores_as_a_completion_style_computation_with_transformers(gpt2_vocab_dir, tmp_path, capsys):
+    from fastgpt import eval as evaluation
+
+    hf, directory = gpt2_vocab_dir
+    data = tmp_path / "hellaswag_val.jsonl"
+    data.write_text("".join(json.dumps(item) + "\n" for item in HELLASWAG))
+    tokenizer = GPT2Tokenizer(directory)
+    expected = [completion_losses(hf, tokenizer, item, TINY_GPT2_VOCAB["n_positions"]) for item in HELLASWAG]
+    summed, mean = evaluation.ending_losses(GPT.from_pretrained(directory), evaluation.read_hellaswag(data, tokenizer),
+                                            torch.device("cpu"))
+    torch.testing.assert_close(summed, torch.tensor([s for s, _ in expected]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mean, torch.tensor([m for _, m in expected]), rtol=1e-5, atol=1e-5)
+    out = tmp_path / "hellaswag.json"
+    argv = ["hellaswag", str(data), str(directory), "--out", str(out), "--batch_size", "2", "--backend", "torch",
+            "--dtype", "float32"]  # two examples a forward: three batches, the last ragged
+    assert evaluation.main(argv) == 0
+    result = json.loads(out.read_text())
+    labels = [item["label"] for item in HELLASWAG]
+    acc = sum(min(range(4), key=lambda i: s[i]) == label for (s, _), label in zip(expected, labels)) / len(labels)
+    acc_norm = sum(min(range(4), key=lambda i: m[i]) == label for (_, m), label in zip(expected, labels)) / len(labels)
+    assert (result["acc"], result["acc_norm"], result["examples"]) == (acc, acc_norm, len(HELLASWAG))
+    assert f"acc {acc:.4f}, acc_norm {acc_norm:.4f} over 5 examples" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"ctx": "a", "endings": ["b", "c", "d", "e"]}', "line 2: not a HellaSwag item"),
+    ('{"ctx": "a", "endings": ["b", "c"], "label": 0}', "line 2: need 4 endings"),
+    ('{"ctx": "a", "endings": ["b", "c", "d", "e"], "label": 4}', "label in \\[0, 4\\)"),
+    ("not json", "line 2: not a HellaSwag item"),
+])
+def test_a_malformed_hellaswag_file_is_refused_with_its_line(gpt2_vocab_dir, tmp_path, capsys, line, message):
+    from fastgpt import eval as evaluation
+
+    data = tmp_path / "bad.jsonl"
+    data.write_text(json.dumps(HELLASWAG[0]) + "\n" + line + "\n")
+    assert evaluation.main(["hellaswag", str(data), str(gpt2_vocab_dir[1]), "--backend", "torch"]) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert evaluation.main(["hellaswag", str(tmp_path / "none.jsonl"), str(gpt2_vocab_dir[1])]) == 2
+    assert "no HellaSwag file at" in capsys.readouterr().err
+
+
+def test_training_logs_hellaswag_at_its_interval(gpt2_vocab_dir, tmp_path):
+    directory = gpt2_vocab_dir[1]
+    data = tmp_path / "hellaswag_val.jsonl"
+    data.write_text("".join(json.dumps(item) + "\n" for item in HELLASWAG))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    argv = ["--init_from", str(directory), "--dataset", str(corpus), "--data_dir", str(tmp_path / "cache"),
+            "--out_dir", str(tmp_path / "run"), "--max_iters", "3", "--eval_interval", "1", "--hellaswag", str(data),
+            "--hellaswag_interval", "2", *TRAIN_ARGS]
+    assert training.main(argv) == 0
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    scored = [r["step"] for r in records if "hellaswag_acc_norm" in r]
+    assert scored == [0, 2, 3]  # multiples of 2, and the end
+    assert all(r["hellaswag_acc"] in {i / 5 for i in range(6)} for r in records if "hellaswag_acc" in r)
 
 
 # --- bad input -----------------------------------------------------------------------------------

@@ -86,6 +86,19 @@ def test_resume_computes_the_same_losses_as_an_uninterrupted_run(tmp_path, corpu
     assert resumed == straight  # bit for bit: same batches, dropout masks and optimizer state
 
 
+def test_a_resumed_run_keeps_its_optimizer_and_schedule_unless_given_anew(tmp_path, corpus, capsys):
+    common = ["--eval_interval", "2", "--lr_decay_iters", "4"]
+    recipe = ["--optimizer", "muon", "--lr_schedule", "wsd"]
+    assert run_train(tmp_path, corpus, *common, *recipe, "--max_iters", "4", out="straight") == 0
+    assert run_train(tmp_path, corpus, *common, *recipe, "--max_iters", "2", out="resumed") == 0
+    assert run_train(tmp_path, corpus, *common, "--max_iters", "4", "--resume", out="resumed") == 0
+    assert losses(metrics(tmp_path, "resumed")) == losses(metrics(tmp_path, "straight"))
+    capsys.readouterr()
+    assert run_train(tmp_path, corpus, *common, "--max_iters", "6", "--resume", "--optimizer", "adamw",
+                     out="resumed") == 2
+    assert "resume with the run's own --optimizer" in capsys.readouterr().err
+
+
 def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
     from fastgpt import optim
     from fastgpt.model import GPT, GPTConfig
