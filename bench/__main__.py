@@ -5,8 +5,10 @@ Runs what this machine can run, side by side in one process: the per-op benchmar
 (:mod:`bench.train_step`), GPT-2 124M's step with the fused loss against the unfused one
 (:func:`bench.train_step.run_gpt2`), generation with and without the KV cache
 (:mod:`bench.generate`), the host cost of each op's Triton path
-(:mod:`bench.host_overhead`, in a child process with Triton's interpreter on), and prints the
-model of a GPU step (:mod:`bench.step_model`, formulas, no measurement). Prints tables, writes
+(:mod:`bench.host_overhead`, in a child process with Triton's interpreter on), the training steps
+and seconds each optimizer recipe takes to a target validation loss (:mod:`bench.time_to_loss`:
+the small model, 3 seeds; one seed with ``--quick``), and prints the model of a GPU step
+(:mod:`bench.step_model`, formulas, no measurement). Prints tables, writes
 ``results.json`` (the machine and every figure) and PNG plots into ``--out``.
 
 Sizes: ``--quick`` (fewer rounds; GPT-2 at one batch), the default full run (about 23 minutes on
@@ -22,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from bench import generate, host_overhead, measure, ops, step_model, train_step
+from bench import generate, host_overhead, measure, ops, step_model, time_to_loss, train_step
 
 # The end-to-end targets: fastgpt's default training step against the naive model's (ratios).
 SPEEDUP_TARGETS = {256: 2.5, 1024: 3.0}
@@ -45,10 +47,11 @@ def parse_args(argv=None):
                         help="dropout of both models in the training step (default: %(default)s)")
     parser.add_argument("--profile", choices=train_step.PRECISIONS,
                         help="also profile two training steps of each side in this precision at the first context")
-    parser.add_argument("--skip", action="append", choices=("ops", "train", "gpt2", "generate", "host", "model"),
-                        default=[], help="leave out a part: the per-op benchmarks, the lecture-shape training "
-                        "steps, GPT-2's fused against unfused loss, generation with and without the KV cache, "
-                        "the host overhead, the step model (repeatable)")
+    parser.add_argument("--skip", action="append",
+                        choices=("ops", "train", "gpt2", "generate", "host", "loss", "model"), default=[],
+                        help="leave out a part: the per-op benchmarks, the lecture-shape training steps, GPT-2's "
+                        "fused against unfused loss, generation with and without the KV cache, the host overhead, "
+                        "the time to a target loss per optimizer recipe, the step model (repeatable)")
     args = parser.parse_args(argv)
     if args.rounds is not None and args.rounds < 1:
         parser.error(f"--rounds must be at least 1, got {args.rounds}")
@@ -288,6 +291,12 @@ def main(argv=None) -> int:
                 report += host_overhead.target_lines(results["host_overhead"])
         else:
             report += ["", f"Host overhead: not measured ({_dispatch.NO_TRITON_REASON})"]
+    if "loss" not in args.skip:
+        scale, seeds = {"tiny": ("tiny", 1), "quick": ("small", 1), "full": ("small", 3)}[args.size]
+        results["time_to_loss"] = time_to_loss.measure(scale, seeds, out=out, data_dir=str(out / "data_cache"),
+                                                       log=lambda text: print(text, flush=True))
+        report += ["", f"Time to a target val loss per optimizer recipe ({scale} model, {seeds} seed(s), "
+                       "bench/time_to_loss.py):", *time_to_loss.table(results["time_to_loss"]["summary"])]
     if "model" not in args.skip:
         results["step_model"] = step_model.project()
         shape = results["step_model"]["shape"]

@@ -11,7 +11,7 @@ import torch
 
 import fastgpt_kernels
 from bench import __main__ as bench_main
-from bench import measure, ops, train_step
+from bench import measure, ops, time_to_loss, train_step
 from bench.naive import MultiHeadAttention, NaiveConfig, NaiveGPT
 from bench.plain import PlainGPT
 from conftest import DEVICE
@@ -175,6 +175,33 @@ def test_python_m_bench_tiny_writes_every_figure_and_the_plots(tmp_path):
     model = results["step_model"]
     assert set(model["builds"]) == {"naive", "plain", "fastgpt"} and model["shape"]["batch"] == 16
     assert (tmp_path / "train_step.png").stat().st_size > 0 and (tmp_path / "ops_speedup.png").stat().st_size > 0
+
+    loss = results["time_to_loss"]
+    assert set(loss["summary"]["recipes"]) == set(time_to_loss.RECIPES) and loss["seeds"] == 1
+    assert all(len(evals) == 3 for seeds in loss["runs"].values() for evals in seeds)  # steps 0, 10, 20
+    assert "Time to a target val loss" in proc.stdout and Path(loss["plot"]).stat().st_size > 0
+
+
+def _evals(*losses, every=100, seconds_per_step=0.01):
+    return [{"step": i * every, "seconds": i * every * seconds_per_step, "val_loss": v} for i, v in enumerate(losses)]
+
+
+def test_time_to_loss_targets_each_seed_with_the_baselines_own_final_loss():
+    slow = dict(seconds_per_step=0.02)
+    runs = {"adamw": [_evals(3.0, 2.5, 2.2, 2.0), _evals(3.0, 2.6, 2.3, 2.1), _evals(3.0, 2.4, 1.9, 1.95)],
+            "muon": [_evals(3.0, 2.0, 1.8, 1.7, **slow), _evals(3.0, 2.05, 1.9, 1.8, **slow),
+                     _evals(3.0, 2.2, 1.9, 1.8, **slow)],
+            "muon-wsd": [_evals(3.0, 2.9, 2.8, 2.7)] * 3}
+    summary = time_to_loss.summarise(runs)
+    assert summary["targets"] == [2.0, 2.1, 1.95] and summary["target"] == 2.0
+    adamw, muon, wsd = (summary["recipes"][r] for r in ("adamw", "muon", "muon-wsd"))
+    assert (adamw["steps"], adamw["steps_ratio"]) == (300, 1.0)  # seeds: 300, 300, and 200 (1.9 <= 1.95)
+    assert adamw["reached"] == "3/3" and muon["reached"] == "3/3"
+    assert muon["steps"] == 100 and muon["steps_ratio"] == 100 / 300  # seeds: 100, 100, 200
+    assert muon["seconds"] == 2.0 and muon["seconds_ratio"] == 2.0 / 3.0  # twice the time per step
+    assert muon["final_val_loss"] == 1.8
+    assert wsd["reached"] == "0/3" and wsd["steps"] is None and wsd["steps_ratio"] is None
+    assert time_to_loss.table(summary)[-1].split()[:3] == ["muon-wsd", "0/3", "-"]
 
 
 @pytest.mark.slow
