@@ -147,8 +147,8 @@ def plot(runs: dict[str, list[list[dict]]], summary: dict, path: Path, title: st
     return path
 
 
-def measure(scale_name: str, seeds: int = 3, recipes=tuple(RECIPES), out: Path | None = None, minutes: float | None = None,
-            dataset: str = "default", data_dir: str = "data_cache", log=print) -> dict:
+def measure(scale_name: str, seeds: int = 3, recipes=tuple(RECIPES), out: Path | None = None,
+            minutes: float | None = None, dataset: str = "default", data_dir: str = "data_cache", log=print) -> dict:
     """Every recipe at ``scale_name`` over ``seeds`` seeds (recipes in turn, seed by seed): the runs'
     evaluations, the steps, the summary, and the plot's path (in ``out``)."""
     if BASELINE not in recipes:

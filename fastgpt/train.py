@@ -76,7 +76,9 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.99
     grad_clip: float = 1.0          # 0: no clipping
-    optimizer: str = "adamw"        # "adamw", or "muon": Muon on the blocks' matrices, AdamW on the rest
+    optimizer: str = "auto"         # "muon": Muon on the blocks' matrices, AdamW on the rest (fastgpt/optim.py);
+                                    # "adamw": AdamW on everything, as nanoGPT; "auto": muon for a new model,
+                                    # adamw to finetune one (--init_from), a resumed run's own
     muon_lr: float = 0.02           # Muon's peak learning rate (the schedule scales it as learning_rate)
     muon_momentum: float = 0.95
     muon_weight_decay: float = 0.1
@@ -99,8 +101,8 @@ class TrainConfig:
                              f"learning_rate={self.learning_rate}, min_lr={self.min_lr}")
         if self.grad_clip < 0 or self.weight_decay < 0:
             raise ValueError(f"grad_clip and weight_decay must be >= 0, got {self.grad_clip}, {self.weight_decay}")
-        if self.optimizer not in optim.OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {self.optimizer!r}: expected one of {', '.join(optim.OPTIMIZERS)}")
+        if self.optimizer not in ("auto", *optim.OPTIMIZERS):
+            raise ValueError(f"unknown optimizer {self.optimizer!r}: expected auto, {', '.join(optim.OPTIMIZERS)}")
         if self.lr_schedule not in optim.SCHEDULES:
             raise ValueError(f"unknown lr_schedule {self.lr_schedule!r}: expected one of "
                              f"{', '.join(optim.SCHEDULES)}")
@@ -118,12 +120,13 @@ SMALL = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0)
 # The GPT-2 presets train on the GPT-2 tokenizer, whose 50257 tokens are then the vocabulary (as in
 # OpenAI's weights), not GPTConfig's 50304 padded for faster matmuls: such a model converts to the
 # Hugging Face layout as it is, and never samples an id the tokenizer cannot decode. Optimisation as
-# nanoGPT's GPT-2 small (12 x 40 sequences of 1024 tokens, about 0.5M tokens a step per process); the
-# larger sizes take the learning rates GPT-3 used for its nearest sizes (350M 3e-4, 760M 2.5e-4,
-# 1.3B 2e-4: Brown et al. 2020, table 2.1), each decaying to a tenth.
+# nanoGPT's GPT-2 small (AdamW; 12 x 40 sequences of 1024 tokens, about 0.5M tokens a step per
+# process; Muon's learning rates are not tuned at these sizes); the larger sizes take the learning
+# rates GPT-3 used for its nearest sizes (350M 3e-4, 760M 2.5e-4, 1.3B 2e-4: Brown et al. 2020,
+# table 2.1), each decaying to a tenth.
 _GPT2_TRAINING = dict(block_size=1024, dropout=0.0, tokenizer="gpt2", batch_size=12, gradient_accumulation_steps=40,
                       max_iters=600000, warmup_iters=2000, weight_decay=0.1, beta2=0.95, eval_interval=1000,
-                      eval_iters=200)
+                      eval_iters=200, optimizer="adamw")
 PRESETS = {
     "small": dict(SMALL),
     # The "Let's build GPT" lecture's model.
@@ -271,6 +274,8 @@ def _train(cfg: TrainConfig, model_args: dict, explicit: frozenset, ddp: Distrib
         saved_recipe = {**RECIPE_BEFORE_OPTIONS, **start.get("train_config", {})}
         cfg = dataclasses.replace(cfg, **{name: saved_recipe[name] for name in RECIPE_FIELDS
                                           if name not in explicit and name in saved_recipe})
+    if cfg.optimizer == "auto":  # Muon trains new models faster; finetuning keeps AdamW's small steps
+        cfg = dataclasses.replace(cfg, optimizer="adamw" if cfg.init_from else "muon")
     dtype, dtype_reason = run_dtype(cfg.dtype, device, start.get("precision") if cfg.resume else None)
     amp = autocast_context(device, dtype)
 

@@ -257,8 +257,8 @@ def test_the_log_names_the_ops_pytorch_serves_and_compile_decides_first(tmp_path
 @pytest.mark.slow
 def test_sort_task_is_learned(tmp_path):
     args = ["--dataset", "sort", "--out_dir", str(tmp_path / "sort"), *TINY, "--n_embd", "64", "--block_size", "13",
-            "--batch_size", "64", "--learning_rate", "3e-3", "--min_lr", "3e-4", "--warmup_iters", "20",
-            "--max_iters", "200", "--eval_interval", "200", "--log_interval", "50"]
+            "--batch_size", "64", "--optimizer", "adamw", "--learning_rate", "3e-3", "--min_lr", "3e-4",
+            "--warmup_iters", "20", "--max_iters", "200", "--eval_interval", "200", "--log_interval", "50"]
     assert training.main(args) == 0
     assert [r for r in metrics(tmp_path, "sort") if "val_accuracy" in r][-1]["val_accuracy"] >= 0.99
 
@@ -324,7 +324,7 @@ def assert_same_weights(actual, expected, **tolerance):
 
 @pytest.mark.slow
 def test_two_process_ddp_equals_one_process_with_the_global_batch(tmp_path, corpus):
-    common = ["--max_iters", "4", "--eval_interval", "4"]
+    common = ["--max_iters", "4", "--eval_interval", "4", "--optimizer", "adamw"]
     assert run_train(tmp_path, corpus, *common, "--batch_size", "8", out="one") == 0
     two = ddp_train(tmp_path, corpus, *common, out="two")
     assert_same_weights(two, checkpoint.load(tmp_path / "one" / "last.pt")["model"], rtol=1e-5, atol=1e-6)
@@ -659,6 +659,17 @@ def test_learning_rate_schedule(schedule):
     assert abs(middle - expected) < 1e-9, (schedule, middle)
     if schedule == "wsd":  # the peak held for 75 steps, then 25 of linear decay
         assert rates[85] == 1.0 and abs(rates[98] - (1 - 13 / 25 * 0.9)) < 1e-9
+
+
+def test_the_default_optimizer_is_muon_for_a_new_model_and_adamw_to_finetune(tmp_path, corpus):
+    assert run_train(tmp_path, corpus, "--max_iters", "2", "--eval_interval", "2", out="new") == 0
+    new = checkpoint.load(tmp_path / "new" / "last.pt")
+    assert new["train_config"]["optimizer"] == "muon" and set(new["optimizer"]) == {"muon", "adamw"}
+    assert run_train(tmp_path, corpus, "--max_iters", "2", "--eval_interval", "2", "--init_from",
+                     str(tmp_path / "new" / "last.pt"), out="tuned") == 0
+    tuned = checkpoint.load(tmp_path / "tuned" / "last.pt")
+    assert tuned["train_config"]["optimizer"] == "adamw" and set(tuned["optimizer"]) == {"adamw"}
+    assert training.PRESETS["gpt2-124m"]["optimizer"] == "adamw"  # nanoGPT's recipe, as published
 
 
 def test_bad_optimizer_and_schedule_options_are_refused_by_name():
