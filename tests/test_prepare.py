@@ -234,7 +234,10 @@ def test_a_stopped_command_leaves_no_corpus_and_no_worker(tmp_path, sig):
     cmd = [sys.executable, "-m", "fastgpt.prepare", str(tmp_path / "src"), "--out", str(out), "--workers", "2",
            "--shard_tokens", "100000"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # As from a terminal: SIGINT at its default, even where this test runs with it ignored (a
+    # background job of a script), which a child would inherit and then never see Ctrl-C.
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 60
         while not (out.is_dir() and any(out.glob("train_*.bin"))):
