@@ -23,6 +23,7 @@ import torch.distributed as dist
 import fastgpt_kernels
 from fastgpt.device import autocast_context, resolve_dtype
 from fastgpt.distributed import Distributed, setup_distributed
+from fastgpt.sample import load_model
 
 ENDINGS = 4
 
@@ -128,8 +129,6 @@ def evaluate(model, examples: list[Example], device, ddp: Distributed | None = N
 
 
 def _hellaswag(args) -> int:
-    from fastgpt.sample import load_model
-
     ddp, device = setup_distributed(args.device)
     try:
         model, tokenizer = load_model(args.model, device)
