@@ -8,6 +8,8 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -346,6 +348,25 @@ def test_hellaswag_scores_as_a_completion_style_computation_with_transformers(gp
     acc_norm = sum(min(range(4), key=lambda i: m[i]) == label for (_, m), label in zip(expected, labels)) / len(labels)
     assert (result["acc"], result["acc_norm"], result["examples"]) == (acc, acc_norm, len(HELLASWAG))
     assert f"acc {acc:.4f}, acc_norm {acc_norm:.4f} over 5 examples" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_hellaswag_under_torchrun_shares_the_examples_and_sums_the_counts(gpt2_vocab_dir, tmp_path):
+    from fastgpt import eval as evaluation
+
+    directory = gpt2_vocab_dir[1]
+    data = tmp_path / "hellaswag_val.jsonl"
+    data.write_text("".join(json.dumps(item) + "\n" for item in HELLASWAG))
+    args = ["hellaswag", str(data), str(directory), "--backend", "torch", "--dtype", "float32"]
+    assert evaluation.main([*args, "--out", str(tmp_path / "one.json")]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "fastgpt.eval", *args, "--out", str(tmp_path / "two.json")], env=env,
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert (two["acc"], two["acc_norm"], two["examples"]) == (one["acc"], one["acc_norm"], len(HELLASWAG))
+    assert proc.stdout.count("hellaswag: acc") == 1  # rank 0 reports
 
 
 @pytest.mark.parametrize("line, message", [
