@@ -1,7 +1,7 @@
 """``python -m fastgpt.prepare SOURCE... --out DIR``: a corpus too big for memory, as token shards.
 
 Streams the sources (``.txt``/``.md`` files, one document each; ``.jsonl``, one document per line;
-each optionally ``.gz``; directories searched recursively; glob patterns), tokenizes them in
+each optionally ``.gz``; ``.parquet``, one document per row; directories searched recursively; glob patterns), tokenizes them in
 ``--workers`` processes and writes uint16 shards plus ``meta.json`` to ``--out``, for
 ``python train.py --dataset DIR``. The format, the train/val split, the rule for cutting long
 documents and what an interruption leaves are described in :mod:`fastgpt.data.streaming`.
@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "meta.json, for python train.py --dataset DIR.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     parser.add_argument("sources", nargs="+", metavar="SOURCE",
-                        help="a .txt, .md or .jsonl file (optionally .gz), a directory (searched recursively) "
+                        help="a .txt, .md or .jsonl file (optionally .gz), a .parquet file, a directory (searched recursively) "
                              "or a glob pattern (quote it)")
     parser.add_argument("--out", required=True, metavar="DIR",
                         help="output directory; an earlier corpus there is replaced")
@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=defaults["workers"],
                         help="tokenizing processes (1: the main process)")
     parser.add_argument("--text_field", "--text-field", default=defaults["text_field"],
-                        help="the JSONL field that holds a document's text")
+                        help="the JSONL field, or the Parquet column, that holds a document's text")
     parser.add_argument("--val_fraction", "--val-fraction", type=float, default=defaults["val_fraction"],
                         help="expected fraction of documents in the val split (decided per document by a hash)")
     parser.add_argument("--shard_tokens", "--shard-tokens", type=int, default=defaults["shard_tokens"],
@@ -51,7 +51,7 @@ def main(argv=None) -> int:
             meta = prepare_corpus(args.sources, args.out, tokenizer=args.tokenizer, workers=args.workers,
                                   text_field=args.text_field, val_fraction=args.val_fraction,
                                   shard_tokens=args.shard_tokens)
-    except (ValueError, TypeError, OSError) as exc:
+    except (ValueError, TypeError, OSError, ImportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:

@@ -150,9 +150,11 @@ def test_cut_rule_keeps_the_tokens_of_the_whole_text():
     tok = GPT2Tokenizer()
     rng = random.Random(1)
     alphabet = list("ab Z9 \n\n\t\r.,'!") + ["'s", "'ll", "\u00a0", "\u3000", "\u2028", "\x85", "\r\n", " 's",
-                                             "日本", "🙂", "é", "<|endoftext|>"]
+                                             "日本", "🙂", "é", "<|endoftext|>", "'re", "'d", "'m", "'ve", "'t",
+                                             "\x0b", "\x0c", "\x1c", "\u200b", "\u0301", "_", "$", "٣", "Ⅻ", "½",
+                                             "ǅ", "ʰ", "’", "\u0378", "。", "12", "  "]
     checked = 0
-    for _ in range(1500):
+    for _ in range(3000):
         text = "".join(rng.choice(alphabet) for _ in range(rng.randint(2, 40)))
         data = bytearray(text.encode("utf-8"))
         whole = tok.encode(text)
@@ -162,11 +164,57 @@ def test_cut_rule_keeps_the_tokens_of_the_whole_text():
             assert tok.encode(head) + tok.encode(tail) == whole, (head, tail)
             checked += 1
             end = cut
-    assert checked > 1000
+    assert checked > 10000
     # The obvious rule, cutting between two newlines, is wrong: a run of whitespace ends elsewhere.
     text = "end.\n\n\nNext"
     assert tok.encode(text[:5]) + tok.encode(text[5:]) != tok.encode(text)
     assert streaming._last_cut(bytearray(text.encode())) == 4
+
+
+def test_cut_rule_cases():
+    allowed = [("a", " "), ("a", "\n"), (".", "\t"), ("'", " "), ("a", "1"), ("1", "a"), ("a", "."), (".", "a"),
+               ("日", "。"), ("a", "\u200b"), ("é", "½")]
+    refused = [(" ", "a"), ("\n", "\n"), ("a", "b"), ("1", "2"), (".", ","), ("'", "s"), ("a", "'"), ("a", "\u00a0"),
+               ("a", "\x1c"), ("a", "\u0378"), ("\u0378", " "), ("a", "\udc80")]
+    assert [pair for pair in allowed if not streaming._safe_cut(*pair)] == []
+    assert [pair for pair in refused if streaming._safe_cut(*pair)] == []
+
+
+def test_a_document_without_a_cut_at_its_line_breaks_streams_in_bounded_pieces(tmp_path, monkeypatch):
+    # Every line break follows a space, so the breaks are no cut; the words still are.
+    text = "".join(f"line {i} of words, each word then a space \n" for i in range(3000))
+    write(tmp_path / "spaced.txt", text)
+    pieces = []
+    real = streaming._Encoder.encode
+    monkeypatch.setattr(streaming._Encoder, "encode", lambda self, task: pieces.extend(task) or real(self, task))
+    prepare_corpus([tmp_path / "spaced.txt"], tmp_path / "out", val_fraction=0.0, chunk_bytes=4096, progress=False)
+    tokens = np.concatenate(open_corpus(tmp_path / "out").shards("train")).tolist()
+    tok = GPT2Tokenizer()
+    assert tokens == tok.encode(text) + [tok.eot_token]
+    assert len(pieces) > 25 and max(len(p.data) for p in pieces) <= 2 * 4096
+
+
+def test_a_run_with_no_cut_is_held_whole_and_searched_once(monkeypatch):
+    run = bytearray(b"a" * 300_000)
+    assert streaming._last_cut(run) == 0
+    calls = []
+    real = streaming._safe_cut
+    monkeypatch.setattr(streaming, "_safe_cut", lambda x, y: calls.append(1) or real(x, y))
+    assert streaming._last_cut(run, floor=len(run) - 100) == 0 and len(calls) < 100
+    assert streaming._last_cut(bytearray(b"b" + run)) == 0
+    assert streaming._last_cut(bytearray(b"1" + run)) == 1
+
+
+def test_a_run_with_no_cut_is_read_in_linear_time(tmp_path, monkeypatch):
+    text = "x" * 40_000 + " and the rest"
+    write(tmp_path / "run.txt", text)
+    calls = []
+    real = streaming._safe_cut
+    monkeypatch.setattr(streaming, "_safe_cut", lambda x, y: calls.append(1) or real(x, y))
+    prepare_corpus([tmp_path / "run.txt"], tmp_path / "out", val_fraction=0.0, chunk_bytes=4096, progress=False)
+    assert len(calls) < 1.2 * len(text)  # each byte examined about once, not once per block read
+    tok = GPT2Tokenizer()
+    assert np.concatenate(open_corpus(tmp_path / "out").shards("train")).tolist() == tok.encode(text) + [tok.eot_token]
 
 
 def test_a_long_document_streams_in_pieces_with_the_tokens_of_the_whole(tmp_path):
@@ -305,6 +353,59 @@ def test_line_numbers_count_across_pieces(tmp_path):
     (tmp_path / "long.txt").write_bytes(data)
     with pytest.raises(ValueError, match=r"long.txt:4321: invalid UTF-8 \(byte 0xc3 at column 6\)"):
         prepare_corpus([tmp_path / "long.txt"], tmp_path / "out", chunk_bytes=1000, progress=False)
+
+
+def parquet_file(path: Path, columns: dict, row_group_size: int) -> None:
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table(columns), path, row_group_size=row_group_size)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_parquet_rows_are_documents_with_the_shards_of_the_same_jsonl(tmp_path, workers):
+    rng = random.Random(3)
+    texts = [random_text(rng, rng.randint(1, 40)) for _ in range(400)]
+    texts[5] = texts[77] = ""  # empty documents are skipped, as in JSONL
+    parquet_file(tmp_path / "rows.parquet", {"id": list(range(400)), "content": texts}, row_group_size=37)
+    write(tmp_path / "rows.jsonl", jsonl([{"content": t} for t in texts]))
+    options = dict(text_field="content", val_fraction=0.2, shard_tokens=20_000, chunk_bytes=2048, progress=False)
+    meta = prepare_corpus([tmp_path / "rows.parquet"], tmp_path / "from_parquet", workers=workers, **options)
+    prepare_corpus([tmp_path / "rows.jsonl"], tmp_path / "from_jsonl", **options)
+    # A row is split by its number as a JSONL document by its line: the same documents, split alike.
+    parquet_shards = {n: b for n, b in shard_bytes(tmp_path / "from_parquet").items() if n.endswith(".bin")}
+    jsonl_shards = {n: b for n, b in shard_bytes(tmp_path / "from_jsonl").items() if n.endswith(".bin")}
+    assert parquet_shards == jsonl_shards and len(parquet_shards) >= 4
+    assert sum(meta["splits"][split]["documents"] for split in ("train", "val")) == 398
+    assert meta["sources"][0]["format"] == "parquet"
+
+
+def test_parquet_inputs_get_messages_that_name_the_file_and_row(tmp_path, capsys):
+    pytest.importorskip("pyarrow")
+    parquet_file(tmp_path / "no_text.parquet", {"body": ["a", "b"]}, 10)
+    parquet_file(tmp_path / "numbers.parquet", {"text": [1, 2]}, 10)
+    parquet_file(tmp_path / "null.parquet", {"text": ["a", "b", "c", None, "e"]}, 2)
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1 this is not a Parquet file")
+    write(tmp_path / "squeezed.parquet.gz", "x")
+    cases = [
+        ("no_text.parquet", "no_text.parquet: no column 'text' \\(its columns: 'body'\\); choose the column with "
+                            "--text_field"),
+        ("numbers.parquet", "numbers.parquet: the 'text' column holds int64, not strings"),
+        ("null.parquet", "null.parquet, row 4: the 'text' column is null"),
+        ("broken.parquet", "broken.parquet is not a valid Parquet file"),
+        ("squeezed.parquet.gz", "squeezed.parquet.gz: unsupported file type"),
+    ]
+    for name, message in cases:
+        assert prepare_command.main([str(tmp_path / name), "--out", str(tmp_path / "out")]) == 2, name
+        err = capsys.readouterr().err
+        assert re.search("error: .*" + message, err), (message, err)
+
+
+def test_parquet_without_pyarrow_says_how_to_install_it(tmp_path, capsys, monkeypatch):
+    (tmp_path / "rows.parquet").write_bytes(b"")
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # import pyarrow fails as if not installed
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    assert prepare_command.main([str(tmp_path / "rows.parquet"), "--out", str(tmp_path / "out")]) == 2
+    assert "reading .parquet files needs pyarrow: pip install 'fastgpt[parquet]'" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")

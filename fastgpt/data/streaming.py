@@ -6,7 +6,9 @@ what it writes.
 Sources are files, directories (searched recursively) and glob patterns. A ``.txt`` or ``.md``
 file is one document; a ``.jsonl`` file holds one document per line, a JSON object whose
 ``text_field`` is the text (blank lines are skipped); each may be gzip-compressed (``.txt.gz``,
-``.md.gz``, ``.jsonl.gz``). Files are taken in the order the sources are given, the files of a
+``.md.gz``, ``.jsonl.gz``). A ``.parquet`` file (as the Hugging Face Hub serves FineWeb) holds one
+document per row, in the string column ``text_field``; it needs pyarrow (``fastgpt[parquet]``).
+Files are taken in the order the sources are given, the files of a
 directory or a glob sorted by path, each file once. Empty documents are skipped.
 
 Output, in the directory ``out_dir``: every document's tokens followed by the end-of-text token
@@ -19,27 +21,39 @@ end-of-text id, the dtype, documents and tokens per split, every shard with its 
 and the sources with their sizes.
 
 Split: a document goes to val when a hash of (its file's position in the list of files, the line
-it starts on) falls below ``val_fraction``. That depends on the inputs only, never on the number of
+it starts on, or its Parquet row, both counted from 1) falls below ``val_fraction``. That depends on the inputs only, never on the number of
 workers, and no document is split between train and val.
 
 Memory is bounded by the pieces in flight, not by the corpus or a shard: the main process reads
 each file in blocks, hands pieces of about ``chunk_bytes`` to the workers (at most two per worker
 at a time), and appends their tokens to the open shards as they come back, in input order. A long
-``.txt`` or ``.md`` document is cut into pieces only where the tokenisation cannot change:
+``.txt`` or ``.md`` document is cut into pieces only where the tokenisation cannot change.
 
-Cut rule: just before a line break (``\\n``, or the ``\\r`` of ``\\r\\n``) whose preceding
-character is not whitespace. GPT-2's pre-tokenizer (the regex in :mod:`.tokenizers`) splits text
-into pieces that are encoded independently, and none of its alternatives matches a non-whitespace
-character followed by a whitespace one (letters, digits and punctuation runs stop at whitespace;
-the two whitespace alternatives start with it). So every encoding has a piece boundary there; the
-pieces before it look at nothing beyond it (the only lookahead, ``\\s+(?!\\S)``, cannot reach past
-a non-whitespace character) and the matching after it has no lookbehind. Encoding the parts apart
-therefore gives exactly the tokens of encoding the whole; tests/test_prepare.py checks it on
-varied text. (Cutting between two newlines is *not* safe: ``\\s+(?!\\S)`` takes all but the last
-character of a whitespace run as one piece, and a cut changes where the run ends.) ``str.isspace``
-decides "whitespace"; it holds for every character that the regex's ``\\s`` matches, so the rule
-errs on the safe side. A stretch of a document with no such place (one line of hundreds of MB
-that ends in whitespace, say) is held whole, and so is a JSONL line.
+Cut rule: between two characters ``x`` and ``y`` of a document when ``x`` is not whitespace and
+either (a) ``y`` is ASCII whitespace (space, tab, line break, ``\\v``, ``\\f``), or (b) neither is
+whitespace nor an apostrophe and they fall in different classes of the pre-tokenizer: letters
+(``\\p{L}``), numbers (``\\p{N}``) and the rest. Neither may be unassigned in this Python's Unicode
+database or an undecodable byte. Why this cannot change the tokens: GPT-2's pre-tokenizer (the
+regex in :mod:`.tokenizers`) splits text into pieces that are then encoded independently, a piece
+starting where the last one ended. Its alternatives are the contractions (an apostrophe and fixed
+letters), ``" ?\\p{L}+"``, ``" ?\\p{N}+"``, ``" ?[^\\s\\p{L}\\p{N}]+"`` and two runs of whitespace.
+None matches ``x`` followed by ``y``: a leading space is optional only at a piece's start, a run
+keeps to one class, whitespace runs hold no other character, and a contraction crosses a class
+change only just after its apostrophe (hence no cut next to one). So the whole text's encoding has
+a piece boundary between ``x`` and ``y``. Encoding the part up to ``x`` alone gives the same pieces:
+every attempt that looks past ``x`` sees ``y`` or the end of the text, and both end a run, leave
+``\\s+(?!\\S)``'s lookahead true and fail a contraction. The part from ``y`` on gives the same
+pieces because the regex has no lookbehind. (A cut between two newlines is *not* safe:
+``\\s+(?!\\S)`` takes all but the last character of a whitespace run as one piece, and a cut
+changes where the run ends; nor is one after an apostrophe: ``'s`` is one piece.) ``str.isspace``
+holds for every character that the regex's ``\\s`` matches, so "``x`` is not whitespace" errs on the
+safe side, and so do the refused unassigned characters, whose class may differ between Unicode
+versions. tests/test_prepare.py checks the rule against whole-text encoding on varied text.
+
+What this bounds: a stretch of a document with no such place is held whole. That is one piece of
+the pre-tokenizer longer than ``chunk_bytes`` (a run of letters, of digits, of other symbols or of
+whitespace of megabytes), which the BPE could not encode in reasonable time anyway. A JSONL line,
+and a Parquet row group's text column, are read whole.
 
 Workers: pieces are formed in the main process from the input alone and their tokens written in
 input order, so the shards are byte-identical whatever the number of workers. ``workers=1``
@@ -67,6 +81,7 @@ import os
 import signal
 import sys
 import time
+import unicodedata
 import zlib
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -87,14 +102,15 @@ __all__ = ["prepare_corpus", "find_sources", "Source", "CHAR_EOT"]
 
 CHAR_EOT = "\x03"
 """The char tokenizer's end-of-text: the control character U+0003, END OF TEXT."""
-_FORMATS = {".txt": "text", ".md": "text", ".jsonl": "jsonl"}
-_SUPPORTED = ".txt, .md or .jsonl (each optionally .gz)"
+_FORMATS = {".txt": "text", ".md": "text", ".jsonl": "jsonl", ".parquet": "parquet"}
+_SUPPORTED = ".txt, .md or .jsonl (each optionally .gz) or .parquet"
 _BOM = "\ufeff"
 
 
 @dataclass(frozen=True)
 class Source:
-    """One input file: ``format`` is ``"text"`` (one document) or ``"jsonl"`` (one per line)."""
+    """One input file: ``format`` is ``"text"`` (one document), ``"jsonl"`` (one per line) or
+    ``"parquet"`` (one per row)."""
 
     path: Path
     format: str
@@ -107,7 +123,9 @@ def _format_of(path: Path) -> tuple[str, bool] | None:
     name = path.name.lower()
     gzipped = name.endswith(".gz")
     fmt = _FORMATS.get(Path(name.removesuffix(".gz")).suffix)
-    return None if fmt is None else (fmt, gzipped)
+    if fmt is None or (fmt == "parquet" and gzipped):  # Parquet compresses inside the file
+        return None
+    return fmt, gzipped
 
 
 def find_sources(sources) -> list[Source]:
@@ -170,6 +188,8 @@ def _source(path: Path) -> Source:
     except OSError as exc:
         raise OSError(f"cannot read {path}: {exc.strerror or exc}") from None
     fmt, gzipped = _format_of(path)
+    if fmt == "parquet":
+        _parquet()  # missing pyarrow is said before any work
     return Source(path=path, format=fmt, gzip=gzipped, size=size)
 
 
@@ -179,41 +199,71 @@ def _source(path: Path) -> Source:
 
 @dataclass
 class _Piece:
-    """Consecutive bytes of one file: part of a text document, or whole JSONL lines."""
+    """Consecutive bytes of one file (part of a text document, or whole JSONL lines), or the texts
+    of consecutive Parquet rows."""
 
     source: int   # the file's position in the list of sources
-    line: int     # line number (from 1) of the first byte
-    data: bytes
+    line: int     # line number (from 1) of the first byte; for Parquet, the first row's number (from 1)
+    data: bytes | list[str]
     first: bool   # the piece starts its file (a byte-order mark may lead it)
     last: bool    # the piece ends its file (for a text file: its document)
 
+    @property
+    def size(self) -> int:
+        """Bytes, or for Parquet rows their characters."""
+        return len(self.data) if isinstance(self.data, bytes) else sum(map(len, self.data))
 
-def _last_cut(data: bytearray) -> int:
-    """The last place in ``data`` where a text document may be cut (the module's cut rule), or 0."""
+
+_CUT_SPACE = frozenset(" \t\n\r\x0b\x0c")
+"""The whitespace a cut may come before: ASCII, all Unicode White_Space, so the regex's ``\\s`` matches each."""
+_NO_CUT = frozenset(("Cn", "Cs"))
+"""Categories no cut touches: unassigned here (the regex's Unicode may know them) and undecodable bytes."""
+_CUT_WINDOW = 1 << 16  # bytes examined at a time, from the end back
+
+
+def _safe_cut(before: str, after: str) -> bool:
+    """Whether a text document may be cut between the characters ``before`` and ``after``: the
+    module's cut rule (see its docstring for why each case cannot change the tokens)."""
+    if before.isspace() or unicodedata.category(before) in _NO_CUT:
+        return False
+    if after in _CUT_SPACE:
+        return True
+    if after.isspace() or unicodedata.category(after) in _NO_CUT or "'" in (before, after):
+        return False
+    return _cut_class(before) != _cut_class(after)
+
+
+def _cut_class(char: str) -> str:
+    """The pre-tokenizer's class of a character that is not whitespace: letter, number or other."""
+    kind = unicodedata.category(char)[0]
+    return kind if kind in "LN" else "O"
+
+
+def _last_cut(data: bytearray, floor: int = 0) -> int:
+    """The last place in ``data`` after byte ``floor`` where a text document may be cut (the module's
+    cut rule), or 0 if there is none. Bytes are examined from the end back, a window at a time, so a
+    search usually reads a few characters; with no cut at all it reads ``data[floor:]`` once."""
     end = len(data)
-    while (newline := data.rfind(b"\n", 0, end)) > 0:
-        cut = newline - 1 if data[newline - 1] == ord("\r") else newline
-        if cut > 0 and not _ends_in_space(data, cut):
-            return cut
-        end = newline
+    while end > floor:
+        start = max(floor, end - _CUT_WINDOW)
+        while start > floor and 0x80 <= data[start] < 0xC0:  # start on a character's first byte
+            start -= 1
+        text = bytes(data[start:end]).decode("utf-8", "surrogateescape")  # bad bytes: one surrogate each
+        for i in range(len(text) - 1, 0, -1):
+            if _safe_cut(text[i - 1], text[i]):
+                return start + len(text[:i].encode("utf-8", "surrogateescape"))
+        if start == floor:
+            break
+        end = start + len(text[0].encode("utf-8", "surrogateescape"))  # its first character comes "after" once more
     return 0
 
 
-def _ends_in_space(data: bytearray, end: int) -> bool:
-    """Whether the UTF-8 character that ends at byte ``end`` is whitespace (True if undecodable)."""
-    start = end - 1
-    while start > 0 and end - start < 4 and 0x80 <= data[start] < 0xC0:  # continuation bytes
-        start -= 1
-    try:
-        char = bytes(data[start:end]).decode("utf-8")
-    except UnicodeDecodeError:
-        return True
-    return len(char) != 1 or char.isspace()
-
-
-def _pieces(sources: list[Source], chunk_bytes: int, progress: _Progress) -> Iterator[_Piece]:
+def _pieces(sources: list[Source], chunk_bytes: int, text_field: str, progress: _Progress) -> Iterator[_Piece]:
     """Every file's bytes as pieces of about ``chunk_bytes``, cut where the format allows."""
     for index, source in enumerate(sources):
+        if source.format == "parquet":
+            yield from _parquet_pieces(index, source, chunk_bytes, text_field, progress)
+            continue
         try:
             with open(source.path, "rb") as raw:
                 stream = gzip.GzipFile(fileobj=raw, mode="rb") if source.gzip else raw
@@ -228,20 +278,72 @@ def _file_pieces(index: int, source: Source, stream, raw, chunk_bytes: int, prog
     """One file's pieces, read from ``stream`` (``raw`` itself, or a gzip reader on it)."""
     buffer = bytearray()
     line, first, counted = 1, True, 0
+    searched = 0  # a text document has no cut in buffer[:searched + 8] (8: the last characters' bytes)
     while block := stream.read(chunk_bytes):
         buffer += block
         progress.read += raw.tell() - counted  # bytes on disk, compressed or not
         counted = raw.tell()
         if len(buffer) < chunk_bytes:
             continue
-        cut = buffer.rfind(b"\n") + 1 if source.format == "jsonl" else _last_cut(buffer)
+        cut = buffer.rfind(b"\n") + 1 if source.format == "jsonl" else _last_cut(buffer, searched)
         if cut > 0:
             data = bytes(buffer[:cut])
             del buffer[:cut]
             yield _Piece(index, line, data, first, last=False)
             line += data.count(b"\n")
             first = False
+        searched = max(0, len(buffer) - 8)
     yield _Piece(index, line, bytes(buffer), first, last=True)
+
+
+def _parquet():
+    """``pyarrow.parquet``, or ImportError saying how to install it."""
+    try:
+        import pyarrow.parquet
+    except ImportError:
+        raise ImportError("reading .parquet files needs pyarrow: pip install 'fastgpt[parquet]'") from None
+    return pyarrow.parquet
+
+
+def _parquet_pieces(index: int, source: Source, chunk_bytes: int, text_field: str, progress: _Progress):
+    """One Parquet file's rows, the ``text_field`` column's strings, as pieces of about ``chunk_bytes``
+    characters. The file is read a row group at a time, that column only."""
+    parquet = _parquet()
+    import pyarrow as pa
+    path = source.path
+    try:
+        reader = parquet.ParquetFile(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise ValueError(f"{path} is not a valid Parquet file: {exc}") from None
+    with reader:
+        schema = reader.schema_arrow
+        if text_field not in schema.names:
+            columns = ", ".join(map(repr, schema.names[:10])) or "none"
+            raise ValueError(f"{path}: no column {text_field!r} (its columns: {columns}); choose the column with "
+                             "--text_field")
+        kind = schema.field(text_field).type
+        if str(kind) not in ("string", "large_string", "string_view"):
+            raise ValueError(f"{path}: the {text_field!r} column holds {kind}, not strings")
+        rows, row = max(reader.metadata.num_rows, 1), 1
+        for group in range(reader.num_row_groups):
+            try:
+                column = reader.read_row_group(group, columns=[text_field]).column(0)
+                texts = column.to_pylist()
+            except (pa.ArrowException, OSError, UnicodeDecodeError) as exc:
+                raise ValueError(f"{path}: row group {group} (rows from {row}) cannot be read: {exc}") from None
+            if column.null_count:
+                raise ValueError(f"{path}, row {row + texts.index(None)}: the {text_field!r} column is null")
+            batch, size = [], 0
+            for text in texts:
+                batch.append(text)
+                size += len(text)
+                if size >= chunk_bytes:
+                    yield _Piece(index, row, batch, first=False, last=False)
+                    row, batch, size = row + len(batch), [], 0
+            if batch:
+                yield _Piece(index, row, batch, first=False, last=False)
+                row += len(batch)
+            progress.read += source.size * len(texts) / rows
 
 
 def _tasks(pieces: Iterator[_Piece], chunk_bytes: int) -> Iterator[list[_Piece]]:
@@ -250,7 +352,7 @@ def _tasks(pieces: Iterator[_Piece], chunk_bytes: int) -> Iterator[list[_Piece]]
     task, size = [], 0
     for piece in pieces:
         task.append(piece)
-        size += len(piece.data)
+        size += piece.size
         if size >= chunk_bytes // 2:
             yield task
             task, size = [], 0
@@ -311,6 +413,9 @@ class _Encoder:
     def _documents(self, piece: _Piece) -> Iterator[tuple[int, str, bool]]:
         """``(line the document starts on, its text in this piece, whether the piece ends it)``."""
         path = self.paths[piece.source]
+        if self.formats[piece.source] == "parquet":
+            yield from ((piece.line + offset, text, True) for offset, text in enumerate(piece.data) if text)
+            return
         text = _decode(piece, path)
         if piece.first:
             text = text.removeprefix(_BOM)
@@ -390,7 +495,7 @@ def _results(files: list[Source], workers: int, encoder: _Encoder, method: str, 
     """The results of ``encoder.<method>`` on every task of the input, in input order; on the way
     out the input is closed and the pool stopped."""
     with _worker_pool(workers, encoder) as pool:
-        tasks = _tasks(_pieces(files, chunk_bytes, bar), chunk_bytes)
+        tasks = _tasks(_pieces(files, chunk_bytes, encoder.text_field, bar), chunk_bytes)
         stream = _in_order(pool, encoder, method, tasks, window=2 * workers)
         try:
             yield stream
@@ -520,7 +625,7 @@ def prepare_corpus(sources, out_dir, tokenizer: str = "gpt2", workers: int = 1, 
         tokenizer: ``"gpt2"`` (default) or ``"char"`` (a vocabulary of the corpus's characters,
             found in a first pass).
         workers: processes that tokenize (default 1: the main process itself).
-        text_field: the field of a JSONL object that holds the text (default ``"text"``).
+        text_field: the field of a JSONL object, or the Parquet column, that holds the text (default ``"text"``).
         val_fraction: the expected fraction of documents in the val split, in [0, 1) (default 0.0005).
         shard_tokens: tokens per shard (default 100M: 200 MB files).
         chunk_bytes: bytes of text per task handed to a worker, and the size of the pieces a long
