@@ -20,13 +20,19 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 import fastgpt_kernels
 from fastgpt import optim
 from fastgpt.config import LAYER_NORM_EPS, GPTConfig
 
 # GPTConfig and LAYER_NORM_EPS are handed on from fastgpt.config: the model's users import them here.
-__all__ = ["GPTConfig", "LAYER_NORM_EPS", "LayerNorm", "CausalSelfAttention", "MLP", "Block", "KVCache", "GPT"]
+__all__ = ["GPTConfig", "LAYER_NORM_EPS", "RECOMPUTE", "LayerNorm", "CausalSelfAttention", "MLP", "Block", "KVCache",
+           "GPT"]
+
+RECOMPUTE = ("none", "mlp", "block")
+"""What a block recomputes in the backward instead of keeping from the forward (:attr:`GPT.recompute`):
+nothing, its MLP (with ``ln_2``), or all of it."""
 
 
 class LayerNorm(nn.Module):
@@ -83,7 +89,13 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """One transformer block, pre-LayerNorm: ``x + attn(ln_1(x))``, then ``x + mlp(ln_2(x))``."""
+    """One transformer block, pre-LayerNorm: ``x + attn(ln_1(x))``, then ``x + mlp(ln_2(x))``.
+
+    ``recompute`` (one of :data:`RECOMPUTE`, set through :attr:`GPT.recompute`): when autograd will
+    want a backward, keep only the input of the MLP branch, or of the whole block, and run that part
+    again in the backward (``torch.utils.checkpoint``, which restores the random state, so dropout
+    draws the same masks).
+    """
 
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -91,11 +103,21 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config)
         self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
+        self.recompute = "none"
 
     def forward(self, x, cache: KVCache | None = None, layer: int = 0):
+        if self.recompute == "block" and cache is None and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(self._branches, x, use_reentrant=False)
+        return self._branches(x, cache, layer)
+
+    def _branches(self, x, cache: KVCache | None = None, layer: int = 0):
         x = x + self.attn(self.ln_1(x), cache, layer)
-        x = x + self.mlp(self.ln_2(x))
-        return x
+        if self.recompute == "mlp" and cache is None and torch.is_grad_enabled():
+            return x + torch.utils.checkpoint.checkpoint(self._mlp_branch, x, use_reentrant=False)
+        return x + self._mlp_branch(x)
+
+    def _mlp_branch(self, x):
+        return self.mlp(self.ln_2(x))
 
 
 class KVCache:
@@ -147,6 +169,19 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @property
+    def recompute(self) -> str:
+        """What every block recomputes in the backward (:data:`RECOMPUTE`): ``"none"`` (the default),
+        ``"mlp"`` or ``"block"``. Less memory for the activations, one more forward of that part."""
+        return self.transformer.h[0].recompute
+
+    @recompute.setter
+    def recompute(self, mode: str) -> None:
+        if mode not in RECOMPUTE:
+            raise ValueError(f"recompute must be one of {', '.join(RECOMPUTE)}, got {mode!r}")
+        for block in self.transformer.h:
+            block.recompute = mode
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, dropout: float = 0.0) -> GPT:

@@ -36,7 +36,7 @@ from fastgpt.data import DATASET_NAMES, load_dataset, tokenizer_from_dict
 from fastgpt.device import autocast_context, grad_scaler, run_dtype
 from fastgpt.distributed import (Distributed, any_rank, from_rank0, gather_rng_states, resume_rng, seed_rank,
                                  setup_distributed)
-from fastgpt.model import GPT, GPTConfig
+from fastgpt.model import GPT, RECOMPUTE, GPTConfig
 from fastgpt.sample import complete
 
 
@@ -86,6 +86,8 @@ class TrainConfig:
     device: str = "auto"            # "auto" (CUDA if present), "cpu", "cuda", "cuda:1", ...
     dtype: str = "auto"             # "auto", "float32", "bfloat16", "float16"
     compile: bool = False           # run the model under torch.compile
+    recompute: str = "none"         # "mlp" or "block": each block's MLP, or all of it, run again in the
+                                    # backward instead of kept (less memory for a larger batch; more compute)
     backend: str = "auto"           # kernels backend: "auto", "triton", "torch"
     seed: int = 1337
 
@@ -111,6 +113,8 @@ class TrainConfig:
         if not (self.muon_lr > 0 and 0 <= self.muon_momentum < 1 and self.muon_weight_decay >= 0):
             raise ValueError(f"need muon_lr > 0, 0 <= muon_momentum < 1 and muon_weight_decay >= 0, got "
                              f"{self.muon_lr}, {self.muon_momentum}, {self.muon_weight_decay}")
+        if self.recompute not in RECOMPUTE:
+            raise ValueError(f"unknown recompute {self.recompute!r}: expected one of {', '.join(RECOMPUTE)}")
         if self.backend not in fastgpt_kernels.BACKENDS:
             raise ValueError(f"unknown kernels backend {self.backend!r}: expected auto, triton or torch")
 
@@ -300,6 +304,7 @@ def _train(cfg: TrainConfig, model_args: dict, explicit: frozenset, ddp: Distrib
     else:
         model = GPT(_model_config(model_args, vocab_size))
     model.to(device)
+    model.recompute = cfg.recompute
     optimizer = optim.build(model, cfg.optimizer, device.type, learning_rate=cfg.learning_rate,
                             weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2), muon_lr=cfg.muon_lr,
                             muon_momentum=cfg.muon_momentum, muon_weight_decay=cfg.muon_weight_decay)
@@ -332,7 +337,8 @@ def _train(cfg: TrainConfig, model_args: dict, explicit: frozenset, ddp: Distrib
     if ddp.world_size > 1:
         model = DDP(model, device_ids=[ddp.local_rank] if device.type == "cuda" else None)
     say(f"model: {raw_model.num_params() / 1e6:.2f}M parameters, {raw_model.config}; device {device}, "
-        f"precision {dtype} ({dtype_reason}), kernels backend {cfg.backend}")
+        f"precision {dtype} ({dtype_reason}), kernels backend {cfg.backend}"
+        + ("" if cfg.recompute == "none" else f", recompute {cfg.recompute} (MFU counts the model's FLOPs only)"))
 
     def save(name: str) -> None:
         """Every rank calls it: each one's RNG states go into the checkpoint, which rank 0 writes."""

@@ -198,9 +198,12 @@ def _training_call(fn: Callable, args: tuple) -> Callable[[], object]:
     wrt = [a for a in inputs if isinstance(a, torch.Tensor) and a.requires_grad]
 
     def call():
-        out = fn(*inputs)
-        if wrt and torch.is_grad_enabled():
-            torch.autograd.grad(out, wrt, torch.ones_like(out))
+        # Identity hooks shadow any outer saved-tensor hooks (torch.utils.checkpoint's, when the call
+        # is the first forward of a recomputed block): the race's graph keeps its own tensors.
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+            out = fn(*inputs)
+            if wrt and torch.is_grad_enabled():
+                torch.autograd.grad(out, wrt, torch.ones_like(out))
         return out
 
     return call

@@ -287,6 +287,60 @@ def test_float16_training_with_a_grad_scaler_fused_against_unfused():
                                               f"unfused {errors[False]:.2e}"
 
 
+def _step_with_recompute(model, recompute, dtype, idx, targets):
+    """Loss and gradients of one training step with ``recompute``, from the same random state."""
+    model.recompute = recompute
+    torch.manual_seed(7)  # dropout's masks
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        _, loss = model(idx, targets)
+    loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("recompute", ["mlp", "block"])
+def test_recompute_gives_the_same_loss_and_gradients_under_dropout(backend, dtype, recompute):
+    # The same dropout masks in the recomputed forward (torch.utils.checkpoint restores the random
+    # state; the attention kernel draws its Philox seed from it), so the step is bit for bit the same.
+    if backend == "triton" and fastgpt_kernels._dispatch.NO_TRITON_REASON is not None:
+        pytest.skip(fastgpt_kernels._dispatch.NO_TRITON_REASON)
+    model = tiny_model(dropout=0.2, n_layer=2)
+    idx, targets = tokens(2, 16), tokens(2, 16, seed=2)
+    with fastgpt_kernels.use_backend(backend):
+        loss, grads = _step_with_recompute(model, "none", dtype, idx, targets)
+        loss_r, grads_r = _step_with_recompute(model, recompute, dtype, idx, targets)
+    assert torch.equal(loss, loss_r)
+    for (name, _), g, g_r in zip(model.named_parameters(), grads, grads_r):
+        assert torch.equal(g, g_r), name
+    assert model.recompute == recompute
+    model.eval()
+    with torch.no_grad():  # nothing to recompute without a backward: the forward is the same
+        assert torch.equal(model(idx, targets)[1], tiny_model(dropout=0.2, n_layer=2).eval()(idx, targets)[1])
+
+
+def test_recompute_keeps_less_for_the_backward():
+    from bench import measure
+
+    model = tiny_model(n_layer=4, n_embd=64, n_head=2, block_size=64)
+    idx, targets = tokens(8, 64), tokens(8, 64, seed=2)
+    peaks = {}
+    for recompute in ("none", "mlp", "block"):
+        model.recompute = recompute
+        peaks[recompute] = measure.peak_memory(lambda: model(idx, targets)[1].backward(), torch.device("cpu"))
+        model.zero_grad(set_to_none=True)
+    assert peaks["block"] < peaks["mlp"] < peaks["none"], peaks
+
+
+def test_recompute_must_be_a_known_mode():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="recompute must be one of none, mlp, block, got 'all'"):
+        model.recompute = "all"
+    assert model.recompute == "none"
+
+
 class TestBadInput:
     def test_n_embd_not_divisible_by_n_head(self):
         with pytest.raises(ValueError, match=r"n_embd \(30\) must be divisible by n_head \(4\)"):

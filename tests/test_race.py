@@ -252,3 +252,28 @@ def test_a_cache_that_cannot_be_written_keeps_the_decision_in_memory(race, monke
     finally:
         _io.cache_directory.cache_clear()
     assert fastgpt_kernels.backend_decisions()[0].served == "torch"
+
+
+@pytest.mark.parametrize("mode", ["mlp", "block"])
+def test_a_race_inside_a_recomputed_block_keeps_its_own_graph(race, mode):
+    # The first forward of a recomputed block runs under torch.utils.checkpoint's saved-tensor hooks;
+    # the race's own backward must not unpack through them (that would recompute the block inside
+    # the race, and race again).
+    from fastgpt.model import GPT, GPTConfig
+
+    race(kernel_ms=1.0, torch_ms=2.0)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.1))
+    idx, targets = torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))
+    grads = {}
+    for recompute in ("none", mode):
+        model.recompute = recompute
+        _race.forget()  # race again, this time inside the recomputed part
+        torch.manual_seed(1)
+        _, loss = model(idx, targets)
+        loss.backward()
+        grads[recompute] = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad(set_to_none=True)
+        assert {d.why for d in fastgpt_kernels.backend_decisions()} == {"raced"}
+    for a, b in zip(grads["none"], grads[mode]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

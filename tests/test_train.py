@@ -232,6 +232,28 @@ def test_compiled_model_trains_as_the_eager_one(tmp_path, corpus, backend, optim
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("backend, dtype", [("torch", "float32"), ("triton", "float32"), ("torch", "bfloat16")])
+def test_recompute_trains_as_keeping_the_activations(tmp_path, corpus, capsys, backend, dtype):
+    common = ["--max_iters", "3", "--eval_interval", "3", "--dropout", "0.1", *BACKEND_RUNS[backend], "--dtype", dtype]
+    for mode in ("none", "mlp", "block"):
+        assert run_train(tmp_path, corpus, *common, "--recompute", mode, out=mode) == 0
+    assert "recompute block (MFU counts the model's FLOPs only)" in capsys.readouterr().err
+    kept = checkpoint.load(tmp_path / "none" / "last.pt")["model"]
+    for mode in ("mlp", "block"):
+        assert losses(metrics(tmp_path, mode)) == losses(metrics(tmp_path, "none"))
+        assert_same_weights(checkpoint.load(tmp_path / mode / "last.pt")["model"], kept)
+
+
+@pytest.mark.slow
+def test_compiled_model_with_recompute_trains_as_the_eager_one(tmp_path, corpus):
+    # Without dropout: inductor draws its own dropout masks, not eager PyTorch's.
+    common = ["--max_iters", "3", "--eval_interval", "3", "--recompute", "block"]
+    assert run_train(tmp_path, corpus, *common, "--compile", out="compiled") == 0
+    assert run_train(tmp_path, corpus, *common, out="eager") == 0
+    assert losses(metrics(tmp_path, "compiled")) == pytest.approx(losses(metrics(tmp_path, "eager")), rel=1e-4)
+
+
+@pytest.mark.slow
 def test_the_log_names_the_ops_pytorch_serves_and_compile_decides_first(tmp_path, corpus, capsys, monkeypatch):
     """Under auto the race (here on CPU tensors, with a stand-in timer in which PyTorch wins) decides
     before torch.compile traces the model, and the log says which ops PyTorch serves and why."""
@@ -323,8 +345,9 @@ def assert_same_weights(actual, expected, **tolerance):
 
 
 @pytest.mark.slow
-def test_two_process_ddp_equals_one_process_with_the_global_batch(tmp_path, corpus):
-    common = ["--max_iters", "4", "--eval_interval", "4", "--optimizer", "adamw"]
+@pytest.mark.parametrize("recompute", ["none", "block"])
+def test_two_process_ddp_equals_one_process_with_the_global_batch(tmp_path, corpus, recompute):
+    common = ["--max_iters", "4", "--eval_interval", "4", "--optimizer", "adamw", "--recompute", recompute]
     assert run_train(tmp_path, corpus, *common, "--batch_size", "8", out="one") == 0
     two = ddp_train(tmp_path, corpus, *common, out="two")
     assert_same_weights(two, checkpoint.load(tmp_path / "one" / "last.pt")["model"], rtol=1e-5, atol=1e-6)
@@ -596,6 +619,7 @@ def test_rng_states_of_a_cuda_rank_are_saved_and_restored_for_its_own_device(fak
     (["--block_size", "4000"], "block_size"),
     (["--resume"], "no checkpoint at"),
     (["--init_from", "README.md"], "README.md is not a readable fastgpt checkpoint"),
+    (["--recompute", "all"], "unknown recompute 'all': expected one of none, mlp, block"),
 ])
 def test_bad_input_gets_a_clear_error(tmp_path, corpus, capsys, args, message):
     argv = ["--dataset", str(corpus), "--data_dir", str(tmp_path / "cache"), "--out_dir", str(tmp_path / "run"),
