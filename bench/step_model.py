@@ -47,7 +47,10 @@ Memory (:func:`memory`): parameters, gradients, AdamW state and buffers; the act
 group saves for the backward (``tests/test_step_model.py`` checks them against what autograd
 saves at small shapes); the largest transient (the loss's); and a peak, the larger of the forward's
 end (everything saved plus the loss's transient) and the backward's end (the gradients plus the
-embedding's).
+embedding's). With ``--recompute`` (:attr:`fastgpt.model.GPT.recompute`), a recomputed MLP branch or
+block keeps only its input, and one layer's recomputed activations join the saved ones during its
+backward; :func:`micro_batches` gives the largest micro-batch at T=1024 that fits an 80 GB GPU for
+each GPT-2 size with each setting.
 """
 from __future__ import annotations
 
@@ -58,7 +61,8 @@ import torch
 
 from bench import train_step
 from fastgpt import perf
-from fastgpt.model import GPT, GPTConfig
+from fastgpt import train as training
+from fastgpt.model import GPT, RECOMPUTE, GPTConfig
 from fastgpt_kernels import reference
 
 TENSOR_CORE_EFFICIENCY = 0.70  # of the dense bfloat16 tensor-core peak, for kernels with matmuls
@@ -538,12 +542,18 @@ def totals(step: list[Op], gpu: perf.GPU) -> dict[str, dict[str, float]]:
 # --------------------------------------------------------------------------- memory
 
 
-def saved_activations(build: str, s: Shape, float32_softmax: bool = True) -> dict[str, float]:
+def saved_activations(build: str, s: Shape, float32_softmax: bool = True, recompute: str = "none") -> dict[str, float]:
     """Bytes each op group keeps from the forward for the backward (tensors shared by two ops once).
 
     The bfloat16 copies of the weights that autocast makes and the GEMMs keep count here too; the
-    token ids, which exist before the step, do not.
+    token ids, which exist before the step, do not. ``recompute`` (fastgpt's build only,
+    :data:`fastgpt.model.RECOMPUTE`): what a recomputed part saves is nothing, and its input, the
+    float32 residual stream, is kept instead (counted under layer norm, whose input it is).
     """
+    if recompute != "none":
+        if build != "fastgpt":
+            raise ValueError(f"recompute is fastgpt's: got {recompute!r} for the {build} build")
+        return _recomputed(saved_activations(build, s, float32_softmax), s, recompute)
     n, c, h, v, t, L = s.tokens, s.n_embd, s.hidden, s.vocab_size, s.seq_len, s.n_layer
     # every LayerNorm keeps its float32 input (the residual stream) and its statistics
     saved = {"layer norm": (2 * L + 1) * (n * c + 2 * n) * F32}
@@ -568,6 +578,31 @@ def saved_activations(build: str, s: Shape, float32_softmax: bool = True) -> dic
     return saved
 
 
+def _recomputed(saved: dict[str, float], s: Shape, recompute: str) -> dict[str, float]:
+    """``saved`` (nothing recomputed) with what a recomputed MLP branch (ln_2 and the MLP) or block
+    keeps instead: its input, which is the input of its first LayerNorm, and no statistics."""
+    n, c, L = s.tokens, s.n_embd, s.n_layer
+    out = dict(saved)
+    if recompute == "mlp":
+        out["layer norm"] -= L * 2 * n * F32  # ln_2 keeps its input as the checkpoint's, not its statistics
+        out["MLP"] = 0.0
+    elif recompute == "block":
+        out["layer norm"] = (n * c + 2 * n) * F32 + L * n * c * F32  # ln_f's; each block's input
+        for group in ("attention linears", "attention core", "MLP"):
+            out[group] = 0.0
+    else:
+        raise ValueError(f"unknown recompute {recompute!r}: expected one of {', '.join(RECOMPUTE)}")
+    return out
+
+
+def recompute_transient(s: Shape, recompute: str) -> float:
+    """What one layer's recomputed part holds during its backward: its saved activations."""
+    if recompute == "none":
+        return 0.0
+    full, kept = saved_activations("fastgpt", s), saved_activations("fastgpt", s, recompute=recompute)
+    return sum(full[g] - kept[g] for g in full) / s.n_layer
+
+
 def loss_transient(build: str, s: Shape) -> float:
     """The largest memory that exists only around the loss, beyond what is saved.
 
@@ -584,20 +619,55 @@ def loss_transient(build: str, s: Shape) -> float:
     return (n * c + v * c) * LOW + v * c * F32 + n * c * LOW + max(chunk, v * c * LOW)
 
 
-def memory(build: str, s: Shape, float32_softmax: bool = True) -> dict[str, float]:
+def memory(build: str, s: Shape, float32_softmax: bool = True, recompute: str = "none") -> dict[str, float]:
     """Where a step's memory goes, in bytes: the state (parameters, AdamW's moments, buffers; the
     gradients are counted in the step), saved activations per group, the loss's transient, and the
-    modelled peak of a step beyond the state (what :func:`bench.measure.peak_memory` measures) and in all."""
+    modelled peak of a step beyond the state (what :func:`bench.measure.peak_memory` measures) and in
+    all. With ``recompute``, the peak may instead come where a layer's recomputed activations join
+    what is saved (:func:`recompute_transient`)."""
     p = parameters(build, s) * F32
     buffers = s.n_layer * s.n_head * s.seq_len**2 * F32 if build == "naive" else 0  # each head's tril
-    saved = saved_activations(build, s, float32_softmax)
+    saved = saved_activations(build, s, float32_softmax, recompute)
     transient = loss_transient(build, s)
     # The backward's end: every gradient, and the wte's second gradient with the sum of the two.
     backward_end = p + 2 * s.vocab_size * s.n_embd * F32
-    step = max(sum(saved.values()) + transient, backward_end)
+    step = max(sum(saved.values()) + max(transient, recompute_transient(s, recompute)), backward_end)
     return {"parameters": p, "gradients": p, "AdamW state": 2 * p, "buffers": buffers,
             **{f"saved: {g}": b for g, b in saved.items()}, "loss transient": transient,
             "step peak beyond the state": step, "peak": p + 2 * p + buffers + step}
+
+
+# --------------------------------------------------------------------------- the batch that fits
+
+
+FIT_GPU_BYTES = 80e9  # an 80 GB GPU (H100)
+FIT_USABLE = 0.9  # of it for tensors: the rest for the CUDA context, the allocator's fragmentation, NCCL
+FIT_PRESETS = ("gpt2-124m", "gpt2-350m", "gpt2-774m", "gpt2-1558m")
+
+
+def largest_micro_batch(s: Shape, recompute: str, capacity: float = FIT_GPU_BYTES * FIT_USABLE) -> int:
+    """The largest batch at ``s``'s other dimensions whose modelled peak (fastgpt's build, with
+    ``recompute``) fits in ``capacity`` bytes; 0 if not even one sequence does."""
+    fits = lambda batch: memory("fastgpt", dataclasses.replace(s, batch=batch), recompute=recompute)["peak"] <= capacity
+    low, high = 0, 1
+    while fits(high):  # the peak grows with the batch: double, then bisect
+        low, high = high, 2 * high
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low
+
+
+def micro_batches(seq_len: int = 1024) -> dict[str, dict[str, int]]:
+    """Per GPT-2 size (the ``--preset`` of :data:`FIT_PRESETS`) and recompute setting, the largest
+    micro-batch of ``seq_len`` tokens that fits an 80 GB GPU in the model."""
+    vocab = GPTConfig().vocab_size
+    out = {}
+    for name in FIT_PRESETS:
+        preset = training.PRESETS[name]
+        s = Shape(1, seq_len, preset["n_layer"], preset["n_head"], preset["n_embd"], vocab)
+        out[name] = {mode: largest_micro_batch(s, mode) for mode in RECOMPUTE}
+    return out
 
 
 # --------------------------------------------------------------------------- the report
@@ -624,6 +694,7 @@ def project(s: Shape | None = None) -> dict:
             per_gpu[name] = {"groups": groups, "tokens_per_s": tokens_per_s,
                              "mfu": needed * tokens_per_s / gpu.bf16_flops}
         out["builds"][build] = {"gpus": per_gpu, "memory": memory(build, s), "parameters": parameters(build, s)}
+    out["micro_batches"] = micro_batches(s.seq_len)
     out["ratios"] = {
         other: {"speedup": {g: out["builds"]["fastgpt"]["gpus"][g]["tokens_per_s"]
                             / out["builds"][other]["gpus"][g]["tokens_per_s"] for g in MODEL_GPUS},

@@ -16,10 +16,12 @@ precision is what it trains in out of the box: float32 for the lecture's code, a
 what ``--dtype auto`` picks on this machine (:func:`fastgpt.device.resolve_dtype`); plain PyTorch
 is compared with fastgpt at the same precision only.
 
-GPT-2 124M (:func:`run_gpt2`): fastgpt's GPT with :class:`fastgpt.model.GPTConfig`'s defaults at
-T=1024 in the low precision's autocast (bfloat16 on a CPU), its fused loss (``model(idx, targets)``, which never holds the
-(B, T, V) logits) against the same model with the lm_head's logits and ``F.cross_entropy``
-(``model(idx, targets, return_logits=True)``): peak memory and tokens/s of a step.
+GPT-2 124M (:func:`run_gpt2`): :class:`fastgpt.model.GPTConfig`'s defaults at T=1024 in the low
+precision's autocast (bfloat16 on a CPU), peak memory and tokens/s of a step per variant
+(:data:`GPT2_VARIANTS`): plain PyTorch (:mod:`bench.plain`, logits then ``F.cross_entropy``);
+fastgpt's GPT with the same unfused loss (``model(idx, targets, return_logits=True)``); with its
+fused loss (``model(idx, targets)``, which never holds the (B, T, V) logits); and the fused loss
+with each :attr:`fastgpt.model.GPT.recompute` setting.
 """
 from __future__ import annotations
 
@@ -51,12 +53,21 @@ CONTEXTS = {
     "full": [(256, 8), (1024, 2), (2048, 1)],
 }
 
-# GPT-2 124M: the fused loss against the unfused one (``return_logits``), at T=1024 and these batch
-# sizes (tiny: the tiny shape at T=32). On the 2-core CPU these figures come from, an unfused step
-# needs about 1 GiB more per sequence (1.2, 2.2, 4.2 GiB at B=1, 2, 4): B=4 is the largest power
-# of two within a budget of 6 GiB beyond the model and its AdamW state (1.5 GiB) on a machine of
-# 23 GiB shared with other jobs. A step takes 4 to 25 s there, so at most two timed rounds.
-GPT2_VARIANTS = {"fused": False, "unfused": True}  # variant -> return_logits
+# GPT-2 124M's step per variant, at T=1024 and these batch sizes (tiny: the tiny shape at T=32). On
+# the 2-core CPU these figures come from, an unfused step needs about 1 GiB more per sequence (1.2,
+# 2.2, 4.2 GiB at B=1, 2, 4): B=4 is the largest power of two within a budget of 6 GiB beyond the
+# models and their AdamW state (1.5 GiB each) on a machine of 23 GiB shared with other jobs. A step
+# takes 4 to 25 s there, so at most two timed rounds.
+# variant -> (side, return_logits: the unfused loss, recompute); the first is the baseline.
+GPT2_VARIANTS = {
+    "plain": ("plain", False, "none"),
+    "unfused": ("fastgpt", True, "none"),
+    "fused": ("fastgpt", False, "none"),
+    "fused+mlp": ("fastgpt", False, "mlp"),
+    "fused+block": ("fastgpt", False, "block"),
+}
+# (variant, baseline) pairs whose speed-up and memory ratio are reported.
+GPT2_PAIRS = [(variant, "plain") for variant in list(GPT2_VARIANTS)[1:]] + [("fused", "unfused")]
 GPT2_CONTEXT = {"tiny": 32, "quick": 1024, "full": 1024}
 GPT2_BATCHES = {"tiny": (1, 2), "quick": (4,), "full": (1, 2, 4)}
 GPT2_MAX_ROUNDS = 2
@@ -248,40 +259,56 @@ def paired_ratios(base: dict, fast: dict) -> dict:
 
 
 def run_gpt2(size: str, device: torch.device, rounds: int, log=print) -> list[dict]:
-    """GPT-2 124M's training step with the fused loss and with the unfused one, per batch of
+    """GPT-2 124M's training step in every variant of :data:`GPT2_VARIANTS`, per batch of
     :data:`GPT2_BATCHES` (one row per batch and variant): tokens/s (median of ``rounds``, at most
     :data:`GPT2_MAX_ROUNDS`, the variants interleaved) and peak memory of a step.
 
-    Both variants train one model and optimizer, so the figures differ only by the loss; the
-    tiny size uses the tiny shape. fastgpt's kernels run as in :func:`run` (:func:`fastgpt_backend`).
+    Plain PyTorch has its model and optimizer; fastgpt's variants share one model and optimizer, so
+    they differ only by the loss and what is recomputed. The tiny size uses the tiny shape. fastgpt's
+    kernels run as in :func:`run` (:func:`fastgpt_backend`).
     """
     shape = TINY_SHAPE if size == "tiny" else GPT2_SHAPE
     context, rounds = GPT2_CONTEXT[size], min(rounds, GPT2_MAX_ROUNDS)
     precision = precisions(device)[-1]
-    model, optimizer = build("fastgpt", shape, context, 0.0, device)
+    models = {side: build(side, shape, context, 0.0, device) for side in ("plain", "fastgpt")}
     rows = []
     for batch in GPT2_BATCHES[size]:
         idx, targets = random_batch(shape, context, batch, device)
-        steps = {variant: step_fn("fastgpt", model, optimizer, idx, targets, precision, device,
-                                  return_logits=unfused)
-                 for variant, unfused in GPT2_VARIANTS.items()}
-        log(f"  GPT-2 step T={context} B={batch}: fused and unfused loss, {rounds} round(s)")
+        steps = {variant: _gpt2_step(models[side], side, unfused, recompute, idx, targets, precision, device)
+                 for variant, (side, unfused, recompute) in GPT2_VARIANTS.items()}
+        log(f"  GPT-2 step T={context} B={batch}: {', '.join(steps)}, {rounds} round(s)")
         times = measure.interleaved_times(steps, device, rounds)
         for variant, step in steps.items():
             seconds = measure.median(times[variant])
             rows.append({"variant": variant, "context": context, "batch": batch, "precision": precision,
-                         "backend": fastgpt_backend(device), "time_s": seconds, "times_s": times[variant],
+                         "backend": fastgpt_backend(device) if GPT2_VARIANTS[variant][0] == "fastgpt" else "torch",
+                         "recompute": GPT2_VARIANTS[variant][2], "time_s": seconds, "times_s": times[variant],
                          "tokens_per_s": batch * context / seconds,
                          "peak_memory_bytes": measure.peak_memory(step, device)})
+    models["fastgpt"][0].recompute = "none"
     return rows
 
 
+def _gpt2_step(built, side: str, unfused: bool, recompute: str, idx, targets, precision: str, device: torch.device):
+    """One variant's training step: :func:`step_fn`, with fastgpt's model set to ``recompute`` first."""
+    model, optimizer = built
+    step = step_fn(side, model, optimizer, idx, targets, precision, device, return_logits=unfused)
+    if side != "fastgpt":
+        return step
+
+    def recomputing():
+        model.recompute = recompute
+        step()
+
+    return recomputing
+
+
 def gpt2_ratios(rows: list[dict]) -> list[dict]:
-    """Per batch, the fused loss against the unfused one (:func:`paired_ratios`)."""
+    """Per batch and pair of :data:`GPT2_PAIRS`, the variant against its baseline (:func:`paired_ratios`)."""
     by = {(r["batch"], r["variant"]): r for r in rows}
-    return [{"batch": batch, "context": by[batch, "fused"]["context"],
-             **paired_ratios(by[batch, "unfused"], by[batch, "fused"])}
-            for batch in sorted({r["batch"] for r in rows})]
+    return [{"batch": batch, "context": by[batch, variant]["context"], "variant": variant, "baseline": baseline,
+             **paired_ratios(by[batch, baseline], by[batch, variant])}
+            for batch in sorted({r["batch"] for r in rows}) for variant, baseline in GPT2_PAIRS]
 
 
 def profile(size: str, device: torch.device, precision: str, dropout: float = 0.0, top: int = 12) -> dict[str, str]:

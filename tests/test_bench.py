@@ -159,9 +159,14 @@ def test_python_m_bench_tiny_writes_every_figure_and_the_plots(tmp_path):
 
     gpt2 = results["gpt2_step"]
     assert {(r["batch"], r["variant"]) for r in gpt2} == {(b, v) for b in train_step.GPT2_BATCHES["tiny"]
-                                                          for v in ("fused", "unfused")}
+                                                          for v in ("plain", "unfused", "fused", "fused+mlp",
+                                                                    "fused+block")}
     assert all(r["tokens_per_s"] > 0 and r["peak_memory_bytes"] > 0 for r in gpt2)
-    assert [r["batch"] for r in results["gpt2_step_ratios"]] == list(train_step.GPT2_BATCHES["tiny"])
+    assert {(r["batch"], r["variant"], r["baseline"]) for r in results["gpt2_step_ratios"]} == {
+        (b, v, base) for b in train_step.GPT2_BATCHES["tiny"] for v, base in train_step.GPT2_PAIRS}
+    memory = {(r["batch"], r["variant"]): r["peak_memory_bytes"] for r in gpt2}
+    for b in train_step.GPT2_BATCHES["tiny"]:  # recompute keeps less, even at the tiny shape
+        assert memory[b, "fused+block"] <= memory[b, "fused+mlp"] < memory[b, "fused"], memory
 
     [gen] = results["generate"]
     assert gen["cache_tokens_per_s"] > 0 and gen["no_cache_tokens_per_s"] > 0 and gen["speedup"] > 0

@@ -8,6 +8,7 @@ interpreter by :func:`fastgpt_kernels.tools.traffic.count_memory_traffic`, one w
 bytes; GEMM FLOPs by ``FlopCounterMode``.
 """
 import contextlib
+import dataclasses
 import importlib
 from collections import defaultdict
 
@@ -296,6 +297,55 @@ def test_the_parameters_and_saved_activations_are_the_models(build):
         model(idx, targets)
     expected = sum(step_model.saved_activations(build, s, float32_softmax=False).values())
     assert abs(sum(saved.values()) - expected) <= 0.02 * expected  # all but a few scalars
+
+
+@pytest.mark.parametrize("recompute", ["mlp", "block"])
+def test_what_a_recomputed_model_saves_is_the_models(recompute, monkeypatch):
+    # Inside torch.utils.checkpoint nothing reaches an outer saved-tensor hook; what the checkpoint
+    # keeps is its input, counted here from its calls.
+    if not _dispatch.INTERPRETED:
+        pytest.skip("fastgpt's kernels keep other tensors than its fallback: they must run, in the interpreter")
+    s = SMALL
+    shape = dict(vocab_size=s.vocab_size, n_layer=s.n_layer, n_head=s.n_head, n_embd=s.n_embd)
+    cpu = torch.device("cpu")
+    model, _ = train_step.build("fastgpt", shape, s.seq_len, 0.0, cpu)
+    model.recompute = recompute
+    idx, targets = train_step.random_batch(shape, s.seq_len, s.batch, cpu)
+    before = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers(), idx, targets)}
+    saved = {}
+
+    def keep(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in before:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    real = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda fn, x, **kw: (keep(x), real(fn, x, **kw))[1])
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), fastgpt_kernels.use_backend("triton"), \
+            torch.autocast("cpu", dtype=torch.bfloat16):
+        model(idx, targets)
+    expected = sum(step_model.saved_activations("fastgpt", s, recompute=recompute).values())
+    assert abs(sum(saved.values()) - expected) <= 0.02 * expected
+    kept = sum(step_model.saved_activations("fastgpt", s).values())
+    assert expected < (0.7 if recompute == "mlp" else 0.4) * kept
+
+
+def test_the_largest_micro_batch_fits_and_one_more_does_not():
+    s = step_model.Shape.gpt2(1, 1024)
+    capacity = 20 * 2**30
+    for recompute in ("none", "mlp", "block"):
+        batch = step_model.largest_micro_batch(s, recompute, capacity)
+        peak = lambda b: step_model.memory("fastgpt", dataclasses.replace(s, batch=b), recompute=recompute)["peak"]
+        assert batch >= 1 and peak(batch) <= capacity < peak(batch + 1)
+    assert step_model.largest_micro_batch(s, "none", 1e9) == 0  # not even the state fits
+    fits = step_model.micro_batches()
+    assert list(fits) == ["gpt2-124m", "gpt2-350m", "gpt2-774m", "gpt2-1558m"]
+    for name, by_mode in fits.items():
+        assert 0 < by_mode["none"] < by_mode["mlp"] < by_mode["block"], (name, by_mode)
+    assert [by_mode["none"] for by_mode in fits.values()] == sorted((b["none"] for b in fits.values()), reverse=True)
+    with pytest.raises(ValueError, match="recompute is fastgpt's"):
+        step_model.saved_activations("plain", s, recompute="block")
 
 
 def test_projections_for_gpt2_on_h100_and_h200():
