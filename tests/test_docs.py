@@ -43,8 +43,9 @@ def _program(words: list[str]) -> tuple[str, list[str]] | None:
     """``(name, argv prefix)`` of a fastgpt command line, or None for anything else."""
     while words and re.fullmatch(r"[A-Z_]+=\S*", words[0]):  # leading VAR=value assignments
         words = words[1:]
-    if words[:1] == ["torchrun"]:  # torchrun's own options, then the script and its options
-        words = ["python", *words[words.index("train.py"):]] if "train.py" in words else []
+    if words[:1] == ["torchrun"]:  # torchrun's own options, then the script (or -m module) and its options
+        start = next((i for i, word in enumerate(words) if word in ("train.py", "-m")), None)
+        words = [] if start is None else ["python", *words[start:]]
     if not words:
         return None
     if words[0].startswith("fastgpt-"):
