@@ -5,11 +5,14 @@ the checkout. Exits non-zero on the first thing that does not work.
 Checks: no installed file belongs to two distributions (their RECORDs compared); fastgpt,
 fastgpt_kernels, transformers and Hugging Face's kernels import side by side, each with its own API,
 fastgpt's from site-packages; the installed commands train a tiny model, sample from it, prepare a
-corpus and list verify's cases; a Triton kernel runs (in the interpreter) and matches PyTorch; a
+corpus and list verify's cases, score HellaSwag-shaped items, and say how to install the extras
+(pyarrow, matplotlib) they lack; a Triton kernel runs (in the interpreter) and matches PyTorch; a
 model fastgpt saves loads in transformers with the same logits.
 """
 import collections
 import importlib.metadata
+import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -18,14 +21,16 @@ from pathlib import Path
 BIN = Path(sys.executable).parent
 
 
-def run(*argv: str, env: dict | None = None) -> str:
+def run(*argv: str, env: dict | None = None, status: int = 0, says: str = "") -> str:
+    """Run a command; exit unless it ends with ``status`` and its output holds ``says``."""
     shown = [a if "\n" not in a else "<" + a.strip().splitlines()[0] + " ...>" for a in argv]
     print("$", " ".join(shown), flush=True)
     result = subprocess.run(argv, capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})})
     out = (result.stdout + result.stderr).strip()
     print("\n".join(out.splitlines()[-6:]), flush=True)
-    if result.returncode != 0:
-        sys.exit(f"FAILED (exit {result.returncode}): {' '.join(argv)}\n{out[-4000:]}")
+    if result.returncode != status or says not in out:
+        sys.exit(f"FAILED (exit {result.returncode}, expected {status}{f' saying {says!r}' if says else ''}): "
+                 f"{' '.join(argv)}\n{out[-4000:]}")
     return result.stdout
 
 
@@ -103,6 +108,19 @@ def main() -> None:
     run(str(BIN / "fastgpt-sample"), "out", "--prompt", "the ", "--max_new_tokens", "12", "--device", "cpu")
     run(sys.executable, "-c", TO_TRANSFORMERS)
     run(str(BIN / "fastgpt-prepare"), "corpus.txt", "--out", "shards", "--tokenizer", "gpt2", "--workers", "2")
+    Path("rows.parquet").write_bytes(b"PAR1")  # pyarrow is an extra: without it, the command says so
+    if importlib.util.find_spec("pyarrow") is None:
+        run(str(BIN / "fastgpt-prepare"), "rows.parquet", "--out", "rows", status=2,
+            says="pip install 'fastgpt[parquet]'")
+    Path("hellaswag.jsonl").write_text("".join(
+        json.dumps({"ctx": f"line {i}: the quick", "endings": [" brown fox", " lazy dog", " over the", " jumps"],
+                    "label": i % 4}) + "\n" for i in range(6)))
+    run(sys.executable, "-m", "fastgpt.eval", "hellaswag", "hellaswag.jsonl", "out", "--device", "cpu",
+        says="over 6 examples")
+    if importlib.util.find_spec("matplotlib") is None:  # an extra too
+        run(sys.executable, "-m", "fastgpt.plot", "out", status=2, says="pip install")
+    else:
+        run(sys.executable, "-m", "fastgpt.plot", "out", says="metrics.png")
     run(str(BIN / "fastgpt-verify"), "--dry-run")
     run(sys.executable, "-c", KERNEL_CALL, env={"TRITON_INTERPRET": "1"})
     run(str(BIN / "fastgpt-compile-report"), "--help")
