@@ -19,12 +19,14 @@ part about 24 more, measured on its own), and ``--tiny``
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
 
 import torch
 
+from fastgpt import plot as plotting
 from fastgpt.model import RECOMPUTE
 
 from bench import generate, host_overhead, measure, ops, step_model, time_to_loss, train_step
@@ -194,18 +196,10 @@ def model_tables(projection: dict) -> list[str]:
 
 def plot(results: dict, out: Path) -> list[Path] | None:
     """PNG plots of the training step and the per-op speed-ups; None without matplotlib."""
-    try:
-        import matplotlib
-    except ImportError:
+    if not plotting.have_matplotlib():
         return None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    def _save(fig, path: Path) -> Path:
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        return path
+    plt = plotting.pyplot()
+    _save = functools.partial(plotting.save, dpi=110)
 
     machine = results["machine"]["gpu"] or results["machine"]["cpu"]
     paths = []

@@ -26,6 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from fastgpt import plot as plotting
 from fastgpt import train as training
 
 # name -> fastgpt-train options; the first is the baseline the targets come from.
@@ -124,13 +125,9 @@ def table(summary: dict) -> list[str]:
 
 def plot(runs: dict[str, list[list[dict]]], summary: dict, path: Path, title: str) -> Path | None:
     """Validation loss against steps and against training seconds, one line per run; None without matplotlib."""
-    try:
-        import matplotlib
-    except ImportError:
+    if not plotting.have_matplotlib():
         return None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = plotting.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     colors = dict(zip(runs, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
     for axis, x, label in ((axes[0], "step", "step"), (axes[1], "seconds", "training seconds")):
@@ -143,10 +140,7 @@ def plot(runs: dict[str, list[list[dict]]], summary: dict, path: Path, title: st
         axis.set_ylabel("val loss")
         axis.legend(fontsize=8)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return plotting.save(fig, path, dpi=110)
 
 
 def measure(scale_name: str, seeds: int = 3, recipes=tuple(RECIPES), out: Path | None = None,

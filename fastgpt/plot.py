@@ -13,6 +13,7 @@ import importlib.util
 import io
 import json
 import sys
+import time
 from pathlib import Path
 
 from fastgpt.checkpoint import atomic_writer
@@ -57,9 +58,9 @@ def have_matplotlib() -> bool:
     return importlib.util.find_spec("matplotlib") is not None
 
 
-def draw(runs: dict[str, list[dict]], path: str | Path, title: str = "") -> Path:
-    """``runs`` (label -> records) drawn into the PNG ``path``, written atomically; raises
-    ImportError (with :data:`INSTALL_HINT`) without matplotlib."""
+def pyplot():
+    """``matplotlib.pyplot`` drawing to files only (the Agg backend); ImportError with
+    :data:`INSTALL_HINT` without matplotlib."""
     if not have_matplotlib():
         raise ImportError(INSTALL_HINT)
     import matplotlib
@@ -67,7 +68,24 @@ def draw(runs: dict[str, list[dict]], path: str | Path, title: str = "") -> Path
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 3, figsize=(14, 7))
+    return plt
+
+
+def save(fig, path: str | Path, dpi: int = 100) -> Path:
+    """``fig`` laid out and written to the PNG ``path`` atomically, then closed."""
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    pyplot().close(fig)
+    with atomic_writer(path) as f:
+        f.write(buffer.getvalue())
+    return Path(path)
+
+
+def draw(runs: dict[str, list[dict]], path: str | Path, title: str = "") -> Path:
+    """``runs`` (label -> records) drawn into the PNG ``path``, written atomically; raises
+    ImportError (with :data:`INSTALL_HINT`) without matplotlib."""
+    fig, axes = pyplot().subplots(2, 3, figsize=(14, 7))
     for axis, (name, x, ys) in zip(axes.flat, PANELS):
         drawn = False
         for label, records in runs.items():
@@ -85,13 +103,28 @@ def draw(runs: dict[str, list[dict]], path: str | Path, title: str = "") -> Path
             axis.text(0.5, 0.5, "not logged", ha="center", va="center", transform=axis.transAxes, color="grey")
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    with atomic_writer(path) as f:
-        f.write(buffer.getvalue())
-    return Path(path)
+    return save(fig, path)
+
+
+class Redrawer:
+    """A run's ``metrics.png``, redrawn from its ``metrics.jsonl`` when called (after an evaluation):
+    at most every ``seconds``, and on a ``final`` call. Without matplotlib the first call says, through
+    ``say``, how to get it, and later calls do nothing."""
+
+    def __init__(self, run_dir: str | Path, seconds: float, say):
+        self.run_dir, self.seconds, self.say = Path(run_dir), seconds, say
+        self.drawn_at: float | None = None  # time.monotonic() of the last drawing
+        self.missing = False  # matplotlib was found missing (and said so)
+
+    def __call__(self, final: bool = False) -> None:
+        if self.missing or not (final or self.drawn_at is None or time.monotonic() - self.drawn_at >= self.seconds):
+            return
+        if not have_matplotlib():
+            self.missing = True
+            self.say(f"metrics.png not drawn: {INSTALL_HINT}")
+            return
+        draw({str(self.run_dir): read_metrics(self.run_dir)}, self.run_dir / "metrics.png", str(self.run_dir))
+        self.drawn_at = time.monotonic()
 
 
 def main(argv=None) -> int:

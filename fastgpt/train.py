@@ -365,20 +365,7 @@ def _train(cfg: TrainConfig, model_args: dict, explicit: frozenset, ddp: Distrib
 
     decisions_said = _say_backends(0, say)  # those made before the first step (see _decide_backends)
     tokens_per_step = cfg.batch_size * block_size * cfg.gradient_accumulation_steps * ddp.world_size
-    last_drawn = [-math.inf]  # when metrics.png was last drawn
-
-    def draw_metrics(final: bool = False) -> None:
-        """``out_dir/metrics.png`` (:mod:`fastgpt.plot`) after an evaluation: at most every
-        PLOT_SECONDS, and at the end; without matplotlib, one line saying how to get it."""
-        if metrics_file is None or not (final or time.monotonic() - last_drawn[0] >= PLOT_SECONDS):
-            return
-        if not plot.have_matplotlib():
-            if last_drawn[0] == -math.inf:
-                say(f"metrics.png not drawn: {plot.INSTALL_HINT}")
-            last_drawn[0] = math.inf
-            return
-        plot.draw({str(out_dir): plot.read_metrics(out_dir)}, out_dir / "metrics.png", str(out_dir))
-        last_drawn[0] = time.monotonic()
+    draw_metrics = plot.Redrawer(out_dir, PLOT_SECONDS, say) if metrics_file is not None else lambda final: None
 
     def run_eval(final: bool = False) -> dict:
         nonlocal best_val, decisions_said

@@ -1,5 +1,6 @@
 """python -m fastgpt.plot: runs' metrics drawn side by side; clear errors without matplotlib or with a bad file."""
 import json
+from pathlib import Path
 
 import pytest
 
@@ -41,3 +42,17 @@ def test_a_bad_run_or_no_matplotlib_is_said_in_one_line(tmp_path, capsys, monkey
     assert "pip install 'fastgpt[plot]'" in capsys.readouterr().err
     with pytest.raises(ImportError, match="matplotlib"):
         plot.draw({}, tmp_path / "x.png")
+
+
+def test_the_loops_redrawer_draws_at_most_every_so_often_and_at_the_end(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 0, "val_loss": 4.0}) + "\n")
+    now, drawn = [100.0], []
+    monkeypatch.setattr(plot.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(plot, "draw", lambda runs, path, title: drawn.append((now[0], Path(path).name)))
+    redraw = plot.Redrawer(run, 30.0, say=print)
+    for t, final in ((100, False), (110, False), (129.9, False), (130, False), (131, True)):
+        now[0] = t
+        redraw(final)
+    assert drawn == [(100, "metrics.png"), (130, "metrics.png"), (131, "metrics.png")]
