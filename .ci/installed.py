@@ -108,8 +108,8 @@ def main() -> None:
     run(str(BIN / "fastgpt-sample"), "out", "--prompt", "the ", "--max_new_tokens", "12", "--device", "cpu")
     run(sys.executable, "-c", TO_TRANSFORMERS)
     run(str(BIN / "fastgpt-prepare"), "corpus.txt", "--out", "shards", "--tokenizer", "gpt2", "--workers", "2")
-    Path("rows.parquet").write_bytes(b"PAR1")  # pyarrow is an extra: without it, the command says so
-    if importlib.util.find_spec("pyarrow") is None:
+    if importlib.util.find_spec("pyarrow") is None:  # an extra: without it, the command says so
+        Path("rows.parquet").write_bytes(b"PAR1")
         run(str(BIN / "fastgpt-prepare"), "rows.parquet", "--out", "rows", status=2,
             says="pip install 'fastgpt[parquet]'")
     Path("hellaswag.jsonl").write_text("".join(

@@ -2,8 +2,8 @@
 
 Runs what this machine can run, side by side in one process: the per-op benchmarks
 (:mod:`bench.ops`), training steps of the naive lecture model, plain PyTorch and fastgpt
-(:mod:`bench.train_step`), GPT-2 124M's step with the fused loss against the unfused one
-(:func:`bench.train_step.run_gpt2`), generation with and without the KV cache
+(:mod:`bench.train_step`), GPT-2 124M's step in plain PyTorch, with fastgpt's unfused and fused
+loss, and with recompute (:func:`bench.train_step.run_gpt2`), generation with and without the KV cache
 (:mod:`bench.generate`), the host cost of each op's Triton path
 (:mod:`bench.host_overhead`, in a child process with Triton's interpreter on), the training steps
 and seconds each optimizer recipe takes to a target validation loss (:mod:`bench.time_to_loss`:

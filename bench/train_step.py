@@ -285,7 +285,6 @@ def run_gpt2(size: str, device: torch.device, rounds: int, log=print) -> list[di
                          "recompute": GPT2_VARIANTS[variant][2], "time_s": seconds, "times_s": times[variant],
                          "tokens_per_s": batch * context / seconds,
                          "peak_memory_bytes": measure.peak_memory(step, device)})
-    models["fastgpt"][0].recompute = "none"
     return rows
 
 

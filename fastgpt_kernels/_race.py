@@ -198,9 +198,10 @@ def _training_call(fn: Callable, args: tuple) -> Callable[[], object]:
     wrt = [a for a in inputs if isinstance(a, torch.Tensor) and a.requires_grad]
 
     def call():
-        # Identity hooks shadow any outer saved-tensor hooks (torch.utils.checkpoint's, when the call
-        # is the first forward of a recomputed block): the race's graph keeps its own tensors.
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        # Hooks that keep the tensors as they are shadow any outer saved-tensor hooks
+        # (torch.utils.checkpoint's, when the call is the first forward of a recomputed block): the
+        # race's graph keeps its own tensors. (detach: a pack hook returning its input makes a cycle.)
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t.detach(), lambda t: t):
             out = fn(*inputs)
             if wrt and torch.is_grad_enabled():
                 torch.autograd.grad(out, wrt, torch.ones_like(out))

@@ -116,6 +116,22 @@ def test_plain_pytorch_starts_from_fastgpts_initial_weights():
         assert torch.equal(a, b), name
 
 
+def test_gpt2_ratios_and_targets_pair_each_variant_with_its_baseline():
+    rows = [{"variant": v, "batch": b, "context": 1024, "times_s": [t, t], "peak_memory_bytes": m}
+            for b in (2, 4) for v, t, m in (("plain", 4.0, 1000), ("unfused", 4.0, 1000), ("fused", 2.0, 500),
+                                            ("fused+mlp", 2.5, 400), ("fused+block", 3.0, 300 if b == 4 else 900))]
+    ratios = train_step.gpt2_ratios(rows)
+    by = {(r["batch"], r["variant"], r["baseline"]): r for r in ratios}
+    assert len(ratios) == 2 * len(train_step.GPT2_PAIRS)
+    assert by[4, "fused", "unfused"]["memory_ratio"] == 0.5 and by[4, "fused", "unfused"]["speedup"] == 2.0
+    assert by[4, "fused+block", "plain"]["memory_ratio"] == 0.3
+    assert bench_main.gpt2_target_lines(ratios) == [  # at the largest batch only
+        "target: GPT-2 124M peak memory, fused <= 0.6 of unfused at B=4: 0.500, met",
+        "target: GPT-2 124M peak memory, fused+block <= 0.35 of plain at B=4: 0.300, met"]
+    rows[-1]["peak_memory_bytes"] = 400
+    assert bench_main.gpt2_target_lines(train_step.gpt2_ratios(rows))[1].endswith("0.400, MISSED")
+
+
 def test_bad_options_are_refused(capsys):
     for argv, message in ((["--rounds", "0"], "--rounds must be at least 1, got 0"),
                           (["--dropout", "1.5"], "--dropout must be in [0, 1), got 1.5"),

@@ -50,6 +50,7 @@ def test_the_loops_redrawer_draws_at_most_every_so_often_and_at_the_end(tmp_path
     (run / "metrics.jsonl").write_text(json.dumps({"step": 0, "val_loss": 4.0}) + "\n")
     now, drawn = [100.0], []
     monkeypatch.setattr(plot.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(plot, "have_matplotlib", lambda: True)  # draw is a stand-in
     monkeypatch.setattr(plot, "draw", lambda runs, path, title: drawn.append((now[0], Path(path).name)))
     redraw = plot.Redrawer(run, 30.0, say=print)
     for t, final in ((100, False), (110, False), (129.9, False), (130, False), (131, True)):

@@ -173,9 +173,9 @@ def test_cut_rule_keeps_the_tokens_of_the_whole_text():
 
 def test_cut_rule_cases():
     allowed = [("a", " "), ("a", "\n"), (".", "\t"), ("'", " "), ("a", "1"), ("1", "a"), ("a", "."), (".", "a"),
-               ("日", "。"), ("a", "\u200b"), ("é", "½")]
-    refused = [(" ", "a"), ("\n", "\n"), ("a", "b"), ("1", "2"), (".", ","), ("'", "s"), ("a", "'"), ("a", "\u00a0"),
-               ("a", "\x1c"), ("a", "\u0378"), ("\u0378", " "), ("a", "\udc80")]
+               ("日", "。"), ("a", "\u200b"), ("é", "½"), ("a", "\u00a0"), ("x", "\u3000"), ("🙂", " ")]
+    refused = [(" ", "a"), ("\n", "\n"), ("a", "b"), ("1", "2"), (".", ","), ("'", "s"), ("a", "'"), ("a", "\x1c"),
+               ("a", "\u0378"), ("\u0378", " "), ("a", "\udc80"), ("🙂", "a"), ("\u00a0", "a")]
     assert [pair for pair in allowed if not streaming._safe_cut(*pair)] == []
     assert [pair for pair in refused if streaming._safe_cut(*pair)] == []
 
@@ -192,6 +192,19 @@ def test_a_document_without_a_cut_at_its_line_breaks_streams_in_bounded_pieces(t
     tok = GPT2Tokenizer()
     assert tokens == tok.encode(text) + [tok.eot_token]
     assert len(pieces) > 25 and max(len(p.data) for p in pieces) <= 2 * 4096
+
+
+def test_the_last_cut_is_found_across_windows_and_characters_of_several_bytes(monkeypatch):
+    monkeypatch.setattr(streaming, "_CUT_WINDOW", 5)  # windows of a few bytes: characters and cuts straddle them
+    rng = random.Random(4)
+    alphabet = ["a", "é", "日本", "🙂", " ", "\u3000", "1", "½", ".", "'", "\n", "xy"]
+    for _ in range(400):
+        data = bytearray("".join(rng.choice(alphabet) for _ in range(rng.randint(1, 30))).encode())
+        floor = rng.choice([0, rng.randrange(len(data) + 1)])
+        text = bytes(data[floor:]).decode("utf-8", "surrogateescape")
+        cuts = [i for i in range(1, len(text)) if streaming._safe_cut(text[i - 1], text[i])]
+        expected = floor + len(text[:cuts[-1]].encode("utf-8", "surrogateescape")) if cuts else 0
+        assert streaming._last_cut(data, floor) == expected, (bytes(data), floor)
 
 
 def test_a_run_with_no_cut_is_held_whole_and_searched_once(monkeypatch):

@@ -30,10 +30,11 @@ at a time), and appends their tokens to the open shards as they come back, in in
 ``.txt`` or ``.md`` document is cut into pieces only where the tokenisation cannot change.
 
 Cut rule: between two characters ``x`` and ``y`` of a document when ``x`` is not whitespace and
-either (a) ``y`` is ASCII whitespace (space, tab, line break, ``\\v``, ``\\f``), or (b) neither is
-whitespace nor an apostrophe and they fall in different classes of the pre-tokenizer: letters
-(``\\p{L}``), numbers (``\\p{N}``) and the rest. Neither may be unassigned in this Python's Unicode
-database or an undecodable byte. Why this cannot change the tokens: GPT-2's pre-tokenizer (the
+either (a) ``y`` is whitespace (Unicode's White_Space: space, tab, line breaks, no-break space,
+...), or (b) neither is whitespace nor an apostrophe and they fall in different classes of the
+pre-tokenizer: letters (``\\p{L}``), numbers (``\\p{N}``) and the rest, by Unicode 3.2 as by this
+Python's Unicode (so a newer or older Unicode in the regex cannot class them otherwise). Neither
+may be unassigned in this Python's Unicode database or an undecodable byte. Why this cannot change the tokens: GPT-2's pre-tokenizer (the
 regex in :mod:`.tokenizers`) splits text into pieces that are then encoded independently, a piece
 starting where the last one ended. Its alternatives are the contractions (an apostrophe and fixed
 letters), ``" ?\\p{L}+"``, ``" ?\\p{N}+"``, ``" ?[^\\s\\p{L}\\p{N}]+"`` and two runs of whitespace.
@@ -47,13 +48,14 @@ pieces because the regex has no lookbehind. (A cut between two newlines is *not*
 ``\\s+(?!\\S)`` takes all but the last character of a whitespace run as one piece, and a cut
 changes where the run ends; nor is one after an apostrophe: ``'s`` is one piece.) ``str.isspace``
 holds for every character that the regex's ``\\s`` matches, so "``x`` is not whitespace" errs on the
-safe side, and so do the refused unassigned characters, whose class may differ between Unicode
-versions. tests/test_prepare.py checks the rule against whole-text encoding on varied text.
+safe side, and so do the refused unassigned characters. tests/test_prepare.py checks the rule
+against whole-text encoding on varied text.
 
-What this bounds: a stretch of a document with no such place is held whole. That is one piece of
-the pre-tokenizer longer than ``chunk_bytes`` (a run of letters, of digits, of other symbols or of
-whitespace of megabytes), which the BPE could not encode in reasonable time anyway. A JSONL line,
-and a Parquet row group's text column, are read whole.
+What this bounds: a stretch of a document with no such place is held whole: more than
+``chunk_bytes`` without whitespace after a non-space character and without a change between
+letters, numbers and other symbols (one word, number, run of symbols or of whitespace of
+megabytes, which the BPE could not encode in reasonable time anyway, or symbols and letters joined
+only by apostrophes). A JSONL line, and a Parquet row group's text column, are read whole.
 
 Workers: pieces are formed in the main process from the input alone and their tokens written in
 input order, so the shards are byte-identical whatever the number of workers. ``workers=1``
@@ -205,8 +207,8 @@ class _Piece:
     source: int   # the file's position in the list of sources
     line: int     # line number (from 1) of the first byte; for Parquet, the first row's number (from 1)
     data: bytes | list[str]
-    first: bool   # the piece starts its file (a byte-order mark may lead it)
-    last: bool    # the piece ends its file (for a text file: its document)
+    first: bool   # the piece starts its file (a byte-order mark may lead it); text and JSONL only
+    last: bool    # the piece ends its file (for a text file: its document); text and JSONL only
 
     @property
     def size(self) -> int:
@@ -214,8 +216,10 @@ class _Piece:
         return len(self.data) if isinstance(self.data, bytes) else sum(map(len, self.data))
 
 
-_CUT_SPACE = frozenset(" \t\n\r\x0b\x0c")
-"""The whitespace a cut may come before: ASCII, all Unicode White_Space, so the regex's ``\\s`` matches each."""
+_CUT_SPACE = frozenset("\t\n\x0b\x0c\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008"
+                       "\u2009\u200a\u2028\u2029\u202f\u205f\u3000")
+"""The whitespace a cut may come before: Unicode's White_Space property, unchanged since Unicode 6.3,
+which is what the regex's ``\\s`` matches."""
 _NO_CUT = frozenset(("Cn", "Cs"))
 """Categories no cut touches: unassigned here (the regex's Unicode may know them) and undecodable bytes."""
 _CUT_WINDOW = 1 << 16  # bytes examined at a time, from the end back
@@ -230,13 +234,17 @@ def _safe_cut(before: str, after: str) -> bool:
         return True
     if after.isspace() or unicodedata.category(after) in _NO_CUT or "'" in (before, after):
         return False
-    return _cut_class(before) != _cut_class(after)
+    classes = _cut_class(before), _cut_class(after)
+    return None not in classes and classes[0] != classes[1]
 
 
-def _cut_class(char: str) -> str:
-    """The pre-tokenizer's class of a character that is not whitespace: letter, number or other."""
+def _cut_class(char: str) -> str | None:
+    """The pre-tokenizer's class of a character that is not whitespace: letter, number or other; None
+    unless Unicode 3.2 already gave it that class (a class settled long before any regex's tables)."""
     kind = unicodedata.category(char)[0]
-    return kind if kind in "LN" else "O"
+    kind = kind if kind in "LN" else "O"
+    old = unicodedata.ucd_3_2_0.category(char)
+    return kind if old != "Cn" and (old[0] if old[0] in "LN" else "O") == kind else None
 
 
 def _last_cut(data: bytearray, floor: int = 0) -> int:
@@ -278,7 +286,7 @@ def _file_pieces(index: int, source: Source, stream, raw, chunk_bytes: int, prog
     """One file's pieces, read from ``stream`` (``raw`` itself, or a gzip reader on it)."""
     buffer = bytearray()
     line, first, counted = 1, True, 0
-    searched = 0  # a text document has no cut in buffer[:searched + 8] (8: the last characters' bytes)
+    searched = 0  # the last search found no cut after buffer[:searched] (8 bytes back: a character across its end)
     while block := stream.read(chunk_bytes):
         buffer += block
         progress.read += raw.tell() - counted  # bytes on disk, compressed or not
