@@ -53,7 +53,7 @@ SCALES = {
     "tiny": Scale(("--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--block_size", "16", "--batch_size", "4",
                    "--warmup_iters", "2"), 20, 10, 2),
     "small": Scale((), 2000, 100, 50),
-    # About 8 s a step on a 2-core CPU (64 sequences of 256), so some 75 steps fit in ten minutes:
+    # About 7 s a step on a 2-core CPU (64 sequences of 256), so some 80 steps fit in ten minutes:
     # a 10-step warmup (the preset's 100 would outlast the run), evaluated every 5 steps on 3 batches.
     "lecture": Scale(("--preset", "lecture", "--warmup_iters", "10"), None, 5, 3, minutes=10.0),
 }
