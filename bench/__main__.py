@@ -12,8 +12,9 @@ the small model, 3 seeds; one seed with ``--quick``), and prints the model of a 
 ``results.json`` (the machine and every figure) and PNG plots into ``--out``.
 
 Sizes: ``--quick`` (fewer rounds; GPT-2 at one batch), the default full run (about 23 minutes on
-a 2-core CPU: 16 for the parts before generation, 7 for generation, measured apart; the time-to-loss
-part about 24 more, measured on its own), and ``--tiny``
+a 2-core CPU: 16 for the parts before generation, 7 for generation, measured apart, when the GPT-2
+part timed two variants, not five: its ``--quick`` part alone now takes about 6.5 minutes; the
+time-to-loss part about 24 more, measured on its own), and ``--tiny``
 (seconds; keeps the code working, its figures mean nothing).
 """
 from __future__ import annotations
