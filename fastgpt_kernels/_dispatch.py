@@ -85,6 +85,12 @@ _backend = _check_backend(os.environ.get("FASTGPT_BACKEND", "auto") or "auto")
 # INTERPRETED: the kernels run in Triton's interpreter; NO_TRITON_REASON: why Triton is unusable, or None.
 _modules, INTERPRETED, NO_TRITON_REASON = _import_kernel_modules()
 _warned: set[tuple[str, str]] = set()
+# Triton's interpreter keeps a bfloat16 value as its bit pattern in a NumPy uint16 array and computes
+# on the integers: silently wrong results. fastgpt_kernels.tools.bf16_shim (verification tooling)
+# makes it compute on the values, and sets this when it is installed.
+interpreter_computes_bf16 = False
+INTERPRETER_BF16_REASON = ("Triton's interpreter computes bfloat16 on its bit patterns (NumPy has no bfloat16), "
+                           "so its results would be wrong; fastgpt_kernels.tools.bf16_shim fixes that for verification")
 
 
 def get_backend() -> str:
@@ -125,6 +131,10 @@ def _why_not(op: str, tensors) -> str | None:
     if not (first.is_cuda or (INTERPRETED and first.is_cpu)):
         return (f"the tensors are on {first.device.type}; the Triton kernels need CUDA tensors "
                 f"(or CPU tensors with Triton's interpreter on: TRITON_INTERPRET=1 before import)")
+    # (Under autocast the public functions cast before they dispatch: the dtypes here are the kernels'.)
+    if first.is_cpu and not interpreter_computes_bf16 and any(t is not None and t.dtype == torch.bfloat16
+                                                              for t in tensors):
+        return INTERPRETER_BF16_REASON
     return _modules[op].why_unsupported(*tensors)
 
 

@@ -268,3 +268,37 @@ def test_a_plan_on_another_gpu_launches_with_that_gpu_current(monkeypatch):
     assert launched_on == [1, 1] and current[0] == 0  # cuda:1 for the launches, cuda:0 again after
     _common.run((None, [(Kernel(), (1,), (on_gpu(0),), {})]))
     assert launched_on[-1] == 0
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="the interpreter's bfloat16 is a CPU matter")
+def test_without_the_shim_the_interpreter_never_computes_bfloat16():
+    # Triton's interpreter computes bfloat16 on bit patterns: the fused loss came out near 1e10.
+    # Without the verification shim, auto takes the reference and triton refuses, by name.
+    result = run_python("""
+        import torch, fastgpt_kernels
+        from fastgpt_kernels import _dispatch, reference
+        assert _dispatch.INTERPRETED and not _dispatch.interpreter_computes_bf16
+        torch.manual_seed(0)
+        x, w, t = torch.randn(64, 64), torch.randn(1000, 64) * 0.02, torch.randint(0, 1000, (64,))
+        expected = reference.linear_cross_entropy(x.bfloat16(), w.bfloat16(), None, t, -1, "mean")
+        for args in ((x.bfloat16(), w.bfloat16()), (x, w)):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args[0].dtype == torch.float32):
+                got = fastgpt_kernels.linear_cross_entropy(*args, t, ignore_index=-1)
+                torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2)
+                with fastgpt_kernels.use_backend("triton"):
+                    try:
+                        fastgpt_kernels.linear_cross_entropy(*args, t, ignore_index=-1)
+                    except fastgpt_kernels.KernelUnavailableError as exc:
+                        assert "computes bfloat16 on its bit patterns" in str(exc), exc
+                    else:
+                        raise AssertionError("the interpreter ran bfloat16")
+        with fastgpt_kernels.use_backend("triton"):  # float16 still runs the kernel
+            fastgpt_kernels.linear_cross_entropy(x.half(), w.half(), t, ignore_index=-1)
+        from fastgpt_kernels.tools import bf16_shim
+        bf16_shim.install_bf16_shim()
+        with fastgpt_kernels.use_backend("triton"):
+            got = fastgpt_kernels.linear_cross_entropy(x.bfloat16(), w.bfloat16(), t, ignore_index=-1)
+        torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2)
+        print("ok")
+    """, TRITON_INTERPRET="1", FASTGPT_BACKEND=None)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]

@@ -142,6 +142,9 @@ def install_bf16_shim() -> None:
         for name in names:
             patch(owner_name, name, _reduction)
     setattr(builder, _MARKER, originals)
+    from fastgpt_kernels import _dispatch
+
+    _dispatch.interpreter_computes_bf16 = True  # the dispatcher may now hand bfloat16 to the kernels
 
 
 # --------------------------------------------------------------------------- bit-level helpers
