@@ -272,44 +272,16 @@ def test_the_launch_facts_the_formulas_use_are_the_kernels():
     assert _gemm.split_k(4 * SMALL.n_embd, SMALL.n_embd, SMALL.tokens, step_model.GPU_SMS) == 1
 
 
-@pytest.mark.parametrize("build", step_model.BUILDS)
-def test_the_parameters_and_saved_activations_are_the_models(build):
-    if build == "fastgpt" and not _dispatch.INTERPRETED:
-        pytest.skip("fastgpt's kernels keep other tensors than its fallback: they must run, in the interpreter")
+def saved_bytes(build: str, monkeypatch, recompute: str = "none") -> tuple[int, int]:
+    """``(parameters, bytes of the tensors the forward keeps for the backward)`` of ``build``'s model
+    at SMALL in bfloat16 autocast: what reaches a saved-tensor hook, and the inputs of the
+    checkpoints of a recomputed model (inside torch.utils.checkpoint nothing reaches an outer hook)."""
     s = SMALL
     shape = dict(vocab_size=s.vocab_size, n_layer=s.n_layer, n_head=s.n_head, n_embd=s.n_embd)
     cpu = torch.device("cpu")
     model, _ = train_step.build(build, shape, s.seq_len, 0.0, cpu)
-    assert sum(p.numel() for p in model.parameters()) == step_model.parameters(build, s)
-    idx, targets = train_step.random_batch(shape, s.seq_len, s.batch, cpu)
-    before = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers(), idx, targets)}
-    saved = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in before:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    backend = "triton" if build == "fastgpt" else "torch"
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), fastgpt_kernels.use_backend(backend), \
-            torch.autocast("cpu", dtype=torch.bfloat16):
-        model(idx, targets)
-    expected = sum(step_model.saved_activations(build, s, float32_softmax=False).values())
-    assert abs(sum(saved.values()) - expected) <= 0.02 * expected  # all but a few scalars
-
-
-@pytest.mark.parametrize("recompute", ["mlp", "block"])
-def test_what_a_recomputed_model_saves_is_the_models(recompute, monkeypatch):
-    # Inside torch.utils.checkpoint nothing reaches an outer saved-tensor hook; what the checkpoint
-    # keeps is its input, counted here from its calls.
-    if not _dispatch.INTERPRETED:
-        pytest.skip("fastgpt's kernels keep other tensors than its fallback: they must run, in the interpreter")
-    s = SMALL
-    shape = dict(vocab_size=s.vocab_size, n_layer=s.n_layer, n_head=s.n_head, n_embd=s.n_embd)
-    cpu = torch.device("cpu")
-    model, _ = train_step.build("fastgpt", shape, s.seq_len, 0.0, cpu)
-    model.recompute = recompute
+    if recompute != "none":
+        model.recompute = recompute
     idx, targets = train_step.random_batch(shape, s.seq_len, s.batch, cpu)
     before = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers(), idx, targets)}
     saved = {}
@@ -322,12 +294,31 @@ def test_what_a_recomputed_model_saves_is_the_models(recompute, monkeypatch):
 
     real = torch.utils.checkpoint.checkpoint
     monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda fn, x, **kw: (keep(x), real(fn, x, **kw))[1])
-    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), fastgpt_kernels.use_backend("triton"), \
+    backend = "triton" if build == "fastgpt" else "torch"
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), fastgpt_kernels.use_backend(backend), \
             torch.autocast("cpu", dtype=torch.bfloat16):
         model(idx, targets)
-    expected = sum(step_model.saved_activations("fastgpt", s, recompute=recompute).values())
-    assert abs(sum(saved.values()) - expected) <= 0.02 * expected
-    kept = sum(step_model.saved_activations("fastgpt", s).values())
+    return sum(p.numel() for p in model.parameters()), sum(saved.values())
+
+
+@pytest.mark.parametrize("build", step_model.BUILDS)
+def test_the_parameters_and_saved_activations_are_the_models(build, monkeypatch):
+    if build == "fastgpt" and not _dispatch.INTERPRETED:
+        pytest.skip("fastgpt's kernels keep other tensors than its fallback: they must run, in the interpreter")
+    parameters, saved = saved_bytes(build, monkeypatch)
+    assert parameters == step_model.parameters(build, SMALL)
+    expected = sum(step_model.saved_activations(build, SMALL, float32_softmax=False).values())
+    assert abs(saved - expected) <= 0.02 * expected  # all but a few scalars
+
+
+@pytest.mark.parametrize("recompute", ["mlp", "block"])
+def test_what_a_recomputed_model_saves_is_the_models(recompute, monkeypatch):
+    if not _dispatch.INTERPRETED:
+        pytest.skip("fastgpt's kernels keep other tensors than its fallback: they must run, in the interpreter")
+    _, saved = saved_bytes("fastgpt", monkeypatch, recompute)
+    expected = sum(step_model.saved_activations("fastgpt", SMALL, recompute=recompute).values())
+    assert abs(saved - expected) <= 0.02 * expected
+    kept = sum(step_model.saved_activations("fastgpt", SMALL).values())
     assert expected < (0.7 if recompute == "mlp" else 0.4) * kept
 
 
