@@ -77,10 +77,12 @@ def stubbed_launches():
     takes the autotuner's path with its choices made once (all configs timed equal)."""
     from triton.runtime.interpreter import InterpretedFunction
 
-    from fastgpt_kernels import _tuning
+    from fastgpt_kernels import _dispatch, _tuning
 
     launches = []
     originals = InterpretedFunction.run, _tuning._autotuner_can_time, _tuning.cache_file
+    computes_bf16 = _dispatch.interpreter_computes_bf16
+    _dispatch.interpreter_computes_bf16 = True  # nothing is computed: bfloat16's bit patterns do no harm
     InterpretedFunction.run = lambda self, *args, **kwargs: launches.append(self)
     _tuning._autotuner_can_time = lambda: True
     _tuning.cache_file = lambda: None  # these made-up choices are never kept on disk
@@ -92,6 +94,7 @@ def stubbed_launches():
         yield launches
     finally:
         InterpretedFunction.run, _tuning._autotuner_can_time, _tuning.cache_file = originals
+        _dispatch.interpreter_computes_bf16 = computes_bf16
         for name, tunable in _tuning.tunables().items():
             del tunable.tuner._bench  # the instance attribute set above: the class's method shows again
             tunable.chosen = chosen[name]
