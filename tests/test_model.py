@@ -288,19 +288,20 @@ def test_float16_training_with_a_grad_scaler_fused_against_unfused():
 
 
 def _step_with_recompute(model, recompute, dtype, idx, targets):
-    """Loss and gradients of one training step with ``recompute``, from the same random state."""
+    """Loss and gradients of one training step with ``recompute``, from the same random state; in
+    float16 under a loss scale of 2**16, as training's GradScaler starts."""
     model.recompute = recompute
     torch.manual_seed(7)  # dropout's masks
     with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
         _, loss = model(idx, targets)
-    loss.backward()
+    (loss * 2.0**16 if dtype == torch.float16 else loss).backward()
     grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad(set_to_none=True)
     return loss.detach(), grads
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("recompute", ["mlp", "block"])
 def test_recompute_gives_the_same_loss_and_gradients_under_dropout(backend, dtype, recompute):
     # The same dropout masks in the recomputed forward (torch.utils.checkpoint restores the random
