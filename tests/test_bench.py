@@ -1,6 +1,7 @@
 """The benchmarks: the naive baseline and plain PyTorch compute the same functions as the
 references and fastgpt, and ``python -m bench`` runs end to end (tiny shapes; no timing is asserted)."""
 import json
+import re
 import os
 import subprocess
 import sys
@@ -428,3 +429,20 @@ def test_the_training_table_says_which_side_served_fastgpts_ops_under_auto():
     lines = bench_main.train_table(rows, [])
     assert "fastgpt at T=256: auto: kernel serves attention; PyTorch serves layer_norm" in lines
     assert not any("torch (PyTorch's own ops)" in line for line in lines)
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps_rollup").exists(), reason="reads Linux's /proc")
+def test_process_memory_sums_a_command_and_its_children(capsys):
+    from bench import process_memory
+
+    # The parent holds 100 MB and its child 300 MB (written, so resident) for half a second, then exit 3.
+    code = ("import subprocess, sys, time; a = bytearray(100_000_000); "
+            "c = subprocess.Popen([sys.executable, '-c', 'import time; b = bytearray(300_000_000); time.sleep(0.8)']); "
+            "c.wait(); sys.exit(3)")
+    assert process_memory.main(["--interval", "0.05", "--", sys.executable, "-c", code]) == 3
+    out = capsys.readouterr().out
+    rss_sum, pss_sum, one = (int(v) for v in re.search(r"RSS (\d+) MB, PSS (\d+) MB; peak RSS of one process (\d+)",
+                                                       out).groups())
+    assert rss_sum >= 400 and pss_sum >= 400 and 300 <= one < rss_sum, out
+    with pytest.raises(SystemExit):
+        process_memory.main([])

@@ -356,7 +356,7 @@ def _parquet_pieces(index: int, source: Source, chunk_bytes: int, text_field: st
 
 def _tasks(pieces: Iterator[_Piece], chunk_bytes: int) -> Iterator[list[_Piece]]:
     """Pieces grouped into tasks of about ``chunk_bytes``: many small files make one task, and a
-    piece of a large file (a little under ``chunk_bytes``, cut at a line) makes one alone."""
+    piece of a large file (a little under ``chunk_bytes``, cut where its format allows) makes one alone."""
     task, size = [], 0
     for piece in pieces:
         task.append(piece)
