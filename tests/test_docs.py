@@ -91,6 +91,7 @@ def documented_commands() -> dict[str, dict]:
                 name, argv = found
                 entry = programs.setdefault(name, {"argv": argv, "options": {}, "dry_runs": set()})
                 args = words[words.index(name.split()[-1]) + 1:]
+                args = args[:args.index("--")] if "--" in args else args  # after it: a wrapped command's
                 for word in args:
                     if word.startswith("--"):
                         entry["options"].setdefault(word.split("=")[0], doc.name)
