@@ -4,7 +4,12 @@
 names; ``logits, loss = model(idx, targets)``; ``model.generate(...)``). Which implementation of
 each op runs, Triton kernel or PyTorch reference, is chosen in :mod:`fastgpt_kernels`
 (``FASTGPT_BACKEND=auto|triton|torch``).
+
+Importing the package imports no torch: ``GPT`` and ``GPTConfig`` come from :mod:`fastgpt.model` on
+first use, so ``fastgpt-prepare`` runs without it.
 """
-from .model import GPT, GPTConfig
+from fastgpt_kernels._lazy import lazy_attributes
 
 __all__ = ["GPT", "GPTConfig"]
+
+__getattr__, __dir__ = lazy_attributes(__name__, dict.fromkeys(__all__, ".model"))

@@ -6,7 +6,7 @@ Policy (``FASTGPT_BACKEND`` at import, or :func:`set_backend` / :func:`use_backe
            interpreter is on and they are CPU tensors) and the op's ``supports(...)`` holds;
            otherwise the reference, with one warning per op and reason when CUDA tensors fall back.
            Where both can run on a CUDA device, the faster serves: the first call of each shape
-           class races them (see :mod:`fastgpt_kernels._race`; :func:`decisions` lists the results).
+           class races them (see :mod:`fastgpt_kernels._race`; :func:`backend_decisions` lists the results).
 ``triton`` the kernel, or :class:`KernelUnavailableError` saying why it cannot run. A benchmark
            that asks for the kernel never times the fallback by accident.
 ``torch``  always the reference.

@@ -21,7 +21,7 @@ faster by more than :data:`MARGIN`, so timing noise does not flip a choice back 
 - The race never runs on CPU tensors (:data:`RACE_DEVICE_TYPES`): Triton's interpreter keeps the
   kernels, and the tests set the device types and a stand-in :func:`time_side`.
 
-:func:`decisions` lists every decision of this process with both timings.
+:func:`backend_decisions` lists every decision of this process with both timings.
 """
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ class Decision:
 _decided: dict[tuple, Decision] = {}
 
 
-def decisions() -> list[Decision]:
+def backend_decisions() -> list[Decision]:
     """Every decision this process made or read, in the order of the calls that needed them."""
     return list(_decided.values())
 

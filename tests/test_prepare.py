@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_processes_end
+from conftest import assert_processes_end, run_python
 from fastgpt import checkpoint
 from fastgpt import prepare as prepare_command
 from fastgpt import train as training
@@ -366,6 +366,32 @@ def test_line_numbers_count_across_pieces(tmp_path):
     (tmp_path / "long.txt").write_bytes(data)
     with pytest.raises(ValueError, match=r"long.txt:4321: invalid UTF-8 \(byte 0xc3 at column 6\)"):
         prepare_corpus([tmp_path / "long.txt"], tmp_path / "out", chunk_bytes=1000, progress=False)
+
+
+def test_preparing_imports_no_torch_in_the_command_or_its_workers(tmp_path):
+    """The command's processes hold no torch (370 MB each): an import of it fails, in any process."""
+    rng = random.Random(5)
+    write(tmp_path / "src" / "a.txt", random_text(rng, 3000))
+    write(tmp_path / "src" / "b.jsonl", jsonl({"text": random_text(rng, 20)} for _ in range(50)))
+    result = run_python(f"""
+        import sys
+
+        class NoTorch:  # forked workers inherit it
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] == "torch":
+                    print("imported", name, file=sys.stderr)
+                    raise ImportError(name)
+
+        sys.meta_path.insert(0, NoTorch())
+        from fastgpt.prepare import main
+        for kind in ("gpt2", "char"):
+            status = main([{str(tmp_path / "src")!r}, "--out", {str(tmp_path)!r} + "/" + kind, "--workers", "2",
+                           "--tokenizer", kind, "--shard_tokens", "20000"])
+            assert status == 0, status
+        """)
+    assert result.returncode == 0 and "imported" not in result.stderr, result.stderr
+    for kind in ("gpt2", "char"):
+        assert open_corpus(tmp_path / kind).num_tokens("train") > 20000
 
 
 def parquet_file(path: Path, columns: dict, row_group_size: int) -> None:

@@ -12,16 +12,18 @@ One module per concern; every public name is importable from ``fastgpt.data``:
 - :mod:`.tasks`: the synthetic :class:`AdditionTask` and :class:`SortTask`, scored on their answers.
 - :mod:`.dataset`: :func:`load_dataset` puts all of these behind one interface for the training loop.
 """
-from .corpora import (DEFAULT_CACHE_DIR, TOKEN_DTYPE, PreparedData, ShardedCorpus, default_corpus_text, get_batch,
-                      open_corpus, prepare_default, prepare_text)
-from .dataset import DATASET_NAMES, TaskDataset, TextDataset, load_dataset
-from .streaming import prepare_corpus
-from .tasks import AdditionTask, SortTask
-from .tokenizers import CharTokenizer, GPT2Tokenizer, Tokenizer, gpt2_encoding, gpt2_encoding_from, tokenizer_from_dict
+from fastgpt_kernels._lazy import lazy_attributes
 
-__all__ = [
-    "CharTokenizer", "GPT2Tokenizer", "Tokenizer", "tokenizer_from_dict", "gpt2_encoding", "gpt2_encoding_from",
-    "PreparedData", "ShardedCorpus", "prepare_text", "prepare_default", "default_corpus_text", "open_corpus",
-    "prepare_corpus", "get_batch", "AdditionTask", "SortTask", "TextDataset", "TaskDataset", "load_dataset",
-    "DEFAULT_CACHE_DIR", "DATASET_NAMES", "TOKEN_DTYPE",
-]
+# Each public name's module; it is imported on first use, so preparing a corpus (.streaming) imports no torch.
+_HOMES = {
+    **dict.fromkeys(["CharTokenizer", "GPT2Tokenizer", "Tokenizer", "tokenizer_from_dict", "gpt2_encoding",
+                     "gpt2_encoding_from"], ".tokenizers"),
+    **dict.fromkeys(["PreparedData", "ShardedCorpus", "prepare_text", "prepare_default", "default_corpus_text",
+                     "open_corpus", "get_batch", "DEFAULT_CACHE_DIR"], ".corpora"),
+    "TOKEN_DTYPE": "._common",
+    **dict.fromkeys(["TextDataset", "TaskDataset", "load_dataset", "DATASET_NAMES"], ".dataset"),
+    **dict.fromkeys(["AdditionTask", "SortTask"], ".tasks"),
+    "prepare_corpus": ".streaming",
+}
+__all__ = list(_HOMES)
+__getattr__, __dir__ = lazy_attributes(__name__, _HOMES)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import numbers
 import os
 import re
 import sys
@@ -29,7 +28,8 @@ import numpy as np
 import torch
 
 from ..checkpoint import atomic_writer
-from ._common import _check_generator, _check_int, _to_device
+from ._common import (_CACHE_FORMAT, CORPUS_FORMAT, CORPUS_VERSION, META_FILE, SPLITS, TOKEN_DTYPE,
+                      _check_int, _check_val_fraction, check_uint16_vocab)
 from .tokenizers import Tokenizer, _given_kind, _new_tokenizer, tokenizer_from_dict
 
 __all__ = ["PreparedData", "ShardedCorpus", "prepare_text", "prepare_default", "default_corpus_text",
@@ -37,31 +37,6 @@ __all__ = ["PreparedData", "ShardedCorpus", "prepare_text", "prepare_default", "
 
 DEFAULT_CACHE_DIR = "data_cache"
 """Where prepared token files go when no ``cache_dir`` is given (relative to the current directory)."""
-
-TOKEN_DTYPE = np.dtype("<u2")
-"""The dtype of every token file: little-endian uint16."""
-_UINT16_MAX = int(np.iinfo(TOKEN_DTYPE).max)
-# Bumped whenever the layout of the prepared files changes, so older caches are prepared again.
-_CACHE_FORMAT = 1
-
-# A sharded corpus's meta.json names its format and version; readers refuse any other.
-CORPUS_FORMAT = "fastgpt-corpus"
-CORPUS_VERSION = 1
-META_FILE = "meta.json"
-SPLITS = ("train", "val")
-
-
-def shard_name(split: str, index: int) -> str:
-    """File name of shard ``index`` of ``split`` in a sharded corpus, e.g. ``train_000003.bin``."""
-    return f"{split}_{index:06d}.bin"
-
-
-def check_uint16_vocab(tokenizer: Tokenizer, source: str) -> None:
-    """Raise ValueError when ``tokenizer`` has ids that the uint16 token files cannot hold."""
-    if tokenizer.vocab_size - 1 > _UINT16_MAX:
-        raise ValueError(f"vocab_size {tokenizer.vocab_size} does not fit the uint16 token files "
-                         f"(ids up to {_UINT16_MAX}); {source} has too many distinct tokens")
-
 
 def _check_split(name: str) -> str:
     if name not in SPLITS:
@@ -387,14 +362,6 @@ def _short_hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:10]
 
 
-def _check_val_fraction(value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"val_fraction must be a real number, got {type(value).__name__}")
-    if not 0 <= value < 1:  # NaN fails both comparisons
-        raise ValueError(f"val_fraction must be in [0, 1), got {value}")
-    return float(value)
-
-
 def get_batch(split_tokens, batch_size: int, block_size: int, generator: torch.Generator,
               device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """``batch_size`` random windows of ``block_size`` tokens and the same windows shifted by one.
@@ -441,3 +408,16 @@ def get_batch(split_tokens, batch_size: int, block_size: int, generator: torch.G
     x = rows[:, :-1].contiguous()
     y = rows[:, 1:].contiguous()
     return _to_device(x, device), _to_device(y, device)
+
+
+def _check_generator(generator) -> None:
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+
+
+def _to_device(t: torch.Tensor, device) -> torch.Tensor:
+    device = torch.device(device)
+    if device.type == "cuda":
+        # Pinned memory lets the copy overlap with the GPU work already queued.
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)

@@ -94,10 +94,10 @@ import numpy as np
 
 from fastgpt_kernels import _processes
 
-from ..checkpoint import atomic_writer, stale_temp_files
-from ._common import _check_int
-from .corpora import (CORPUS_FORMAT, CORPUS_VERSION, META_FILE, SPLITS, TOKEN_DTYPE, _check_val_fraction,
-                      check_uint16_vocab)
+from fastgpt_kernels._io import atomic_writer, stale_temp_files
+
+from ._common import (CORPUS_FORMAT, CORPUS_VERSION, META_FILE, SPLITS, TOKEN_DTYPE, _check_int, _check_val_fraction,
+                      check_uint16_vocab, shard_name)
 from .tokenizers import CharTokenizer, GPT2Tokenizer, Tokenizer, _check_tokenizer_kind, tokenizer_from_dict
 
 __all__ = ["prepare_corpus", "find_sources", "Source", "CHAR_EOT"]
@@ -529,11 +529,6 @@ def _in_order(pool, encoder: _Encoder, method: str, tasks: Iterator[list[_Piece]
 # ------------------------------------------------------------------------------------------------
 # writing: shards and meta.json
 # ------------------------------------------------------------------------------------------------
-
-def shard_name(split: str, index: int) -> str:
-    """File name of shard ``index`` of ``split``, e.g. ``train_000003.bin``."""
-    return f"{split}_{index:06d}.bin"
-
 
 _SHARD_GLOB = "{split}_" + "[0-9]" * 6 + ".bin"  # every name shard_name gives
 

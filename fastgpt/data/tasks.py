@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from ._common import _check_generator, _check_int, _to_device
+from ._common import _check_int
+from .corpora import _check_generator, _to_device
 from .tokenizers import CharTokenizer
 
 __all__ = ["AdditionTask", "SortTask"]

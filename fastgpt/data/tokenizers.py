@@ -17,7 +17,6 @@ import threading
 from pathlib import Path
 
 import numpy as np
-import torch
 
 __all__ = ["CharTokenizer", "GPT2Tokenizer", "GPT2_EOT", "Tokenizer", "tokenizer_from_dict", "gpt2_encoding",
            "gpt2_encoding_from"]
@@ -316,7 +315,7 @@ def _check_str(text) -> None:
 
 def _id_list(ids, vocab_size: int) -> list[int]:
     """``ids`` (list, 1-D array or 1-D tensor of ints) as a list, every id in [0, vocab_size)."""
-    if isinstance(ids, (torch.Tensor, np.ndarray)):
+    if hasattr(ids, "ndim") and hasattr(ids, "tolist"):  # a numpy array or a torch tensor (not imported here)
         if ids.ndim != 1:
             raise ValueError(f"token ids must be 1-D, got shape {tuple(ids.shape)}")
         ids = ids.tolist()
