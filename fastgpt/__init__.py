@@ -10,6 +10,6 @@ first use, so ``fastgpt-prepare`` runs without it.
 """
 from fastgpt_kernels._lazy import lazy_attributes
 
-__all__ = ["GPT", "GPTConfig"]
-
-__getattr__, __dir__ = lazy_attributes(__name__, dict.fromkeys(__all__, ".model"))
+_HOMES = dict.fromkeys(["GPT", "GPTConfig"], ".model")  # each public name's module
+__all__ = list(_HOMES)
+__getattr__, __dir__ = lazy_attributes(__name__, _HOMES)

@@ -1,9 +1,5 @@
-"""The ops :mod:`fastgpt_kernels` hands on, one short function per op.
-
-Each function validates its inputs, asks :mod:`fastgpt_kernels._dispatch` whether the Triton kernel runs
-on them, and calls either the kernel (:mod:`fastgpt_kernels.ops`) or the PyTorch version in
-:mod:`fastgpt_kernels.reference`. The package imports this module on first use of one of them.
-"""
+"""The ops' public functions, one short function per op, which :mod:`fastgpt_kernels` hands on (its
+docstring says what they do); the package imports this module on the first use of one of them."""
 from __future__ import annotations
 
 import torch

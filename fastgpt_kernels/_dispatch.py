@@ -1,6 +1,7 @@
 """The one place that decides, per call, between a Triton kernel and its PyTorch reference.
 
-Policy (``FASTGPT_BACKEND`` at import, or :func:`set_backend` / :func:`use_backend` later):
+Policy (``FASTGPT_BACKEND``, read when this module is imported: on the first use of the package's
+ops; or :func:`set_backend` / :func:`use_backend` later):
 
 ``auto``   the kernel when Triton is importable, the tensors are on a CUDA device (or Triton's
            interpreter is on and they are CPU tensors) and the op's ``supports(...)`` holds;

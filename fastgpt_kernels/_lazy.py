@@ -19,7 +19,8 @@ def lazy_attributes(package: str, homes: dict[str, str]) -> tuple[Callable[[str]
         package: the module's ``__name__``.
         homes: each name handed on, mapped to the module that defines it, relative to ``package``
             (``".model"``). On the first use of any of them, every name from that module is set on
-            ``package``, so later lookups never come back here.
+            ``package`` (but those already set there, by the user or a patch), so later lookups never
+            come back here.
 
     Any other name that is not a dunder is imported as a submodule of ``package`` when one exists,
     as if the package had imported it; otherwise it raises ``AttributeError``.
@@ -30,8 +31,8 @@ def lazy_attributes(package: str, homes: dict[str, str]) -> tuple[Callable[[str]
             home = importlib.import_module(homes[name], package)
             for handed, where in homes.items():
                 if where == homes[name]:
-                    setattr(module, handed, getattr(home, handed))
-            return getattr(module, name)
+                    vars(module).setdefault(handed, getattr(home, handed))
+            return vars(module)[name]
         if not name.startswith("__"):
             try:
                 return importlib.import_module(f"{package}.{name}")

@@ -15,8 +15,6 @@ if TYPE_CHECKING:
 TOKEN_DTYPE = np.dtype("<u2")
 """The dtype of every token file: little-endian uint16."""
 _UINT16_MAX = int(np.iinfo(TOKEN_DTYPE).max)
-# Bumped whenever the layout of the prepared files changes, so older caches are prepared again.
-_CACHE_FORMAT = 1
 
 # A sharded corpus's meta.json names its format and version; readers refuse any other.
 CORPUS_FORMAT = "fastgpt-corpus"
@@ -28,6 +26,9 @@ SPLITS = ("train", "val")
 def shard_name(split: str, index: int) -> str:
     """File name of shard ``index`` of ``split`` in a sharded corpus, e.g. ``train_000003.bin``."""
     return f"{split}_{index:06d}.bin"
+
+
+SHARD_GLOB = "{split}_" + "[0-9]" * 6 + ".bin"  # every name shard_name gives, for glob after .format(split=...)
 
 
 def check_uint16_vocab(tokenizer: Tokenizer, source: str) -> None:

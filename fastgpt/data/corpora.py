@@ -28,8 +28,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import atomic_writer
-from ._common import (_CACHE_FORMAT, CORPUS_FORMAT, CORPUS_VERSION, META_FILE, SPLITS, TOKEN_DTYPE,
-                      _check_int, _check_val_fraction, check_uint16_vocab)
+from ._common import (CORPUS_FORMAT, CORPUS_VERSION, META_FILE, SPLITS, TOKEN_DTYPE, _check_int, _check_val_fraction, check_uint16_vocab)
 from .tokenizers import Tokenizer, _given_kind, _new_tokenizer, tokenizer_from_dict
 
 __all__ = ["PreparedData", "ShardedCorpus", "prepare_text", "prepare_default", "default_corpus_text",
@@ -37,6 +36,8 @@ __all__ = ["PreparedData", "ShardedCorpus", "prepare_text", "prepare_default", "
 
 DEFAULT_CACHE_DIR = "data_cache"
 """Where prepared token files go when no ``cache_dir`` is given (relative to the current directory)."""
+# Bumped whenever the layout of the prepared files changes, so older caches are prepared again.
+_CACHE_FORMAT = 1
 
 def _check_split(name: str) -> str:
     if name not in SPLITS:

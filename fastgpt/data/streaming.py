@@ -63,7 +63,7 @@ tokenizes in the main process. The char tokenizer needs a first pass over the co
 vocabulary.
 
 Interruption: each shard is written under a temporary name and renamed when complete
-(:func:`fastgpt.checkpoint.atomic_writer`), ``meta.json`` last, so no file that looks complete is
+(:func:`fastgpt_kernels._io.atomic_writer`), ``meta.json`` last, so no file that looks complete is
 ever partial, and a directory without ``meta.json`` is never read as a corpus. A run starts clean:
 it first removes ``meta.json``, then the shards and temporary files an earlier run left in
 ``out_dir`` (other files are left alone). Resuming was not chosen: a shard boundary falls inside
@@ -79,6 +79,7 @@ import glob
 import gzip
 import hashlib
 import json
+import multiprocessing
 import os
 import signal
 import sys
@@ -93,11 +94,10 @@ from pathlib import Path
 import numpy as np
 
 from fastgpt_kernels import _processes
-
 from fastgpt_kernels._io import atomic_writer, stale_temp_files
 
-from ._common import (CORPUS_FORMAT, CORPUS_VERSION, META_FILE, SPLITS, TOKEN_DTYPE, _check_int, _check_val_fraction,
-                      check_uint16_vocab, shard_name)
+from ._common import (CORPUS_FORMAT, CORPUS_VERSION, META_FILE, SHARD_GLOB, SPLITS, TOKEN_DTYPE, _check_int,
+                      _check_val_fraction, check_uint16_vocab, shard_name)
 from .tokenizers import CharTokenizer, GPT2Tokenizer, Tokenizer, _check_tokenizer_kind, tokenizer_from_dict
 
 __all__ = ["prepare_corpus", "find_sources", "Source", "CHAR_EOT"]
@@ -490,7 +490,10 @@ def _worker_pool(workers: int, encoder: _Encoder):
     if workers == 1:
         yield None
         return
-    pool = ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(encoder, os.getpid()))
+    # Forked whatever the default start method (forkserver from Python 3.14 on Linux): a worker
+    # watches for its parent, this process, and shares the pages it has already loaded.
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"), initializer=_init_worker,
+                               initargs=(encoder, os.getpid()))
     try:
         yield pool
     finally:
@@ -529,8 +532,6 @@ def _in_order(pool, encoder: _Encoder, method: str, tasks: Iterator[list[_Piece]
 # ------------------------------------------------------------------------------------------------
 # writing: shards and meta.json
 # ------------------------------------------------------------------------------------------------
-
-_SHARD_GLOB = "{split}_" + "[0-9]" * 6 + ".bin"  # every name shard_name gives
 
 
 class _ShardWriter:
@@ -579,7 +580,7 @@ def _start_clean(directory: Path) -> None:
     shards and temporary files that an earlier run left."""
     (directory / META_FILE).unlink(missing_ok=True)
     for split in SPLITS:
-        pattern = _SHARD_GLOB.format(split=split)
+        pattern = SHARD_GLOB.format(split=split)
         for path in [*directory.glob(pattern), *stale_temp_files(directory, pattern)]:
             path.unlink()
     for path in stale_temp_files(directory, META_FILE):
