@@ -31,7 +31,7 @@ import inspect
 from pathlib import Path
 from typing import Callable
 
-from . import _dispatch, _io
+from . import _io
 
 SMALL_TOKENS = 64  # launches over this many tokens or fewer take the smallest tiles, untimed
 
@@ -140,6 +140,7 @@ def tuned_configs() -> list[tuple[str, tuple, str]]:
 
 def _autotuner_can_time() -> bool:
     """Triton's autotuner times configs on a GPU; its interpreter cannot time anything."""
+    from . import _dispatch  # not at the top: _dispatch imports the op modules, which import this one
     return not _dispatch.INTERPRETED
 
 
