@@ -15,22 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-
-def descendants(pid: int) -> list[int]:
-    """``pid`` and every process below it (from ``/proc/<pid>/task/*/children``)."""
-    found = [pid]
-    try:
-        tasks = list(Path(f"/proc/{pid}/task").iterdir())
-    except OSError:  # the process ended
-        return found
-    for task in tasks:
-        try:
-            children = (task / "children").read_text().split()
-        except OSError:
-            continue
-        for child in children:
-            found += descendants(int(child))
-    return found
+from fastgpt_kernels import _processes
 
 
 def rss_pss(pid: int) -> tuple[int, int]:
@@ -52,7 +37,7 @@ def measure(argv: list[str], interval: float = 0.1) -> dict:
     proc = subprocess.Popen(argv)
     peaks = {"peak_rss_sum": 0, "peak_pss_sum": 0, "peak_rss_one": 0}
     while proc.poll() is None:
-        sizes = [rss_pss(pid) for pid in descendants(proc.pid)]
+        sizes = [rss_pss(pid) for pid in (proc.pid, *_processes.descendants(proc.pid))]
         peaks["peak_rss_sum"] = max(peaks["peak_rss_sum"], sum(rss for rss, _ in sizes))
         peaks["peak_pss_sum"] = max(peaks["peak_pss_sum"], sum(pss for _, pss in sizes))
         peaks["peak_rss_one"] = max([peaks["peak_rss_one"], *(rss for rss, _ in sizes)])
